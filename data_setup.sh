@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Data layout and downloads.
+#   bash data_setup.sh [--config F]                      create data/ folders, fetch what is public, say what to fetch by hand
+#   bash data_setup.sh --synthetic [cities|ses|all] [--config F] [--set k=v ...]   build synthetic worlds
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-}
+if [ -z "$PY" ]; then
+  if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then PY=python; else PY=.venv/bin/python; fi
+fi
+[ -x "$PY" ] || command -v "$PY" >/dev/null || { echo "error: no Python environment; run 'bash run.sh setup' first" >&2; exit 2; }
+
+if [ "${1:-}" = "--synthetic" ]; then
+  shift
+  which=all
+  case "${1:-}" in cities|ses|all) which=$1; shift ;; esac
+  [[ " ${*-} " == *" --config "* ]] || set -- --config configs/cities_demo.yaml "$@"
+  [ "$which" = ses ] || $PY -m urbanlens.synth_cities "$@"
+  if [ "$which" != cities ]; then
+    if [ "$which" = all ] && [[ " $* " == *"cities_demo.yaml"* ]]; then
+      # the default demo: each pipeline has its own demo config
+      $PY -m urbanlens.synth_france --config configs/ses_demo.yaml
+    else
+      $PY -m urbanlens.synth_france "$@"
+    fi
+  fi
+  exit 0
+fi
+
+[[ " ${*-} " == *" --config "* ]] || set -- --config configs/ses.yaml "$@"
+DATA=$($PY -m urbanlens.config paths.data "$@")
+RESULTS=$($PY -m urbanlens.config paths.results "$@")
+mkdir -p "$DATA/cities/raw" "$DATA/census_data" "$DATA/UA_data" "$DATA/aerial_data" "$RESULTS/cities" "$RESULTS/ses"
+echo "created $DATA/{cities/raw,census_data,UA_data,aerial_data} and $RESULTS/{cities,ses}"
+
+INSEE_URL="https://www.insee.fr/fr/statistiques/fichier/7655475/Filosofi2019_carreaux_200m_gpkg.zip"
+CENSUS="$DATA/$($PY -m urbanlens.config ses.census_file "$@")"
+if [ -f "$CENSUS" ]; then
+  echo "census grid present: $CENSUS"
+elif curl -fsSL --max-time 600 -o "$DATA/census_data/filosofi.zip.part" "$INSEE_URL" 2>/dev/null; then
+  mv "$DATA/census_data/filosofi.zip.part" "$DATA/census_data/filosofi.zip"
+  (cd "$DATA/census_data" && unzip -oq filosofi.zip && find . -name '*.7z' -exec 7z x -y {} \; >/dev/null 2>&1 || true)
+  echo "census grid downloaded into $DATA/census_data (set ses.census_file to the .gpkg inside)"
+else
+  rm -f "$DATA/census_data/filosofi.zip.part"
+  echo "offline: download the INSEE Filosofi 2019 200 m grid by hand from"
+  echo "  $INSEE_URL"
+  echo "  and unpack it into $DATA/census_data/ (the 2015 shapefile works too: columns IdINSPIRE, Ind, Ind_snv)"
+fi
+cat <<MSG
+
+By hand (accounts needed):
+- Urban Atlas 2018 (or 2012) for Paris, Lyon, Nice, Marseille, Lille:
+    https://land.copernicus.eu/en/products/urban-atlas  -> unzip each city into $DATA/UA_data/
+- IGN BD ORTHO 0.20 m JP2 tiles (with their *dalles.shp tile index) for the same departments:
+    https://geoservices.ign.fr/bdortho  -> unpack (7z x) into $DATA/aerial_data/
+- City satellite images (DL-SLICER, 45 cities): request access from the authors, then place them as
+    $DATA/cities/raw/<City Name (IATA)>/<site>/<image>.jpg
+MSG

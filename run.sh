@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# urbanlens: one entry point.
+#   bash run.sh                      set up what is missing, then run both demo pipelines end to end
+#   bash run.sh test [pytest args]   set up, then run the test suite
+#   bash run.sh cities [--config F] [--set k=v ...]   city identification stages in order
+#   bash run.sh ses    [--config F] [--set k=v ...]   socioeconomic-status stages in order
+#   bash run.sh bench                run the benchmarks in bench/
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ---- environment: reuse the active venv/conda env, else ./.venv; install only what is missing
+setup_env() {
+  if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
+    PY=python
+  else
+    [ -x .venv/bin/python ] || { echo "[setup] creating .venv"; python3 -m venv .venv; }
+    PY=.venv/bin/python
+  fi
+  local stamp
+  stamp="$($PY -c 'import sys; print(sys.prefix)')/.urbanlens-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ]; then
+    echo "[setup] installing dependencies into $($PY -c 'import sys; print(sys.prefix)') (once)"
+    $PY -m pip install --disable-pip-version-check -q -e ".[test]"
+    touch "$stamp"
+  fi
+  export PYTHONUNBUFFERED=1
+}
+
+cfg_get() {  # cfg_get KEY ARGS...  -> resolved config value
+  local key=$1; shift
+  $PY -m urbanlens.config "$key" "$@"
+}
+
+run_cities() {
+  local args=("$@")
+  [[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/cities_demo.yaml "${args[@]}")
+  local data; data=$(cfg_get paths.data "${args[@]}")
+  if [ ! -d "$data/cities/raw" ]; then
+    echo "[cities] no raw images under $data/cities/raw: building the synthetic world there"
+    bash data_setup.sh --synthetic cities "${args[@]}"
+  fi
+  $PY preprocessing.py "${args[@]}"
+  $PY train_classification.py "${args[@]}"
+  $PY test_classification.py "${args[@]}"
+  $PY saliency.py "${args[@]}"
+  echo "[cities] results in $(cfg_get paths.results "${args[@]}")/cities"
+}
+
+run_ses() {
+  local args=("$@")
+  [[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/ses_demo.yaml "${args[@]}")
+  local data; data=$(cfg_get paths.data "${args[@]}")
+  if [ ! -d "$data/UA_data" ] || [ -z "$(ls -A "$data/UA_data" 2>/dev/null)" ]; then
+    echo "[ses] no Urban Atlas data under $data/UA_data: building the synthetic French world there"
+    bash data_setup.sh --synthetic ses "${args[@]}"
+  fi
+  $PY generate_fr_ua_aerial_data.py "${args[@]}"
+  $PY efficientnet_training.py "${args[@]}"
+  $PY gradcaming_urban_areas.py "${args[@]}"
+  echo "[ses] results in $(cfg_get paths.results "${args[@]}")/ses"
+}
+
+cmd=${1:-demo}
+[ $# -gt 0 ] && shift
+setup_env
+case "$cmd" in
+  demo)
+    start=$SECONDS
+    run_cities --config configs/cities_demo.yaml "$@"
+    echo "[demo] cities pipeline took $((SECONDS - start)) s"
+    start=$SECONDS
+    run_ses --config configs/ses_demo.yaml "$@"
+    echo "[demo] ses pipeline took $((SECONDS - start)) s"
+    ;;
+  test)    $PY -m pytest "$@" ;;
+  cities)  run_cities "$@" ;;
+  ses)     run_ses "$@" ;;
+  bench)   for b in bench/*.py; do echo "== $b"; $PY "$b" "$@"; done ;;
+  setup)   echo "[setup] environment ready: $PY" ;;
+  *) echo "usage: bash run.sh [demo|test|cities|ses|bench|setup] [--config F] [--set k=v ...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,172 @@
+"""YAML experiment configs with typed ``--set a.b=value`` overrides.
+
+Every config is merged over ``urbanlens/defaults.yaml``; that file is the schema. A key that is not in
+the defaults, or a value whose type differs from the default's, is an error naming the key and the
+nearest valid one. Paths are resolved relative to the current directory.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+DEFAULTS = Path(__file__).with_name("defaults.yaml")
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message says what and how."""
+
+
+class Config(dict):
+    """A nested dict with attribute access: ``cfg.train.lr`` == ``cfg['train']['lr']``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+
+def _wrap(d: dict) -> Config:
+    return Config({k: _wrap(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict):
+            out += _flat_keys(v, key + ".")
+    return out
+
+
+def _nearest(key: str, valid: Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
+    """Coerce ``value`` to the type of ``default``; raise ConfigError when it cannot be."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, type(value)):
+        return value
+    raise ConfigError(
+        f"{source}: '{key}' must be {type(default).__name__} (default {default!r}), got {value!r}"
+    )
+
+
+def _merge(base: dict, new: dict, source: str, prefix: str = "") -> None:
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise ConfigError(f"{source}: unknown key '{key}'{_nearest(key, _flat_keys(_ROOT))}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' must be a section (mapping), got {v!r}")
+            _merge(base[k], v, source, key + ".")
+        else:
+            base[k] = _check_type(key, v, base[k], source)
+
+
+_ROOT: dict = {}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=1e-4'`` -> (['train', 'lr'], 0.0001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected key=value, for example --set train.epochs=5")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``key=value`` override, all type-checked."""
+    global _ROOT
+    with open(DEFAULTS) as f:
+        cfg = yaml.safe_load(f)
+    _ROOT = copy.deepcopy(cfg)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; pass an existing YAML, e.g. configs/cities_demo.yaml")
+        try:
+            with open(path) as f:
+                user = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _merge(cfg, user, str(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(cfg, nested, f"--set {text}")
+    cfg["config_file"] = str(path) if path is not None else None
+    return _wrap(cfg)
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default=default, help="experiment YAML (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    return parser
+
+
+def cli(description: str, default_config: str | None = None, extra=None) -> tuple[Config, argparse.Namespace]:
+    """Parse ``--config``/``--set`` (plus ``extra(parser)`` arguments); exit with one line on a bad config."""
+    parser = add_config_args(argparse.ArgumentParser(description=description), default_config)
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
+    return cfg, args
+
+
+def data_dir(cfg: Config, *parts: str) -> Path:
+    return Path(cfg.paths.data).joinpath(*parts)
+
+
+def results_dir(cfg: Config, *parts: str) -> Path:
+    return Path(cfg.paths.results).joinpath(*parts)
+
+
+def _main() -> None:
+    """``python -m urbanlens.config KEY [--config F] [--set k=v ...]`` prints one resolved value (for shell)."""
+    parser = add_config_args(argparse.ArgumentParser(description=_main.__doc__))
+    parser.add_argument("key")
+    args = parser.parse_args()
+    try:
+        value: Any = load_config(args.config, args.overrides)
+        for k in args.key.split("."):
+            value = value[k]
+    except (ConfigError, KeyError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(value)
+
+
+if __name__ == "__main__":
+    _main()

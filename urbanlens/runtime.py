@@ -1,0 +1,79 @@
+"""Devices, seeds, distributed setup and checkpoints shared by both training scripts."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .io import atomic_path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU. ``cuda`` without a GPU exits with a clear line."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: config asks for device 'cuda' but no CUDA GPU is visible; "
+                 "use --set device=cpu (or device=auto)")
+    if name.startswith("cuda") and dist.is_available() and dist.is_initialized():
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed when launched by ``torchrun``; return (rank, world_size)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """Mixed precision on CUDA (fp16/bf16 autocast); a no-op context on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg, optimizer=None, epoch: int | None = None,
+                    **extra) -> Path:
+    """A ``state_dict`` checkpoint with the config it was trained with (never a pickled model)."""
+    model = model.module if hasattr(model, "module") else model
+    state = {"model": model.state_dict(), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg,
+             "epoch": epoch, **extra}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        sys.exit(f"error: checkpoint {path} not found; run the training stage first")
+    return torch.load(path, map_location=map_location, weights_only=False)
