@@ -63,6 +63,11 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -77,7 +82,11 @@ def _merge(base: dict, new: dict, source: str, prefix: str = "") -> None:
     for k, v in new.items():
         key = f"{prefix}{k}"
         if k not in base:
-            raise ConfigError(f"{source}: unknown key '{key}'{_nearest(key, _flat_keys(_ROOT))}")
+            leaf = key
+            while isinstance(v, dict) and len(v) == 1:  # name the whole key the user wrote
+                (k2, v), = v.items()
+                leaf = f"{leaf}.{k2}"
+            raise ConfigError(f"{source}: unknown key '{leaf}'{_nearest(leaf, _flat_keys(_ROOT))}")
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' must be a section (mapping), got {v!r}")
