@@ -1,0 +1,48 @@
+"""Raw city images -> patches and a site-based train / val / test / test_b split.
+
+Every site but the last of a city trains the model; each image of the last site is cut into a left
+half (test) and a right half (val), and each half is patched with `patch.size` and `patch.stride`
+(paper: 480 and 240, 361 patches per 4800 px image). `test_b` is a fixed sample of
+`split.test_b_per_city` test patches per city. A re-run only writes what is missing.
+
+    python preprocessing.py --config configs/cities_demo.yaml [--set patch.stride=240]
+"""
+import sys
+import time
+
+from urbanlens.config import cli, data_dir
+from urbanlens.io import save_run_config, write_csv
+from urbanlens.patches import SPLITS, patches_dir, plan_split, reset_if_settings_changed, write_patches
+
+cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
+t0 = time.time()
+raw = data_dir(cfg, "cities", "raw")
+out = patches_dir(cfg.paths.data)
+if not raw.is_dir() or not any(raw.iterdir()):
+    sys.exit(f"error: {raw}: no city images; run 'bash data_setup.sh --synthetic cities' "
+             "or place them as <City Name (IATA)>/<site>/<image>.jpg")
+
+# 1. plan: which patch of which image goes to which split
+try:
+    plan, problems = plan_split(raw, cfg.patch.size, cfg.patch.stride, cfg.split.test_b_per_city,
+                                cfg.seed, strict=cfg.strict)
+except ValueError as e:
+    sys.exit(f"error: {raw}: {e}")
+for p in problems:
+    print(f"[preprocessing] skipped: {p}")
+if plan.empty:
+    sys.exit(f"error: {raw}: no image is at least {cfg.patch.size} px; lower patch.size")
+
+# 2. cut: patches of each source image, in parallel; files already there are kept
+settings = {"size": cfg.patch.size, "stride": cfg.patch.stride, "jpeg_quality": cfg.patch.jpeg_quality,
+            "test_b_per_city": cfg.split.test_b_per_city, "seed": cfg.seed}
+if reset_if_settings_changed(out, settings):
+    print(f"[preprocessing] {out} held patches made with other settings: cut again")
+written = write_patches(plan, raw, out, cfg.patch.jpeg_quality, cfg.workers)
+write_csv(plan, out / "manifest.csv")
+save_run_config(cfg, out)
+
+counts = plan["split"].value_counts()
+print(f"[preprocessing] {plan['iata'].nunique()} cities; "
+      + ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS)
+      + f" patches ({written} written now) in {out} ({time.time() - t0:.1f} s)")

@@ -1,0 +1,184 @@
+"""Patch grid, site-based split, test_b sample, patch files and resumable preprocessing."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from urbanlens.patches import (class_names, parse_city_folder, patch_grid, plan_split, read_manifest,
+                               reset_if_settings_changed, write_patches)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_patch_grid_paper_numbers():
+    grid = patch_grid(4800, 4800, 480, 240)
+    assert len(grid) == 19 * 19 == 361
+    assert grid[0] == (0, 0) and grid[1] == (0, 240) and grid[19] == (240, 0)
+    assert max(y for y, _ in grid) == max(x for _, x in grid) == 4800 - 480
+    assert len(set(grid)) == 361
+
+
+def test_patch_grid_edges():
+    assert patch_grid(480, 480, 480, 240) == [(0, 0)]               # exact fit
+    assert patch_grid(719, 480, 480, 240) == [(0, 0)]               # leftover rows are dropped
+    assert patch_grid(720, 480, 480, 240) == [(0, 0), (240, 0)]
+    assert patch_grid(479, 4800, 480, 240) == []                    # smaller than a patch
+    assert patch_grid(0, 0, 480, 240) == []
+    g = patch_grid(4800, 2400, 480, 240)                            # a half image
+    assert len(g) == 19 * 9 and all(x + 480 <= 2400 for _, x in g)
+    with pytest.raises(ValueError):
+        patch_grid(100, 100, 10, 0)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("Astana (NQZ)", ("Astana", "NQZ")),
+    ("New York City (JFK)", ("New York City", "JFK")),
+    ("São Paulo (GRU)", ("São Paulo", "GRU")),
+])
+def test_parse_city_folder(name, expected):
+    assert parse_city_folder(name) == expected
+
+
+@pytest.mark.parametrize("bad", ["Astana", "Astana (nqz)", "Astana (NQZX)", "(NQZ)", "Astana NQZ", "Astana (NQ)"])
+def test_parse_city_folder_rejects(bad):
+    with pytest.raises(ValueError, match="City Name \\(IATA\\)"):
+        parse_city_folder(bad)
+
+
+def make_raw(root: Path, cities=("Alpha (AAA)", "Beta (BBB)"), sites=("s1", "s2", "s3"), images=2,
+             size=(120, 100)) -> Path:
+    """Random-noise JPEGs in the raw layout (content does not matter here)."""
+    rng = np.random.default_rng(0)
+    for c in cities:
+        for s in sites:
+            for i in range(images):
+                p = root / c / s / f"im{i}.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(p)
+    return root
+
+
+def test_split_by_site_and_halves(tmp_path):
+    raw = make_raw(tmp_path / "raw")
+    plan, problems = plan_split(raw, size=40, stride=20, test_b_per_city=5, seed=0)
+    assert problems == []
+    # no site in two splits (test and val share the last site by design; train never does)
+    train_sites = set(zip(plan.city[plan.split == "train"], plan.site[plan.split == "train"]))
+    held_sites = set(zip(plan.city[plan.split != "train"], plan.site[plan.split != "train"]))
+    assert train_sites.isdisjoint(held_sites)
+    assert held_sites == {("Alpha (AAA)", "s3"), ("Beta (BBB)", "s3")}
+    assert train_sites == {(c, s) for c in ("Alpha (AAA)", "Beta (BBB)") for s in ("s1", "s2")}
+    # left half -> test, right half -> val, each patched on its own (no patch crosses the middle)
+    w = 120
+    test, val = plan[plan.split == "test"], plan[plan.split == "val"]
+    assert (test.x + test["size"] <= w // 2).all() and (val.x >= w // 2).all()
+    assert (val.x + val["size"] <= w).all()
+    per_image_half = len(patch_grid(100, 60, 40, 20))
+    assert len(test) == len(val) == 2 * 2 * per_image_half
+    assert len(plan[plan.split == "train"]) == 2 * 2 * 2 * len(patch_grid(100, 120, 40, 20))
+    # test_b: a fixed subset of test, 5 per city
+    tb = plan[plan.split == "test_b"]
+    assert tb.groupby("iata").size().to_dict() == {"AAA": 5, "BBB": 5}
+    key = ["source", "y", "x"]
+    assert set(map(tuple, tb[key].values)) <= set(map(tuple, test[key].values))
+    again, _ = plan_split(raw, size=40, stride=20, test_b_per_city=5, seed=0)
+    pd.testing.assert_frame_equal(plan, again)
+    other, _ = plan_split(raw, size=40, stride=20, test_b_per_city=5, seed=1)
+    assert not other[other.split == "test_b"][key].equals(tb[key])
+    many, _ = plan_split(raw, size=40, stride=20, test_b_per_city=10_000, seed=0)
+    assert (many.split == "test_b").sum() == len(test)                # all of them if fewer
+    assert list(plan.columns) == ["path", "city", "iata", "site", "source", "split", "y", "x", "size"]
+    assert plan.path.is_unique
+    assert class_names(plan) == ["AAA", "BBB"]
+
+
+def test_bad_city_folder_and_broken_image(tmp_path):
+    raw = make_raw(tmp_path / "raw", cities=("Alpha (AAA)",), sites=("s1", "s2"), images=1)
+    (raw / "Alpha (AAA)" / "s1" / "broken.jpg").write_bytes(b"not a jpeg")
+    plan, problems = plan_split(raw, 40, 20, 3, 0)
+    assert len(problems) == 1 and "broken.jpg" in problems[0]
+    with pytest.raises(ValueError, match="broken.jpg"):
+        plan_split(raw, 40, 20, 3, 0, strict=True)
+    (raw / "Gamma").mkdir()
+    with pytest.raises(ValueError, match="Gamma"):
+        plan_split(raw, 40, 20, 3, 0)
+
+
+def test_patch_files_match_the_source_pixels(tmp_path):
+    raw = make_raw(tmp_path / "raw", cities=("Alpha (AAA)",), sites=("s1", "s2"), images=1)
+    plan, _ = plan_split(raw, 40, 20, 3, 0)
+    out = tmp_path / "patches"
+    assert write_patches(plan, raw, out, quality=100, workers=1, progress=False) == len(plan)
+    row = plan[plan.split == "val"].iloc[-1]
+    src = np.asarray(Image.open(raw / row.source).convert("RGB")).astype(int)
+    patch = np.asarray(Image.open(out / row.path)).astype(int)
+    assert patch.shape == (40, 40, 3)
+    assert np.abs(patch - src[row.y:row.y + 40, row.x:row.x + 40]).mean() < 12   # same pixels, bar JPEG
+    tb = plan[plan.split == "test_b"].iloc[0]
+    linked = out / tb.path
+    original = out / ("test/" + tb.path.split("/", 1)[1])
+    assert linked.read_bytes() == original.read_bytes()
+    assert not list(out.rglob(".*tmp*"))                              # no temporary files left
+
+
+def _run_preprocessing(data: Path) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(REPO / "preprocessing.py"), "--config", str(REPO / "configs/cities_demo.yaml"),
+            "--set", f"paths.data={data}", "--set", "patch.size=48", "--set", "patch.stride=24",
+            "--set", "split.test_b_per_city=4", "--set", "workers=2"]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_preprocessing_rerun_does_not_redo_work(tmp_path):
+    make_raw(tmp_path / "cities" / "raw", size=(96, 96))
+    _run_preprocessing(tmp_path)
+    out = tmp_path / "cities" / "patches"
+    manifest = (out / "manifest.csv").read_bytes()
+    df = read_manifest(tmp_path)
+    files = sorted(p for p in out.rglob("*.jpg"))
+    assert len(files) == len(df) and {p.relative_to(out).as_posix() for p in files} == set(df.path)
+    stats = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    res = _run_preprocessing(tmp_path)
+    assert "0 written now" in res.stdout
+    assert (out / "manifest.csv").read_bytes() == manifest
+    assert sorted(out.rglob("*.jpg")) == files
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == stats
+    # a lost patch is the only one written again
+    files[0].unlink()
+    assert "1 written now" in _run_preprocessing(tmp_path).stdout
+
+
+def test_patches_of_other_settings_are_not_reused(tmp_path):
+    raw = make_raw(tmp_path / "raw", cities=("Alpha (AAA)",), sites=("s1", "s2"), images=1)
+    out = tmp_path / "patches"
+    assert not reset_if_settings_changed(out, {"size": 40, "stride": 20})
+    plan40, _ = plan_split(raw, 40, 20, 3, 0)
+    write_patches(plan40, raw, out, progress=False)
+    assert not reset_if_settings_changed(out, {"size": 40, "stride": 20})     # same: kept
+    assert (out / plan40.path.iloc[0]).exists()
+    assert reset_if_settings_changed(out, {"size": 60, "stride": 20})         # other: emptied
+    assert not list(out.rglob("*.jpg"))
+    plan60, _ = plan_split(raw, 60, 20, 3, 0)
+    assert write_patches(plan60, raw, out, progress=False) == len(plan60)
+    with Image.open(out / plan60.path.iloc[0]) as im:
+        assert im.size == (60, 60)
+
+
+def test_preprocessing_bad_folder_is_one_clear_line(tmp_path):
+    make_raw(tmp_path / "cities" / "raw", cities=("Alpha (AAA)", "Beta"), size=(96, 96))
+    args = [sys.executable, str(REPO / "preprocessing.py"), "--config", str(REPO / "configs/cities_demo.yaml"),
+            "--set", f"paths.data={tmp_path}"]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert res.stderr.strip().startswith("error:") and "Beta" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_read_manifest_missing_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="preprocessing.py"):
+        read_manifest(tmp_path)
