@@ -1,0 +1,80 @@
+"""Census cells x Urban Atlas x orthophotos -> one image per 200 m cell and the cell index.
+
+    python generate_fr_ua_aerial_data.py --config configs/ses_demo.yaml [--set k=v ...]
+
+For each city of ``ses.cities``: the INSEE cells whose centre lies inside the city's Urban Atlas
+boundary, with income ``ind_snv / ind`` (cells without income dropped); the orthophoto tiles each cell
+overlaps (tile index reprojected to EPSG:3035); each cell read from its tile(s), reprojected to
+EPSG:3035 on the fly, saved as ``FR_URBANATLAS_200m_<cell id>.png`` under
+``<paths.results>/ses/imagery/<City>/``. A cell with more than ``ses.max_nodata`` nodata pixels is void
+(kept on disk, flagged ``non_void = False``). Writes ``<paths.results>/ses/cells.gpkg`` (layer
+``cells``). Re-runs skip the images already written.
+"""
+import time
+
+import geopandas as gpd
+import pandas as pd
+import yaml
+
+from urbanlens import geo
+from urbanlens.config import cli, data_dir, results_dir
+from urbanlens.io import atomic_path, save_run_config
+
+RUN_KEYS = ("census_file", "ua_dir", "aerial_dir", "cell_size_m", "cell_px")
+
+cfg, _ = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
+start = time.time()
+out = results_dir(cfg, "ses")
+index_path = out / "cells.gpkg"
+
+# A results folder extracted from other data or at another size is not mixed with this run.
+previous = out / "extract_config.yaml"
+if previous.is_file() and not cfg.overwrite:
+    old = yaml.safe_load(previous.read_text())
+    changed = [k for k in RUN_KEYS if old.get("ses", {}).get(k) != cfg.ses[k]]
+    changed += ["paths.data"] if old.get("paths", {}).get("data") != cfg.paths.data else []
+    if changed:
+        raise SystemExit(f"error: {out}: holds cells extracted with other settings ({', '.join(changed)}); "
+                         "use another paths.results or --set overwrite=true")
+if cfg.ses.cell_size_m != 200:
+    raise SystemExit(f"error: config: ses.cell_size_m={cfg.ses.cell_size_m}; the INSEE grid cells are 200 m")
+
+# 1. orthophoto tile index (EPSG:2154)
+tiles = geo.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir))
+print(f"[extract] {len(tiles)} orthophoto tiles indexed"
+      + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else ""))
+
+# 2. per city: cells inside the Urban Atlas boundary, with income, and the tiles they overlap
+frames = []
+for city in cfg.ses.cities:
+    boundary = geo.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
+    census = geo.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
+    cells = geo.cells_in_boundary(census, boundary)
+    cells = geo.sample_cells(cells, cfg.ses.max_cells, cfg.seed).copy()
+    cells["city"] = city
+    cells["path"] = [f"imagery/{city}/{geo.cell_filename(c)}" for c in cells["cell_id"]]
+    cells["tiles"] = geo.tiles_for_cells(cells, tiles)
+    print(f"[extract] {city}: {len(cells)} cells inside the Urban Atlas boundary "
+          f"({census.attrs['dropped']} census cells without income dropped, "
+          f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile)")
+    frames.append(cells)
+cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=geo.LAEA)
+
+# 3. read every cell from its tile(s), reprojected to EPSG:3035, and save it (resumable)
+known = {}
+if index_path.is_file():
+    old = gpd.read_file(index_path, layer="cells", columns=["path", "nodata"], ignore_geometry=True)
+    known = dict(zip(old["path"], old["nodata"]))
+status = geo.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
+cells["nodata"] = status["nodata"].round(6)
+cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
+
+# 4. the cell index, then the config beside it
+index = cells[["cell_id", "city", "income", "path", "non_void", "nodata", "geometry"]]
+with atomic_path(index_path) as tmp:
+    index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
+save_run_config(cfg, out, name="extract_config.yaml")
+done = int(status["extracted"].sum())
+print(f"[extract] {len(cells)} cells ({done} extracted, {len(cells) - done} already there), "
+      f"{int((~cells['non_void']).sum())} void (> {cfg.ses.max_nodata:.0%} nodata) in {time.time() - start:.1f} s "
+      f"-> {index_path}")

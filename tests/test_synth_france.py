@@ -1,0 +1,185 @@
+"""Synthetic French world: real schemas and layouts, planted income, byte determinism, and the cell
+extraction stage end to end on a tiny world (index columns, void cells, resume)."""
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import pytest
+import rasterio
+import shapely
+from PIL import Image
+
+from urbanlens import geo, synth_france
+from urbanlens.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["france.cities=[Paris, Lyon]", "france.city_size_m=1000", "france.resolution_m=4.0",
+        "france.nodata_fraction=0.03", "ses.cities=[Paris, Lyon]", "ses.cell_px=32", "workers=1"]
+
+
+def tiny_config(data, results=None, extra=()):
+    sets = [*TINY, f"paths.data={data}", f"paths.results={results or data.parent / 'results'}", *extra]
+    return load_config(ROOT / "configs" / "ses_demo.yaml", sets), sets
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    data = tmp_path_factory.mktemp("fr") / "data"
+    cfg, sets = tiny_config(data)
+    truth = synth_france.build_world(cfg, progress=False)
+    return cfg, sets, data, truth
+
+
+def _digests(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_world(world, tmp_path):
+    cfg, _, data, _ = world
+    again, _ = tiny_config(tmp_path / "data")
+    synth_france.build_world(again, progress=False)
+    first, second = _digests(data), _digests(tmp_path / "data")
+    assert first == second
+    assert any(k.endswith((".jp2", ".tif")) for k in first) and any(k.endswith(".gpkg") for k in first)
+    other, _ = tiny_config(tmp_path / "other", extra=["seed=1"])
+    synth_france.build_world(other, progress=False)
+    census = "census_data/Filosofi2019_carreaux_200m_met.gpkg"
+    assert _digests(tmp_path / "other")[census] != first[census]
+
+
+def test_urban_atlas_layout_and_schema(world):
+    cfg, _, data, truth = world
+    for city in cfg.france.cities:
+        stem = next(p.name for p in (data / "UA_data").iterdir() if city.upper() in p.name)
+        assert re.fullmatch(r"FR\d{3}L2_[A-Z]+_UA2018_v013", stem)
+        gpkg = data / "UA_data" / stem / "Data" / f"{stem}.gpkg"
+        layers = pyogrio.list_layers(gpkg)[:, 0].tolist()
+        assert layers == [stem[:-5], f"{stem[:-5]}_Boundary"]
+        lu = gpd.read_file(gpkg, layer=layers[0])
+        assert lu.crs.to_epsg() == 3035
+        assert {"code_2018", "class_2018"} <= set(lu.columns)
+        assert (lu["class_2018"] == lu["code_2018"].map(synth_france.UA_CLASSES)).all()
+        codes = set(lu["code_2018"])
+        assert {"11100", "11210", "12100", "12220", "14100", "50000"} <= codes   # a plausible city
+        assert set(truth["rich_codes"]) & codes and set(truth["poor_codes"]) & codes
+        # the land use tiles the boundary: no gaps, no overlaps
+        boundary = gpd.read_file(gpkg, layer=layers[1]).geometry.union_all()
+        assert lu.area.sum() == pytest.approx(boundary.area, rel=2e-3)
+        assert lu.geometry.union_all().area == pytest.approx(lu.area.sum(), rel=1e-4)   # slivers only
+
+
+def test_census_schema_and_planted_income(world):
+    cfg, _, data, truth = world
+    path = data / cfg.ses.census_file
+    assert pyogrio.list_layers(path)[:, 0].tolist() == ["carreaux_200m_met"]
+    census = gpd.read_file(path)
+    assert [c for c in census.columns if c != "geometry"] == ["idcar_200m", "ind", "men", "ind_snv"]
+    assert census.crs.to_epsg() == 3035 and (census["ind"] >= 1).all()   # no empty cells listed
+    for cid, geom in zip(census["idcar_200m"], census.geometry):
+        assert geom.equals(geo.cell_box(cid))
+    # income follows land-use composition: shares measured here independently with an overlay
+    lu = pd.concat([geo.read_urban_atlas(data / cfg.ses.ua_dir, c)[0] for c in cfg.france.cities])
+    pieces = gpd.overlay(census[["idcar_200m", "geometry"]], gpd.GeoDataFrame(lu, crs=3035), how="intersection")
+    pieces["share"] = pieces.area / 40000.0
+    shares = pieces.pivot_table(index="idcar_200m", columns="ua_code", values="share", aggfunc="sum", fill_value=0)
+    effect = sum(shares.get(c, 0.0) * e for c, e in truth["class_effects"].items())
+    log_income = np.log(census.set_index("idcar_200m")["ind_snv"] / census.set_index("idcar_200m")["ind"])
+    r = np.corrcoef(effect.reindex(log_income.index, fill_value=0.0), log_income)[0, 1]
+    assert r > 0.6, r
+    assert all(truth["class_effects"][c] > 0 for c in truth["rich_codes"])
+    assert all(truth["class_effects"][c] < 0 for c in truth["poor_codes"])
+    assert truth["seed"] == cfg.seed and truth["params"]["france"]["noise"] == cfg.france.noise
+
+
+def test_orthophotos_follow_the_land_use(world):
+    cfg, _, data, _ = world
+    tiles = geo.read_tile_index(data / cfg.ses.aerial_dir)
+    assert tiles.crs.to_epsg() == 2154 and tiles.attrs["missing"] == 0
+    assert all(re.fullmatch(r"\d\d-2021-\d{4}-\d{4}-LA93-4M00-E080\.(jp2|tif)", n) for n in tiles["NOM"])
+    with rasterio.open(tiles["path"].iloc[0]) as src:
+        assert src.crs.to_epsg() == 2154 and src.res == (4.0, 4.0) and src.count == 3
+        assert src.bounds.right - src.bounds.left == cfg.france.tile_size_m
+    landuse, _ = geo.read_urban_atlas(data / cfg.ses.ua_dir, "Paris")
+    colours = {}
+    for code in ("50000", "14100", "12100"):
+        cores = landuse[landuse["ua_code"] == code].buffer(-12)
+        core = cores[~cores.is_empty].iloc[0]
+        x, y = core.representative_point().coords[0]
+        box = (x - 8, y - 8, x + 8, y + 8)
+        hits = tiles[tiles.to_crs(3035).intersects(shapely.box(*box))]
+        img = geo.read_cell(list(hits["path"]), box, 8)
+        if geo.nodata_fraction(img) == 0:
+            colours[code] = img.reshape(-1, 3).mean(axis=0)
+    assert len(colours) >= 2
+    if "50000" in colours:
+        r, g, b = colours["50000"]
+        assert b > r + 20 and b < 140          # dark blue water
+    if "14100" in colours:
+        r, g, b = colours["14100"]
+        assert g > r + 20 and g > b + 20       # green park
+    if "12100" in colours:
+        r, g, b = colours["12100"]
+        assert min(r, g, b) > 90                # bright roofs and yards
+
+
+def test_rebuild_is_skipped_and_other_parameters_refused(world, monkeypatch, capsys):
+    cfg, sets, data, _ = world
+    argv = ["synth_france", "--config", str(ROOT / "configs" / "ses_demo.yaml"),
+            *[a for s in sets for a in ("--set", s)]]
+    monkeypatch.setattr(sys, "argv", argv)
+    synth_france.main()
+    assert "nothing to do" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", [*argv, "--set", "france.noise=0.5"])
+    with pytest.raises(SystemExit, match="overwrite=true"):
+        synth_france.main()
+
+
+def _extract(sets):
+    cmd = [sys.executable, "generate_fr_ua_aerial_data.py", "--config", "configs/ses_demo.yaml",
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_extraction_end_to_end_and_resume(world, tmp_path):
+    cfg, sets, data, truth = world
+    results = tmp_path / "results"
+    sets = [*sets, f"paths.results={results}", "workers=2"]
+    log = _extract(sets)
+    index = gpd.read_file(results / "ses" / "cells.gpkg", layer="cells")
+    assert {"cell_id", "city", "income", "path", "non_void", "geometry"} <= set(index.columns)
+    assert index.crs.to_epsg() == 3035 and set(index["city"]) == {"Paris", "Lyon"}
+    census = geo.read_census(data / cfg.ses.census_file)
+    expected = census.set_index("cell_id")["income"]
+    np.testing.assert_allclose(index["income"], expected.loc[index["cell_id"]].to_numpy())
+    for cid, geom in zip(index["cell_id"], index.geometry):
+        assert geom.equals(geo.cell_box(cid))
+    # every cell's image exists at the configured size; void cells are those with > 1 % nodata
+    fractions = []
+    for rel in index["path"]:
+        path = results / "ses" / rel
+        assert path.name.startswith("FR_URBANATLAS_200m_CRS3035RES200mN")
+        with Image.open(path) as im:
+            assert im.size == (32, 32)
+        fractions.append(geo.nodata_fraction(geo.read_png(path)))
+    fractions = np.array(fractions)
+    assert (index["non_void"].to_numpy() == (fractions <= cfg.ses.max_nodata)).all()
+    assert (~index["non_void"]).sum() >= 1 and index["non_void"].sum() > len(index) / 2
+    assert (results / "ses" / "extract_config.yaml").is_file()
+    # a re-run reads no tile again and leaves the images untouched
+    stamps = {p: p.stat().st_mtime_ns for p in (results / "ses" / "imagery").rglob("*.png")}
+    log = _extract(sets)
+    assert f"0 extracted, {len(index)} already there" in log
+    assert stamps == {p: p.stat().st_mtime_ns for p in (results / "ses" / "imagery").rglob("*.png")}
+    again = gpd.read_file(results / "ses" / "cells.gpkg", layer="cells")
+    assert again["non_void"].tolist() == index["non_void"].tolist()
