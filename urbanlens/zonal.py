@@ -1,0 +1,364 @@
+"""Statistics of activation maps over Urban Atlas polygon pieces (zonal statistics, vectorised).
+
+A census cell is cut into *pieces*: the Urban Atlas polygons clipped to the cell. A pixel belongs to a
+piece when its centre falls inside it, the rule ``rasterio.features.rasterize(all_touched=False)`` and
+rasterstats use by default. All pieces of a cell are burnt at once into one label raster, and every
+statistic is then a grouped reduction over (piece, pixel) pairs (bincount sums, segment min/max,
+per-segment partition for the median), so a cell costs the same few array passes whatever the number of
+pieces. When a pixel is claimed by two pieces (overlapping polygons, or a pixel centre lying exactly on
+an edge two pieces share) the pieces are rasterised one by one on rasterstats' windows instead, so that
+such a pixel counts for each piece and the results equal rasterstats'.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import geopandas as gpd
+import shapely
+from rasterio.features import rasterize
+from rasterio.enums import MergeAlg
+from scipy import stats as sstats
+
+STATS = ("sum", "mean", "min", "max", "median", "count")
+# Added to every pixel before the poor and rich maps are normalised to distributions within a piece:
+# it keeps the symmetric KL finite where one map is zero and the other is not, and makes a piece where a
+# map is zero everywhere a uniform distribution. Small next to map values, which are scaled to [0, 1].
+EPS = 1e-6
+PIECE_COLUMNS = ["ua_code", "ua_class", "area", "geometry"]
+
+
+# --------------------------------------------------------------------------------------------- pieces
+def polygonal_part(geom):
+    """The areal part of a geometry (polygons of a collection); None when it has no area."""
+    if geom is None or geom.is_empty:
+        return None
+    if geom.geom_type in ("Polygon", "MultiPolygon"):
+        return geom if geom.area > 0 else None
+    parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon") and p.area > 0]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else shapely.union_all(parts)
+
+
+def cell_pieces(landuse: gpd.GeoDataFrame, cell_geom) -> gpd.GeoDataFrame:
+    """Urban Atlas polygons clipped to ``cell_geom``: columns ua_code, ua_class, area (m^2), geometry.
+
+    ``landuse`` must be in a metric CRS (Urban Atlas: EPSG:3035) and carry ua_code and ua_class; the
+    cell geometry is in the same CRS. Empty and non-areal pieces (lines or points left where a polygon
+    only touches the cell) are dropped.
+    """
+    if landuse.crs is None or not landuse.crs.is_projected:
+        raise ValueError(f"land-use polygons need a projected CRS in metres, got {landuse.crs}")
+    idx = landuse.sindex.query(cell_geom, predicate="intersects")
+    near = landuse.iloc[np.sort(idx)]
+    clipped = shapely.intersection(near.geometry.values, cell_geom)
+    geoms = [polygonal_part(g) for g in clipped]
+    keep = np.array([g is not None for g in geoms], dtype=bool)
+    out = gpd.GeoDataFrame(
+        {"ua_code": near["ua_code"].to_numpy()[keep], "ua_class": near["ua_class"].to_numpy()[keep]},
+        geometry=[g for g in geoms if g is not None], crs=landuse.crs)
+    out["area"] = out.geometry.area.to_numpy(dtype=float)
+    return out[PIECE_COLUMNS].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------ pixel labelling
+def piece_pixels(geoms, shape: tuple[int, int], transform) -> tuple[np.ndarray, np.ndarray]:
+    """(piece index, flat pixel index) pairs: every pixel whose centre lies inside each piece.
+
+    Fast path: one rasterisation of all pieces into a label raster. A second, counting rasterisation
+    tells whether some pixel is claimed by two pieces (overlapping pieces, or a pixel centre lying
+    exactly on an edge that two pieces share, which the centre rule gives to both); then every piece is
+    rasterised on its own, so that such pixels count for each piece that holds them.
+    """
+    shapes = [(g, i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+    if not shapes:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    labels = rasterize(shapes, out_shape=shape, transform=transform, fill=0, all_touched=False, dtype="int32")
+    cover = rasterize([(g, 1) for g, _ in shapes], out_shape=shape, transform=transform, fill=0,
+                      all_touched=False, merge_alg=MergeAlg.add, dtype="uint16")
+    if cover.max(initial=0) <= 1:
+        flat = labels.ravel()
+        pix = np.flatnonzero(flat)
+        return flat[pix].astype(np.int64) - 1, pix
+    pieces, pixels = [], []
+    for g, v in shapes:
+        pix = piece_window_pixels(g, shape, transform)
+        pieces.append(np.full(pix.size, v - 1, np.int64))
+        pixels.append(pix)
+    return np.concatenate(pieces), np.concatenate(pixels)
+
+
+def piece_window_pixels(geom, shape: tuple[int, int], transform) -> np.ndarray:
+    """Flat indices of the pixels whose centres lie inside ``geom``, rasterised on its bounding window.
+
+    The window (rows and columns from floor/ceil of the geometry's bounds, origin from ``transform *
+    (col, row)``) is the one rasterstats reads, so that a centre lying exactly on an edge is decided by
+    the same arithmetic; pixels of the window outside the raster are dropped.
+    """
+    from affine import Affine
+
+    w, s, e, n = geom.bounds
+    t = transform
+    r0, c0 = int(np.floor((n - t.f) / t.e)), int(np.floor((w - t.c) / t.a))
+    r1, c1 = int(np.ceil((s - t.f) / t.e)), int(np.ceil((e - t.c) / t.a))
+    if r1 <= r0 or c1 <= c0:
+        return np.zeros(0, np.int64)
+    west, _ = t * (c0, r1)
+    _, north = t * (c1, r0)
+    local = Affine(t.a, t.b, west, t.d, t.e, north)
+    mask = rasterize([(geom, 1)], out_shape=(r1 - r0, c1 - c0), transform=local, fill=0, all_touched=False,
+                     dtype="uint8")
+    rows, cols = np.nonzero(mask)
+    rows, cols = rows + r0, cols + c0
+    inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+    return rows[inside].astype(np.int64) * shape[1] + cols[inside]
+
+
+# ---------------------------------------------------------------------------------- grouped reductions
+def group_order(groups: np.ndarray, n: int) -> np.ndarray:
+    """A stable permutation that makes each group contiguous (radix sort on a small integer type)."""
+    small = groups.astype(np.int16 if n < 2**15 else np.int32)
+    return np.argsort(small, kind="stable")
+
+
+def grouped_stats(values: np.ndarray, groups: np.ndarray, n: int, order: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
+    """sum, mean, min, max, median, count of ``values`` per group 0..n-1 (NaN where a group is empty).
+
+    Sums are accumulated in float64. Values are laid out group by group (``order``, from group_order,
+    can be shared between maps); min and max are then segment reductions and the median a partition of
+    each segment. The median of an even count is the mean of the two middle values.
+    """
+    values = np.asarray(values)
+    groups = np.asarray(groups)
+    count = np.bincount(groups, minlength=n).astype(np.int64)
+    total = np.bincount(groups, weights=values.astype(np.float64), minlength=n)
+    out = {"sum": total, "count": count}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["mean"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    for name in ("min", "max", "median"):
+        out[name] = np.full(n, np.nan)
+    has = np.flatnonzero(count > 0)
+    if has.size:
+        v = values[group_order(groups, n) if order is None else order]
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])[has]
+        out["min"][has] = np.minimum.reduceat(v, start)
+        out["max"][has] = np.maximum.reduceat(v, start)
+        for g, s0 in zip(has, start):
+            c = count[g]
+            seg = np.partition(v[s0:s0 + c], c // 2)  # upper middle in place, smaller values before it
+            upper = float(seg[c // 2])
+            out["median"][g] = upper if c % 2 else (float(seg[:c // 2].max()) + upper) / 2
+    return out
+
+
+def distribution_distances(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n: int,
+                           eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
+    """Total-variation distance and symmetric KL between maps ``a`` and ``b`` within each group.
+
+    Within a group both maps are turned into distributions over its pixels, p = (a + eps) / sum(a + eps)
+    and likewise q; TV = 1/2 sum |p - q| (in [0, 1]) and symmetric KL = KL(p||q) + KL(q||p)
+    = sum (p - q) log(p / q) (nats). Both are 0 for identical maps and NaN for an empty group.
+    """
+    a = np.asarray(a, np.float64) + eps
+    b = np.asarray(b, np.float64) + eps
+    sa = np.bincount(groups, weights=a, minlength=n)
+    sb = np.bincount(groups, weights=b, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # log(p / q) = log(a / b) + log(sb / sa): one logarithm per pixel
+        log_ratio = np.log(a / b)
+        log_ratio += np.log(sb / sa)[groups]
+        a *= (1.0 / sa)[groups]  # a, b now hold p, q
+        b *= (1.0 / sb)[groups]
+        a -= b
+        kl = np.bincount(groups, weights=a * log_ratio, minlength=n)
+        tv = 0.5 * np.bincount(groups, weights=np.abs(a), minlength=n)
+    empty = np.bincount(groups, minlength=n) == 0
+    tv[empty], kl[empty] = np.nan, np.nan
+    return tv, kl
+
+
+def piece_stats(maps: np.ndarray, transform, geoms, names=("poor", "rich"), areas=None) -> dict[str, np.ndarray]:
+    """Zonal statistics of one or two maps over polygon pieces, by the pixel-centre rule.
+
+    ``maps``: [H, W] or [M, H, W] (M = len(names)); ``transform``: the maps' affine transform;
+    ``geoms``: shapely polygons in the maps' CRS. Returns arrays of length len(geoms): for a single map
+    ``sum, mean, min, max, median, count``; for several ``<name>_<stat>`` for each map; with exactly two
+    maps also ``totvar`` and ``sym_kl`` (see distribution_distances) and ``<name>_score = <name>_sum /
+    area`` (area of each piece in CRS units, computed from ``geoms`` unless given). A piece with no
+    pixel centre gets count 0, sum 0 and NaN for the other statistics.
+    """
+    maps = np.asarray(maps)
+    single = maps.ndim == 2
+    if single:
+        maps = maps[None]
+    if maps.ndim != 3 or (not single and maps.shape[0] != len(names)):
+        raise ValueError(f"maps must be [H, W] or [{len(names)}, H, W], got shape {maps.shape}")
+    geoms = list(geoms)
+    n = len(geoms)
+    groups, pixels = piece_pixels(geoms, maps.shape[1:], transform)
+    flat = maps.reshape(maps.shape[0], -1)
+    out: dict[str, np.ndarray] = {}
+    order = group_order(groups, n)
+    for name, m in zip(names, flat):
+        for stat, col in grouped_stats(m[pixels], groups, n, order).items():
+            out[stat if single else f"{name}_{stat}"] = col
+    if single:
+        return {k: out[k] for k in STATS}
+    out = {f"{name}_{stat}": out[f"{name}_{stat}"] for name in names for stat in STATS}
+    if len(names) == 2:
+        area = np.asarray(areas, float) if areas is not None else shapely.area(np.asarray(geoms, dtype=object))
+        for name in names:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[f"{name}_score"] = out[f"{name}_sum"] / area
+        out["totvar"], out["sym_kl"] = distribution_distances(flat[0][pixels], flat[1][pixels], groups, n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ summaries
+def mean_interval(x, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t confidence interval of the mean (NaN bounds with fewer than 2 values).
+
+    Deterministic (no resampling): mean +- t_{(1+level)/2, n-1} * sd / sqrt(n).
+    """
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return np.nan, np.nan, np.nan
+    m = float(x.mean())
+    if x.size < 2:
+        return m, np.nan, np.nan
+    half = float(sstats.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return m, m - half, m + half
+
+
+SUMMARY_COLUMNS = ["ua_code", "ua_class", "pieces", "area", "poor_score_mean", "poor_score_lo",
+                   "poor_score_hi", "rich_score_mean", "rich_score_lo", "rich_score_hi", "rich_minus_poor"]
+
+
+def landuse_summary(stats: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per Urban Atlas class: pieces, total area, mean and t-interval of poor_score and rich_score.
+
+    ``stats`` holds one row per piece with ua_code, ua_class, area, poor_score, rich_score (the columns
+    of polygon_stats.gpkg). The mean is over pieces (each piece one observation); pieces without a
+    finite score are left out of that score's mean. ``rich_minus_poor`` = rich_score_mean -
+    poor_score_mean. Sorted by rich_minus_poor, largest first.
+    """
+    rows = []
+    for code, g in stats.groupby("ua_code", sort=True):
+        row = {"ua_code": code, "ua_class": g["ua_class"].iloc[0], "pieces": len(g),
+               "area": float(g["area"].sum())}
+        for name in ("poor", "rich"):
+            row[f"{name}_score_mean"], row[f"{name}_score_lo"], row[f"{name}_score_hi"] = \
+                mean_interval(g[f"{name}_score"], level)
+        row["rich_minus_poor"] = row["rich_score_mean"] - row["poor_score_mean"]
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return out.sort_values("rich_minus_poor", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------- per-cell map files
+CAM_CRS = "EPSG:3035"
+POLYGON_STATS_COLUMNS = ["cell_id", "city", "ua_code", "ua_class", "area",
+                         *[f"{m}_{s}" for m in ("poor", "rich") for s in STATS],
+                         "poor_score", "rich_score", "totvar", "sym_kl", "geometry"]
+
+
+def map_transform(bounds, shape: tuple[int, int]):
+    """Affine transform of a [H, W] map covering ``bounds`` = (west, south, east, north), north up."""
+    from rasterio.transform import from_bounds
+
+    return from_bounds(*bounds, shape[1], shape[0])
+
+
+def write_maps_tif(path, maps: np.ndarray, bounds, crs: str = CAM_CRS, names=("poor", "rich")) -> None:
+    """Write [M, H, W] maps as an M-band float32 GeoTIFF covering ``bounds`` in ``crs`` (atomically).
+
+    Band b+1 holds maps[b] and is described by names[b]. No nodata value is set: every pixel is data.
+    """
+    import rasterio
+
+    from .io import atomic_path
+
+    maps = np.asarray(maps, dtype=np.float32)
+    profile = dict(driver="GTiff", width=maps.shape[2], height=maps.shape[1], count=maps.shape[0],
+                   dtype="float32", crs=crs, transform=map_transform(bounds, maps.shape[1:]),
+                   compress="deflate", predictor=3)
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(maps)
+            for b, name in enumerate(names[:maps.shape[0]]):
+                dst.set_band_description(b + 1, name)
+
+
+def read_maps_tif(path):
+    """(maps [M, H, W] float32, transform, crs) of a GeoTIFF written by write_maps_tif."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return src.read().astype(np.float32, copy=False), src.transform, src.crs
+
+
+def cell_polygon_stats(maps: np.ndarray, transform, pieces: gpd.GeoDataFrame, cell_id: str,
+                       city: str) -> gpd.GeoDataFrame:
+    """One row per piece of a cell with POLYGON_STATS_COLUMNS (the layout of polygon_stats.gpkg).
+
+    ``maps``: [2, H, W] poor and rich maps; ``pieces``: the output of cell_pieces. Pieces that hold no
+    pixel centre (slivers smaller than a pixel) have no statistics and are left out.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    s = piece_stats(maps, transform, pieces.geometry.values, names=("poor", "rich"),
+                    areas=pieces["area"].to_numpy(float))
+    df = pd.DataFrame({"cell_id": cell_id, "city": city, "ua_code": pieces["ua_code"].to_numpy(),
+                       "ua_class": pieces["ua_class"].to_numpy(), "area": pieces["area"].to_numpy(float),
+                       **s})
+    df["poor_count"] = df["poor_count"].astype(np.int64)
+    df["rich_count"] = df["rich_count"].astype(np.int64)
+    out = gpd.GeoDataFrame(df, geometry=pieces.geometry.values, crs=pieces.crs)
+    return out.loc[out["poor_count"] > 0, POLYGON_STATS_COLUMNS].reset_index(drop=True)
+
+
+def cell_map_batches(cells: gpd.GeoDataFrame, compute, cam_dir, batch_size: int, newer_than: float = 0.0,
+                     crs: str = CAM_CRS):
+    """Maps of every cell, batch by batch, computed once and kept as GeoTIFFs (a re-run resumes).
+
+    ``cells``: rows with cell_id and geometry (the cell square in ``crs``); ``compute(rows)`` returns
+    [B, 2, H, W] poor and rich maps for a frame of cells. A cell whose ``<cam_dir>/<cell_id>.tif`` exists
+    and is newer than ``newer_than`` (a POSIX time, e.g. the checkpoint's) is read back instead of
+    computed. Yields lists of (cell row, maps [2, H, W] float32, affine transform, computed: bool); only
+    one batch of maps is held at a time.
+    """
+    from pathlib import Path
+
+    cam_dir = Path(cam_dir)
+    for start in range(0, len(cells), batch_size):
+        batch = cells.iloc[start:start + batch_size]
+        paths = [cam_dir / f"{cid}.tif" for cid in batch["cell_id"]]
+        fresh = np.array([p.is_file() and p.stat().st_mtime >= newer_than for p in paths], dtype=bool)
+        computed = {}
+        if not fresh.all():
+            todo = batch[~fresh]
+            maps = np.asarray(compute(todo), dtype=np.float32)
+            if maps.ndim != 4 or maps.shape[:2] != (len(todo), 2):
+                raise ValueError(f"compute returned maps of shape {maps.shape}, expected [{len(todo)}, 2, H, W]")
+            for (_, row), m in zip(todo.iterrows(), maps):
+                write_maps_tif(cam_dir / f"{row['cell_id']}.tif", m, row.geometry.bounds, crs)
+                computed[row["cell_id"]] = m
+        out = []
+        for (_, row), path in zip(batch.iterrows(), paths):
+            cid = row["cell_id"]
+            if cid in computed:
+                m = computed[cid]
+                out.append((row, m, map_transform(row.geometry.bounds, m.shape[1:]), True))
+            else:
+                m, transform, _ = read_maps_tif(path)
+                out.append((row, m, transform, False))
+        yield out
+
+
+def empty_polygon_stats(crs) -> gpd.GeoDataFrame:
+    """A polygon_stats frame with no rows but the right columns and CRS."""
+    cols = {c: pd.Series(dtype=object if c in ("cell_id", "city", "ua_code", "ua_class") else
+                         ("int64" if c.endswith("_count") else "float64"))
+            for c in POLYGON_STATS_COLUMNS if c != "geometry"}
+    return gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries([], crs=crs), crs=crs)[POLYGON_STATS_COLUMNS]
