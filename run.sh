@@ -24,6 +24,7 @@ setup_env() {
     touch "$stamp"
   fi
   export PYTHONUNBUFFERED=1
+  export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep instead of spinning
 }
 
 cfg_get() {  # cfg_get KEY ARGS...  -> resolved config value

@@ -1,0 +1,76 @@
+"""Test the city classifier and measure how alike the cities look to it.
+
+The best checkpoint (by validation accuracy) classifies the patches of test.split (paper: test_b, a fixed
+sample of 500 test patches per city). Writes under <results>/cities/: metrics.json (accuracy, top-5
+accuracy, macro F1, per-city precision and recall, number of patches), predictions.csv,
+confusion_matrix.csv and .png (rows true, columns predicted, IATA codes, counts and row percentages),
+and city similarity two ways (symmetrised row-normalised confusions; cosine similarity of the cities'
+mean penultimate embeddings): similarity.csv, similar_pairs.csv, dendrogram_confusion.png and
+dendrogram_embedding.png. The column layout of the similarity files is described in urbanlens/similarity.py.
+"""
+import os
+
+# CPU threads sleep instead of spinning while they wait: on a shared or busy machine spinning threads
+# slow training several-fold. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pandas as pd
+from scipy.special import softmax
+
+from urbanlens import classify, patches, plots, runtime, similarity
+from urbanlens.config import cli, data_dir, results_dir
+from urbanlens.io import save_figure, save_run_config, write_csv, write_json
+from urbanlens.models import build_backbone
+
+cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
+device = runtime.select_device(cfg.device)
+runtime.seed_everything(cfg.seed)
+amp = cfg.train.amp and device.type == "cuda"
+out = results_dir(cfg, "cities")
+
+# The model as trained: architecture, input size and class order come from the checkpoint.
+best_pt = out / "checkpoints" / "best.pt"
+state = runtime.load_checkpoint(best_pt)
+trained, classes = state["config"]["model"], list(state["classes"])
+model = build_backbone(trained["backbone"], len(classes), pretrained=False)
+model.load_state_dict(state["model"])
+model = classify.to_device(model, device, cfg.train.channels_last)
+
+# Predictions on the test split.
+patches_dir = data_dir(cfg, "cities", "patches")
+manifest = patches.read_manifest(data_dir(cfg))
+size = trained["input_size"]
+test_set = classify.split_dataset(manifest, cfg.test.split, patches_dir, classes,
+                                  classify.transforms(size, train=False), size)
+loader = classify.make_loader(test_set, cfg.test.batch_size, cfg.workers, device)
+logits, embeddings, labels = classify.predict(model, loader, device, amp, cfg.train.channels_last)
+pred = logits.argmax(axis=1)
+
+# Accuracy and confusions.
+metrics = classify.classification_metrics(labels, logits, classes)
+metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"))
+confusions = classify.confusion_frame(labels, pred, classes)
+write_json(out / "metrics.json", metrics)
+write_csv(pd.DataFrame({"path": manifest.loc[manifest["split"] == cfg.test.split, "path"].to_numpy(),
+                        "true": [classes[i] for i in labels], "predicted": [classes[i] for i in pred],
+                        "confidence": softmax(logits, axis=1).max(axis=1)}), out / "predictions.csv")
+write_csv(confusions, out / "confusion_matrix.csv", index=True)
+save_figure(plots.confusion_matrix_figure(
+    confusions.to_numpy(), classes, title=f"{cfg.test.split}: accuracy {metrics['accuracy']:.1%}"),
+    out / "confusion_matrix.png")
+
+# City similarity, two ways, and its hierarchical clustering.
+matrices = {"confusion": similarity.confusion_similarity(confusions.to_numpy()),
+            "embedding": similarity.embedding_similarity(embeddings, labels, len(classes))}
+pairs = pd.concat([similarity.similar_pairs(s, classes, m) for m, s in matrices.items()], ignore_index=True)
+write_csv(similarity.similarity_table(matrices, classes), out / "similarity.csv")
+write_csv(pairs, out / "similar_pairs.csv")
+for method, sim in matrices.items():
+    save_figure(plots.dendrogram_figure(similarity.cluster(sim), classes, title=f"cities by {method} similarity"),
+                out / f"dendrogram_{method}.png")
+save_run_config(cfg, out, "test_config.yaml")
+
+top3 = {m: ", ".join(p["city_a"].head(3) + "-" + p["city_b"].head(3)) for m, p in pairs.groupby("method", sort=False)}
+print(f"[test] {metrics['n_patches']} {cfg.test.split} patches: accuracy {metrics['accuracy']:.3f}, "
+      f"top-5 {metrics['top5_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}; most similar: "
+      + "; ".join(f"{m} {t}" for m, t in top3.items()) + f"; results in {out}")

@@ -1,0 +1,279 @@
+"""Unit tests of the city classifier's pieces: sampling, dataset, metrics, similarity, checkpoints, figures."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from urbanlens import classify, plots, runtime, similarity
+from urbanlens.config import load_config
+from urbanlens.models import build_backbone
+
+
+# ---------------------------------------------------------------- sampling
+def test_balanced_sampler_draws_classes_equally():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    sampler = classify.EpochSampler(labels, balanced=True, num_samples=30000, seed=1)
+    counts = np.bincount(labels[list(sampler)], minlength=3)
+    assert len(sampler) == 30000
+    assert np.allclose(counts / counts.sum(), 1 / 3, atol=0.02)
+    # weights: inverse class size
+    w = classify.balanced_weights(labels)
+    assert w[0] == pytest.approx(1 / 900) and w[-1] == pytest.approx(1 / 10)
+
+
+def test_unbalanced_sampler_is_a_permutation_per_epoch():
+    labels = np.arange(50) % 3
+    sampler = classify.EpochSampler(labels, balanced=False, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    second = list(sampler)
+    assert sorted(first) == list(range(50)) and sorted(second) == list(range(50))
+    assert first != second
+    sampler.set_epoch(1)
+    assert list(sampler) == first  # a function of (seed, epoch) only
+
+
+def test_sampler_shards_partition_the_single_process_epoch():
+    labels = np.array([0] * 40 + [1] * 7)
+    whole = classify.EpochSampler(labels, balanced=True, num_samples=20, seed=5)
+    parts = [classify.EpochSampler(labels, balanced=True, num_samples=20, seed=5, rank=r, world_size=2)
+             for r in range(2)]
+    for s in [whole, *parts]:
+        s.set_epoch(4)
+    assert [len(p) for p in parts] == [10, 10]
+    assert sorted(list(parts[0]) + list(parts[1])) == sorted(whole)
+
+
+# ---------------------------------------------------------------- dataset
+def _write_patches(root, cities=("BBB", "AAA"), per_city=3, size=20):
+    rows = []
+    for c_i, city in enumerate(cities):
+        for k in range(per_city):
+            rel = f"train/City {city} ({city})/p{k}.jpg"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((size, size, 3), 60 * c_i + 10 * k, np.uint8)).save(root / rel, quality=95)
+            rows.append({"path": rel, "city": f"City {city}", "iata": city, "site": "s1", "source": "img.jpg",
+                         "split": "train", "y": 0, "x": k * size, "size": size})
+    return pd.DataFrame(rows)
+
+
+def test_split_dataset_labels_by_class_index_and_resizes(tmp_path):
+    manifest = _write_patches(tmp_path)
+    ds = classify.split_dataset(manifest, "train", tmp_path, ["AAA", "BBB"], classify.transforms(16, train=False))
+    assert len(ds) == 6
+    assert list(ds.labels) == [1, 1, 1, 0, 0, 0]  # BBB rows come first in the manifest; AAA is class 0
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 1
+    # the normalisation is ImageNet's: a uniform grey of value v maps to (v/255 - mean) / std
+    raw = 0 / 255  # first BBB patch: c_i=0, k=0 -> pixel value 0 (JPEG of a flat image is near exact)
+    assert x[0].mean().item() == pytest.approx((raw - 0.485) / 0.229, abs=0.05)
+
+
+def test_read_image_decodes_reduced_but_never_below_the_input_size(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(tmp_path / "p.jpg", quality=95)
+    assert classify.read_image(tmp_path / "p.jpg").shape == (3, 96, 96)
+    assert classify.read_image(tmp_path / "p.jpg", decode_size=32).shape == (3, 48, 48)  # JPEG scale 1/2 >= 32
+    assert classify.read_image(tmp_path / "p.jpg", decode_size=64).shape == (3, 96, 96)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(RuntimeError, match="bad.jpg: cannot read image"):
+        classify.read_image(tmp_path / "bad.jpg")
+
+
+def test_split_dataset_rejects_unknown_city_and_empty_split(tmp_path):
+    manifest = _write_patches(tmp_path)
+    with pytest.raises(SystemExit, match="not among the model's classes"):
+        classify.split_dataset(manifest, "train", tmp_path, ["AAA"])
+    with pytest.raises(SystemExit, match="no patches in split 'val'"):
+        classify.split_dataset(manifest, "val", tmp_path, ["AAA", "BBB"])
+
+
+def test_training_flips_are_random_eval_is_not():
+    img = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(3, 8, 8)
+    train, test = classify.transforms(8, train=True), classify.transforms(8, train=False)
+    torch.manual_seed(0)
+    outs = {tuple(train(img)[0, 0, :2].tolist()) + tuple(train(img)[0, :2, 0].tolist()) for _ in range(30)}
+    assert len(outs) > 1
+    assert torch.equal(test(img), test(img))
+
+
+# ---------------------------------------------------------------- metrics
+def test_metrics_on_known_predictions():
+    classes = ["AAA", "BBB", "CCC"]
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 2, 2])
+    scores = np.eye(3)[pred] + 0.1 * np.eye(3)[(pred + 1) % 3]  # second choice: next class
+    m = classify.classification_metrics(labels, scores, classes)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["n_patches"] == 8
+    # AAA: predicted 4 times, 3 right; 4 true, 3 found
+    assert m["per_city"]["AAA"]["precision"] == pytest.approx(3 / 4)
+    assert m["per_city"]["AAA"]["recall"] == pytest.approx(3 / 4)
+    assert m["per_city"]["BBB"]["precision"] == pytest.approx(1 / 2)
+    assert m["per_city"]["BBB"]["recall"] == pytest.approx(1 / 2)
+    assert m["per_city"]["CCC"]["recall"] == 1.0
+    f1 = [3 / 4, 1 / 2, 1.0]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    assert m["top5_accuracy"] == 1.0  # 3 classes: top-5 is everything
+    # top-2: the wrong ones (true 1 -> pred 0 then 1; true 0 -> pred 1 then 2) -> one extra hit
+    assert classify.topk_accuracy(labels, scores, 2) == pytest.approx(7 / 8)
+
+
+def test_confusion_frame_rows_are_true_classes():
+    cm = classify.confusion_frame(np.array([0, 0, 1]), np.array([1, 1, 1]), ["AAA", "BBB"])
+    assert cm.loc["AAA", "BBB"] == 2 and cm.loc["BBB", "BBB"] == 1 and cm.loc["BBB", "AAA"] == 0
+    assert cm.index.name == "true" and cm.columns.name == "predicted"
+
+
+# ---------------------------------------------------------------- similarity
+CITIES = ["AAA", "BBB", "CCC", "DDD"]
+CM = np.array([[80, 2, 15, 3],    # AAA is often taken for CCC
+               [1, 90, 1, 8],
+               [25, 0, 70, 5],
+               [0, 4, 6, 90]])
+
+
+def test_confusion_similarity_finds_the_confused_pair():
+    s = similarity.confusion_similarity(CM)
+    assert np.allclose(s, s.T) and np.allclose(np.diag(s), 1)
+    assert s[0, 2] == pytest.approx((15 / 100 + 25 / 100) / 2)
+    pairs = similarity.similar_pairs(s, CITIES, "confusion")
+    assert tuple(pairs.iloc[0][["city_a", "city_b"]]) == ("AAA", "CCC")
+    assert tuple(pairs.iloc[1][["city_a", "city_b"]]) == ("BBB", "DDD")
+
+
+def test_embedding_similarity_uses_class_means():
+    rng = np.random.default_rng(0)
+    centres = np.array([[1, 0, 0], [0, 1, 0], [0.9, 0.1, 0.1], [0, 0, 1]], float)
+    labels = np.repeat(np.arange(4), 50)
+    emb = centres[labels] + 0.05 * rng.normal(size=(200, 3))
+    s = similarity.embedding_similarity(emb, labels, 4)
+    means = similarity.class_means(emb, labels, 4)
+    assert s[1, 3] == pytest.approx(means[1] @ means[3] / np.linalg.norm(means[1]) / np.linalg.norm(means[3]))
+    assert tuple(similarity.similar_pairs(s, CITIES, "embedding").iloc[0][["city_a", "city_b"]]) == ("AAA", "CCC")
+
+
+def test_pairs_are_unique_and_sorted():
+    rng = np.random.default_rng(1)
+    names = ["EEE", "AAA", "DDD", "BBB", "CCC"]
+    a = rng.random((5, 5))
+    s = (a + a.T) / 2
+    pairs = similarity.similar_pairs(s, names, "x")
+    assert len(pairs) == 10
+    assert (pairs["city_a"] < pairs["city_b"]).all()
+    assert not pairs.duplicated(["city_a", "city_b"]).any()
+    assert pairs["score"].is_monotonic_decreasing
+    for a_, b_, score in pairs[["city_a", "city_b", "score"]].to_numpy():
+        assert score == s[names.index(a_), names.index(b_)]
+
+
+def test_similarity_table_round_trip_and_clustering_merges_twins_first():
+    s = similarity.confusion_similarity(CM)
+    table = similarity.similarity_table({"confusion": s, "embedding": np.eye(4)}, CITIES)
+    assert list(table.columns) == ["method", "city", *CITIES] and len(table) == 8
+    back = similarity.read_similarity_table(table, "confusion")
+    assert np.allclose(back.to_numpy(), s) and list(back.index) == CITIES
+    z = similarity.cluster(s)
+    assert sorted(z[0, :2].astype(int)) == [0, 2]  # the first merge joins AAA and CCC
+    assert z[0, 2] == pytest.approx(1 - s[0, 2])
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def _tiny_run(tmp_path, epochs, resume_after=None):
+    """Train a small ResNet on random tensors for ``epochs``; optionally stop, checkpoint and resume."""
+    cfg = load_config(None, ["seed=7"])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 3, 32, 32, generator=g), torch.arange(24) % 3
+    data = TensorDataset(x, y)
+    sampler = classify.EpochSampler(y.numpy(), balanced=True, seed=cfg.seed)
+    loader = classify.make_loader(data, 8, 0, torch.device("cpu"), sampler)
+
+    def fresh():
+        runtime.seed_everything(cfg.seed)
+        m = build_backbone("resnet18", 3)
+        o = torch.optim.Adam(m.parameters(), lr=1e-3)
+        return m, o, classify.lr_schedule(o, "warmup_cosine", epochs * len(loader))
+
+    model, opt, sched = fresh()
+    done = 0
+    for epoch in range(1, epochs + 1):
+        if epoch == (resume_after or 0) + 1 and resume_after:
+            runtime.save_checkpoint(tmp_path / "last.pt", model, cfg, opt, done, best_val_acc=0.5, classes=["a"],
+                                    scheduler=sched.state_dict())
+            model, opt, sched = fresh()
+            torch.manual_seed(123)  # the interruption scrambles the global RNG
+            done, best = classify.restore(runtime.load_checkpoint(tmp_path / "last.pt"), model, opt, None, sched)
+            assert (done, best) == (resume_after, 0.5)
+        classify.begin_epoch(sampler, cfg.seed, epoch)
+        classify.train_one_epoch(model, loader, opt, torch.device("cpu"), scheduler=sched)
+        done = epoch
+    return model, opt
+
+
+def test_resume_continues_epoch_count_and_matches_uninterrupted_run(tmp_path):
+    straight, opt_a = _tiny_run(tmp_path, 2)
+    resumed, opt_b = _tiny_run(tmp_path, 2, resume_after=1)
+    state = runtime.load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and "optimizer" in state and state["config"]["seed"] == 7
+    assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] < 1e-3  # the schedule went on
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+
+
+def test_resume_refuses_a_checkpoint_of_other_cities_or_model():
+    cfg = load_config(None, ["model.backbone=resnet18", "model.input_size=64"])
+    state = {"classes": ["AAA", "BBB"], "config": cfg.to_dict()}
+    classify.check_resumable(state, ["AAA", "BBB"], cfg.model, "last.pt")  # compatible: no exit
+    with pytest.raises(SystemExit, match="last.pt: trained on cities AAA, BBB"):
+        classify.check_resumable(state, ["AAA", "CCC"], cfg.model, "last.pt")
+    other = load_config(None, ["model.backbone=resnet18", "model.input_size=32"])
+    with pytest.raises(SystemExit, match="model.input_size=64"):
+        classify.check_resumable(state, ["AAA", "BBB"], other.model, "last.pt")
+
+
+def test_lr_schedules():
+    total = 20
+    f = {name: [classify.lr_factor(name, k, total) for k in range(total + 1)] for name in classify.SCHEDULES}
+    assert f["constant"] == [1.0] * (total + 1)
+    assert f["cosine"][0] == 1.0 and f["cosine"][-1] == pytest.approx(0) and f["cosine"][10] == pytest.approx(0.5)
+    warm = f["warmup_cosine"]
+    peak = int(classify.WARMUP_SHARE * total)
+    assert warm[0] == pytest.approx(0.04) and warm[peak] == pytest.approx(1.0) and warm[-1] == pytest.approx(0)
+    assert np.all(np.diff(warm[: peak + 1]) > 0) and np.all(np.diff(warm[peak:]) < 0)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=0.1)
+    assert classify.lr_schedule(opt, "constant", total) is None
+    sched = classify.lr_schedule(opt, "cosine", total)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        classify.lr_schedule(opt, "step", total)
+
+
+def test_read_log_drops_epochs_after_the_checkpoint(tmp_path):
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.1 * e, "val_loss": 1.0, "val_acc": 0.5,
+             "lr": 1e-3, "seconds": 1.0} for e in (1, 2, 3)]
+    classify.write_log(rows, tmp_path / "log.csv")
+    kept = classify.read_log(tmp_path / "log.csv", 2)
+    assert [r["epoch"] for r in kept] == [1, 2]
+    assert classify.read_log(tmp_path / "log.csv", 0) == []
+    assert classify.read_log(tmp_path / "missing.csv", 2) == []
+
+
+# ---------------------------------------------------------------- figures
+def test_confusion_figure_shows_counts_and_row_percentages():
+    fig = plots.confusion_matrix_figure(CM, CITIES)
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert "15\n15%" in texts and "25\n25%" in texts and "90\n90%" in texts
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == CITIES
+    assert np.allclose(plots.row_percentages(CM).sum(axis=1), 100)
+
+
+def test_dendrogram_figure_labels_every_city():
+    fig = plots.dendrogram_figure(similarity.cluster(similarity.confusion_similarity(CM)), CITIES)
+    assert sorted(t.get_text() for t in fig.axes[0].get_yticklabels()) == CITIES

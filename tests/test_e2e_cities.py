@@ -1,0 +1,135 @@
+"""End to end on a tiny synthetic cities world: the stages run as a user runs them, and the science comes
+out: the classifier is far above chance and the planted look-alike cities ("twins") are found similar.
+Also: --resume gives the run an uninterrupted one gives, torchrun (DDP, gloo on CPU) trains a model that
+test_classification.py evaluates, and missing ImageNet weights give one clear line and exit 2."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from urbanlens import similarity
+
+ROOT = Path(__file__).resolve().parents[1]
+# the demo config, smaller: 8 cities (4 twin pairs), one 384 px image per site, 32 px model input
+SMALL = ["world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=100",
+         "model.input_size=32", "train.epochs=6", "workers=1"]
+
+
+def run_stage(args, root, extra=(), results="results", launcher=(sys.executable,), check=True):
+    cmd = [*launcher, *args, "--config", "configs/cities_demo.yaml",
+           "--set", f"paths.data={root / 'data'}", "--set", f"paths.results={root / results}",
+           *[a for s in (*SMALL, *extra) for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TQDM_DISABLE": "1",
+           "TORCH_HOME": str(root / "torch_home")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cities_world")
+    run_stage(["-m", "urbanlens.synth_cities"], root)
+    run_stage(["preprocessing.py"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    run_stage(["train_classification.py"], world)
+    run_stage(["test_classification.py"], world)
+    return world, world / "results" / "cities"
+
+
+def test_outputs_are_complete_and_consistent(trained):
+    root, out = trained
+    truth = json.loads((root / "data" / "cities" / "truth.json").read_text())
+    cities = sorted(c for pair in truth["twins"] for c in pair)
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = pd.read_csv(root / "data" / "cities" / "patches" / "manifest.csv")
+    assert metrics["n_patches"] == (manifest["split"] == "test_b").sum()
+    assert sorted(metrics["per_city"]) == cities
+    assert {"accuracy", "top5_accuracy", "macro_f1"} <= set(metrics)
+    assert metrics["top5_accuracy"] >= metrics["accuracy"]
+    cm = pd.read_csv(out / "confusion_matrix.csv", index_col=0)
+    assert list(cm.index) == cities and list(cm.columns) == cities
+    assert cm.to_numpy().sum() == metrics["n_patches"]
+    assert cm.to_numpy().trace() / metrics["n_patches"] == pytest.approx(metrics["accuracy"])
+    for c in cities:  # recall of a city = its diagonal share of its row
+        assert metrics["per_city"][c]["recall"] == pytest.approx(cm.loc[c, c] / cm.loc[c].sum())
+    table = pd.read_csv(out / "similarity.csv")
+    for method in similarity.METHODS:
+        sim = similarity.read_similarity_table(table, method)
+        assert list(sim.index) == cities and (sim.to_numpy() == sim.to_numpy().T).all()
+    pairs = pd.read_csv(out / "similar_pairs.csv")
+    assert len(pairs) == 2 * math.comb(len(cities), 2)
+    log = pd.read_csv(out / "train_log.csv")
+    assert log["epoch"].tolist() == list(range(1, 7))
+    for name in ("confusion_matrix.png", "dendrogram_confusion.png", "dendrogram_embedding.png",
+                 "train_config.yaml", "test_config.yaml", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_accuracy_is_well_above_chance(trained):
+    _, out = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    chance = 1 / len(metrics["per_city"])
+    assert metrics["accuracy"] >= 0.6 > 4 * chance, metrics["accuracy"]
+
+
+def test_most_planted_twins_are_found(trained):
+    root, out = trained
+    twins = {tuple(sorted(p)) for p in json.loads((root / "data" / "cities" / "truth.json").read_text())["twins"]}
+    pairs = pd.read_csv(out / "similar_pairs.csv")
+    found = {m: sum((a, b) in twins for a, b in g.head(len(twins))[["city_a", "city_b"]].to_numpy())
+             for m, g in pairs.groupby("method", sort=False)}
+    assert max(found.values()) > len(twins) / 2, found
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_matches_an_uninterrupted_run(world):
+    # a constant learning rate: with a schedule, changing train.epochs changes the first epoch too
+    short = ["train.max_steps_per_epoch=3", "train.schedule=constant"]
+    run_stage(["train_classification.py"], world, [*short, "train.epochs=2"], results="straight")
+    run_stage(["train_classification.py"], world, [*short, "train.epochs=1"], results="resumed")
+    proc = run_stage(["train_classification.py", "--resume"], world, [*short, "train.epochs=2"], results="resumed")
+    assert "resuming" in proc.stdout
+    ck = world / "resumed" / "cities" / "checkpoints" / "last.pt"
+    assert torch.load(ck, map_location="cpu", weights_only=False)["epoch"] == 2
+    assert pd.read_csv(world / "resumed" / "cities" / "train_log.csv")["epoch"].tolist() == [1, 2]
+    straight = _weights(world / "straight" / "cities" / "checkpoints" / "last.pt")
+    for k, v in _weights(ck).items():
+        assert torch.allclose(v.float(), straight[k].float(), atol=1e-5), k
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_ddp_trains_and_the_checkpoint_evaluates(world):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    ddp = ["train.epochs=1", "train.max_steps_per_epoch=2", "device=cpu", "workers=0"]
+    proc = run_stage(["train_classification.py"], world, ddp, results="ddp", launcher=launcher, check=False)
+    if proc.returncode != 0 and "train_classification" not in proc.stderr + proc.stdout:
+        pytest.skip(f"torchrun could not start here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x2" in proc.stdout  # two processes
+    run_stage(["test_classification.py"], world, ddp, results="ddp")
+    metrics = json.loads((world / "ddp" / "cities" / "metrics.json").read_text())
+    assert metrics["checkpoint_epoch"] == 1 and metrics["n_patches"] > 0
+
+
+def test_missing_imagenet_weights_is_one_clear_line(world):
+    proc = run_stage(["train_classification.py"], world,
+                     ["model.pretrained=true", f"model.weights_path={world / 'nowhere.pth'}"],
+                     results="noweights", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ImageNet weights") and "model.pretrained=false" in err[0]

@@ -1,0 +1,111 @@
+"""Train the city classifier: which city does a satellite patch come from?
+
+A torchvision backbone (paper: ResNet-50 from ImageNet weights) with a new final layer over the cities,
+inputs resized to model.input_size with random horizontal and vertical flips and ImageNet normalisation,
+Adam (learning rate per train.schedule; the paper's is constant), cross-entropy, class-balanced sampling
+(train.balanced). Each epoch writes <results>/cities/checkpoints/last.pt and a
+row of <results>/cities/train_log.csv; best.pt keeps the epoch of highest validation accuracy.
+--resume continues from last.pt. Under torchrun, DistributedDataParallel (train.batch_size is global).
+"""
+import os
+
+# CPU threads sleep instead of spinning while they wait: on a shared or busy machine spinning threads
+# slow training several-fold. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import sys
+import time
+
+import torch
+
+from urbanlens import classify, patches, runtime
+from urbanlens.config import cli, data_dir, results_dir
+from urbanlens.io import save_run_config
+from urbanlens.models import WeightsUnavailable, build_backbone
+
+
+def options(parser):
+    parser.add_argument("--resume", action="store_true", help="continue from <results>/cities/checkpoints/last.pt")
+
+
+cfg, args = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml", options)
+rank, world = runtime.setup_distributed()
+main = runtime.is_main_process()
+device = runtime.select_device(cfg.device)
+runtime.seed_everything(cfg.seed)
+amp = cfg.train.amp and device.type == "cuda"
+nhwc = cfg.train.channels_last
+
+# Data: the patches of the site-based split, classes = sorted IATA codes.
+patches_dir = data_dir(cfg, "cities", "patches")
+manifest = patches.read_manifest(data_dir(cfg))
+classes = patches.class_names(manifest)
+size = cfg.model.input_size
+train_set = classify.split_dataset(manifest, "train", patches_dir, classes, classify.transforms(size, train=True),
+                                   size)
+val_set = classify.split_dataset(manifest, "val", patches_dir, classes, classify.transforms(size, train=False), size)
+batch = max(1, cfg.train.batch_size // world)
+draws = len(train_set)
+if cfg.train.max_steps_per_epoch > 0:
+    draws = min(draws, cfg.train.max_steps_per_epoch * batch * world)
+sampler = classify.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, rank, world)
+train_loader = classify.make_loader(train_set, batch, cfg.workers, device, sampler)
+val_loader = classify.make_loader(classify.shard(val_set, rank, world), batch, cfg.workers, device)
+
+# Model and optimiser.
+try:
+    model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
+except WeightsUnavailable as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+model = classify.to_device(model, device, nhwc)
+optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+scheduler = classify.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
+scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+out = results_dir(cfg, "cities")
+last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
+done, best_acc = 0, -1.0
+if args.resume and last_pt.is_file():
+    state = runtime.load_checkpoint(last_pt)
+    classify.check_resumable(state, classes, cfg.model, last_pt)
+    done, best_acc = classify.restore(state, model, optimizer, scaler, scheduler)
+    if main:
+        print(f"[train] resuming from {last_pt} after epoch {done}")
+elif args.resume and main:
+    print(f"[train] --resume: no {last_pt} yet, starting from scratch")
+log = classify.read_log(log_csv, done)
+model = classify.wrap_distributed(model, device)
+if main:
+    save_run_config(cfg, out, "train_config.yaml")
+    print(f"[train] {len(train_set)} train / {len(val_set)} val patches, {len(classes)} cities, "
+          f"{cfg.model.backbone} on {device} x{world}, {len(train_loader)} steps per epoch")
+
+# Epochs: the sampling and augmentation of epoch e depend only on (seed, e), so a resumed run draws
+# the same batches as an uninterrupted one.
+start = time.time()
+for epoch in range(done + 1, cfg.train.epochs + 1):
+    t0 = time.time()
+    classify.begin_epoch(sampler, cfg.seed, epoch, rank)
+    lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
+    tr = classify.train_one_epoch(model, train_loader, optimizer, device, scaler, amp, nhwc, scheduler,
+                                  desc=f"epoch {epoch}/{cfg.train.epochs}")
+    va = classify.evaluate(model, val_loader, device, amp, nhwc)
+    if main:
+        log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                    "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})
+        classify.write_log(log, log_csv)
+        improved = va["acc"] >= best_acc  # ties: the later, longer-trained epoch
+        best_acc = max(best_acc, va["acc"])
+        extra = dict(classes=classes, best_val_acc=best_acc, scaler=scaler.state_dict(),
+                     scheduler=scheduler.state_dict() if scheduler else None)
+        runtime.save_checkpoint(last_pt, model, cfg, optimizer, epoch, **extra)
+        if improved:
+            runtime.save_checkpoint(best_pt, model, cfg, None, epoch, **extra)
+        print(f"[train] epoch {epoch}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} | "
+              f"val loss {va['loss']:.3f} acc {va['acc']:.3f}{' *' if improved else ''} | {time.time() - t0:.0f} s")
+
+if main:
+    print(f"[train] {cfg.train.epochs} epochs ({cfg.train.epochs - done} run now) in {time.time() - start:.0f} s; "
+          f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
+runtime.cleanup_distributed()
