@@ -24,6 +24,7 @@ setup_env() {
     touch "$stamp"
   fi
   export PYTHONUNBUFFERED=1
+  [ -t 2 ] || export TQDM_MININTERVAL=${TQDM_MININTERVAL:-20}  # quieter progress bars in logs
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep instead of spinning
 }
 
