@@ -2,12 +2,12 @@
 
 A census cell is cut into *pieces*: the Urban Atlas polygons clipped to the cell. A pixel belongs to a
 piece when its centre falls inside it, the rule ``rasterio.features.rasterize(all_touched=False)`` and
-rasterstats use by default. All pieces of a cell are burnt at once into one label raster, and every
-statistic is then a grouped reduction over (piece, pixel) pairs (bincount sums, segment min/max,
-per-segment partition for the median), so a cell costs the same few array passes whatever the number of
-pieces. When a pixel is claimed by two pieces (overlapping polygons, or a pixel centre lying exactly on
-an edge two pieces share) the pieces are rasterised one by one on rasterstats' windows instead, so that
-such a pixel counts for each piece and the results equal rasterstats'.
+rasterstats use by default. All pieces of a cell are burnt at once into one raster; each piece's pixels
+are then picked from the window of its bounds and reduced as one contiguous array per map (sum in
+float64, min, max, an in-place partition for the median, the poor/rich distances), so a cell costs a
+few passes over its pixels. When a pixel is claimed by two pieces (overlapping polygons, or a pixel
+centre lying exactly on an edge two pieces share) the pieces are rasterised one by one on rasterstats'
+windows instead, so that such a pixel counts for each piece and the results equal rasterstats'.
 """
 from __future__ import annotations
 
@@ -61,31 +61,54 @@ def cell_pieces(landuse: gpd.GeoDataFrame, cell_geom) -> gpd.GeoDataFrame:
     return out[PIECE_COLUMNS].reset_index(drop=True)
 
 
-# ------------------------------------------------------------------------------------ pixel labelling
-def piece_pixels(geoms, shape: tuple[int, int], transform) -> tuple[np.ndarray, np.ndarray]:
-    """(piece index, flat pixel index) pairs: every pixel whose centre lies inside each piece.
+# ------------------------------------------------------------------------------------ pixel selection
+BURN = 1 << 16  # added to each piece's label when burning, so a pixel's value // BURN = pieces claiming it
 
-    Fast path: one rasterisation of all pieces into a label raster. A second, counting rasterisation
-    tells whether some pixel is claimed by two pieces (overlapping pieces, or a pixel centre lying
-    exactly on an edge that two pieces share, which the centre rule gives to both); then every piece is
-    rasterised on its own, so that such pixels count for each piece that holds them.
+
+def piece_windows(geoms, shape: tuple[int, int], transform):
+    """For each piece, where its pixels are: ``(rows, cols, mask)`` with ``mask`` the pixels of the
+    window ``[rows, cols]`` whose centres lie inside the piece, or a flat index array.
+
+    Fast path: all pieces are burnt into one raster (each adds ``BURN + its label``), so a pixel
+    claimed by two pieces (overlapping pieces, or a centre lying exactly on an edge two pieces share,
+    which the centre rule gives to both) shows as a value of 2 * BURN or more. Without such a pixel,
+    each piece's pixels are read on the window of its bounds; otherwise every piece is rasterised on
+    its own (piece_window_pixels), so that a shared pixel counts for each piece that holds it.
     """
-    shapes = [(g, i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+    n = len(geoms)
+    shapes = [(g, BURN + i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty]
     if not shapes:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    labels = rasterize(shapes, out_shape=shape, transform=transform, fill=0, all_touched=False, dtype="int32")
-    cover = rasterize([(g, 1) for g, _ in shapes], out_shape=shape, transform=transform, fill=0,
-                      all_touched=False, merge_alg=MergeAlg.add, dtype="uint16")
-    if cover.max(initial=0) <= 1:
-        flat = labels.ravel()
-        pix = np.flatnonzero(flat)
-        return flat[pix].astype(np.int64) - 1, pix
-    pieces, pixels = [], []
+        return [np.zeros(0, np.int64)] * n
+    if n < BURN // 2:
+        burnt = rasterize(shapes, out_shape=shape, transform=transform, fill=0, all_touched=False,
+                          merge_alg=MergeAlg.add, dtype="int32")
+        if burnt.max(initial=0) < 2 * BURN:
+            t = transform
+            out = [np.zeros(0, np.int64)] * n
+            for g, v in shapes:
+                if t.b == 0 and t.d == 0:
+                    w, s, e, nn = g.bounds  # the window of the bounds, one pixel wider on each side
+                    r0, r1 = sorted(((nn - t.f) / t.e, (s - t.f) / t.e))
+                    c0, c1 = sorted(((w - t.c) / t.a, (e - t.c) / t.a))
+                    rows = slice(max(0, int(np.floor(r0)) - 1), max(0, min(shape[0], int(np.ceil(r1)) + 1)))
+                    cols = slice(max(0, int(np.floor(c0)) - 1), max(0, min(shape[1], int(np.ceil(c1)) + 1)))
+                else:
+                    rows, cols = slice(0, shape[0]), slice(0, shape[1])
+                out[v - BURN - 1] = (rows, cols, burnt[rows, cols] == v)
+            return out
+    out = [np.zeros(0, np.int64)] * n
     for g, v in shapes:
-        pix = piece_window_pixels(g, shape, transform)
-        pieces.append(np.full(pix.size, v - 1, np.int64))
-        pixels.append(pix)
-    return np.concatenate(pieces), np.concatenate(pixels)
+        out[v - BURN - 1] = piece_window_pixels(g, shape, transform)
+    return out
+
+
+def piece_values(maps: np.ndarray, where) -> np.ndarray:
+    """[M, count] values of maps [M, H, W] at one piece's pixels (an entry of piece_windows), a new
+    C-ordered array (each map's values contiguous)."""
+    if isinstance(where, tuple):
+        rows, cols, mask = where
+        return np.stack([m[rows, cols][mask] for m in maps])
+    return np.stack([m.ravel()[where] for m in maps])
 
 
 def piece_window_pixels(geom, shape: tuple[int, int], transform) -> np.ndarray:
@@ -114,67 +137,56 @@ def piece_window_pixels(geom, shape: tuple[int, int], transform) -> np.ndarray:
     return rows[inside].astype(np.int64) * shape[1] + cols[inside]
 
 
-# ---------------------------------------------------------------------------------- grouped reductions
+# ---------------------------------------------------------------------------------------- reductions
+def median_rows(values: np.ndarray) -> np.ndarray:
+    """Median of each row of a [M, c] array (c > 0), partitioning it in place; float64.
+
+    The median of an even count is the mean of the two middle values.
+    """
+    c = values.shape[1]
+    values.partition(c // 2, axis=1)  # upper middle in place, smaller values before it
+    upper = values[:, c // 2].astype(np.float64)
+    return upper if c % 2 else (values[:, :c // 2].max(axis=1).astype(np.float64) + upper) / 2
+
+
+def pair_distances(a: np.ndarray, b: np.ndarray, eps: float = EPS) -> tuple[float, float]:
+    """Total-variation distance and symmetric KL between maps ``a`` and ``b`` over one set of pixels.
+
+    Both maps are turned into distributions over the pixels, p = (a + eps) / sum(a + eps) and likewise
+    q; TV = 1/2 sum |p - q| (in [0, 1]) and symmetric KL = KL(p||q) + KL(q||p) = sum (p - q) log(p / q)
+    (nats). Both are 0 for identical maps and NaN for no pixel.
+    """
+    if len(a) == 0:
+        return np.nan, np.nan
+    a = np.asarray(a, np.float64) + eps
+    b = np.asarray(b, np.float64) + eps
+    sa, sb = a.sum(), b.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_ratio = np.log(a / b)  # log(p / q) = log(a / b) + log(sb / sa): one logarithm per pixel
+        log_ratio += np.log(sb / sa)
+        a *= 1.0 / sa  # a, b now hold p, q
+        b *= 1.0 / sb
+        a -= b
+        return 0.5 * float(np.abs(a).sum()), float(a @ log_ratio)
+
+
 def group_order(groups: np.ndarray, n: int) -> np.ndarray:
     """A stable permutation that makes each group contiguous (radix sort on a small integer type)."""
     small = groups.astype(np.int16 if n < 2**15 else np.int32)
     return np.argsort(small, kind="stable")
 
 
-def grouped_stats(values: np.ndarray, groups: np.ndarray, n: int, order: np.ndarray | None = None
-                  ) -> dict[str, np.ndarray]:
-    """sum, mean, min, max, median, count of ``values`` per group 0..n-1 (NaN where a group is empty).
-
-    Sums are accumulated in float64. Values are laid out group by group (``order``, from group_order,
-    can be shared between maps); min and max are then segment reductions and the median a partition of
-    each segment. The median of an even count is the mean of the two middle values.
-    """
-    values = np.asarray(values)
-    groups = np.asarray(groups)
-    count = np.bincount(groups, minlength=n).astype(np.int64)
-    total = np.bincount(groups, weights=values.astype(np.float64), minlength=n)
-    out = {"sum": total, "count": count}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    for name in ("min", "max", "median"):
-        out[name] = np.full(n, np.nan)
-    has = np.flatnonzero(count > 0)
-    if has.size:
-        v = values[group_order(groups, n) if order is None else order]
-        start = np.concatenate([[0], np.cumsum(count)[:-1]])[has]
-        out["min"][has] = np.minimum.reduceat(v, start)
-        out["max"][has] = np.maximum.reduceat(v, start)
-        for g, s0 in zip(has, start):
-            c = count[g]
-            seg = np.partition(v[s0:s0 + c], c // 2)  # upper middle in place, smaller values before it
-            upper = float(seg[c // 2])
-            out["median"][g] = upper if c % 2 else (float(seg[:c // 2].max()) + upper) / 2
-    return out
-
-
 def distribution_distances(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n: int,
                            eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
-    """Total-variation distance and symmetric KL between maps ``a`` and ``b`` within each group.
-
-    Within a group both maps are turned into distributions over its pixels, p = (a + eps) / sum(a + eps)
-    and likewise q; TV = 1/2 sum |p - q| (in [0, 1]) and symmetric KL = KL(p||q) + KL(q||p)
-    = sum (p - q) log(p / q) (nats). Both are 0 for identical maps and NaN for an empty group.
-    """
-    a = np.asarray(a, np.float64) + eps
-    b = np.asarray(b, np.float64) + eps
-    sa = np.bincount(groups, weights=a, minlength=n)
-    sb = np.bincount(groups, weights=b, minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # log(p / q) = log(a / b) + log(sb / sa): one logarithm per pixel
-        log_ratio = np.log(a / b)
-        log_ratio += np.log(sb / sa)[groups]
-        a *= (1.0 / sa)[groups]  # a, b now hold p, q
-        b *= (1.0 / sb)[groups]
-        a -= b
-        kl = np.bincount(groups, weights=a * log_ratio, minlength=n)
-        tv = 0.5 * np.bincount(groups, weights=np.abs(a), minlength=n)
-    empty = np.bincount(groups, minlength=n) == 0
-    tv[empty], kl[empty] = np.nan, np.nan
+    """pair_distances of maps ``a`` and ``b`` within each group 0..n-1 (NaN for an empty group)."""
+    groups = np.asarray(groups)
+    order = group_order(groups, n)
+    a, b = np.asarray(a)[order], np.asarray(b)[order]
+    ends = np.cumsum(np.bincount(groups, minlength=n))
+    tv, kl = np.full(n, np.nan), np.full(n, np.nan)
+    for g in range(n):
+        s0 = ends[g - 1] if g else 0
+        tv[g], kl[g] = pair_distances(a[s0:ends[g]], b[s0:ends[g]], eps)
     return tv, kl
 
 
@@ -184,34 +196,42 @@ def piece_stats(maps: np.ndarray, transform, geoms, names=("poor", "rich"), area
     ``maps``: [H, W] or [M, H, W] (M = len(names)); ``transform``: the maps' affine transform;
     ``geoms``: shapely polygons in the maps' CRS. Returns arrays of length len(geoms): for a single map
     ``sum, mean, min, max, median, count``; for several ``<name>_<stat>`` for each map; with exactly two
-    maps also ``totvar`` and ``sym_kl`` (see distribution_distances) and ``<name>_score = <name>_sum /
+    maps also ``totvar`` and ``sym_kl`` (see pair_distances) and ``<name>_score = <name>_sum /
     area`` (area of each piece in CRS units, computed from ``geoms`` unless given). A piece with no
-    pixel centre gets count 0, sum 0 and NaN for the other statistics.
+    pixel centre gets count 0, sum 0 and NaN for the other statistics. Sums are accumulated in float64.
     """
-    maps = np.asarray(maps)
+    maps = np.ascontiguousarray(maps)
     single = maps.ndim == 2
     if single:
         maps = maps[None]
     if maps.ndim != 3 or (not single and maps.shape[0] != len(names)):
         raise ValueError(f"maps must be [H, W] or [{len(names)}, H, W], got shape {maps.shape}")
     geoms = list(geoms)
-    n = len(geoms)
-    groups, pixels = piece_pixels(geoms, maps.shape[1:], transform)
-    flat = maps.reshape(maps.shape[0], -1)
-    out: dict[str, np.ndarray] = {}
-    order = group_order(groups, n)
-    for name, m in zip(names, flat):
-        for stat, col in grouped_stats(m[pixels], groups, n, order).items():
-            out[stat if single else f"{name}_{stat}"] = col
+    n, m = len(geoms), maps.shape[0]
+    res = {stat: np.full((m, n), np.nan) for stat in STATS}
+    res["sum"][:], res["count"] = 0.0, np.zeros((m, n), np.int64)
+    tv, kl = np.full(n, np.nan), np.full(n, np.nan)
+    for i, where in enumerate(piece_windows(geoms, maps.shape[1:], transform)):
+        v = piece_values(maps, where)  # a private [M, c] copy
+        c = v.shape[1]
+        if c == 0:
+            continue
+        res["count"][:, i] = c
+        res["sum"][:, i] = v.sum(axis=1, dtype=np.float64)
+        res["mean"][:, i] = res["sum"][:, i] / c
+        res["min"][:, i], res["max"][:, i] = v.min(axis=1), v.max(axis=1)
+        if m == 2 and not single:
+            tv[i], kl[i] = pair_distances(v[0], v[1])
+        res["median"][:, i] = median_rows(v)
     if single:
-        return {k: out[k] for k in STATS}
-    out = {f"{name}_{stat}": out[f"{name}_{stat}"] for name in names for stat in STATS}
+        return {k: res[k][0] for k in STATS}
+    out = {f"{name}_{stat}": res[stat][j] for j, name in enumerate(names) for stat in STATS}
     if len(names) == 2:
         area = np.asarray(areas, float) if areas is not None else shapely.area(np.asarray(geoms, dtype=object))
         for name in names:
             with np.errstate(invalid="ignore", divide="ignore"):
                 out[f"{name}_score"] = out[f"{name}_sum"] / area
-        out["totvar"], out["sym_kl"] = distribution_distances(flat[0][pixels], flat[1][pixels], groups, n)
+        out["totvar"], out["sym_kl"] = tv, kl
     return out
 
 

@@ -1,0 +1,176 @@
+"""Cell extraction from orthophoto tiles: urbanlens.geo.read_cell vs warp-whole-tiles-then-clip.
+
+    python bench/extraction.py [--city-m 2000] [--res 1.0] [--cell-px 200] [--repeats 3]
+
+Tiles: a synthetic city of ``--city-m`` (urbanlens.synth_france: its land use rendered as 1 km
+Lambert-93 tiles, EPSG:2154, JPEG 2000 when GDAL has the driver, as the IGN delivers them). Cells: every
+200 m INSEE cell (EPSG:3035) lying wholly inside the tiles. Compared, on one thread, same tiles and cells:
+  urbanlens.geo   read_cell: the cell's footprint read from its tile(s) in their own CRS (a window of
+                  each, mosaicked), reprojected onto the cell's px x px grid
+  reference       each whole tile warped to EPSG:3035 on disk (rasterio.warp.reproject onto the cells'
+                  pixel grid, GeoTIFF), then each cell clipped from the warped tile(s) it overlaps
+  decode floor    every tile's pixels decoded once (rasterio read), nothing else
+Both paths use the same resampling (average) and nodata (0). Saving the cell images (PNG) costs the same
+in both and is left out. Check: the two paths give the same pixels (PSNR over all cells).
+"""
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import header, median, psnr, single_thread, table, time_runs  # noqa: E402
+
+single_thread()
+
+import geopandas as gpd  # noqa: E402
+import numpy as np  # noqa: E402
+import rasterio  # noqa: E402
+import shapely  # noqa: E402
+from rasterio.enums import Resampling  # noqa: E402
+from rasterio.transform import from_origin  # noqa: E402
+from rasterio.warp import reproject, transform_bounds  # noqa: E402
+from rasterio.windows import from_bounds as window_from_bounds  # noqa: E402
+
+from urbanlens import geo, synth_france  # noqa: E402
+from urbanlens.config import load_config  # noqa: E402
+
+
+def make_tiles(workdir: Path, city_m: float, res: float, seed: int, fmt: str, workers: int) -> gpd.GeoDataFrame:
+    """Render a synthetic city's orthophoto tiles; return the tile index [path, geometry] (EPSG:2154)."""
+    cfg = load_config(None, [f"france.city_size_m={city_m}", f"france.resolution_m={res}",
+                             "france.nodata_fraction=0", f"seed={seed}"])
+    city = synth_france.plan_city("Paris", 0, float(city_m), seed)
+    driver, ext = synth_france.aerial_driver() if fmt == "jp2" else ("GTiff", "tif")
+    jobs, index = synth_france.tile_jobs(city, workdir / "tiles", cfg.france, seed, driver, ext)
+    synth_france.render_all(jobs, workers, progress=True)
+    index["path"] = [j.path for j in jobs]
+    return index[["path", "geometry"]]
+
+
+def cells_inside(tiles: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """The 200 m EPSG:3035 cells wholly inside the tiles' union, with the tiles each overlaps."""
+    footprint = tiles.geometry.segmentize(50).to_crs(geo.LAEA).union_all()
+    w, s, e, n = footprint.bounds
+    xs = np.arange(np.ceil(w / 200) * 200, e, 200)
+    ys = np.arange(np.ceil(s / 200) * 200, n, 200)
+    boxes = [shapely.box(x, y, x + 200, y + 200) for y in ys for x in xs]
+    cells = gpd.GeoDataFrame(geometry=[b for b in boxes if footprint.contains(b)], crs=geo.LAEA)
+    cells["tiles"] = geo.tiles_for_cells(cells, tiles)
+    return cells.sort_values("tiles", kind="stable").reset_index(drop=True)  # tile by tile, as extract_cells
+
+
+# ------------------------------------------------------------------------------------ the compared paths
+def run_urbanlens(cells, px):
+    """geo.read_cell for every cell, tiles opened once (as extract_cells keeps them open)."""
+    paths = sorted({p for t in cells["tiles"] for p in t})
+    with rasterio.Env():
+        srcs = {p: rasterio.open(p) for p in paths}
+        try:
+            return [geo.read_cell([srcs[p] for p in t], c.bounds, px) for c, t in zip(cells.geometry, cells["tiles"])]
+        finally:
+            for s in srcs.values():
+                s.close()
+
+
+def warp_tile(path, out_path, res):
+    """The whole tile reprojected to EPSG:3035 on a grid of ``res`` m aligned with the 200 m cells."""
+    with rasterio.open(path) as src:
+        data = src.read()
+        src_crs = geo.tile_crs(src)
+        w, s, e, n = transform_bounds(src_crs, geo.LAEA, *src.bounds, densify_pts=21)
+        w, s = np.floor(w / res) * res, np.floor(s / res) * res
+        e, n = np.ceil(e / res) * res, np.ceil(n / res) * res
+        width, height = int(round((e - w) / res)), int(round((n - s) / res))
+        transform = from_origin(w, n, res, res)
+        out = np.zeros((data.shape[0], height, width), np.uint8)
+        reproject(data, out, src_transform=src.transform, src_crs=src_crs, src_nodata=0,
+                  dst_transform=transform, dst_crs=geo.LAEA, dst_nodata=0, resampling=Resampling.average,
+                  UNIFIED_SRC_NODATA="YES")
+    with rasterio.open(out_path, "w", driver="GTiff", width=width, height=height, count=out.shape[0],
+                       dtype="uint8", crs=geo.LAEA, transform=transform, nodata=0) as dst:
+        dst.write(out)
+
+
+def run_reference(cells, px, warp_dir: Path):
+    """Warp every tile to EPSG:3035 on disk, then clip each cell from the warped tiles it overlaps."""
+    res = 200 / px
+    paths = sorted({p for t in cells["tiles"] for p in t})
+    warped = {p: warp_dir / f"{Path(p).stem}_3035.tif" for p in paths}
+    for p in paths:
+        warp_tile(p, warped[p], res)
+    out = []
+    srcs = {p: rasterio.open(w) for p, w in warped.items()}
+    try:
+        for cell, tiles in zip(cells.geometry, cells["tiles"]):
+            img = np.zeros((3, px, px), np.uint8)
+            for p in tiles:  # the cell's window of each warped tile; gaps filled by the next tile
+                ds = srcs[p]
+                win = window_from_bounds(*cell.bounds, transform=ds.transform).round_offsets().round_lengths()
+                part = ds.read(window=win, boundless=True, fill_value=0)
+                empty = (img == 0).all(axis=0)
+                img[:, empty] = part[:, empty]
+            out.append(img.transpose(1, 2, 0))
+    finally:
+        for s in srcs.values():
+            s.close()
+    return out
+
+
+def run_floor(paths):
+    for p in paths:
+        with rasterio.open(p) as ds:
+            ds.read()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--city-m", type=int, default=2000, help="side of the synthetic city, metres")
+    ap.add_argument("--res", type=float, default=1.0, help="tile ground resolution, metres (IGN: 0.2)")
+    ap.add_argument("--cell-px", type=int, default=200, help="pixels per cell side (paper: 800)")
+    ap.add_argument("--format", choices=("jp2", "tif"), default="jp2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="where the tiles go (default: a temporary folder)")
+    args, _ = ap.parse_known_args()
+    header("extraction", args)
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_extraction_"))
+    try:
+        tiles = make_tiles(workdir, args.city_m, args.res, args.seed, args.format, workers=2)
+        cells = cells_inside(tiles)
+        paths = sorted({p for t in cells["tiles"] for p in t})
+        with rasterio.open(paths[0]) as ds:
+            tile_desc = f"{ds.driver} {ds.width} x {ds.height} px"
+        print(f"[extraction] {len(paths)} tiles ({tile_desc}, {args.res} m), {len(cells)} cells of "
+              f"{args.cell_px} px ({200 / args.cell_px:.2f} m), {int((cells['tiles'].str.len() > 1).sum())} "
+              "straddling tiles")
+
+        # same pixels
+        warp_dir = workdir / "warped"
+        warp_dir.mkdir(exist_ok=True)
+        ours, ref = run_urbanlens(cells, args.cell_px), run_reference(cells, args.cell_px, warp_dir)
+        a, b = np.stack(ours), np.stack(ref)
+        same = float((a == b).all(axis=-1).mean())
+        worst = min(psnr(x, y) for x, y in zip(a, b))
+        print(f"[extraction] same pixels: PSNR {psnr(a, b):.1f} dB over all cells (worst cell {worst:.1f} dB), "
+              f"{100 * same:.2f} % of pixels identical")
+        assert psnr(a, b) >= 40, "the project's cells differ from the reference's"
+
+        rows = [("urbanlens.geo", median(time_runs(lambda: run_urbanlens(cells, args.cell_px), args.repeats))),
+                ("reference", median(time_runs(lambda: run_reference(cells, args.cell_px, warp_dir), args.repeats))),
+                ("decode floor", median(time_runs(lambda: run_floor(paths), args.repeats)))]
+        print(table(rows, len(cells), "cell", "urbanlens.geo"))
+        t = dict(rows)
+        print(f"[extraction] decoding the tiles costs {t['decode floor']:.2f} s: no path that decodes them can beat "
+              f"the reference by more than {t['reference'] / t['decode floor']:.1f}x here")
+        print(f"extraction_over_floor: {t['urbanlens.geo'] / t['decode floor']:.2f}x")
+        print(f"extraction_vs_reference: {t['reference'] / t['urbanlens.geo']:.1f}x")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
