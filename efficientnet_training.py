@@ -1,0 +1,119 @@
+"""Per-city income-quintile model from aerial cell images, with stratified k-fold cross-validation.
+
+For each city of the config, its non-void census cells are labelled with the city's income quintiles
+(0 = poorest fifth, 4 = richest). EfficientNet-B0 reads a min-max-scaled cell image and outputs one
+sigmoid unit p, read as a binomial over the five ordered classes, trained with categorical cross-entropy.
+Stratified k folds; in each, a stratified share of the training cells validates: Adam, reduce-on-plateau
+and early stopping on the validation loss, restarted from the best weights at lr / 2^restart. The
+held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
+
+    python efficientnet_training.py --config configs/ses_demo.yaml [--set ses_train.epochs=5]
+    torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs)
+"""
+import sys
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from urbanlens import config, io, models, runtime, ses
+
+cfg, _ = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
+rank, world = runtime.setup_distributed()
+main = runtime.is_main_process()
+device = runtime.select_device(cfg.device)
+tc = cfg.ses_train
+ses_dir = config.results_dir(cfg, "ses")
+try:
+    cells = ses.read_cells(ses_dir / "cells.gpkg")
+    ses.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
+except (ValueError, models.WeightsUnavailable) as e:
+    sys.exit(f"error: {e}")
+
+
+def sync():  # every rank waits for the main one to finish writing
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on
+    if cfg.strict:
+        sys.exit(f"error: {problem}; check ses.cities and re-run generate_fr_ua_aerial_data.py")
+    print(f"[ses-train] warning: {problem}; {then}", file=sys.stderr)
+
+
+rows = []
+for city in cfg.ses.cities:
+    city_dir = ses_dir / city
+    # 1. the city's non-void cells and its income quintiles
+    df, missing = ses.city_cells(cells, city, ses_dir)
+    if missing:
+        bad_input(f"{ses_dir}: {len(missing)} image(s) of {city} missing (e.g. {missing[0]})",
+                  "training without them")
+    if len(df) == 0:
+        bad_input(f"{ses_dir / 'cells.gpkg'}: no non-void cells of '{city}'", "city skipped")
+        continue
+    labels = ses.income_quintiles(df["income"])
+    edges = ses.quintile_edges(df["income"], labels)
+    try:
+        splits = ses.stratified_folds(labels, tc.folds, tc.val_share, cfg.seed)
+    except ValueError as e:
+        sys.exit(f"error: {ses_dir / 'cells.gpkg'}: {city}: {e}; lower ses_train.folds or add cells")
+
+    # 2. finished folds are reused only when they were trained with this config (or overwrite=true)
+    retrain = ses.previous_run_differs(city_dir / "train_config.yaml", cfg)
+    if retrain and not cfg.overwrite:
+        sys.exit(f"error: {city_dir}: holds models trained with another config (seed, ses_model, ses_train "
+                 f"or cell size); use --set overwrite=true to retrain them, or another paths.results")
+    sync()
+    if main:
+        if retrain:  # unmark the old folds first, so an interrupted retraining never reuses them
+            for done in city_dir.glob("fold_*/metrics.json"):
+                done.unlink()
+        io.save_run_config(cfg, city_dir, "train_config.yaml")
+    data = ses.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
+                           cache=ses.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
+
+    # 3. each fold: train with early stopping and restarts, keep the best weights, score held-out cells
+    for k, split in enumerate(splits):
+        fold_dir = city_dir / f"fold_{k}"
+        if (fold_dir / "metrics.json").is_file() and not retrain:
+            continue
+        seed = ses.fold_seed(cfg.seed, city, k)
+        runtime.seed_everything(seed)
+        model = ses.build_ses_model(cfg)
+        with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{city} fold {k}", unit="ep", leave=False,
+                  **({} if main else {"disable": True})) as bar:
+            fit = ses.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
+                          seed=seed, workers=cfg.workers, progress=lambda row: ses.show_epoch(bar, row))
+        test = split["test"]
+        log_probs = ses.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
+        m = ses.ses_metrics(labels[test], log_probs)
+        if main:
+            ses.write_fold_outputs(fold_dir, cfg, model, fit, m,
+                                   ses.predictions_frame(df["cell_id"].iloc[test], k, labels[test], log_probs),
+                                   city=city, fold=k, quintile_edges=edges, n_train=len(split["train"]),
+                                   n_val=len(split["val"]), n_test=len(test))
+        sync()
+
+    # 4. cross-fold summary (mean, std, best fold) and every cell's held-out prediction
+    if main:
+        summary, preds = ses.city_summary(city_dir, len(splits), city=city, n_cells=len(df),
+                                          quintile_edges=edges)
+        io.write_csv(preds, city_dir / "predictions.csv")
+        io.write_json(city_dir / "metrics.json", summary)
+        mean, std = summary["mean"], summary["std"]
+        rows.append({"city": city, "n_cells": len(df), "best_fold": summary["best_fold"],
+                     **{f"{k}_mean": mean[k] for k in ses.METRICS},
+                     **{f"{k}_std": std[k] for k in ses.METRICS}})
+        print(f"[ses-train] {city}: {len(df)} cells, {len(splits)} folds; accuracy {mean['accuracy']:.3f}"
+              f"±{std['accuracy']:.3f}, AUC poorest-vs-richest {mean['auc_poor_rich']:.3f}"
+              f"±{std['auc_poor_rich']:.3f}, kappa {mean['kappa_quadratic']:.3f}; best fold "
+              f"{summary['best_fold']} -> {city_dir}")
+
+if main and rows:
+    table = pd.DataFrame(rows)
+    io.write_csv(table, ses_dir / "training_summary.csv")
+    print(f"[ses-train] {len(table)} cities; mean AUC poorest-vs-richest {table['auc_poor_rich_mean'].mean():.3f}"
+          f" -> {ses_dir / 'training_summary.csv'}")
+runtime.cleanup_distributed()

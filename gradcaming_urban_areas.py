@@ -1,0 +1,114 @@
+"""Activation maps of the income model projected onto Urban Atlas land use, per city.
+
+For each city of the config: the best cross-validation fold's model (lowest validation loss); for every
+non-void census cell, guided Grad-CAM on the last convolutional layer for the poorest and the richest
+quintile, saved as a two-band GeoTIFF (band 1 poor, band 2 rich, EPSG:3035, the cell's bounds). The
+maps are cut by the Urban Atlas polygons inside the cell; each piece gets the sum, mean, min, max,
+median and count of both maps over the pixels whose centres it holds, their total-variation distance
+and symmetric KL, and poor/rich scores (map sum per m^2) -> polygon_stats.gpkg. Scores are averaged per
+land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/). Figures: observed vs
+predicted income map, a panel per sampled cell, rich vs poor score per land-use class.
+
+    python gradcaming_urban_areas.py --config configs/ses_demo.yaml [--set cams.batch_size=4]
+"""
+import sys
+
+import numpy as np
+import pandas as pd
+import pyogrio
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from urbanlens import cam, config, geo, io, models, plots_ses, runtime, ses, zonal
+
+cfg, _ = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
+runtime.seed_everything(cfg.seed)
+device = runtime.select_device(cfg.device)
+cc = cfg.cams
+ses_dir = config.results_dir(cfg, "ses")
+try:
+    cells = ses.read_cells(ses_dir / "cells.gpkg").to_crs(zonal.CAM_CRS)
+except ValueError as e:
+    sys.exit(f"error: {e}")
+rng = np.random.default_rng(cfg.seed)
+
+pooled = []
+for city in cfg.ses.cities:
+    city_dir = ses_dir / city
+    # 1. the best fold's model and the city's cells and land use
+    if not (city_dir / "metrics.json").is_file():
+        sys.exit(f"error: {city_dir / 'metrics.json'}: not found; run efficientnet_training.py for {city} first")
+    ckpt_path = city_dir / f"fold_{io.read_json(city_dir / 'metrics.json')['best_fold']}" / "best.pt"
+    model, ckpt = ses.load_ses_model(ckpt_path, map_location=device)
+    model.to(device)
+    layer = models.last_conv_layer(model)
+    size = ckpt["config"]["ses_model"]["input_size"]
+    ids, missing = ses.city_cells(cells, city, ses_dir)
+    if missing:
+        print(f"[cams] warning: {len(missing)} image(s) of {city} missing under {ses_dir} (e.g. {missing[0]}); "
+              "skipped", file=sys.stderr)
+    city_cells = cells[cells["city"] == city].set_index("cell_id").loc[ids["cell_id"]].reset_index()
+    landuse, _ = geo.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city)
+    landuse = landuse.to_crs(zonal.CAM_CRS)
+    io.save_run_config(cfg, city_dir, "cams_config.yaml")
+
+    def compute(rows):  # [B, 2, H, W]: guided Grad-CAM of the poorest and the richest class
+        x = torch.stack([ses.load_cell_image(ses_dir / p, size) for p in rows["path"]]).to(device)
+        return np.stack([cam.guided_gradcam(model, layer, x, k, cc.clip_percentile)
+                         for k in (cc.poor_class, cc.rich_class)], axis=1)
+
+    # 2. maps per cell (GeoTIFF, reused on a re-run) -> statistics per land-use piece, written per batch
+    stats_path = city_dir / "polygon_stats.gpkg"
+    n_new = n_pieces = 0
+    with io.atomic_path(stats_path) as tmp, tqdm(total=len(city_cells), desc=f"{city} cams", unit="cell") as bar:
+        for batch in zonal.cell_map_batches(city_cells, compute, city_dir / "cams", cc.batch_size,
+                                            newer_than=ckpt_path.stat().st_mtime):
+            rows = [zonal.cell_polygon_stats(m, t, zonal.cell_pieces(landuse, row.geometry), row.cell_id, city)
+                    for row, m, t, _ in batch]
+            rows = pd.concat(rows, ignore_index=True)
+            if len(rows):
+                rows.to_file(tmp, layer="polygon_stats", driver="GPKG", mode="a" if tmp.exists() else "w",
+                             promote_to_multi=True)
+            n_new += sum(new for *_, new in batch)
+            n_pieces += len(rows)
+            bar.update(len(batch))
+        if not tmp.exists():  # no piece at all: an empty layer with the columns
+            zonal.empty_polygon_stats(landuse.crs).to_file(tmp, layer="polygon_stats", driver="GPKG")
+
+    # 3. scores per land-use class
+    stats = pyogrio.read_dataframe(stats_path, layer="polygon_stats", read_geometry=False)
+    pooled.append(stats)
+    summary = zonal.landuse_summary(stats)
+    io.write_csv(summary, city_dir / "landuse_summary.csv")
+
+    # 4. figures: income maps, sampled cell panels, scores per class
+    fig_dir = city_dir / "figures"
+    preds_path = city_dir / "predictions.csv"
+    if preds_path.is_file():
+        io.save_figure(plots_ses.income_map_figure(cells[cells["city"] == city], pd.read_csv(preds_path), city),
+                       fig_dir / "income_map.png")
+    sample = city_cells.iloc[np.sort(rng.choice(len(city_cells), min(cc.panels, len(city_cells)), replace=False))]
+    panels = [{"cell_id": r.cell_id, "bounds": r.geometry.bounds,
+               "image": np.asarray(Image.open(ses_dir / r.path).convert("RGB")),
+               **dict(zip(("poor", "rich"), zonal.read_maps_tif(city_dir / "cams" / f"{r.cell_id}.tif")[0])),
+               "pieces": zonal.cell_pieces(landuse, r.geometry)} for r in sample.itertuples()]
+    if panels:
+        names = dict(zip(landuse["ua_code"].astype(str), landuse["ua_class"]))
+        io.save_figure(plots_ses.cam_panels_figure(panels, names), fig_dir / "cam_panels.png")
+    if len(summary):
+        io.save_figure(plots_ses.landuse_scores_figure(summary, f"{city}: activation per land-use class"),
+                       fig_dir / "landuse_scores.png")
+    top = summary.iloc[0] if len(summary) else None
+    print(f"[cams] {city}: {len(city_cells)} cells ({n_new} new maps), {n_pieces} land-use pieces"
+          + (f"; richest-reading class {top.ua_code} {top.ua_class}, poorest-reading "
+             f"{summary.iloc[-1].ua_code} {summary.iloc[-1].ua_class}" if top is not None else "")
+          + f" -> {city_dir}")
+
+if pooled:
+    summary = zonal.landuse_summary(pd.concat(pooled, ignore_index=True))
+    io.write_csv(summary, ses_dir / "landuse_summary.csv")
+    io.save_figure(plots_ses.landuse_scores_figure(summary, "all cities: activation per land-use class"),
+                   ses_dir / "landuse_scores.png")
+    print(f"[cams] {len(pooled)} cities, {int(summary['pieces'].sum())} pieces; rich_minus_poor largest for "
+          f"{summary.iloc[0].ua_code}, smallest for {summary.iloc[-1].ua_code} -> {ses_dir / 'landuse_summary.csv'}")
