@@ -17,8 +17,8 @@ from urbanlens import geo, zonal
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
-# the demo config, a little smaller
-SMALL = ["france.city_size_m=2000", "cams.panels=2"]
+# the demo world and training (smaller cities leave too few cells per quintile to learn from)
+SMALL = ["cams.panels=2"]
 
 
 def run_stage(args, root, extra=()):
