@@ -543,7 +543,7 @@ def write_fold_outputs(fold_dir, cfg, model, fit: FitResult, m: dict, prediction
     io.write_text(fold_dir / "classification_report.txt", m["classification_report"])
     io.write_csv(pd.DataFrame(m["confusion_matrix"], index=CLASS_NAMES, columns=CLASS_NAMES),
                  fold_dir / "confusion_matrix.csv", index=True, index_label="true \\ predicted")
-    title = ", ".join(f"{k} {v}" for k, v in info.items() if k in ("city", "fold"))
+    title = ", ".join(str(v) if k == "city" else f"{k} {v}" for k, v in info.items() if k in ("city", "fold"))
     io.save_figure(confusion_figure(m["confusion_matrix"], title), fold_dir / "confusion_matrix.png")
     io.write_json(fold_dir / "metrics.json", {
         **{k: v for k, v in info.items() if k != "quintile_edges"}, **scalar_metrics(m),
