@@ -6,6 +6,9 @@ sigmoid unit p, read as a binomial over the five ordered classes, trained with c
 Stratified k folds; in each, a stratified share of the training cells validates: Adam, reduce-on-plateau
 and early stopping on the validation loss, restarted from the best weights at lr / 2^restart. The
 held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
+Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
+(removed when the fold is done): a re-run of the same command skips finished folds and continues an
+interrupted one from its last epoch, ending where an uninterrupted run ends.
 
     python efficientnet_training.py --config configs/ses_demo.yaml [--set ses_train.epochs=5]
     torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs)
@@ -68,24 +71,31 @@ for city in cfg.ses.cities:
     sync()
     if main:
         if retrain:  # unmark the old folds first, so an interrupted retraining never reuses them
-            for done in city_dir.glob("fold_*/metrics.json"):
+            for done in (*city_dir.glob("fold_*/metrics.json"), *city_dir.glob("fold_*/last.pt")):
                 done.unlink()
         io.save_run_config(cfg, city_dir, "train_config.yaml")
+        io.write_csv(ses.folds_frame(df["cell_id"], splits), city_dir / "folds.csv")
     data = ses.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
                            cache=ses.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
 
     # 3. each fold: train with early stopping and restarts, keep the best weights, score held-out cells
     for k, split in enumerate(splits):
-        fold_dir = city_dir / f"fold_{k}"
+        fold_dir, last_pt = city_dir / f"fold_{k}", city_dir / f"fold_{k}" / "last.pt"
         if (fold_dir / "metrics.json").is_file() and not retrain:
+            if main:
+                last_pt.unlink(missing_ok=True)  # left by a run stopped right after finishing the fold
             continue
         seed = ses.fold_seed(cfg.seed, city, k)
         runtime.seed_everything(seed)
         model = ses.build_ses_model(cfg)
+        resume = ses.load_fit_state(last_pt, tc, seed)
+        if resume is not None and main:
+            print(f"[ses-train] {city} fold {k}: resuming after epoch {resume['epoch_total']} from {last_pt}")
         with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{city} fold {k}", unit="ep", leave=False,
-                  **({} if main else {"disable": True})) as bar:
+                  initial=len(resume["log"]) if resume else 0, **({} if main else {"disable": True})) as bar:
             fit = ses.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
-                          seed=seed, workers=cfg.workers, progress=lambda row: ses.show_epoch(bar, row))
+                          seed=seed, workers=cfg.workers, progress=lambda row: ses.show_epoch(bar, row),
+                          checkpoint=last_pt, resume=resume)
         test = split["test"]
         log_probs = ses.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
         m = ses.ses_metrics(labels[test], log_probs)
@@ -94,6 +104,7 @@ for city in cfg.ses.cities:
                                    ses.predictions_frame(df["cell_id"].iloc[test], k, labels[test], log_probs),
                                    city=city, fold=k, quintile_edges=edges, n_train=len(split["train"]),
                                    n_val=len(split["val"]), n_test=len(test))
+            last_pt.unlink(missing_ok=True)  # the fold is done (metrics.json written): its state is not needed
         sync()
 
     # 4. cross-fold summary (mean, std, best fold) and every cell's held-out prediction

@@ -5,7 +5,10 @@ inputs resized to model.input_size with random horizontal and vertical flips and
 Adam (learning rate per train.schedule; the paper's is constant), cross-entropy, class-balanced sampling
 (train.balanced). Each epoch writes <results>/cities/checkpoints/last.pt and a
 row of <results>/cities/train_log.csv; best.pt keeps the epoch of highest validation accuracy.
---resume continues from last.pt. Under torchrun, DistributedDataParallel (train.batch_size is global).
+Re-running the same command continues from last.pt (an interrupted run loses at most the epoch it was
+in; a finished one is left as it is); --resume also continues one trained with other settings (e.g. more
+train.epochs); overwrite=true starts over. Under torchrun, DistributedDataParallel (train.batch_size is
+global).
 """
 import os
 
@@ -25,7 +28,8 @@ from urbanlens.models import WeightsUnavailable, build_backbone
 
 
 def options(parser):
-    parser.add_argument("--resume", action="store_true", help="continue from <results>/cities/checkpoints/last.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from <results>/cities/checkpoints/last.pt "
+                        "even when it was trained with other settings (same cities and model)")
 
 
 cfg, args = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml", options)
@@ -66,8 +70,17 @@ scaler = torch.amp.GradScaler("cuda", enabled=amp)
 out = results_dir(cfg, "cities")
 last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
 done, best_acc = 0, -1.0
-if args.resume and last_pt.is_file():
-    state = runtime.load_checkpoint(last_pt)
+state = runtime.load_checkpoint(last_pt) if last_pt.is_file() else None
+changed = classify.run_changes(state["config"], cfg) if state is not None else []
+if state is not None and changed and not args.resume:
+    if not cfg.overwrite:
+        sys.exit(f"error: {last_pt}: trained with other settings ({', '.join(changed)}); re-run with --resume "
+                 f"to continue it, --set overwrite=true to train from scratch, or use another paths.results")
+    state = None
+    if main:  # start over: the old run's checkpoints must not be taken for this one's
+        last_pt.unlink(missing_ok=True)
+        best_pt.unlink(missing_ok=True)
+if state is not None:
     classify.check_resumable(state, classes, cfg.model, last_pt)
     done, best_acc = classify.restore(state, model, optimizer, scaler, scheduler)
     if main:
@@ -99,9 +112,11 @@ for epoch in range(done + 1, cfg.train.epochs + 1):
         best_acc = max(best_acc, va["acc"])
         extra = dict(classes=classes, best_val_acc=best_acc, scaler=scaler.state_dict(),
                      scheduler=scheduler.state_dict() if scheduler else None)
-        runtime.save_checkpoint(last_pt, model, cfg, optimizer, epoch, **extra)
         if improved:
             runtime.save_checkpoint(best_pt, model, cfg, None, epoch, **extra)
+        # last: the resume point is written once everything else of the epoch is, so a run killed
+        # between these writes redoes the epoch rather than skip what it had not saved
+        runtime.save_checkpoint(last_pt, model, cfg, optimizer, epoch, **extra)
         print(f"[train] epoch {epoch}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} | "
               f"val loss {va['loss']:.3f} acc {va['acc']:.3f}{' *' if improved else ''} | {time.time() - t0:.0f} s")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,16 +13,69 @@ from typing import Any, Iterator
 import yaml
 
 
+# Temporary names carry the writer's host and process id: ``.<name>.tmp-<host>-<pid>-<random><suffix>``.
+# A temporary file whose writer died (killed, out of memory, power cut) is removed by the next process
+# that writes into the same folder; files of live writers, and of other hosts on a shared file system,
+# are left alone.
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-")
+_swept: set[str] = set()
+
+
+def _process_alive(pid: int) -> bool:
+    """True when ``pid`` runs on this host (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` (not recursive) left by dead writers on this host;
+    return their paths. ``atomic_path`` calls this once per folder and process."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or m["host"] != _HOST or int(m["pid"]) == os.getpid() or _process_alive(int(m["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:  # another process removed it first
+            pass
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary name keeps the suffix, so writers that pick a format from it (PIL, GDAL,
-    matplotlib, pandas) still work: ``cells.gpkg`` -> ``.cells.gpkg.tmp-XXXX.gpkg``.
+    matplotlib, pandas) still work: ``cells.gpkg`` -> ``.cells.gpkg.tmp-<host>-<pid>-XXXX.gpkg``.
+    A process killed mid-write leaves its temporary file behind; the next write into that folder
+    (usually the re-run) removes it, so a finished re-run leaves no temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    folder = os.path.abspath(path.parent)
+    if folder not in _swept:
+        remove_stale_temps(folder)
+        _swept.add(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", suffix=path.suffix,
+                               dir=path.parent)
     os.close(fd)
     os.unlink(tmp)  # writers such as GDAL refuse to overwrite an empty non-dataset file
     tmp = Path(tmp)

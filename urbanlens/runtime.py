@@ -75,7 +75,36 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg, optimizer=Non
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A ``save_checkpoint`` file; a missing, unreadable or foreign file exits with one line."""
     path = Path(path)
     if not path.is_file():
         sys.exit(f"error: checkpoint {path} not found; run the training stage first")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated file, not a torch file, pickled classes gone...
+        sys.exit(f"error: {path}: not a readable checkpoint ({type(e).__name__}); "
+                 "delete it and run the training stage again")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
+        sys.exit(f"error: {path}: not a checkpoint of this project (no state_dict with its config); "
+                 "use the best.pt / last.pt the training stage writes")
+    return state
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, arch: str = "") -> torch.nn.Module:
+    """``model.load_state_dict(state_dict)``; weights of another architecture or number of classes
+    exit with one line naming the checkpoint ``path`` and the first mismatches."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        own = model.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        extra = [k for k in state_dict if k not in own]
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != v.shape]
+        found = "; ".join(filter(None, [
+            f"{len(missing)} tensor(s) missing (e.g. {missing[0]})" if missing else "",
+            f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+            f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]))
+        sys.exit(f"error: {path}: its weights do not fit {arch or type(model).__name__} ({found}); the file comes "
+                 "from another backbone or number of classes: retrain, or point paths.results at the run that wrote it")
+    return model

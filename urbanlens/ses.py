@@ -137,8 +137,8 @@ def load_ses_model(path, map_location="cpu") -> tuple[SESModel, dict]:
     cfg = load_config(None)  # defaults, so checkpoints from before a key existed still load
     cfg.ses_model.update({k: v for k, v in ckpt["config"].get("ses_model", {}).items() if k in cfg.ses_model})
     cfg.ses_model["pretrained"] = False
-    model = build_ses_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    model = runtime.load_weights(build_ses_model(cfg), ckpt["model"], path,
+                                 f"a {cfg.ses_model.backbone} income model")
     return model.to(map_location).eval(), ckpt
 
 
@@ -149,14 +149,16 @@ def load_cell_image(path, size: int) -> torch.Tensor:
     whole image (the paper's per-image scaling). A constant image becomes all zeros."""
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+            arr = np.asarray(im.convert("RGB"))
     except OSError as e:
         raise ValueError(f"{path}: cannot read as an image ({e})") from None
-    img = torch.from_numpy(arr).permute(2, 0, 1)
+    img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))  # one copy
     if img.shape[-2:] != (size, size):
         img = TF.resize(img, [size, size], antialias=True)
-    lo, hi = img.min(), img.max()
-    return (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
+        lo, hi = img.min(), img.max()
+    else:  # the extremes of the 8-bit pixels, cheaper than on floats
+        lo, hi = torch.tensor(float(arr.min())), torch.tensor(float(arr.max()))
+    return img.sub_(lo).div_(hi - lo) if hi > lo else torch.zeros_like(img)
 
 
 class CellDataset(torch.utils.data.Dataset):
@@ -195,10 +197,15 @@ def random_flips(x: torch.Tensor, generator: torch.Generator | None = None,
     flips draws uniformly from all eight right-angle rotations and reflections.
     """
     flips = torch.rand(3, x.shape[0], generator=generator) < 0.5
-    h, v, t = (f.to(x.device).view(-1, 1, 1, 1) for f in flips)
-    x = torch.where(h, x.flip(-1), x)
-    x = torch.where(v, x.flip(-2), x)
-    return torch.where(t, x.transpose(-1, -2), x) if rotate else x
+    x = x.clone()  # only the chosen images are rewritten
+    h, v, t = (f.nonzero().flatten().to(x.device) for f in flips)
+    if len(h):
+        x[h] = x[h].flip(-1)
+    if len(v):
+        x[v] = x[v].flip(-2)
+    if rotate and len(t):
+        x[t] = x[t].transpose(-1, -2)
+    return x
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -230,6 +237,16 @@ def stratified_folds(labels, folds: int, val_share: float, seed: int) -> list[di
                                           random_state=seed + k + 1)
         out.append({"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)})
     return out
+
+
+def folds_frame(cell_ids, splits: list[dict]) -> pd.DataFrame:
+    """The split manifest of a city: one row per (fold, cell) with ``part`` train, val or test,
+    sorted by fold then cell id."""
+    cell_ids = np.asarray(list(cell_ids), dtype=object)
+    rows = [pd.DataFrame({"fold": k, "cell_id": cell_ids[split[part]], "part": part})
+            for k, split in enumerate(splits) for part in ("train", "val", "test")]
+    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["fold", "cell_id", "part"])
+    return df.sort_values(["fold", "cell_id"], kind="stable").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -305,13 +322,45 @@ def _evaluate(model, loader, device, amp) -> tuple[float, float]:
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+FIT_STATE_VERSION = 1
+
+
+def load_fit_state(path, tcfg, seed: int) -> dict | None:
+    """The training state ``fit`` saved at ``path`` after its last finished epoch, or None when there is
+    none or it was saved with other ``ses_train`` settings or another seed (then it must not be resumed)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = runtime.load_checkpoint(path)
+    same = (state.get("fit_state_version") == FIT_STATE_VERSION and state.get("seed") == seed
+            and state.get("config") == (tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg)))
+    return state if same else None
+
+
+def _save_fit_state(path, model, opt, sched, scaler, gen, best: "FitResult", tcfg, seed, restart, epoch,
+                    epoch_total, stale) -> None:
+    rng = {"torch": torch.get_rng_state(), "flips": gen.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    runtime.save_checkpoint(path, model, tcfg, opt, epoch_total, fit_state_version=FIT_STATE_VERSION,
+                            seed=seed, restart=restart, run_epoch=epoch, epoch_total=epoch_total, stale=stale,
+                            scheduler=sched.state_dict(), scaler=scaler.state_dict(), rng=rng,
+                            best_state=best.best_state, best_val_loss=best.best_val_loss,
+                            best_epoch=best.best_epoch, log=best.log)
+
+
 def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, workers: int = 0,
-        progress=None) -> FitResult:
+        progress=None, checkpoint=None, resume: dict | None = None) -> FitResult:
     """Train with Adam, reduce-on-plateau on the validation loss and early stopping with restarts.
 
     Run r (r = 0..tcfg.restarts) starts from the best weights so far with lr = tcfg.lr / 2**r and stops
     after tcfg.early_stop_patience epochs without a better validation loss, or tcfg.epochs epochs.
     ``progress(row)`` is called after every epoch. The model ends holding the best weights.
+
+    ``checkpoint``: a path where the whole training state is saved after every epoch (weights, optimizer,
+    plateau scheduler, grad scaler, early-stopping counter, restart index, RNG states, best weights so
+    far and the log). ``resume``: such a state (``load_fit_state``); training continues after its
+    epoch and, with the same seed on the same device, ends exactly as an uninterrupted fit does.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     amp = bool(tcfg.amp) and device.type == "cuda"
@@ -322,16 +371,33 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
     gen = torch.Generator().manual_seed(seed)
     val_loader = _loader(val_set, tcfg.batch_size, False, seed, workers)
     best = FitResult(copy.deepcopy(model.state_dict()), math.inf, -1)
-    epoch_total = 0
-    for restart in range(tcfg.restarts + 1):
-        if restart:
+    epoch_total, first_restart = 0, 0
+    if resume is not None:
+        best = FitResult(resume["best_state"], resume["best_val_loss"], resume["best_epoch"], list(resume["log"]))
+        epoch_total, first_restart = resume["epoch_total"], resume["restart"]
+        gen.set_state(resume["rng"]["flips"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    save = checkpoint is not None and runtime.is_main_process()
+    for restart in range(first_restart, tcfg.restarts + 1):
+        resumed = resume is not None and restart == first_restart
+        if restart and not resumed:
             model.load_state_dict(best.best_state)
         opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr / 2 ** restart)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor,
                                                            patience=tcfg.plateau_patience)
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
-        stale = 0
-        for epoch in range(tcfg.epochs):
+        stale, first_epoch = 0, 0
+        if resumed:  # the run that was going on: its weights, optimizer, scheduler and counters
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            stale, first_epoch = resume["stale"], resume["run_epoch"]
+            if stale >= tcfg.early_stop_patience:
+                continue
+        for epoch in range(first_epoch, tcfg.epochs):
             t0 = time.perf_counter()
             train_loader = _loader(train_set, tcfg.batch_size, True, seed + epoch_total, workers, distributed)
             if distributed:
@@ -355,6 +421,9 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
                 loss_sum += loss.item() * len(y)
                 correct += (lp.detach().argmax(1) == y).sum().item()
                 n += len(y)
+            if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
+                for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike
+                    torch.distributed.broadcast(buf, src=0)
             if tcfg.precise_bn:
                 recompute_bn_stats(model, _loader(train_set, tcfg.batch_size, False, seed, workers), device, amp)
             val_loss, val_acc = _evaluate(model, val_loader, device, amp) if len(val_set) else (
@@ -373,6 +442,9 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
                    "best": improved, "seconds": round(time.perf_counter() - t0, 3)}
             best.log.append(row)
             epoch_total += 1
+            if save:
+                _save_fit_state(checkpoint, model, opt, sched, scaler, gen, best, tcfg, seed, restart, epoch + 1,
+                                epoch_total, stale)
             if progress is not None:
                 progress(row)
             if stale >= tcfg.early_stop_patience:

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import cli, data_dir
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, read_json, save_run_config, write_json
 
 STYLE_KEYS = (
     "orientation",   # street-grid angle, 0..45 degrees (flips make larger angles equivalent)
@@ -463,7 +463,7 @@ def generate_world(cfg) -> Path:
 
 
 def _remove_world(root: Path) -> None:
-    for name in ("raw", "patches", "truth.json", ".world_building.json"):
+    for name in ("raw", "patches", "truth.json", ".world_building.json", "world_config.yaml"):
         p = root / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -478,6 +478,7 @@ def main() -> None:
                  "configs/cities_demo.yaml")
     t0 = time.time()
     root = generate_world(cfg)
+    save_run_config(cfg, root, "world_config.yaml")
     w = cfg.world
     n = w.n_cities * w.n_sites * w.images_per_site
     print(f"[world] {w.n_cities} cities x {w.n_sites} sites x {w.images_per_site} images "

@@ -344,9 +344,10 @@ def cell_map_batches(cells: gpd.GeoDataFrame, compute, cam_dir, batch_size: int,
 
     ``cells``: rows with cell_id and geometry (the cell square in ``crs``); ``compute(rows)`` returns
     [B, 2, H, W] poor and rich maps for a frame of cells. A cell whose ``<cam_dir>/<cell_id>.tif`` exists
-    and is newer than ``newer_than`` (a POSIX time, e.g. the checkpoint's) is read back instead of
-    computed. Yields lists of (cell row, maps [2, H, W] float32, affine transform, computed: bool); only
-    one batch of maps is held at a time.
+    and is newer than ``newer_than`` (a POSIX time, e.g. the checkpoint's) is read back and left untouched;
+    a batch holding any other cell is computed whole (same batches as an uninterrupted run). Yields lists
+    of (cell row, maps [2, H, W] float32, affine transform, computed: bool); only one batch of maps is
+    held at a time.
     """
     from pathlib import Path
 
@@ -357,13 +358,15 @@ def cell_map_batches(cells: gpd.GeoDataFrame, compute, cam_dir, batch_size: int,
         fresh = np.array([p.is_file() and p.stat().st_mtime >= newer_than for p in paths], dtype=bool)
         computed = {}
         if not fresh.all():
-            todo = batch[~fresh]
-            maps = np.asarray(compute(todo), dtype=np.float32)
-            if maps.ndim != 4 or maps.shape[:2] != (len(todo), 2):
-                raise ValueError(f"compute returned maps of shape {maps.shape}, expected [{len(todo)}, 2, H, W]")
-            for (_, row), m in zip(todo.iterrows(), maps):
-                write_maps_tif(cam_dir / f"{row['cell_id']}.tif", m, row.geometry.bounds, crs)
-                computed[row["cell_id"]] = m
+            # the whole batch, not only its missing cells: a network's output depends (in the last bits)
+            # on its batch-mates, so a resumed run computes each map in the batch an uninterrupted run does
+            maps = np.asarray(compute(batch), dtype=np.float32)
+            if maps.ndim != 4 or maps.shape[:2] != (len(batch), 2):
+                raise ValueError(f"compute returned maps of shape {maps.shape}, expected [{len(batch)}, 2, H, W]")
+            for (_, row), m, done in zip(batch.iterrows(), maps, fresh):
+                if not done:
+                    write_maps_tif(cam_dir / f"{row['cell_id']}.tif", m, row.geometry.bounds, crs)
+                    computed[row["cell_id"]] = m
         out = []
         for (_, row), path in zip(batch.iterrows(), paths):
             cid = row["cell_id"]
