@@ -12,7 +12,8 @@ import time
 
 from urbanlens.config import cli, data_dir
 from urbanlens.io import save_run_config, write_csv
-from urbanlens.patches import SPLITS, patches_dir, plan_split, reset_if_settings_changed, write_patches
+from urbanlens.patches import (SPLITS, patches_dir, plan_split, reset_if_settings_changed, settings_conflict,
+                               write_patches)
 
 cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
 t0 = time.time()
@@ -26,19 +27,30 @@ if not raw.is_dir() or not any(raw.iterdir()):
 try:
     plan, problems = plan_split(raw, cfg.patch.size, cfg.patch.stride, cfg.split.test_b_per_city,
                                 cfg.seed, strict=cfg.strict)
-except ValueError as e:
-    sys.exit(f"error: {raw}: {e}")
+except ValueError as e:  # a bad city folder, or the first bad file under strict=true
+    sys.exit(f"error: {e}" if str(e).startswith(str(raw)) else f"error: {raw}: {e}")
 for p in problems:
     print(f"[preprocessing] skipped: {p}")
 if plan.empty:
-    sys.exit(f"error: {raw}: no image is at least {cfg.patch.size} px; lower patch.size")
+    sys.exit(f"error: {raw}: no usable city image (all skipped, see above); fix the files listed "
+             "or lower patch.size")
 
 # 2. cut: patches of each source image, in parallel; files already there are kept
 settings = {"size": cfg.patch.size, "stride": cfg.patch.stride, "jpeg_quality": cfg.patch.jpeg_quality,
             "test_b_per_city": cfg.split.test_b_per_city, "seed": cfg.seed}
+changed = settings_conflict(out, settings)
+if changed and not cfg.overwrite:
+    sys.exit(f"error: {out}: holds patches cut with other settings ({', '.join(changed)}); "
+             "use --set overwrite=true to cut them again, or another paths.data")
 if reset_if_settings_changed(out, settings):
     print(f"[preprocessing] {out} held patches made with other settings: cut again")
-written = write_patches(plan, raw, out, cfg.patch.jpeg_quality, cfg.workers)
+failed = {}
+written = write_patches(plan, raw, out, cfg.patch.jpeg_quality, cfg.workers, failed=failed)
+for source, problem in failed.items():
+    if cfg.strict:
+        sys.exit(f"error: {problem} (strict=true; --set strict=false lists and skips it)")
+    print(f"[preprocessing] skipped: {problem}")
+plan = plan[~plan["source"].isin(failed)]
 write_csv(plan, out / "manifest.csv")
 save_run_config(cfg, out)
 

@@ -17,7 +17,7 @@ from urbanlens import classify, patches, runtime
 from urbanlens.cam import class_activation_maps
 from urbanlens.config import cli, data_dir, results_dir
 from urbanlens.io import save_figure, save_run_config, write_csv
-from urbanlens.models import build_backbone, last_conv_layer
+from urbanlens.models import classifier_from_checkpoint, last_conv_layer
 from urbanlens.saliency_panels import sample_patches, saliency_figure
 
 cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
@@ -26,10 +26,8 @@ runtime.seed_everything(cfg.seed)
 out = results_dir(cfg, "cities", "saliency")
 
 # The model as trained: architecture, input size and class order (IATA codes) come from the checkpoint.
-state = runtime.load_checkpoint(results_dir(cfg, "cities", "checkpoints", "best.pt"))
-trained, classes = state["config"]["model"], list(state["classes"])
-model = build_backbone(trained["backbone"], len(classes), pretrained=False)
-model.load_state_dict(state["model"])
+best_pt = results_dir(cfg, "cities", "checkpoints", "best.pt")
+model, trained, classes = classifier_from_checkpoint(runtime.load_checkpoint(best_pt), best_pt)
 model = model.to(device).eval()
 layer = last_conv_layer(model)
 preprocess = classify.transforms(trained["input_size"], train=False)

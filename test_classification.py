@@ -20,7 +20,7 @@ from scipy.special import softmax
 from urbanlens import classify, patches, plots, runtime, similarity
 from urbanlens.config import cli, data_dir, results_dir
 from urbanlens.io import save_figure, save_run_config, write_csv, write_json
-from urbanlens.models import build_backbone
+from urbanlens.models import classifier_from_checkpoint
 
 cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
 device = runtime.select_device(cfg.device)
@@ -31,9 +31,7 @@ out = results_dir(cfg, "cities")
 # The model as trained: architecture, input size and class order come from the checkpoint.
 best_pt = out / "checkpoints" / "best.pt"
 state = runtime.load_checkpoint(best_pt)
-trained, classes = state["config"]["model"], list(state["classes"])
-model = build_backbone(trained["backbone"], len(classes), pretrained=False)
-model.load_state_dict(state["model"])
+model, trained, classes = classifier_from_checkpoint(state, best_pt)
 model = classify.to_device(model, device, cfg.train.channels_last)
 
 # Predictions on the test split.

@@ -7,6 +7,7 @@ of the real products (Filosofi 2015 and 2019, Urban Atlas 2012 and 2018) in any 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import unicodedata
@@ -37,6 +38,7 @@ from .io import atomic_path
 LAEA = "EPSG:3035"     # INSPIRE grid, Urban Atlas
 L93 = "EPSG:2154"      # IGN orthophotos
 CELL_PREFIX = "FR_URBANATLAS_200m_"
+_log = logging.getLogger("urbanlens")  # without logging set up, warnings go to stderr as they are
 
 
 class DataError(SystemExit):
@@ -118,6 +120,35 @@ CENSUS_COLUMNS = {
 }
 
 
+def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> None:
+    """Stop when the first cells' geometries do not lie where their INSPIRE ids (EPSG:3035) put them:
+    with a missing or wrong CRS the ``bbox`` read would silently pick other cells. A file without
+    geometry, or without CRS but with EPSG:3035 coordinates, passes."""
+    df = pyogrio.read_dataframe(path, layer=layer, columns=[id_col], max_features=sample)
+    if not isinstance(df, gpd.GeoDataFrame):
+        return
+    df = df[df.geometry.notna() & ~df.geometry.is_empty]
+    try:
+        boxes = cell_boxes(df[id_col])
+    except ValueError:
+        return  # the full read names the bad id
+    if len(df) == 0:
+        return
+    points = df.geometry.representative_point()
+    if df.crs is not None and not df.crs.equals(LAEA):
+        points = points.to_crs(LAEA)
+    with np.errstate(invalid="ignore"):  # coordinates a wrong CRS cannot transform become inf
+        if np.mean(shapely.dwithin(boxes, points.values, 1.0)) >= 0.5:
+            return
+    if df.crs is None:
+        raise DataError(path, "census grid has no CRS and its coordinates are not EPSG:3035, where its "
+                        "INSPIRE ids put the cells", "restore its CRS (the .prj, or the GeoPackage's SRS), "
+                        "e.g. ogr2ogr -a_srs EPSG:<code> fixed.gpkg <file>")
+    raise DataError(path, f"census grid says its CRS is {df.crs.name} (EPSG:{df.crs.to_epsg()}) but its cells do "
+                    "not lie where their INSPIRE ids put them", "its CRS tag is wrong: set the right one "
+                    "(INSEE grids are EPSG:3035), e.g. ogr2ogr -a_srs EPSG:3035 fixed.gpkg <file>")
+
+
 def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.GeoDataFrame:
     """INSEE Filosofi 200 m grid -> GeoDataFrame[cell_id, ind, ind_snv, income, geometry], EPSG:3035.
 
@@ -135,6 +166,7 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     info = next((i for i in infos if ids & {_key(f) for f in i["fields"]}), infos[0])
     layer, fields, file_crs = info["layer_name"], list(info["fields"]), info["crs"]
     cols = _pick_columns(fields, CENSUS_COLUMNS, path, "census grid")
+    _check_census_crs(path, layer, cols["cell_id"])
     read_bbox = None
     if bbox is not None:
         read_bbox = tuple(bbox)
@@ -259,6 +291,12 @@ def repair(gdf: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, int]:
     return gdf, int(invalid.sum())
 
 
+def _report_repaired(source: str, repaired: int, total: int) -> None:
+    if repaired:
+        _log.warning(f"warning: {source}: {repaired} of {total} polygon(s) invalid (e.g. self-intersecting), "
+                     "repaired with make_valid; check them in QGIS if the count is large")
+
+
 def _landuse_layer(found: Path, layers) -> tuple[str, str, str, str]:
     """(dataset, layer, code column, class column) of the land-use layer to read."""
     candidates = []
@@ -268,8 +306,10 @@ def _landuse_layer(found: Path, layers) -> tuple[str, str, str, str]:
             n_codes = sum(_key(f).startswith("code") for f in fields)
             candidates.append(((schema[0], "change" in name.lower(), n_codes, name), ds, name, schema))
     if not candidates:
-        raise DataError(found, "no land-use layer with Urban Atlas class columns",
-                        "expected code_2018/class_2018, code_2012/class_2012 or CODE2012/ITEM2012")
+        seen = "; ".join(f"{name}: {', '.join(fields[:8])}" for _, name, fields in layers) or "no vector layer"
+        raise DataError(found, f"no land-use layer with Urban Atlas class columns (found {seen})",
+                        "expected code_2018/class_2018, code_2012/class_2012 or CODE2012/ITEM2012 (any case); "
+                        "rename the columns or use the Copernicus files")
     _, ds, name, (_, code_col, class_col) = min(candidates, key=lambda c: c[0])
     return ds, name, code_col, class_col
 
@@ -285,6 +325,7 @@ def _read_landuse(found: Path, layers) -> gpd.GeoDataFrame:
     gdf["ua_code"] = codes.astype(str).str.strip().str.replace(r"\.0$", "", regex=True)
     gdf["ua_class"] = gdf["ua_class"].astype(str).str.strip()
     gdf, repaired = repair(gdf[["ua_code", "ua_class", "geometry"]].reset_index(drop=True))
+    _report_repaired(source, repaired, len(gdf))
     gdf = gdf.reset_index(drop=True)
     gdf.attrs.update(source=source, repaired=repaired)
     return gdf
@@ -295,10 +336,13 @@ def _read_boundary(found: Path, layers, landuse: gpd.GeoDataFrame | None = None)
     if named:
         name, ds = named[0]
         boundary = _to_laea(gpd.read_file(ds, layer=name, engine="pyogrio"), f"{ds}:{name}")
-        boundary, _ = repair(boundary[["geometry"]].reset_index(drop=True))
+        boundary, repaired = repair(boundary[["geometry"]].reset_index(drop=True))
+        _report_repaired(f"{ds}:{name}", repaired, len(boundary))
         boundary.attrs["source"] = f"{ds}:{name}"
     else:
         landuse = _read_landuse(found, layers) if landuse is None else landuse
+        _log.warning(f"warning: {found}: no boundary layer (a layer named '*boundary*'); the union of the "
+                     "land use is taken as the city's boundary")
         boundary = gpd.GeoDataFrame(geometry=[landuse.geometry.union_all()], crs=LAEA)
         boundary.attrs["source"] = f"union of {landuse.attrs['source']}"
     return boundary.reset_index(drop=True)
@@ -321,9 +365,11 @@ def read_urban_atlas(ua_dir: str | Path, city: str) -> tuple[gpd.GeoDataFrame, g
 
 def read_ua_boundary(ua_dir: str | Path, city: str) -> gpd.GeoDataFrame:
     """Only the boundary of a city's Urban Atlas (EPSG:3035), without reading the land use when a
-    boundary layer exists."""
+    boundary layer exists (its columns are checked, so a bad land-use layer stops the first stage)."""
     found = find_ua_city(ua_dir, city)
-    return _read_boundary(found, _layers(_vector_datasets(found)))
+    layers = _layers(_vector_datasets(found))
+    _landuse_layer(found, layers)  # the land use is read later (activation maps): check its columns now
+    return _read_boundary(found, layers)
 
 
 # ----------------------------------------------------------------------------- orthophoto tiles
@@ -375,6 +421,28 @@ def tile_crs(ds, fallback=L93) -> CRS:
 RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
 
 
+def _tile_name(nom) -> str:
+    return str(nom).replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+def _check_tile_crs(index: gpd.GeoDataFrame, files: Mapping[str, str]) -> None:
+    """Stop, naming the first tile (header only read) whose CRS is not its index's (tiles without CRS
+    take the index's)."""
+    for nom in index["NOM"]:
+        path = files.get(_tile_name(nom))
+        if path is None:
+            continue
+        try:
+            with rasterio.open(path) as ds:
+                crs = tile_crs(ds, fallback=index.crs)
+        except rasterio.errors.RasterioIOError:
+            continue  # unreadable: reported when its cells are read
+        if crs != _crs(index.crs.to_wkt()) and not (is_lambert93(crs) and is_lambert93(index.crs)):
+            raise DataError(path, f"tile CRS {crs.to_string()} differs from that of its index "
+                            f"{index.attrs['index'].name} ({index.crs.to_string()})",
+                            f"reproject the tile (gdalwarp -t_srs {index.crs.to_string()}) or fix the index")
+
+
 def read_tile_index(aerial_dir: str | Path) -> gpd.GeoDataFrame:
     """Every ``*dalles.shp`` under ``aerial_dir`` -> GeoDataFrame[NOM, path, geometry], EPSG:2154.
 
@@ -394,11 +462,13 @@ def read_tile_index(aerial_dir: str | Path) -> gpd.GeoDataFrame:
         gdf = gdf.rename(columns={nom: "NOM"})[["NOM", "geometry"]]
         if gdf.crs is None or is_lambert93(gdf.crs):
             gdf = gdf.set_crs(L93, allow_override=True)
-        else:
-            gdf = gdf.to_crs(L93)
+        gdf.attrs["index"] = shp
         frames.append(gdf)
+    for gdf in frames:  # a tile in another CRS than its index would be cut at the wrong place
+        _check_tile_crs(gdf, files)
+    frames = [gdf if gdf.crs.equals(L93) else gdf.to_crs(L93) for gdf in frames]
     tiles = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=L93)
-    names = tiles["NOM"].astype(str).str.replace("\\", "/", regex=False).map(lambda n: n.rsplit("/", 1)[-1].lower())
+    names = tiles["NOM"].map(_tile_name)
     tiles["path"] = names.map(files)
     missing = tiles["path"].isna()
     tiles = tiles[~missing].drop_duplicates("path").reset_index(drop=True)[["NOM", "path", "geometry"]]

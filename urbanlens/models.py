@@ -1,6 +1,7 @@
 """torchvision backbones with a new final layer, ImageNet weights from a local file when offline."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -82,3 +83,21 @@ def logits_and_embeddings(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     finally:
         handle.remove()
     return logits, store["emb"]
+
+
+def classifier_from_checkpoint(state: dict, path: str | Path) -> tuple[nn.Module, dict, list[str]]:
+    """The city classifier of a training checkpoint -> (model on CPU, its ``model`` config, class names).
+
+    The architecture, input size and class order come from the checkpoint, not from the current config.
+    A checkpoint of another stage, or whose weights do not fit the backbone and classes it records, exits
+    with one line naming ``path``.
+    """
+    from .runtime import load_weights
+
+    trained, classes = state.get("config", {}).get("model") or {}, state.get("classes")
+    if not classes or trained.get("backbone") not in BACKBONES or "input_size" not in trained:
+        sys.exit(f"error: {path}: not a city-classifier checkpoint (no classes or model.backbone recorded); "
+                 "use the best.pt that train_classification.py writes")
+    model = build_backbone(trained["backbone"], len(classes), pretrained=False)
+    load_weights(model, state["model"], path, f"{trained['backbone']} with {len(classes)} classes")
+    return model, trained, list(classes)

@@ -10,6 +10,7 @@ Written: ``<patches>/<split>/<City Name (IATA)>/<site>__<imagestem>__y<y>_x<x>.j
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import re
@@ -66,11 +67,18 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
     """Every patch to cut, as a manifest frame (MANIFEST_COLUMNS), plus the problems met.
 
     Image sizes come from file headers (nothing is decoded). A city folder with a bad name raises
-    ValueError; an unreadable image is listed in the problems and skipped (raises when ``strict``).
-    A city with one site has no train patches (listed as a problem).
+    ValueError. These are listed in the problems and left out (``strict``: ValueError at the first):
+    an unreadable image, an image too small for one patch per split part, a city with fewer than two
+    sites (the split needs train sites and a test/val site) or without a usable image for a split.
     """
     raw_dir = Path(raw_dir)
     rows, problems, codes = [], [], {}
+
+    def problem(msg: str) -> None:
+        if strict:
+            raise ValueError(msg)
+        problems.append(msg)
+
     for city_dir in _subdirs(raw_dir):
         _, iata = parse_city_folder(city_dir.name)
         if iata in codes:
@@ -78,11 +86,10 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
                              "give each city its own code")
         codes[iata] = city_dir.name
         sites = _subdirs(city_dir)
-        if not sites:
-            problems.append(f"{city_dir}: no site folders")
+        if len(sites) < 2:
+            problem(f"{city_dir}: {len(sites)} site folder(s), the split needs 2 or more (train sites, then "
+                    "one test/val site); city left out: add a site folder or remove the city")
             continue
-        if len(sites) == 1:
-            problems.append(f"{city_dir}: one site only, so no train patches (the last site is test/val)")
         city_rows = []
         for si, site_dir in enumerate(sites):
             last = si == len(sites) - 1
@@ -91,10 +98,7 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
                     with Image.open(img) as im:
                         width, height = im.size
                 except Exception as e:  # PIL raises several kinds for broken files
-                    msg = f"{img}: unreadable image ({type(e).__name__}); replace or delete it"
-                    if strict:
-                        raise ValueError(msg) from None
-                    problems.append(msg)
+                    problem(f"{img}: unreadable image ({type(e).__name__}); replace or delete it")
                     continue
                 source = img.relative_to(raw_dir).as_posix()
                 if not last:
@@ -102,12 +106,23 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
                 else:
                     half = width // 2
                     parts = [("test", 0, half), ("val", half, width - half)]
+                if any(not patch_grid(height, w, size, stride) for _, _, w in parts):
+                    need = f"{size} x {2 * size if last else size}"
+                    problem(f"{img}: {height} x {width} px, too small for patch.size {size} (this site needs "
+                            f"at least {need} px, height x width); left out: lower patch.size or remove it")
+                    continue
                 for split, x0, w in parts:
                     for y, x in patch_grid(height, w, size, stride):
                         name = f"{site_dir.name}__{img.stem}__y{y}_x{x + x0}.jpg"
                         city_rows.append({"path": f"{split}/{city_dir.name}/{name}", "city": city_dir.name,
                                           "iata": iata, "site": site_dir.name, "source": source,
                                           "split": split, "y": y, "x": x + x0, "size": size})
+        lacking = [s for s in ("train", "val", "test") if not any(r["split"] == s for r in city_rows)]
+        if lacking:
+            where = "the train sites" if "train" in lacking else f"the last site ({sites[-1].name})"
+            problem(f"{city_dir}: no {'/'.join(lacking)} patches (no usable image in {where}); city left out: "
+                    "add images or remove the city")
+            continue
         test = [r for r in city_rows if r["split"] == "test"]
         if test:
             rng = np.random.default_rng(_stable_seed(seed, iata))
@@ -122,17 +137,23 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
     return df.astype({"y": int, "x": int, "size": int}), problems
 
 
-def _cut_source(job: tuple) -> int:
-    """Write the missing patches of one source image; returns how many files were written."""
+def _cut_source(job: tuple) -> tuple[int, str | None]:
+    """Write the missing patches of one source image; returns (files written, problem or None).
+
+    An image that cannot be decoded (truncated, corrupt) writes nothing and returns its problem."""
     src, out_dir, rows, quality = job
     out_dir = Path(out_dir)
     todo = [r for r in rows if not (out_dir / r[0]).exists()]
     if not todo:
-        return 0
+        return 0, None
     cut = [r for r in todo if r[1] != "test_b"]
     if cut:
-        with Image.open(src) as im:
-            arr = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(src) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+            return 0, f"{src}: unreadable image ({reason}); replace or delete it"
         for path, _, y, x, size in cut:
             with atomic_path(out_dir / path) as tmp:
                 Image.fromarray(arr[y:y + size, x:x + size]).save(tmp, quality=quality)
@@ -146,32 +167,40 @@ def _cut_source(job: tuple) -> int:
                 os.link(original, tmp)
             except OSError:
                 shutil.copyfile(original, tmp)
-    return len(todo)
+    return len(todo), None
 
 
 def write_patches(plan: pd.DataFrame, raw_dir: str | Path, out_dir: str | Path, quality: int = 95,
-                  workers: int = 1, progress: bool = True) -> int:
+                  workers: int = 1, progress: bool = True, failed: dict | None = None) -> int:
     """Cut and save every patch of ``plan`` that does not exist yet; returns the number written.
 
     Parallel over source images (each decoded once, each patch encoded once); files are written
-    under a temporary name and renamed; existing files are left untouched.
+    under a temporary name and renamed; existing files are left untouched. A source image that cannot
+    be decoded gives no patch: ``failed[source] = problem line`` (ValueError when ``failed`` is None).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     jobs = [(str(raw_dir / src), str(out_dir),
              list(g[["path", "split", "y", "x", "size"]].itertuples(index=False, name=None)), quality)
             for src, g in plan.groupby("source", sort=True)]
+    sources = [src for src, _ in plan.groupby("source", sort=True)]
     bar = tqdm(total=len(jobs), desc="patches", unit="img", disable=not progress)
-    written = 0
-    if workers > 1 and len(jobs) > 1:
-        with mp.get_context().Pool(min(workers, len(jobs))) as pool:
-            for n in pool.imap_unordered(_cut_source, jobs):
-                written += n
-                bar.update()
-    else:
-        for job in jobs:
-            written += _cut_source(job)
+    written, problems = 0, {}
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(mp.get_context().Pool(min(workers, len(jobs))))
+            results = pool.imap(_cut_source, jobs)  # in job order, so each result meets its source
+        else:
+            results = map(_cut_source, jobs)
+        for source, (n, problem) in zip(sources, results):
+            written += n
+            if problem:
+                problems[source] = problem
             bar.update()
     bar.close()
+    if problems and failed is None:
+        raise ValueError(problems[min(problems)])
+    if failed is not None:
+        failed.update(sorted(problems.items()))
     return written
 
 
@@ -192,6 +221,21 @@ def reset_if_settings_changed(out_dir: str | Path, settings: dict) -> bool:
     (out_dir / "manifest.csv").unlink(missing_ok=True)
     write_json(stamp, settings)
     return emptied
+
+
+def settings_conflict(out_dir: str | Path, settings: dict) -> list[str]:
+    """Names of the ``settings`` that differ from those the patches already in ``out_dir`` were cut
+    with; [] when ``out_dir`` holds no patch (or no record of its settings) or the same settings."""
+    out_dir = Path(out_dir)
+    stamp = out_dir / "settings.json"
+    has_patches = (out_dir / "manifest.csv").is_file() or any(
+        (out_dir / s).is_dir() and any((out_dir / s).iterdir()) for s in SPLITS)
+    if not has_patches:
+        return []
+    if not stamp.is_file():
+        return ["unknown (no settings.json)"]
+    old = read_json(stamp)
+    return [k for k in settings if old.get(k) != settings[k]] + [k for k in old if k not in settings]
 
 
 def patches_dir(data_dir: str | Path) -> Path:
