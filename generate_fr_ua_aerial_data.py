@@ -9,20 +9,28 @@ EPSG:3035 on the fly, saved as ``FR_URBANATLAS_200m_<cell id>.png`` under
 ``<paths.results>/ses/imagery/<City>/``. A cell with more than ``ses.max_nodata`` nodata pixels is void
 (kept on disk, flagged ``non_void = False``). Writes ``<paths.results>/ses/cells.gpkg`` (layer
 ``cells``). Re-runs skip the images already written.
+
+Many machines: ``--shard I/N`` (numbered from 1) extracts only the I-th of N contiguous chunks of each
+city's cells (in cell-id order) and writes the partial index ``cells.shard-I-of-N.gpkg``; once all N
+are done, ``--merge N`` checks them and writes ``cells.gpkg`` exactly as an unsharded run does.
+
+    python generate_fr_ua_aerial_data.py --config F --shard $SLURM_ARRAY_TASK_ID/8   (8 jobs)
+    python generate_fr_ua_aerial_data.py --config F --merge 8                         (then once)
 """
+import sys
 import time
 
 import geopandas as gpd
 import pandas as pd
 import yaml
 
-from urbanlens import geo
+from urbanlens import geo, shards
 from urbanlens.config import cli, data_dir, results_dir
 from urbanlens.io import atomic_path, save_run_config
 
 RUN_KEYS = ("census_file", "ua_dir", "aerial_dir", "cell_size_m", "cell_px")
 
-cfg, _ = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
+cfg, args = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=shards.add_shard_args)
 start = time.time()
 out = results_dir(cfg, "ses")
 index_path = out / "cells.gpkg"
@@ -38,6 +46,10 @@ if previous.is_file() and not cfg.overwrite:
                          "use another paths.results or --set overwrite=true")
 if cfg.ses.cell_size_m != 200:
     raise SystemExit(f"error: config: ses.cell_size_m={cfg.ses.cell_size_m}; the INSEE grid cells are 200 m")
+try:  # --merge N: every shard's partial index must be there before anything is read
+    parts = shards.shard_paths(index_path, args.merge) if args.merge else []
+except ValueError as e:
+    sys.exit(f"error: {e}")
 
 # 1. orthophoto tile index (EPSG:2154)
 tiles = geo.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir))
@@ -59,22 +71,35 @@ for city in cfg.ses.cities:
           f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile)")
     frames.append(cells)
 cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=geo.LAEA)
+tag = "extract"
+if args.shard:  # this job's share: a contiguous chunk of each city's cells in cell-id order
+    i, n = args.shard
+    cells = cells.iloc[shards.shard_positions(cells["cell_id"], cells["city"], i, n)].copy()
+    index_path, tag = shards.shard_path(index_path, i, n), f"extract {i}/{n}"
 
-# 3. read every cell from its tile(s), reprojected to EPSG:3035, and save it (resumable)
-known = {}
-if index_path.is_file():
-    old = gpd.read_file(index_path, layer="cells", columns=["path", "nodata"], ignore_geometry=True)
-    known = dict(zip(old["path"], old["nodata"]))
-status = geo.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
-cells["nodata"] = status["nodata"].round(6)
-cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
+if args.merge:  # 3'. the N shards' partial indexes, checked and put in the order of an unsharded run
+    try:
+        index = shards.merge_in_order([gpd.read_file(p, layer="cells") for p in parts], cells["cell_id"],
+                                      names=[p.name for p in parts])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    cells = gpd.GeoDataFrame(index, geometry="geometry", crs=geo.LAEA)
+    status = pd.DataFrame({"extracted": [False] * len(cells)})
+else:  # 3. read every cell from its tile(s), reprojected to EPSG:3035, and save it (resumable)
+    known = {}
+    if index_path.is_file():
+        old = gpd.read_file(index_path, layer="cells", columns=["path", "nodata"], ignore_geometry=True)
+        known = dict(zip(old["path"], old["nodata"]))
+    status = geo.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
+    cells["nodata"] = status["nodata"].round(6)
+    cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
 
-# 4. the cell index, then the config beside it
+# 4. the cell index (a shard's partial one under --shard), then the config beside it
 index = cells[["cell_id", "city", "income", "path", "non_void", "nodata", "geometry"]]
 with atomic_path(index_path) as tmp:
     index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
 save_run_config(cfg, out, name="extract_config.yaml")
 done = int(status["extracted"].sum())
-print(f"[extract] {len(cells)} cells ({done} extracted, {len(cells) - done} already there), "
-      f"{int((~cells['non_void']).sum())} void (> {cfg.ses.max_nodata:.0%} nodata) in {time.time() - start:.1f} s "
-      f"-> {index_path}")
+how = f"merged from {args.merge} shards" if args.merge else f"{done} extracted, {len(cells) - done} already there"
+print(f"[{tag}] {len(cells)} cells ({how}), {int((~cells['non_void']).sum())} void "
+      f"(> {cfg.ses.max_nodata:.0%} nodata) in {time.time() - start:.1f} s -> {index_path}")

@@ -10,6 +10,14 @@ land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/)
 predicted income map, a panel per sampled cell, rich vs poor score per land-use class.
 
     python gradcaming_urban_areas.py --config configs/ses_demo.yaml [--set cams.batch_size=4]
+
+Many machines: ``--shard I/N`` (numbered from 1) maps only the I-th of N contiguous runs of whole
+batches of each city's cells (cell-id order, so every cell has the batch companions of an unsharded run)
+and writes ``<city>/polygon_stats.shard-I-of-N.gpkg`` (GeoTIFFs go to their usual place); once all N are
+done, ``--merge N`` checks them and writes every table and figure an unsharded run writes.
+
+    python gradcaming_urban_areas.py --config F --shard $SLURM_ARRAY_TASK_ID/8   (8 jobs)
+    python gradcaming_urban_areas.py --config F --merge 8                         (then once)
 """
 import sys
 
@@ -20,9 +28,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from urbanlens import cam, config, geo, io, models, plots_ses, runtime, ses, zonal
+from urbanlens import cam, config, geo, io, models, plots_ses, runtime, ses, shards, zonal
 
-cfg, _ = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
+cfg, args = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=shards.add_shard_args)
 runtime.seed_everything(cfg.seed)
 device = runtime.select_device(cfg.device)
 cc = cfg.cams
@@ -59,22 +67,39 @@ for city in cfg.ses.cities:
                          for k in (cc.poor_class, cc.rich_class)], axis=1)
 
     # 2. maps per cell (GeoTIFF, reused on a re-run) -> statistics per land-use piece, written per batch
-    stats_path = city_dir / "polygon_stats.gpkg"
+    stats_path, todo = city_dir / "polygon_stats.gpkg", city_cells
+    if args.shard:  # this job's share: a contiguous run of whole batches, its statistics in a partial file
+        i, n = args.shard
+        first, stop = shards.shard_range(len(city_cells), i, n, align=cc.batch_size)
+        stats_path, todo = shards.shard_path(stats_path, i, n), city_cells.iloc[first:stop]
     n_new = n_pieces = 0
-    with io.atomic_path(stats_path) as tmp, tqdm(total=len(city_cells), desc=f"{city} cams", unit="cell") as bar:
-        for batch in zonal.cell_map_batches(city_cells, compute, city_dir / "cams", cc.batch_size,
-                                            newer_than=ckpt_path.stat().st_mtime):
-            rows = [zonal.cell_polygon_stats(m, t, zonal.cell_pieces(landuse, row.geometry), row.cell_id, city)
-                    for row, m, t, _ in batch]
-            rows = pd.concat(rows, ignore_index=True)
-            if len(rows):
-                rows.to_file(tmp, layer="polygon_stats", driver="GPKG", mode="a" if tmp.exists() else "w",
-                             promote_to_multi=True)
-            n_new += sum(new for *_, new in batch)
-            n_pieces += len(rows)
-            bar.update(len(batch))
-        if not tmp.exists():  # no piece at all: an empty layer with the columns
-            zonal.empty_polygon_stats(landuse.crs).to_file(tmp, layer="polygon_stats", driver="GPKG")
+    if args.merge:  # 2'. the N shards' statistics, checked and copied in order
+        try:
+            parts = shards.shard_paths(stats_path, args.merge, newer_than=ckpt_path.stat().st_mtime)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        with io.atomic_path(stats_path) as tmp:
+            n_pieces = shards.append_layers(parts, tmp, "polygon_stats", zonal.empty_polygon_stats(landuse.crs))
+    else:
+        with io.atomic_path(stats_path) as tmp, tqdm(total=len(todo), desc=f"{city} cams", unit="cell") as bar:
+            for batch in zonal.cell_map_batches(todo, compute, city_dir / "cams", cc.batch_size,
+                                                newer_than=ckpt_path.stat().st_mtime):
+                rows = [zonal.cell_polygon_stats(m, t, zonal.cell_pieces(landuse, row.geometry), row.cell_id, city)
+                        for row, m, t, _ in batch]
+                rows = pd.concat(rows, ignore_index=True)
+                if len(rows):
+                    rows.to_file(tmp, layer="polygon_stats", driver="GPKG", mode="a" if tmp.exists() else "w",
+                                 promote_to_multi=True)
+                n_new += sum(new for *_, new in batch)
+                n_pieces += len(rows)
+                bar.update(len(batch))
+            if not tmp.exists():  # no piece at all: an empty layer with the columns
+                zonal.empty_polygon_stats(landuse.crs).to_file(tmp, layer="polygon_stats", driver="GPKG")
+
+    if args.shard:
+        print(f"[cams {i}/{n}] {city}: cells {first}..{stop - 1} of {len(city_cells)} ({n_new} new maps), "
+              f"{n_pieces} land-use pieces -> {stats_path}")
+        continue
 
     # 3. scores per land-use class
     stats = pyogrio.read_dataframe(stats_path, layer="polygon_stats", read_geometry=False)
