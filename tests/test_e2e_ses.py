@@ -1,5 +1,9 @@
 """End to end on a tiny synthetic French world: the SES stages run as a user runs them, and the science
-comes out: the model beats chance, and the land-use classes planted as rich and poor read as such."""
+comes out: the model beats chance, and the land-use classes planted as rich and poor read as such.
+
+The world is the demo's with 2 km cities (about 100 cells each), so that the test fits in CI time. On so
+few cells EfficientNet-B0 trained from scratch stays at chance; ResNet-18 on the 64 px cells learns in
+about a minute. The demo (bash run.sh ses) keeps EfficientNet-B0 on 3 km cities."""
 import json
 import os
 import subprocess
@@ -12,13 +16,15 @@ import pandas as pd
 import pytest
 import rasterio
 from rasterstats import zonal_stats
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 
 from urbanlens import geo, zonal
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
-# the demo world and training (smaller cities leave too few cells per quintile to learn from)
-SMALL = ["france.city_size_m=2000", "cams.panels=2"]
+SMALL = ["france.city_size_m=2000", "ses_model.backbone=resnet18", "ses_model.input_size=64",
+         "ses_train.epochs=15", "cams.panels=2"]
 
 
 def run_stage(args, root, extra=()):
@@ -41,24 +47,33 @@ def world(tmp_path_factory):
     return root, logs
 
 
-@pytest.mark.xfail(reason="too few cells per quintile on the 2 km test world to learn from; open in issue 3", strict=False)
 def test_model_beats_chance(world):
+    """Over the held-out predictions of both cities (about 160 cells), expected and true quintile are
+    correlated beyond chance (one-sided p < 0.01) and the poorest and richest quintiles are told apart;
+    each city on its own (about 80 cells, so a looser bound) is on the right side of chance."""
     root, _ = world
+    preds = pd.concat([pd.read_csv(root / "results" / "ses" / c / "predictions.csv") for c in CITIES])
+    rho, p = spearmanr(preds["expected_class"], preds["true_class"], alternative="greater")
+    assert rho > 0 and p < 0.01, (rho, p)
+    ends = preds[preds["true_class"].isin([0, 4])]
+    assert roc_auc_score(ends["true_class"] == 4, ends["expected_class"]) > 0.65
     for city in CITIES:
         m = json.loads((root / "results" / "ses" / city / "metrics.json").read_text())
-        assert m["pooled"]["auc_poor_rich"] > 0.6, (city, m["pooled"])
-        assert m["pooled"]["spearman"] > 0.2, (city, m["pooled"])
+        assert m["pooled"]["auc_poor_rich"] > 0.55 and m["pooled"]["spearman"] > 0, (city, m["pooled"])
 
 
-@pytest.mark.xfail(reason="depends on a model that learns on the 2 km test world; open in issue 3", strict=False)
 def test_planted_classes_on_the_right_side(world):
+    """Every land-use class planted as raising income reads richer (larger rich_minus_poor) than every
+    class planted as lowering it."""
     root, _ = world
     truth = json.loads((root / "data" / "ses_truth.json").read_text())
     summary = pd.read_csv(root / "results" / "ses" / "landuse_summary.csv", dtype={"ua_code": str})
     assert list(summary.columns) == zonal.SUMMARY_COLUMNS
-    order = summary.sort_values("rich_minus_poor", ascending=False)["ua_code"].tolist()
-    assert order[0] in truth["rich_codes"], summary[["ua_code", "ua_class", "pieces", "rich_minus_poor"]]
-    assert order[-1] in truth["poor_codes"], summary[["ua_code", "ua_class", "pieces", "rich_minus_poor"]]
+    score = summary.set_index("ua_code")["rich_minus_poor"]
+    rich = score[score.index.isin(truth["rich_codes"])]
+    poor = score[score.index.isin(truth["poor_codes"])]
+    assert len(rich) >= 2 and len(poor) >= 2, summary[["ua_code", "pieces"]]
+    assert rich.min() > poor.max(), summary[["ua_code", "ua_class", "pieces", "rich_minus_poor"]]
 
 
 def test_geotiffs_carry_crs_and_cell_bounds(world):

@@ -48,7 +48,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from .config import cli, data_dir
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, read_json, save_run_config, write_json
 from .geo import L93, LAEA, inspire_id
 
 GENERATOR_VERSION = 1
@@ -447,16 +447,20 @@ def tex_park(x, y):                # 14100: lawns, tree groves, paths
     return _blend(rgb, (200, 190, 162), path)
 
 
-def tex_sports(x, y):              # 14200: pitches with lines, running tracks
-    ix, iy, u, v = lots(x, y, 110, 72, 101)
-    pitch = (np.abs(u - 0.5) < 0.42) & (np.abs(v - 0.5) < 0.36)
-    rgb = _ground(x, y, (120, 150, 88), 0.25, 102)
-    track = (np.abs(u - 0.5) < 0.47) & (np.abs(v - 0.5) < 0.44) & ~pitch & (hash2(ix, iy, 103) < 0.5)
-    rgb = _blend(rgb, (176, 92, 72), track)
-    turf = _ground(x, y, (74, 154, 70), 0.1, 104)
-    line = pitch & ((np.abs(np.abs(u - 0.5) - 0.41) < 0.006) | (np.abs(np.abs(v - 0.5) - 0.35) < 0.01)
-                    | (np.abs(u - 0.5) < 0.004))
-    return _blend(_blend(rgb, turf, pitch), (236, 236, 236), line)
+def tex_sports(x, y):              # 14200: stadiums, courts and tracks on pale concrete
+    """Sports grounds read as sports grounds at a few metres a pixel: pitches of bright turf, red clay or
+    blue hard courts, each ringed by a red track with wide white lines, on pale concrete and car parks
+    (at 1 m or coarser a park-like green would make them indistinguishable from parks)."""
+    ix, iy, u, v = lots(x, y, 96, 64, 101)
+    rgb = _cars(x, y, _ground(x, y, (182, 178, 168), 0.15, 102), 0.12, 105)
+    pitch = (np.abs(u - 0.5) < 0.36) & (np.abs(v - 0.5) < 0.30)
+    track = (np.abs(u - 0.5) < 0.45) & (np.abs(v - 0.5) < 0.42) & ~pitch
+    rgb = _blend(rgb, (184, 82, 60), track)
+    surface = _palette(hash2(ix, iy, 103), [(58, 168, 62), (58, 168, 62), (196, 104, 64), (62, 104, 170)])
+    rgb = _blend(rgb, _shade(surface, 1 + 0.1 * (fbm(x, y, 3.0, 104) - 0.5)), pitch)
+    line = pitch & ((np.abs(np.abs(u - 0.5) - 0.34) < 0.02) | (np.abs(np.abs(v - 0.5) - 0.28) < 0.03)
+                    | (np.abs(u - 0.5) < 0.015))
+    return _blend(rgb, (240, 240, 240), line)
 
 
 def tex_fields(x, y):              # 21000 / 13400 / rural: crop fields with tractor lines
@@ -780,6 +784,7 @@ def remove_world(cfg, truth: dict) -> None:
     for rel in truth.get("files", []):
         (root / rel).unlink(missing_ok=True)
     (root / "ses_truth.json").unlink(missing_ok=True)
+    (root / "world_config.yaml").unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -798,6 +803,7 @@ def main() -> None:
         remove_world(cfg, old)
     start = time.time()
     truth = build_world(cfg)
+    save_run_config(cfg, root, "world_config.yaml")  # the full config (seed included) beside the world
     cells = sum(c["census_cells"] for c in truth["cities"].values())
     tiles = sum(c["tiles"] for c in truth["cities"].values())
     print(f"[synth_france] {len(truth['cities'])} cities, {cells} census cells, {tiles} tiles "
