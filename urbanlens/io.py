@@ -5,8 +5,8 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,17 +74,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     if folder not in _swept:
         remove_stale_temps(folder)
         _swept.add(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", suffix=path.suffix,
-                               dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # writers such as GDAL refuse to overwrite an empty non-dataset file
-    tmp = Path(tmp)
+    # a name no other writer uses (host, pid, 64 random bits), not created here: writers such as GDAL
+    # refuse to overwrite an empty file, and creating and removing one costs as much as a small write
+    tmp = path.parent / f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(8)}{path.suffix}"
     try:
         yield tmp
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text(path: str | Path, text: str) -> Path:
