@@ -18,8 +18,7 @@ written by urbanlens.geo.write_png):
                         up front (the demo): indexing, collation and flips
   step                  forward + backward + optimiser step on batches already in memory, one thread:
                           cities: classify.train_one_epoch over in-memory batches (Adam, cross-entropy)
-                          ses:    the body of ses.fit's batch loop (Adam, binomial head, NLL), written here
-                                  because ses.fit exposes no step function
+                          ses:    ses.train_step, the step ses.fit takes (Adam, binomial head, NLL)
 A paper-size step is slow on a CPU and its activations are large (about 120 MB an image for ResNet-50 at
 224 px, 1.2 GB for EfficientNet-B0 at 800 px; 16 GB and 13 GB at the paper batches): it is
 timed on --cities-step-batch / --ses-step-batch images of the paper batches (per-image CPU time does not
@@ -122,22 +121,13 @@ def check_ses_batch(x: torch.Tensor, flipped: torch.Tensor, size: int, rotate: b
 
 # ------------------------------------------------------------------------------------------ steps
 def ses_steps(net, opt, scaler, batches, device, amp: bool) -> float:
-    """The body of ses.fit's batch loop over in-memory batches (already flipped); mean loss."""
+    """ses.fit's step (ses.train_step) over in-memory batches (already flipped); mean loss."""
     net.train()
     loss_sum, n = 0.0, 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast(device, amp):
-            lp = net(x)
-        loss = F.nll_loss(lp, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        loss_sum += loss.item() * len(y)
-        correct = (lp.detach().argmax(1) == y).sum().item()  # noqa: F841 (ses.fit counts it too)
+        loss, _ = ses.train_step(net, opt, scaler, x, y, amp)
+        loss_sum += loss * len(y)
         n += len(y)
     return loss_sum / n
 

@@ -18,6 +18,7 @@ import yaml
 
 from urbanlens import io
 from urbanlens.config import load_config
+from test_interrupt import without_timings  # tests/ is on the path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 7
@@ -44,14 +45,6 @@ def digests(folder, skip=()):
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(tuple(skip))}
-
-
-def without_timings(obj):
-    if isinstance(obj, dict):
-        return {k: without_timings(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [without_timings(v) for v in obj]
-    return obj
 
 
 def assert_saved_config(path, expected):

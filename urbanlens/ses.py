@@ -349,6 +349,22 @@ def _save_fit_state(path, model, opt, sched, scaler, gen, best: "FitResult", tcf
                             best_epoch=best.best_epoch, log=best.log)
 
 
+def train_step(net: nn.Module, opt, scaler, x: torch.Tensor, y: torch.Tensor, amp: bool) -> tuple[float, int]:
+    """One optimisation step on a batch already on the device (channels_last on CUDA, autocast when
+    ``amp``): binomial log-probabilities, NLL, backward, Adam through ``scaler``. Returns the batch's
+    mean loss and its number of correct argmax predictions."""
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with runtime.autocast(x.device, amp):
+        lp = net(x)
+    loss = F.nll_loss(lp, y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.item(), int((lp.detach().argmax(1) == y).sum().item())
+
+
 def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, workers: int = 0,
         progress=None, checkpoint=None, resume: dict | None = None) -> FitResult:
     """Train with Adam, reduce-on-plateau on the validation loss and early stopping with restarts.
@@ -408,18 +424,9 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
                 if len(y) < 2 and n > 0:  # a lone sample breaks batch norm in training mode
                     continue
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                x = random_flips(x, gen, rotate=tcfg.rot90)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with runtime.autocast(device, amp):
-                    lp = net(x)
-                loss = F.nll_loss(lp, y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                loss_sum += loss.item() * len(y)
-                correct += (lp.detach().argmax(1) == y).sum().item()
+                loss, hits = train_step(net, opt, scaler, random_flips(x, gen, rotate=tcfg.rot90), y, amp)
+                loss_sum += loss * len(y)
+                correct += hits
                 n += len(y)
             if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
                 for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike
