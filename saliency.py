@@ -70,6 +70,11 @@ bar.close()
 index = pd.DataFrame(rows)
 write_csv(index, out / "index.csv")
 save_run_config(cfg, out)
+# panels of an earlier sample (another seed, split or per_city) would be taken for this one's
+kept = {out / f for f in index["figure"]}
+stale = [p for p in out.glob("*/*.png") if p not in kept]
+for p in stale:
+    p.unlink()
 print(f"[saliency] {len(index)} {cfg.saliency.method} panels for {index['iata'].nunique()} cities "
       f"({cfg.saliency.split} split, {(index['predicted'] == index['iata']).mean():.0%} correctly classified) "
-      f"in {out}")
+      f"in {out}" + (f"; {len(stale)} panels of an earlier sample removed" if stale else ""))

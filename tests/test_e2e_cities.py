@@ -93,6 +93,20 @@ def test_most_planted_twins_are_found(trained):
     assert max(found.values()) > len(twins) / 2, found
 
 
+def test_saliency_panels_follow_the_sample(trained):
+    """One figure per sampled patch, listed in index.csv; a smaller sample leaves no panel of the
+    larger one behind."""
+    root, out = trained
+    for per_city in (2, 1):
+        proc = run_stage(["saliency.py"], root, [f"saliency.per_city={per_city}", "saliency.method=gradcam"])
+        index = pd.read_csv(out / "saliency" / "index.csv")
+        cities = json.loads((out / "metrics.json").read_text())["per_city"]
+        assert sorted(index["iata"].unique()) == sorted(cities) and len(index) == per_city * len(cities)
+        assert sorted(p.relative_to(out / "saliency").as_posix() for p in (out / "saliency").glob("*/*.png")) \
+            == sorted(index["figure"])
+    assert "panels of an earlier sample removed" in proc.stdout
+
+
 def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
