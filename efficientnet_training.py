@@ -41,7 +41,8 @@ def sync():  # every rank waits for the main one to finish writing
 
 def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on
     if cfg.strict:
-        sys.exit(f"error: {problem}; check ses.cities and re-run generate_fr_ua_aerial_data.py")
+        sys.exit(f"error: {problem}; check ses.cities, delete broken images and re-run "
+                 "generate_fr_ua_aerial_data.py (it extracts the missing ones again)")
     print(f"[ses-train] warning: {problem}; {then}", file=sys.stderr)
 
 
@@ -51,7 +52,7 @@ for city in cfg.ses.cities:
     # 1. the city's non-void cells and its income quintiles
     df, missing = ses.city_cells(cells, city, ses_dir)
     if missing:
-        bad_input(f"{ses_dir}: {len(missing)} image(s) of {city} missing (e.g. {missing[0]})",
+        bad_input(f"{missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this one first)",
                   "training without them")
     if len(df) == 0:
         bad_input(f"{ses_dir / 'cells.gpkg'}: no non-void cells of '{city}'", "city skipped")

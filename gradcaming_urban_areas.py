@@ -54,8 +54,9 @@ for city in cfg.ses.cities:
     size = ckpt["config"]["ses_model"]["input_size"]
     ids, missing = ses.city_cells(cells, city, ses_dir)
     if missing:
-        print(f"[cams] warning: {len(missing)} image(s) of {city} missing under {ses_dir} (e.g. {missing[0]}); "
-              "skipped", file=sys.stderr)
+        print(f"[cams] warning: {missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this "
+              "one first), skipped; delete broken images and re-run generate_fr_ua_aerial_data.py to extract "
+              "them again", file=sys.stderr)
     city_cells = cells[cells["city"] == city].set_index("cell_id").loc[ids["cell_id"]].reset_index()
     landuse, _ = geo.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city)
     landuse = landuse.to_crs(zonal.CAM_CRS)

@@ -447,3 +447,18 @@ def test_activation_maps_with_a_checkpoint_of_another_backbone(ses, ses_world):
     (city_dir / "metrics.json").write_text('{"best_fold": 0}\n')
     one_line_error(run(["gradcaming_urban_areas.py"], root, ses=True), "best.pt", "do not fit")
     assert not (city_dir / "polygon_stats.gpkg").exists() and not temp_files(root)
+
+
+def test_truncated_cell_image_stops_training_under_strict_and_is_skipped_otherwise(ses, ses_world):
+    root, _, clean = ses
+    shutil.copytree(ses_world / "results", root / "results")
+    cells = clean[clean["non_void"]]
+    broken = root / "results" / "ses" / cells["path"].iloc[0]
+    broken.write_bytes(broken.read_bytes()[:200])
+    one_line_error(run(["efficientnet_training.py"], root, ["strict=true"], ses=True),
+                   broken.name, "unreadable", "re-run generate_fr_ua_aerial_data.py")
+    assert not (root / "results" / "ses" / "Paris" / "metrics.json").exists() and not temp_files(root)
+    proc = ok(run(["efficientnet_training.py"], root, ses=True))
+    assert broken.name in proc.stderr and "training without them" in proc.stderr
+    trained = pd.read_csv(root / "results" / "ses" / "Paris" / "predictions.csv")
+    assert len(trained) == len(cells) - 1 and cells["cell_id"].iloc[0] not in set(trained["cell_id"])

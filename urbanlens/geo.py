@@ -95,7 +95,8 @@ def _key(name: str) -> str:
     return name.lower().replace("_", "")
 
 
-def _pick_columns(fields: Sequence[str], wanted: Mapping[str, Sequence[str]], path, what: str) -> dict[str, str]:
+def _pick_columns(fields: Sequence[str], wanted: Mapping[str, Sequence[str]], path, what: str,
+                  source: str = "the provider's") -> dict[str, str]:
     """Map each wanted name to the file's column among its accepted spellings (any case)."""
     by_key = {_key(f): f for f in fields}
     found, missing = {}, []
@@ -107,7 +108,7 @@ def _pick_columns(fields: Sequence[str], wanted: Mapping[str, Sequence[str]], pa
             found[out] = hit
     if missing:
         raise DataError(path, f"{what} lacks columns: {'; '.join(missing)}",
-                        f"columns present are {', '.join(fields)}; rename them or use the INSEE/Copernicus files")
+                        f"columns present are {', '.join(fields)}; rename them or use {source} original file")
     return found
 
 
@@ -165,7 +166,7 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     ids = {_key(s) for s in CENSUS_COLUMNS["cell_id"]}
     info = next((i for i in infos if ids & {_key(f) for f in i["fields"]}), infos[0])
     layer, fields, file_crs = info["layer_name"], list(info["fields"]), info["crs"]
-    cols = _pick_columns(fields, CENSUS_COLUMNS, path, "census grid")
+    cols = _pick_columns(fields, CENSUS_COLUMNS, path, "census grid", "INSEE's")
     _check_census_crs(path, layer, cols["cell_id"])
     read_bbox = None
     if bbox is not None:
@@ -458,7 +459,7 @@ def read_tile_index(aerial_dir: str | Path) -> gpd.GeoDataFrame:
     frames = []
     for shp in indexes:
         gdf = gpd.read_file(shp, engine="pyogrio")
-        nom = _pick_columns(list(gdf.columns), {"NOM": ("NOM",)}, shp, "tile index")["NOM"]
+        nom = _pick_columns(list(gdf.columns), {"NOM": ("NOM",)}, shp, "tile index", "IGN's")["NOM"]
         gdf = gdf.rename(columns={nom: "NOM"})[["NOM", "geometry"]]
         if gdf.crs is None or is_lambert93(gdf.crs):
             gdf = gdf.set_crs(L93, allow_override=True)

@@ -570,15 +570,29 @@ def read_cells(path) -> "pd.DataFrame":
     return cells
 
 
+def readable_image(path) -> str | None:
+    """None when ``path`` is an image file whose chunks check out (PIL's verify: cheap, no decoding),
+    else what is wrong with it ("missing", "unreadable: <reason>")."""
+    if not Path(path).is_file():
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
+
+
 def city_cells(cells, city: str, image_root) -> tuple[pd.DataFrame, list[str]]:
-    """The city's non-void cells with a finite income whose image exists (sorted by cell id), and the
-    cell ids left out because their image file is missing."""
+    """The city's non-void cells with a finite income whose image exists and reads (sorted by cell id),
+    and a line ``<image path> (<problem>)`` for each cell left out because its image is missing or broken."""
     df = cells[(cells["city"] == city) & cells["non_void"].astype(bool)]
     df = df[np.isfinite(df["income"].astype(float))]
-    exists = np.array([(Path(image_root) / p).is_file() for p in df["path"]], dtype=bool)
-    missing = df.loc[~exists, "cell_id"].tolist()
-    df = df[exists].sort_values("cell_id").reset_index(drop=True)
-    return pd.DataFrame(df.drop(columns="geometry", errors="ignore")), missing
+    problems = [readable_image(Path(image_root) / p) for p in df["path"]]
+    ok = np.array([p is None for p in problems], dtype=bool)
+    left_out = [f"{Path(image_root) / p} ({why})" for p, why in zip(df["path"], problems) if why is not None]
+    df = df[ok].sort_values("cell_id").reset_index(drop=True)
+    return pd.DataFrame(df.drop(columns="geometry", errors="ignore")), left_out
 
 
 def fits_in_memory(n_images: int, size: int, budget_mb: float) -> bool:
