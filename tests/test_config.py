@@ -73,3 +73,26 @@ def test_cli_reports_one_line_and_exit_2():
                         "--set", "trian.epochs=3"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "did you mean 'train.epochs'" in r.stderr
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epochs=-1", ">= 1"), ("train.batch_size=0", ">= 1"), ("workers=-2", ">= 0"),
+    ("ses_train.val_share=1.5", "in (0, 1)"), ("ses.max_nodata=2", "in [0, 1]"), ("train.lr=0", "> 0"),
+    ("cams.rich_class=5", "a class from 0 to 4"), ("world.n_sites=1", ">= 2"), ("patch.jpeg_quality=0", "from 1 to 100"),
+])
+def test_values_out_of_range_name_the_key_and_the_range(tmp_path, override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    key, value = override.split("=")
+    assert f"'{key}' must be {words}" in str(e.value) and value in str(e.value)
+    p = write(tmp_path, {key.split(".")[0]: {key.split(".")[1]: yaml.safe_load(value)}} if "." in key
+              else {key: yaml.safe_load(value)})
+    with pytest.raises(ConfigError, match=str(p)):  # from a file too, naming the file
+        load_config(p)
+
+
+def test_the_defaults_and_every_shipped_config_are_in_range():
+    from pathlib import Path
+
+    for path in [None, *sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))]:
+        load_config(path)  # raises on any value out of its range

@@ -78,6 +78,39 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
     )
 
 
+# Values outside these ranges make no sense (an epoch count of -1, a batch of 0, a share above 1): stop
+# at once, naming the key, rather than run with them or fail deep inside a stage.
+_AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "patch.size", "patch.stride",
+               "model.input_size", "train.epochs", "train.batch_size", "test.batch_size", "saliency.per_city",
+               "saliency.batch_size", "ses.cell_size_m", "ses.cell_px", "ses_model.input_size", "ses_train.epochs",
+               "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size")
+_AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
+               "ses_train.plateau_patience", "ses_train.restarts", "ses_train.cache_mb", "cams.panels",
+               "world.twin_distance", "world.site_jitter", "france.noise")
+_RULES = {
+    **{k: (">= 1", lambda v: v >= 1) for k in _AT_LEAST_1},
+    **{k: (">= 0", lambda v: v >= 0) for k in _AT_LEAST_0},
+    **{k: ("> 0", lambda v: v > 0) for k in ("train.lr", "ses_train.lr", "world.feature_scale",
+                                              "france.city_size_m", "france.tile_size_m", "france.resolution_m")},
+    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in ("france.nodata_fraction", "ses.max_nodata",
+                                                         "saliency.threshold", "ses_model.dropout",
+                                                         "ses_model.stochastic_depth", "ses_model.bn_momentum")},
+    **{k: ("in (0, 1)", lambda v: 0 < v < 1) for k in ("ses_train.val_share", "ses_train.plateau_factor")},
+    **{k: ("from 1 to 100", lambda v: 1 <= v <= 100) for k in ("world.jpeg_quality", "patch.jpeg_quality")},
+    "world.n_sites": (">= 2 (train sites, then one test/val site)", lambda v: v >= 2),
+    "ses_train.folds": (">= 2", lambda v: v >= 2),
+    "cams.clip_percentile": ("in (0, 100]", lambda v: 0 < v <= 100),
+    **{k: ("a class from 0 to 4", lambda v: 0 <= v <= 4) for k in ("cams.poor_class", "cams.rich_class")},
+}
+
+
+def _check_range(key: str, value: Any, source: str) -> Any:
+    rule = _RULES.get(key)
+    if rule is not None and value is not None and not rule[1](value):
+        raise ConfigError(f"{source}: '{key}' must be {rule[0]}, got {value!r}")
+    return value
+
+
 def _merge(base: dict, new: dict, source: str, prefix: str = "") -> None:
     for k, v in new.items():
         key = f"{prefix}{k}"
@@ -92,7 +125,7 @@ def _merge(base: dict, new: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: '{key}' must be a section (mapping), got {v!r}")
             _merge(base[k], v, source, key + ".")
         else:
-            base[k] = _check_type(key, v, base[k], source)
+            base[k] = _check_range(key, _check_type(key, v, base[k], source), source)
 
 
 _ROOT: dict = {}
