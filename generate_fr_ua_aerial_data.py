@@ -25,10 +25,10 @@ import pandas as pd
 import yaml
 
 from urbanlens import geo, shards
-from urbanlens.config import cli, data_dir, results_dir
+from urbanlens.config import changed_keys, cli, data_dir, results_dir
 from urbanlens.io import atomic_path, save_run_config
 
-RUN_KEYS = ("census_file", "ua_dir", "aerial_dir", "cell_size_m", "cell_px")
+RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px")
 
 cfg, args = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=shards.add_shard_args)
 start = time.time()
@@ -39,8 +39,7 @@ index_path = out / "cells.gpkg"
 previous = out / "extract_config.yaml"
 if previous.is_file() and not cfg.overwrite:
     old = yaml.safe_load(previous.read_text())
-    changed = [k for k in RUN_KEYS if old.get("ses", {}).get(k) != cfg.ses[k]]
-    changed += ["paths.data"] if old.get("paths", {}).get("data") != cfg.paths.data else []
+    changed = changed_keys(old, cfg, RUN_KEYS)
     if changed:
         raise SystemExit(f"error: {out}: holds cells extracted with other settings ({', '.join(changed)}); "
                          "use another paths.results or --set overwrite=true")

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from . import runtime
+from .config import changed_keys
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -309,22 +310,7 @@ RUN_KEYS = ("seed", "paths.data", "patch", "split", "model", "train")  # what de
 def run_changes(saved: dict, cfg) -> list[str]:
     """The config keys (dotted, leaves) under ``RUN_KEYS`` whose values differ between a checkpoint's
     saved config and ``cfg``: empty when re-running the same command may continue the checkpoint."""
-    now = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-    def leaves(d, prefix=""):
-        if not isinstance(d, dict):
-            return {prefix[:-1]: d}
-        return {k: v for key, sub in d.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
-
-    changed = []
-    for key in RUN_KEYS:
-        a, b = saved, now
-        for part in key.split("."):
-            a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
-        la, lb = leaves(a, key + "."), leaves(b, key + ".")
-        changed += sorted(k for k in la.keys() | lb.keys() if la.get(k) != lb.get(k))
-    return changed
+    return changed_keys(saved, cfg, RUN_KEYS)
 
 
 def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -599,24 +599,14 @@ def fits_in_memory(n_images: int, size: int, budget_mb: float) -> bool:
     return n_images * 3 * size * size * 4 <= budget_mb * 2**20
 
 
-def run_signature(cfg) -> dict:
-    """The config values that decide a trained model; a run with others must not reuse its folds."""
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
-    out = {}
-    for key in RUN_KEYS:
-        v = d
-        for part in key.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        out[key] = v
-    return out
-
-
 def previous_run_differs(config_file, cfg) -> bool:
     """True when ``config_file`` (a saved run config) trained with other ``RUN_KEYS`` values than ``cfg``."""
     import yaml
 
+    from .config import changed_keys
+
     path = Path(config_file)
-    return path.is_file() and run_signature(yaml.safe_load(path.read_text())) != run_signature(cfg)
+    return path.is_file() and bool(changed_keys(yaml.safe_load(path.read_text()), cfg, RUN_KEYS))
 
 
 # ----------------------------------------------------------------------------------------- outputs

@@ -77,8 +77,8 @@ def chunk_bounds(total: int, n: int) -> list[tuple[int, int]]:
     if total < 0 or n < 1:
         raise ValueError(f"cannot split {total} items into {n} chunks")
     size, extra = divmod(total, n)
-    stops = np.cumsum([size + (k < extra) for k in range(n)])
-    return [(int(stop - size - (k < extra)), int(stop)) for k, stop in enumerate(stops)]
+    starts = [k * size + min(k, extra) for k in range(n + 1)]  # the first `extra` chunks hold one more
+    return list(zip(starts[:-1], starts[1:]))
 
 
 def shard_range(total: int, i: int, n: int, align: int = 1) -> tuple[int, int]:
