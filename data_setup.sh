@@ -15,26 +15,26 @@ if [ "${1:-}" = "--synthetic" ]; then
   which=all
   case "${1:-}" in cities|ses|all) which=$1; shift ;; esac
   [[ " ${*-} " == *" --config "* ]] || set -- --config configs/cities_demo.yaml "$@"
-  [ "$which" = ses ] || $PY -m urbanlens.synth_cities "$@"
+  [ "$which" = ses ] || $PY -m urbanlens.cities.world "$@"
   if [ "$which" != cities ]; then
     if [ "$which" = all ] && [[ " $* " == *"cities_demo.yaml"* ]]; then
       # the default demo: each pipeline has its own demo config
-      $PY -m urbanlens.synth_france --config configs/ses_demo.yaml
+      $PY -m urbanlens.ses.world --config configs/ses_demo.yaml
     else
-      $PY -m urbanlens.synth_france "$@"
+      $PY -m urbanlens.ses.world "$@"
     fi
   fi
   exit 0
 fi
 
 [[ " ${*-} " == *" --config "* ]] || set -- --config configs/ses.yaml "$@"
-DATA=$($PY -m urbanlens.config paths.data "$@")
-RESULTS=$($PY -m urbanlens.config paths.results "$@")
+DATA=$($PY -m urbanlens.core.config paths.data "$@")
+RESULTS=$($PY -m urbanlens.core.config paths.results "$@")
 mkdir -p "$DATA/cities/raw" "$DATA/census_data" "$DATA/UA_data" "$DATA/aerial_data" "$RESULTS/cities" "$RESULTS/ses"
 echo "created $DATA/{cities/raw,census_data,UA_data,aerial_data} and $RESULTS/{cities,ses}"
 
 INSEE_URL="https://www.insee.fr/fr/statistiques/fichier/7655475/Filosofi2019_carreaux_200m_gpkg.zip"
-CENSUS="$DATA/$($PY -m urbanlens.config ses.census_file "$@")"
+CENSUS="$DATA/$($PY -m urbanlens.core.config ses.census_file "$@")"
 if [ -f "$CENSUS" ]; then
   echo "census grid present: $CENSUS"
 elif curl -fsSL --max-time 600 -o "$DATA/census_data/filosofi.zip.part" "$INSEE_URL" 2>/dev/null; then

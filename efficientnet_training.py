@@ -19,7 +19,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens import config, io, models, runtime, ses
+from urbanlens.core import backbones, config, files, runtime
+from urbanlens.ses import data as ses_data
+from urbanlens.ses import fitting, metrics, results
+from urbanlens.ses import folds as ses_folds
+from urbanlens.ses import model as ses_model
 
 cfg, _ = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
 rank, world = runtime.setup_distributed()
@@ -28,9 +32,9 @@ device = runtime.select_device(cfg.device)
 tc = cfg.ses_train
 ses_dir = config.results_dir(cfg, "ses")
 try:
-    cells = ses.read_cells(ses_dir / "cells.gpkg")
-    ses.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
-except (ValueError, models.WeightsUnavailable) as e:
+    cells = ses_data.read_cells(ses_dir / "cells.gpkg")
+    ses_model.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
+except (ValueError, backbones.WeightsUnavailable) as e:
     sys.exit(f"error: {e}")
 
 
@@ -50,22 +54,22 @@ rows = []
 for city in cfg.ses.cities:
     city_dir = ses_dir / city
     # 1. the city's non-void cells and its income quintiles
-    df, missing = ses.city_cells(cells, city, ses_dir)
+    df, missing = ses_data.city_cells(cells, city, ses_dir)
     if missing:
         bad_input(f"{missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this one first)",
                   "training without them")
     if len(df) == 0:
         bad_input(f"{ses_dir / 'cells.gpkg'}: no non-void cells of '{city}'", "city skipped")
         continue
-    labels = ses.income_quintiles(df["income"])
-    edges = ses.quintile_edges(df["income"], labels)
+    labels = ses_data.income_quintiles(df["income"])
+    edges = ses_data.quintile_edges(df["income"], labels)
     try:
-        splits = ses.stratified_folds(labels, tc.folds, tc.val_share, cfg.seed)
+        splits = ses_folds.stratified_folds(labels, tc.folds, tc.val_share, cfg.seed)
     except ValueError as e:
         sys.exit(f"error: {ses_dir / 'cells.gpkg'}: {city}: {e}; lower ses_train.folds or add cells")
 
     # 2. finished folds are reused only when they were trained with this config (or overwrite=true)
-    retrain = ses.previous_run_differs(city_dir / "train_config.yaml", cfg)
+    retrain = results.previous_run_differs(city_dir / "train_config.yaml", cfg)
     if retrain and not cfg.overwrite:
         sys.exit(f"error: {city_dir}: holds models trained with another config (seed, ses_model, ses_train "
                  f"or cell size); use --set overwrite=true to retrain them, or another paths.results")
@@ -74,10 +78,10 @@ for city in cfg.ses.cities:
         if retrain:  # unmark the old folds first, so an interrupted retraining never reuses them
             for done in (*city_dir.glob("fold_*/metrics.json"), *city_dir.glob("fold_*/last.pt")):
                 done.unlink()
-        io.save_run_config(cfg, city_dir, "train_config.yaml")
-        io.write_csv(ses.folds_frame(df["cell_id"], splits), city_dir / "folds.csv")
-    data = ses.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
-                           cache=ses.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
+        files.save_run_config(cfg, city_dir, "train_config.yaml")
+        files.write_csv(ses_folds.folds_frame(df["cell_id"], splits), city_dir / "folds.csv")
+    data = ses_data.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
+                           cache=ses_data.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
 
     # 3. each fold: train with early stopping and restarts, keep the best weights, score held-out cells
     for k, split in enumerate(splits):
@@ -86,23 +90,23 @@ for city in cfg.ses.cities:
             if main:
                 last_pt.unlink(missing_ok=True)  # left by a run stopped right after finishing the fold
             continue
-        seed = ses.fold_seed(cfg.seed, city, k)
+        seed = ses_folds.fold_seed(cfg.seed, city, k)
         runtime.seed_everything(seed)
-        model = ses.build_ses_model(cfg)
-        resume = ses.load_fit_state(last_pt, tc, seed)
+        model = ses_model.build_ses_model(cfg)
+        resume = fitting.load_fit_state(last_pt, tc, seed)
         if resume is not None and main:
             print(f"[ses-train] {city} fold {k}: resuming after epoch {resume['epoch_total']} from {last_pt}")
         with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{city} fold {k}", unit="ep", leave=False,
                   initial=len(resume["log"]) if resume else 0, **({} if main else {"disable": True})) as bar:
-            fit = ses.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
-                          seed=seed, workers=cfg.workers, progress=lambda row: ses.show_epoch(bar, row),
+            fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
+                          seed=seed, workers=cfg.workers, progress=lambda row: fitting.show_epoch(bar, row),
                           checkpoint=last_pt, resume=resume)
         test = split["test"]
-        log_probs = ses.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
-        m = ses.ses_metrics(labels[test], log_probs)
+        log_probs = fitting.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
+        m = metrics.ses_metrics(labels[test], log_probs)
         if main:
-            ses.write_fold_outputs(fold_dir, cfg, model, fit, m,
-                                   ses.predictions_frame(df["cell_id"].iloc[test], k, labels[test], log_probs),
+            results.write_fold_outputs(fold_dir, cfg, model, fit, m,
+                                   metrics.predictions_frame(df["cell_id"].iloc[test], k, labels[test], log_probs),
                                    city=city, fold=k, quintile_edges=edges, n_train=len(split["train"]),
                                    n_val=len(split["val"]), n_test=len(test))
             last_pt.unlink(missing_ok=True)  # the fold is done (metrics.json written): its state is not needed
@@ -110,14 +114,14 @@ for city in cfg.ses.cities:
 
     # 4. cross-fold summary (mean, std, best fold) and every cell's held-out prediction
     if main:
-        summary, preds = ses.city_summary(city_dir, len(splits), city=city, n_cells=len(df),
+        summary, preds = results.city_summary(city_dir, len(splits), city=city, n_cells=len(df),
                                           quintile_edges=edges)
-        io.write_csv(preds, city_dir / "predictions.csv")
-        io.write_json(city_dir / "metrics.json", summary)
+        files.write_csv(preds, city_dir / "predictions.csv")
+        files.write_json(city_dir / "metrics.json", summary)
         mean, std = summary["mean"], summary["std"]
         rows.append({"city": city, "n_cells": len(df), "best_fold": summary["best_fold"],
-                     **{f"{k}_mean": mean[k] for k in ses.METRICS},
-                     **{f"{k}_std": std[k] for k in ses.METRICS}})
+                     **{f"{k}_mean": mean[k] for k in metrics.METRICS},
+                     **{f"{k}_std": std[k] for k in metrics.METRICS}})
         print(f"[ses-train] {city}: {len(df)} cells, {len(splits)} folds; accuracy {mean['accuracy']:.3f}"
               f"±{std['accuracy']:.3f}, AUC poorest-vs-richest {mean['auc_poor_rich']:.3f}"
               f"±{std['auc_poor_rich']:.3f}, kappa {mean['kappa_quadratic']:.3f}; best fold "
@@ -125,7 +129,7 @@ for city in cfg.ses.cities:
 
 if main and rows:
     table = pd.DataFrame(rows)
-    io.write_csv(table, ses_dir / "training_summary.csv")
+    files.write_csv(table, ses_dir / "training_summary.csv")
     print(f"[ses-train] {len(table)} cities; mean AUC poorest-vs-richest {table['auc_poor_rich_mean'].mean():.3f}"
           f" -> {ses_dir / 'training_summary.csv'}")
 runtime.cleanup_distributed()

@@ -24,9 +24,13 @@ import geopandas as gpd
 import pandas as pd
 import yaml
 
-from urbanlens import geo, shards
-from urbanlens.config import changed_keys, cli, data_dir, results_dir
-from urbanlens.io import atomic_path, save_run_config
+from urbanlens.core import shards
+from urbanlens.core.config import changed_keys, cli, data_dir, results_dir
+from urbanlens.core.files import atomic_path, save_run_config
+from urbanlens.ses import census as ses_census
+from urbanlens.ses import extraction, urban_atlas
+from urbanlens.ses import grid as ses_grid
+from urbanlens.ses import tiles as ses_tiles
 
 RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px")
 
@@ -51,25 +55,25 @@ except ValueError as e:
     sys.exit(f"error: {e}")
 
 # 1. orthophoto tile index (EPSG:2154)
-tiles = geo.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir))
+tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir))
 print(f"[extract] {len(tiles)} orthophoto tiles indexed"
       + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else ""))
 
 # 2. per city: cells inside the Urban Atlas boundary, with income, and the tiles they overlap
 frames = []
 for city in cfg.ses.cities:
-    boundary = geo.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
-    census = geo.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
-    cells = geo.cells_in_boundary(census, boundary)
-    cells = geo.sample_cells(cells, cfg.ses.max_cells, cfg.seed).copy()
+    boundary = urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
+    census = ses_census.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
+    cells = extraction.cells_in_boundary(census, boundary)
+    cells = extraction.sample_cells(cells, cfg.ses.max_cells, cfg.seed).copy()
     cells["city"] = city
-    cells["path"] = [f"imagery/{city}/{geo.cell_filename(c)}" for c in cells["cell_id"]]
-    cells["tiles"] = geo.tiles_for_cells(cells, tiles)
+    cells["path"] = [f"imagery/{city}/{extraction.cell_filename(c)}" for c in cells["cell_id"]]
+    cells["tiles"] = ses_tiles.tiles_for_cells(cells, tiles)
     print(f"[extract] {city}: {len(cells)} cells inside the Urban Atlas boundary "
           f"({census.attrs['dropped']} census cells without income dropped, "
           f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile)")
     frames.append(cells)
-cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=geo.LAEA)
+cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=ses_grid.LAEA)
 tag = "extract"
 if args.shard:  # this job's share: a contiguous chunk of each city's cells in cell-id order
     i, n = args.shard
@@ -82,14 +86,14 @@ if args.merge:  # 3'. the N shards' partial indexes, checked and put in the orde
                                       names=[p.name for p in parts])
     except ValueError as e:
         sys.exit(f"error: {e}")
-    cells = gpd.GeoDataFrame(index, geometry="geometry", crs=geo.LAEA)
+    cells = gpd.GeoDataFrame(index, geometry="geometry", crs=ses_grid.LAEA)
     status = pd.DataFrame({"extracted": [False] * len(cells)})
 else:  # 3. read every cell from its tile(s), reprojected to EPSG:3035, and save it (resumable)
     known = {}
     if index_path.is_file():
         old = gpd.read_file(index_path, layer="cells", columns=["path", "nodata"], ignore_geometry=True)
         known = dict(zip(old["path"], old["nodata"]))
-    status = geo.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
+    status = extraction.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
     cells["nodata"] = status["nodata"].round(6)
     cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
 

@@ -10,10 +10,16 @@ half (test) and a right half (val), and each half is patched with `patch.size` a
 import sys
 import time
 
-from urbanlens.config import cli, data_dir
-from urbanlens.io import save_run_config, write_csv
-from urbanlens.patches import (SPLITS, patches_dir, plan_split, reset_if_settings_changed, settings_conflict,
-                               write_patches)
+from urbanlens.cities.patches import (
+    SPLITS,
+    patches_dir,
+    plan_split,
+    reset_if_settings_changed,
+    settings_conflict,
+    write_patches,
+)
+from urbanlens.core.config import cli, data_dir
+from urbanlens.core.files import save_run_config, write_csv
 
 cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
 t0 = time.time()

@@ -30,7 +30,7 @@ setup_env() {
 
 cfg_get() {  # cfg_get KEY ARGS...  -> resolved config value
   local key=$1; shift
-  $PY -m urbanlens.config "$key" "$@"
+  $PY -m urbanlens.core.config "$key" "$@"
 }
 
 run_cities() {

@@ -13,12 +13,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens import classify, patches, runtime
-from urbanlens.cam import class_activation_maps
-from urbanlens.config import cli, data_dir, results_dir
-from urbanlens.io import save_figure, save_run_config, write_csv
-from urbanlens.models import classifier_from_checkpoint, last_conv_layer
-from urbanlens.saliency_panels import sample_patches, saliency_figure
+from urbanlens.cities import data, patches
+from urbanlens.cities.figures import saliency_figure
+from urbanlens.cities.saliency import sample_patches
+from urbanlens.core import runtime
+from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
+from urbanlens.core.cam import class_activation_maps
+from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core.files import save_figure, save_run_config, write_csv
 
 cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
 device = runtime.select_device(cfg.device)
@@ -30,7 +32,7 @@ best_pt = results_dir(cfg, "cities", "checkpoints", "best.pt")
 model, trained, classes = classifier_from_checkpoint(runtime.load_checkpoint(best_pt), best_pt)
 model = model.to(device).eval()
 layer = last_conv_layer(model)
-preprocess = classify.transforms(trained["input_size"], train=False)
+preprocess = data.transforms(trained["input_size"], train=False)
 
 # The patches to explain: saliency.per_city random ones per city, target = the patch's true city.
 patches_dir = data_dir(cfg, "cities", "patches")
@@ -51,8 +53,8 @@ bar = tqdm(total=len(chosen), desc=f"saliency ({cfg.saliency.method})", unit="pa
 for start in range(0, len(chosen), bs):
     batch = chosen.iloc[start:start + bs]
     files = [patches_dir / f for f in batch["path"]]
-    pixels = [classify.read_image(f) for f in files]  # full resolution, for the figure
-    x = torch.stack([preprocess(classify.read_image(f, trained["input_size"])) for f in files]).to(device)  # as in training
+    pixels = [data.read_image(f) for f in files]  # full resolution, for the figure
+    x = torch.stack([preprocess(data.read_image(f, trained["input_size"])) for f in files]).to(device)  # as in training
     targets = [classes.index(c) for c in batch["iata"]]
     with torch.no_grad():
         probs = torch.softmax(model(x), dim=1).cpu().numpy()

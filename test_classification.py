@@ -6,7 +6,7 @@ accuracy, macro F1, per-city precision and recall, number of patches), predictio
 confusion_matrix.csv and .png (rows true, columns predicted, IATA codes, counts and row percentages),
 and city similarity two ways (symmetrised row-normalised confusions; cosine similarity of the cities'
 mean penultimate embeddings): similarity.csv, similar_pairs.csv, dendrogram_confusion.png and
-dendrogram_embedding.png. The column layout of the similarity files is described in urbanlens/similarity.py.
+dendrogram_embedding.png. The column layout of the similarity files is described in urbanlens/cities/similarity.py.
 """
 import os
 
@@ -17,10 +17,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pandas as pd
 from scipy.special import softmax
 
-from urbanlens import classify, patches, plots, runtime, similarity
-from urbanlens.config import cli, data_dir, results_dir
-from urbanlens.io import save_figure, save_run_config, write_csv, write_json
-from urbanlens.models import classifier_from_checkpoint
+from urbanlens.cities import data, figures, patches, similarity
+from urbanlens.cities import metrics as cities_metrics
+from urbanlens.core import loops, runtime
+from urbanlens.core.backbones import classifier_from_checkpoint
+from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core.files import save_figure, save_run_config, write_csv, write_json
 
 cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
 device = runtime.select_device(cfg.device)
@@ -32,28 +34,28 @@ out = results_dir(cfg, "cities")
 best_pt = out / "checkpoints" / "best.pt"
 state = runtime.load_checkpoint(best_pt)
 model, trained, classes = classifier_from_checkpoint(state, best_pt)
-model = classify.to_device(model, device, cfg.train.channels_last)
+model = loops.to_device(model, device, cfg.train.channels_last)
 
 # Predictions on the test split.
 patches_dir = data_dir(cfg, "cities", "patches")
 manifest = patches.read_manifest(data_dir(cfg))
 size = trained["input_size"]
-test_set = classify.split_dataset(manifest, cfg.test.split, patches_dir, classes,
-                                  classify.transforms(size, train=False), size)
-loader = classify.make_loader(test_set, cfg.test.batch_size, cfg.workers, device)
-logits, embeddings, labels = classify.predict(model, loader, device, amp, cfg.train.channels_last)
+test_set = data.split_dataset(manifest, cfg.test.split, patches_dir, classes,
+                                  data.transforms(size, train=False), size)
+loader = loops.make_loader(test_set, cfg.test.batch_size, cfg.workers, device)
+logits, embeddings, labels = loops.predict(model, loader, device, amp, cfg.train.channels_last)
 pred = logits.argmax(axis=1)
 
 # Accuracy and confusions.
-metrics = classify.classification_metrics(labels, logits, classes)
+metrics = cities_metrics.classification_metrics(labels, logits, classes)
 metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"))
-confusions = classify.confusion_frame(labels, pred, classes)
+confusions = cities_metrics.confusion_frame(labels, pred, classes)
 write_json(out / "metrics.json", metrics)
 write_csv(pd.DataFrame({"path": manifest.loc[manifest["split"] == cfg.test.split, "path"].to_numpy(),
                         "true": [classes[i] for i in labels], "predicted": [classes[i] for i in pred],
                         "confidence": softmax(logits, axis=1).max(axis=1)}), out / "predictions.csv")
 write_csv(confusions, out / "confusion_matrix.csv", index=True)
-save_figure(plots.confusion_matrix_figure(
+save_figure(figures.confusion_matrix_figure(
     confusions.to_numpy(), classes, title=f"{cfg.test.split}: accuracy {metrics['accuracy']:.1%}"),
     out / "confusion_matrix.png")
 
@@ -64,7 +66,7 @@ pairs = pd.concat([similarity.similar_pairs(s, classes, m) for m, s in matrices.
 write_csv(similarity.similarity_table(matrices, classes), out / "similarity.csv")
 write_csv(pairs, out / "similar_pairs.csv")
 for method, sim in matrices.items():
-    save_figure(plots.dendrogram_figure(similarity.cluster(sim), classes, title=f"cities by {method} similarity"),
+    save_figure(figures.dendrogram_figure(similarity.cluster(sim), classes, title=f"cities by {method} similarity"),
                 out / f"dendrogram_{method}.png")
 save_run_config(cfg, out, "test_config.yaml")
 

@@ -21,10 +21,13 @@ import time
 
 import torch
 
-from urbanlens import classify, patches, runtime
-from urbanlens.config import cli, data_dir, results_dir
-from urbanlens.io import save_run_config
-from urbanlens.models import WeightsUnavailable, build_backbone
+from urbanlens.cities import data, patches
+from urbanlens.cities import sampling as cities_sampling
+from urbanlens.cities import training as cities_training
+from urbanlens.core import loops, runtime
+from urbanlens.core.backbones import WeightsUnavailable, build_backbone
+from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core.files import save_run_config
 
 
 def options(parser):
@@ -45,16 +48,16 @@ patches_dir = data_dir(cfg, "cities", "patches")
 manifest = patches.read_manifest(data_dir(cfg))
 classes = patches.class_names(manifest)
 size = cfg.model.input_size
-train_set = classify.split_dataset(manifest, "train", patches_dir, classes, classify.transforms(size, train=True),
+train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                    size)
-val_set = classify.split_dataset(manifest, "val", patches_dir, classes, classify.transforms(size, train=False), size)
+val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
 batch = max(1, cfg.train.batch_size // world)
 draws = len(train_set)
 if cfg.train.max_steps_per_epoch > 0:
     draws = min(draws, cfg.train.max_steps_per_epoch * batch * world)
-sampler = classify.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, rank, world)
-train_loader = classify.make_loader(train_set, batch, cfg.workers, device, sampler)
-val_loader = classify.make_loader(classify.shard(val_set, rank, world), batch, cfg.workers, device)
+sampler = cities_sampling.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, rank, world)
+train_loader = loops.make_loader(train_set, batch, cfg.workers, device, sampler)
+val_loader = loops.make_loader(loops.shard(val_set, rank, world), batch, cfg.workers, device)
 
 # Model and optimiser.
 try:
@@ -62,16 +65,16 @@ try:
 except WeightsUnavailable as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-model = classify.to_device(model, device, nhwc)
+model = loops.to_device(model, device, nhwc)
 optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-scheduler = classify.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
+scheduler = cities_training.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
 scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
 out = results_dir(cfg, "cities")
 last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
 done, best_acc = 0, -1.0
 state = runtime.load_checkpoint(last_pt) if last_pt.is_file() else None
-changed = classify.run_changes(state["config"], cfg) if state is not None else []
+changed = cities_training.run_changes(state["config"], cfg) if state is not None else []
 if state is not None and changed and not args.resume:
     if not cfg.overwrite:
         sys.exit(f"error: {last_pt}: trained with other settings ({', '.join(changed)}); re-run with --resume "
@@ -81,14 +84,14 @@ if state is not None and changed and not args.resume:
         last_pt.unlink(missing_ok=True)
         best_pt.unlink(missing_ok=True)
 if state is not None:
-    classify.check_resumable(state, classes, cfg.model, last_pt)
-    done, best_acc = classify.restore(state, model, optimizer, scaler, scheduler)
+    cities_training.check_resumable(state, classes, cfg.model, last_pt)
+    done, best_acc = cities_training.restore(state, model, optimizer, scaler, scheduler)
     if main:
         print(f"[train] resuming from {last_pt} after epoch {done}")
 elif args.resume and main:
     print(f"[train] --resume: no {last_pt} yet, starting from scratch")
-log = classify.read_log(log_csv, done)
-model = classify.wrap_distributed(model, device)
+log = cities_training.read_log(log_csv, done)
+model = loops.wrap_distributed(model, device)
 if main:
     save_run_config(cfg, out, "train_config.yaml")
     print(f"[train] {len(train_set)} train / {len(val_set)} val patches, {len(classes)} cities, "
@@ -99,15 +102,15 @@ if main:
 start = time.time()
 for epoch in range(done + 1, cfg.train.epochs + 1):
     t0 = time.time()
-    classify.begin_epoch(sampler, cfg.seed, epoch, rank)
+    cities_sampling.begin_epoch(sampler, cfg.seed, epoch, rank)
     lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
-    tr = classify.train_one_epoch(model, train_loader, optimizer, device, scaler, amp, nhwc, scheduler,
+    tr = cities_training.train_one_epoch(model, train_loader, optimizer, device, scaler, amp, nhwc, scheduler,
                                   desc=f"epoch {epoch}/{cfg.train.epochs}")
-    va = classify.evaluate(model, val_loader, device, amp, nhwc)
+    va = loops.evaluate(model, val_loader, device, amp, nhwc)
     if main:
         log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                     "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})
-        classify.write_log(log, log_csv)
+        cities_training.write_log(log, log_csv)
         improved = va["acc"] >= best_acc  # ties: the later, longer-trained epoch
         best_acc = max(best_acc, va["acc"])
         extra = dict(classes=classes, best_val_acc=best_acc, scaler=scaler.state_dict(),

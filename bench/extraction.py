@@ -2,7 +2,7 @@
 
     python bench/extraction.py [--city-m 2000] [--res 1.0] [--cell-px 200] [--repeats 3]
 
-Tiles: a synthetic city of ``--city-m`` (urbanlens.synth_france: its land use rendered as 1 km
+Tiles: a synthetic city of ``--city-m`` (urbanlens.ses.world: its land use rendered as 1 km
 Lambert-93 tiles, EPSG:2154, JPEG 2000 when GDAL has the driver, as the IGN delivers them). Cells: every
 200 m INSEE cell (EPSG:3035) lying wholly inside the tiles. Compared, on one thread, same tiles and cells:
   urbanlens.geo   read_cell: the cell's footprint read from its tile(s) in their own CRS (a window of
@@ -33,42 +33,48 @@ from rasterio.transform import from_origin  # noqa: E402
 from rasterio.warp import reproject, transform_bounds  # noqa: E402
 from rasterio.windows import from_bounds as window_from_bounds  # noqa: E402
 
-from urbanlens import geo, synth_france  # noqa: E402
-from urbanlens.config import load_config  # noqa: E402
+from urbanlens.core.config import load_config  # noqa: E402
+from urbanlens.ses import extraction as ses_extraction
+from urbanlens.ses import grid as ses_grid
+from urbanlens.ses import tiles as ses_tiles
+from urbanlens.ses import (
+    world,  # noqa: E402
+    world_plan,
+)
 
 
 def make_tiles(workdir: Path, city_m: float, res: float, seed: int, fmt: str, workers: int) -> gpd.GeoDataFrame:
     """Render a synthetic city's orthophoto tiles; return the tile index [path, geometry] (EPSG:2154)."""
     cfg = load_config(None, [f"france.city_size_m={city_m}", f"france.resolution_m={res}",
                              "france.nodata_fraction=0", f"seed={seed}"])
-    city = synth_france.plan_city("Paris", 0, float(city_m), seed)
-    driver, ext = synth_france.aerial_driver() if fmt == "jp2" else ("GTiff", "tif")
-    jobs, index = synth_france.tile_jobs(city, workdir / "tiles", cfg.france, seed, driver, ext)
-    synth_france.render_all(jobs, workers, progress=True)
+    city = world_plan.plan_city("Paris", 0, float(city_m), seed)
+    driver, ext = world.aerial_driver() if fmt == "jp2" else ("GTiff", "tif")
+    jobs, index = world.tile_jobs(city, workdir / "tiles", cfg.france, seed, driver, ext)
+    world.render_all(jobs, workers, progress=True)
     index["path"] = [j.path for j in jobs]
     return index[["path", "geometry"]]
 
 
 def cells_inside(tiles: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """The 200 m EPSG:3035 cells wholly inside the tiles' union, with the tiles each overlaps."""
-    footprint = tiles.geometry.segmentize(50).to_crs(geo.LAEA).union_all()
+    footprint = tiles.geometry.segmentize(50).to_crs(ses_grid.LAEA).union_all()
     w, s, e, n = footprint.bounds
     xs = np.arange(np.ceil(w / 200) * 200, e, 200)
     ys = np.arange(np.ceil(s / 200) * 200, n, 200)
     boxes = [shapely.box(x, y, x + 200, y + 200) for y in ys for x in xs]
-    cells = gpd.GeoDataFrame(geometry=[b for b in boxes if footprint.contains(b)], crs=geo.LAEA)
-    cells["tiles"] = geo.tiles_for_cells(cells, tiles)
+    cells = gpd.GeoDataFrame(geometry=[b for b in boxes if footprint.contains(b)], crs=ses_grid.LAEA)
+    cells["tiles"] = ses_tiles.tiles_for_cells(cells, tiles)
     return cells.sort_values("tiles", kind="stable").reset_index(drop=True)  # tile by tile, as extract_cells
 
 
 # ------------------------------------------------------------------------------------ the compared paths
 def run_urbanlens(cells, px):
-    """geo.read_cell for every cell, tiles opened once (as extract_cells keeps them open)."""
+    """ses_extraction.read_cell for every cell, tiles opened once (as extract_cells keeps them open)."""
     paths = sorted({p for t in cells["tiles"] for p in t})
     with rasterio.Env():
         srcs = {p: rasterio.open(p) for p in paths}
         try:
-            return [geo.read_cell([srcs[p] for p in t], c.bounds, px) for c, t in zip(cells.geometry, cells["tiles"])]
+            return [ses_extraction.read_cell([srcs[p] for p in t], c.bounds, px) for c, t in zip(cells.geometry, cells["tiles"])]
         finally:
             for s in srcs.values():
                 s.close()
@@ -78,18 +84,18 @@ def warp_tile(path, out_path, res):
     """The whole tile reprojected to EPSG:3035 on a grid of ``res`` m aligned with the 200 m cells."""
     with rasterio.open(path) as src:
         data = src.read()
-        src_crs = geo.tile_crs(src)
-        w, s, e, n = transform_bounds(src_crs, geo.LAEA, *src.bounds, densify_pts=21)
+        src_crs = ses_tiles.tile_crs(src)
+        w, s, e, n = transform_bounds(src_crs, ses_grid.LAEA, *src.bounds, densify_pts=21)
         w, s = np.floor(w / res) * res, np.floor(s / res) * res
         e, n = np.ceil(e / res) * res, np.ceil(n / res) * res
         width, height = int(round((e - w) / res)), int(round((n - s) / res))
         transform = from_origin(w, n, res, res)
         out = np.zeros((data.shape[0], height, width), np.uint8)
         reproject(data, out, src_transform=src.transform, src_crs=src_crs, src_nodata=0,
-                  dst_transform=transform, dst_crs=geo.LAEA, dst_nodata=0, resampling=Resampling.average,
+                  dst_transform=transform, dst_crs=ses_grid.LAEA, dst_nodata=0, resampling=Resampling.average,
                   UNIFIED_SRC_NODATA="YES")
     with rasterio.open(out_path, "w", driver="GTiff", width=width, height=height, count=out.shape[0],
-                       dtype="uint8", crs=geo.LAEA, transform=transform, nodata=0) as dst:
+                       dtype="uint8", crs=ses_grid.LAEA, transform=transform, nodata=0) as dst:
         dst.write(out)
 
 

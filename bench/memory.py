@@ -2,7 +2,7 @@
 
     python bench/memory.py [--n 8] [--factor 4] [--res 1.0] [--cell-px 64]
 
-A synthetic French city (urbanlens.synth_france, one city, JPEG 2000 tiles at --res m) is built once.
+A synthetic French city (urbanlens.ses.world, one city, JPEG 2000 tiles at --res m) is built once.
 For each cell count (ses.max_cells = N, then factor x N) the real stage scripts run as child processes,
 each on its own results folder:
   extraction       generate_fr_ua_aerial_data.py (one worker)
@@ -20,9 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, header, peak_rss_mb  # noqa: E402
-
-from urbanlens import io, runtime, ses, synth_france  # noqa: E402
-from urbanlens.config import load_config  # noqa: E402
+from urbanlens.core import files, runtime
+from urbanlens.core.config import load_config  # noqa: E402
+from urbanlens.ses import data as ses_data
+from urbanlens.ses import model as ses_model
+from urbanlens.ses import world as ses_world  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "ses_demo.yaml")
 
@@ -45,7 +47,7 @@ def fake_training(cfg) -> None:
     import torch
 
     torch.manual_seed(cfg.seed)
-    model = ses.build_ses_model(cfg)
+    model = ses_model.build_ses_model(cfg)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.momentum = 1.0  # running statistics = those of the next batch
@@ -53,7 +55,7 @@ def fake_training(cfg) -> None:
         model.train()(torch.rand(8, 3, cfg.ses_model.input_size, cfg.ses_model.input_size))
     city_dir = Path(cfg.paths.results) / "ses" / cfg.ses.cities[0]
     runtime.save_checkpoint(city_dir / "fold_0" / "best.pt", model.eval(), cfg, epoch=0)
-    io.write_json(city_dir / "metrics.json", {"best_fold": 0})
+    files.write_json(city_dir / "metrics.json", {"best_fold": 0})
 
 
 def stage(script: str, sets: list[str], log: Path) -> tuple[float, float]:
@@ -82,8 +84,8 @@ def main():
     try:
         sizes = (args.n, args.factor * args.n)
         world_cfg = load_config(CONFIG, overrides(workdir, sizes[0], args) + ["workers=2"])
-        if synth_france.existing_world(world_cfg) is None:
-            truth = synth_france.build_world(world_cfg, progress=True)
+        if ses_world.existing_world(world_cfg) is None:
+            truth = ses_world.build_world(world_cfg, progress=True)
             print(f"[memory] world: {truth['cities']['Paris']['census_cells']} census cells, "
                   f"{truth['cities']['Paris']['tiles']} tiles at {args.res} m")
         peaks = {}
@@ -96,7 +98,7 @@ def main():
             mb, sec = stage("gradcaming_urban_areas.py", sets, workdir / f"cams_{n}.log")
             peaks[("activation maps", n)] = mb
             print(f"[memory] activation maps, {n} cells: peak {mb:.0f} MiB ({sec:.1f} s)")
-            cells = ses.read_cells(workdir / f"results_{n}" / "ses" / "cells.gpkg")
+            cells = ses_data.read_cells(workdir / f"results_{n}" / "ses" / "cells.gpkg")
             done = int(cells["non_void"].sum())
             if len(cells) != n:
                 print(f"[memory] warning: the city has only {len(cells)} cells (asked {n}); "

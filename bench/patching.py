@@ -2,7 +2,7 @@
 
     python bench/patching.py [--cities 2] [--images 2] [--image-px 1440] [--patch 480] [--repeats 3]
 
-Raw world: urbanlens.synth_cities (cities x 2 sites x images of image-px, JPEG), cut with the paper's
+Raw world: urbanlens.cities.world (cities x 2 sites x images of image-px, JPEG), cut with the paper's
 rule (480 px patches, stride 240; the last site split into test / val halves). Compared on the same
 images and plan (urbanlens.patches.plan_split):
   write_patches, 1 worker    the project's preprocessing, one process (files written, renamed)
@@ -26,15 +26,16 @@ single_thread()
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from urbanlens import patches, synth_cities  # noqa: E402
-from urbanlens.config import load_config  # noqa: E402
+from urbanlens.cities import patches
+from urbanlens.cities import world as cities_world  # noqa: E402
+from urbanlens.core.config import load_config  # noqa: E402
 
 
 def make_world(data: Path, cities: int, images: int, image_px: int, seed: int) -> Path:
     cfg = load_config(None, [f"paths.data={data}", f"world.n_cities={cities}", "world.n_sites=2",
                              f"world.images_per_site={images}", f"world.image_size={image_px}",
                              "world.feature_scale=5.0", f"seed={seed}"])
-    return synth_cities.generate_world(cfg) / "raw"
+    return cities_world.generate_world(cfg) / "raw"
 
 
 def codec_floor(plan, raw: Path, quality: int) -> dict:

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import shapely  # noqa: E402
 from rasterio.transform import from_bounds  # noqa: E402
 
-from urbanlens import zonal  # noqa: E402
+from urbanlens.ses import zonal  # noqa: E402
 
 STATS = list(zonal.STATS)
 MAPS = ("poor", "rich")
@@ -66,10 +66,10 @@ def grid_pieces(rng, bounds, px, n):
 
 
 def city_landuse(seed):
-    """The land use of a synthetic city (urbanlens.synth_france): blocks, a street network, corridors."""
-    from urbanlens import synth_france
+    """The land use of a synthetic city (urbanlens.ses.world): blocks, a street network, corridors."""
+    from urbanlens.ses import world_plan
 
-    city = synth_france.plan_city("Paris", 0, 2400.0, seed)
+    city = world_plan.plan_city("Paris", 0, 2400.0, seed)
     return city.landuse.rename(columns={"code_2018": "ua_code", "class_2018": "ua_class"}), city.origin
 
 
@@ -155,8 +155,8 @@ def network_seconds(px, repeats):
     """Median seconds of one forward + backward pass of the SES model on one px x px cell."""
     import torch
 
-    from urbanlens.config import load_config
-    from urbanlens.ses import build_ses_model
+    from urbanlens.core.config import load_config
+    from urbanlens.ses.model import build_ses_model
 
     torch.set_num_threads(1)
     cfg = load_config(None, ["ses_model.pretrained=false", f"ses_model.input_size={px}"])

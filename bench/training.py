@@ -5,20 +5,20 @@
 
 For each training script at its paper and demo sizes (configs/cities.yaml, cities_demo.yaml, ses.yaml,
 ses_demo.yaml: backbone, input size, batch size, patch / cell pixels, workers), on synthetic files of
-the right pixel size (urbanlens.synth_cities drawings; JPEG patches at patch.jpeg_quality, cell PNGs
+the right pixel size (urbanlens.cities.world drawings; JPEG patches at patch.jpeg_quality, cell PNGs
 written by urbanlens.geo.write_png):
   pipeline, N workers   the script's own Dataset and DataLoader with `workers` processes, iterated over
                         --batches batches (worker start-up included, as in every epoch):
-                          cities: classify.PatchDataset (JPEG draft decode, resize, flips, ImageNet
-                                  normalisation) + classify.EpochSampler + classify.make_loader
-                          ses:    ses.CellDataset (PNG decode, resize, min-max scaling) + ses._loader,
-                                  then ses.random_flips on each batch (done in ses.fit's loop)
+                          cities: cities_data.PatchDataset (JPEG draft decode, resize, flips, ImageNet
+                                  normalisation) + sampling.EpochSampler + loops.make_loader
+                          ses:    ses_data.CellDataset (PNG decode, resize, min-max scaling) + fitting._loader,
+                                  then ses_data.random_flips on each batch (done in fitting.fit's loop)
   pipeline, in process  the same with 0 workers: the pipeline's cost per core
-  pipeline, cached      ses only, where ses.fits_in_memory decides that a city's cells are decoded once
+  pipeline, cached      ses only, where ses_data.fits_in_memory decides that a city's cells are decoded once
                         up front (the demo): indexing, collation and flips
   step                  forward + backward + optimiser step on batches already in memory, one thread:
-                          cities: classify.train_one_epoch over in-memory batches (Adam, cross-entropy)
-                          ses:    ses.train_step, the step ses.fit takes (Adam, binomial head, NLL)
+                          cities: cities_training.train_one_epoch over in-memory batches (Adam, cross-entropy)
+                          ses:    fitting.train_step, the step fitting.fit takes (Adam, binomial head, NLL)
 A paper-size step is slow on a CPU and its activations are large (about 120 MB an image for ResNet-50 at
 224 px, 1.2 GB for EfficientNet-B0 at 800 px; 16 GB and 13 GB at the paper batches): it is
 timed on --cities-step-batch / --ses-step-batch images of the paper batches (per-image CPU time does not
@@ -28,7 +28,7 @@ flips of the un-augmented transform of the same file; ses items are min-max scal
 flipped batch is a flip of the loaded one; cached and decoded SES items are equal.
 Tables give seconds per batch of the script's batch size (the step's from its time per image); the last
 lines are pipeline / step in images per second, the pipeline as the script runs it (workers, or the cache).
-GPU part (only where CUDA is available): ResNet-50 at 224, the project's step (classify.train_one_epoch
+GPU part (only where CUDA is available): ResNet-50 at 224, the project's step (cities_training.train_one_epoch
 with runtime.autocast mixed precision, GradScaler and channels_last) vs a plain fp32 NCHW loop; the two
 losses on the same first batch agree within 1 %.
 """
@@ -52,21 +52,32 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from urbanlens import classify, geo, models, runtime, ses, synth_cities  # noqa: E402
-from urbanlens.config import load_config  # noqa: E402
+from urbanlens.cities import data as cities_data
+from urbanlens.cities import (
+    sampling,
+    world,  # noqa: E402
+    world_render,
+)
+from urbanlens.cities import training as cities_training
+from urbanlens.core import backbones, loops, runtime
+from urbanlens.core.config import load_config  # noqa: E402
+from urbanlens.ses import data as ses_data
+from urbanlens.ses import extraction as ses_extraction
+from urbanlens.ses import fitting
+from urbanlens.ses import model as ses_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {("cities", "demo"): "configs/cities_demo.yaml", ("cities", "paper"): "configs/cities.yaml",
            ("ses", "demo"): "configs/ses_demo.yaml", ("ses", "paper"): "configs/ses.yaml"}
 GPU = "cuda"  # the GPU part's device
-CITY_CELLS = 1000  # cells of one city, for ses.fits_in_memory (paper cities have thousands, demo ~200)
+CITY_CELLS = 1000  # cells of one city, for ses_data.fits_in_memory (paper cities have thousands, demo ~200)
 
 
 # ------------------------------------------------------------------------------------------ inputs
 def draw_images(n: int, size: int, scale: float, seed: int) -> list[np.ndarray]:
     """``n`` overhead views of ``size`` px from different synthetic city styles."""
-    styles = synth_cities.city_styles(max(2, n), seed, 0.15)
-    return [synth_cities.render_image(styles[i], np.random.default_rng([seed, i]), size, scale) for i in range(n)]
+    styles = world.city_styles(max(2, n), seed, 0.15)
+    return [world_render.render_image(styles[i], np.random.default_rng([seed, i]), size, scale) for i in range(n)]
 
 
 def write_jpegs(images, folder: Path, quality: int) -> list[Path]:
@@ -87,7 +98,7 @@ def write_cells(images, folder: Path, noise: float, seed: int) -> list[Path]:
     for i, img in enumerate(images):
         noisy = np.clip(img + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
         paths.append(folder / f"cell_{i:03d}.png")
-        geo.write_png(paths[-1], noisy)
+        ses_extraction.write_png(paths[-1], noisy)
     return paths
 
 
@@ -101,11 +112,11 @@ def flips(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def check_cities_items(ds, size: int, k: int = 6) -> None:
-    plain = classify.transforms(size, train=False)
+    plain = cities_data.transforms(size, train=False)
     for i in range(k):
         x, _ = ds[i]
         assert x.shape == (3, size, size) and x.dtype == torch.float32, (x.shape, x.dtype)
-        ref = plain(classify.read_image(ds.files[i], size))
+        ref = plain(cities_data.read_image(ds.files[i], size))
         err = min(float((x - f).abs().max()) for f in flips(ref))
         assert err < 1e-5, f"cities pipeline item {i} is no flip of its un-augmented image ({err})"
 
@@ -121,12 +132,12 @@ def check_ses_batch(x: torch.Tensor, flipped: torch.Tensor, size: int, rotate: b
 
 # ------------------------------------------------------------------------------------------ steps
 def ses_steps(net, opt, scaler, batches, device, amp: bool) -> float:
-    """ses.fit's step (ses.train_step) over in-memory batches (already flipped); mean loss."""
+    """fitting.fit's step (fitting.train_step) over in-memory batches (already flipped); mean loss."""
     net.train()
     loss_sum, n = 0.0, 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, _ = ses.train_step(net, opt, scaler, x, y, amp)
+        loss, _ = fitting.train_step(net, opt, scaler, x, y, amp)
         loss_sum += loss * len(y)
         n += len(y)
     return loss_sum / n
@@ -187,26 +198,26 @@ def cities_case(size_name: str, args, work: Path) -> dict:
                         work / f"cities_{size_name}", cfg.patch.jpeg_quality)
     files = repeat(files, n_images)
     labels = np.arange(n_images) % n_classes
-    ds = classify.PatchDataset(files, labels, classify.transforms(size, train=True), decode_size=size)
+    ds = cities_data.PatchDataset(files, labels, cities_data.transforms(size, train=True), decode_size=size)
     check_cities_items(ds, size)
     print(f"[training] cities {size_name}: {cfg.model.backbone} at {size} px from {px} px JPEG patches "
           f"(q {cfg.patch.jpeg_quality}), batch {batch} (step timed at {step_batch}), {n_classes} classes, "
           f"{workers} workers")
 
     def loader(w):
-        sampler = classify.EpochSampler(labels, cfg.train.balanced, n_images, args.seed)
-        classify.begin_epoch(sampler, args.seed, 1)
-        return lambda: iter(classify.make_loader(ds, batch, w, device, sampler))
+        sampler = sampling.EpochSampler(labels, cfg.train.balanced, n_images, args.seed)
+        sampling.begin_epoch(sampler, args.seed, 1)
+        return lambda: iter(loops.make_loader(ds, batch, w, device, sampler))
 
     pipe_w, batches = time_pipeline(loader(workers), args.repeats)
     pipe_0, _ = time_pipeline(loader(0), args.repeats)
     assert sum(len(y) for _, y in batches) == n_images and batches[0][0].shape == (batch, 3, size, size)
 
     torch.manual_seed(args.seed)
-    model = classify.to_device(models.build_backbone(cfg.model.backbone, n_classes, False, None), device,
+    model = loops.to_device(backbones.build_backbone(cfg.model.backbone, n_classes, False, None), device,
                                cfg.train.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    step = lambda bs: classify.train_one_epoch(model, bs, opt, device, None, False, cfg.train.channels_last)
+    step = lambda bs: cities_training.train_one_epoch(model, bs, opt, device, None, False, cfg.train.channels_last)
     step_s = time_steps(step, batches, paper, step_batch, args.paper_steps, args.repeats)
     return {"script": "cities", "size": size_name, "batch": batch, "workers": workers,
             "pipeline": pipe_w / args.batches, "pipeline_0": pipe_0 / args.batches, "cached": None,
@@ -226,31 +237,31 @@ def ses_case(size_name: str, args, work: Path) -> dict:
     files = write_cells(draw_images(args.cells if paper else args.files, px, scale, args.seed),
                         work / f"ses_{size_name}", args.noise, args.seed)
     files = repeat(files, n_images)
-    labels = np.arange(n_images) % ses.N_CLASSES
-    cache = ses.fits_in_memory(CITY_CELLS, size, tc.cache_mb)
+    labels = np.arange(n_images) % ses_model.N_CLASSES
+    cache = ses_data.fits_in_memory(CITY_CELLS, size, tc.cache_mb)
     print(f"[training] ses {size_name}: {cfg.ses_model.backbone} + binomial head at {size} px from {px} px "
           f"PNG cells, batch {batch} (step timed at {step_batch}), {workers} workers; a city of {CITY_CELLS} "
           f"cells is {'cached (decoded once)' if cache else 'decoded every epoch'}")
-    ds = ses.CellDataset(files, labels, size)
+    ds = ses_data.CellDataset(files, labels, size)
     gen = torch.Generator().manual_seed(args.seed)
 
     def loader(dataset, w):
         def run():
             out = []
-            for x, y in ses._loader(dataset, batch, True, args.seed, w):
-                out.append((ses.random_flips(x, gen, rotate=tc.rot90), y))
+            for x, y in fitting._loader(dataset, batch, True, args.seed, w):
+                out.append((ses_data.random_flips(x, gen, rotate=tc.rot90), y))
             return out
         return run
 
     pipe_w, batches = time_pipeline(loader(ds, workers), args.repeats)
     pipe_0, _ = time_pipeline(loader(ds, 0), args.repeats)
     x0, _ = next(iter(torch.utils.data.DataLoader(ds, batch_size=batch)))
-    check_ses_batch(x0, ses.random_flips(x0, gen, rotate=tc.rot90), size, tc.rot90)
+    check_ses_batch(x0, ses_data.random_flips(x0, gen, rotate=tc.rot90), size, tc.rot90)
     assert sum(len(y) for _, y in batches) == n_images
     cached = None
     if cache:
         t0 = time.perf_counter()
-        ds_c = ses.CellDataset(files, labels, size, cache=True)
+        ds_c = ses_data.CellDataset(files, labels, size, cache=True)
         decode_s = time.perf_counter() - t0
         differ = [i for i in range(len(ds)) if not torch.equal(ds_c[i][0], ds[i][0])]
         assert not differ, f"{len(differ)} cached items differ from the decoded ones, e.g. {differ[0]}"
@@ -259,7 +270,7 @@ def ses_case(size_name: str, args, work: Path) -> dict:
         print(f"[training] ses {size_name}: decoding the {n_images} cells up front took {decode_s:.2f} s")
 
     torch.manual_seed(args.seed)
-    model = ses.build_ses_model(cfg).to(device)
+    model = ses_model.build_ses_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     step = lambda bs: ses_steps(model, opt, scaler, bs, device, False)
@@ -295,14 +306,14 @@ def gpu_part(args) -> float | None:
     batches = [(torch.randn(batch, 3, size, size, generator=g).to(device),
                 torch.randint(0, n_classes, (batch,), generator=g).to(device)) for _ in range(args.gpu_steps)]
     torch.manual_seed(args.seed)
-    init = models.build_backbone(cfg.model.backbone, n_classes, False, None).state_dict()
+    init = backbones.build_backbone(cfg.model.backbone, n_classes, False, None).state_dict()
 
     def fresh():
-        m = models.build_backbone(cfg.model.backbone, n_classes, False, None)
+        m = backbones.build_backbone(cfg.model.backbone, n_classes, False, None)
         m.load_state_dict(init)
         return m
 
-    amp_model = classify.to_device(fresh(), device, channels_last=True)
+    amp_model = loops.to_device(fresh(), device, channels_last=True)
     fp32_model = fresh().to(device)
     with torch.no_grad():  # same results: the first batch's loss under both paths (batch statistics)
         x, y = batches[0]
@@ -322,7 +333,7 @@ def gpu_part(args) -> float | None:
             torch.cuda.synchronize()
         return median(time_runs(run, args.repeats))
 
-    amp_s = timed(lambda: classify.train_one_epoch(amp_model, batches, opt_a, device, scaler, True, True))
+    amp_s = timed(lambda: cities_training.train_one_epoch(amp_model, batches, opt_a, device, scaler, True, True))
     fp32_s = timed(lambda: plain_fp32_steps(fp32_model, opt_f, batches, device))
     n = batch * args.gpu_steps
     print(f"[training] gpu: {torch.cuda.get_device_name(0)}; {cfg.model.backbone} at {size} px, batch {batch}, "

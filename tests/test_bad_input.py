@@ -19,9 +19,9 @@ import torch
 import yaml
 from PIL import Image
 
-from urbanlens import runtime
-from urbanlens.config import load_config
-from urbanlens.models import build_backbone
+from urbanlens.core import runtime
+from urbanlens.core.backbones import build_backbone
+from urbanlens.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
@@ -70,7 +70,7 @@ def snapshot(folder):
 @pytest.fixture(scope="module")
 def cities_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cities")
-    ok(run(["-m", "urbanlens.synth_cities"], root))
+    ok(run(["-m", "urbanlens.cities.world"], root))
     return root
 
 
@@ -259,7 +259,7 @@ def test_training_refuses_checkpoints_of_other_settings(patched):
 @pytest.fixture(scope="module")
 def ses_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ses")
-    ok(run(["-m", "urbanlens.synth_france"], root, ses=True))
+    ok(run(["-m", "urbanlens.ses.world"], root, ses=True))
     ok(run(["generate_fr_ua_aerial_data.py"], root, ses=True))
     return root
 
@@ -436,14 +436,14 @@ def test_ses_training_refuses_another_runs_models(ses, ses_world):
 
 
 def test_activation_maps_with_a_checkpoint_of_another_backbone(ses, ses_world):
-    from urbanlens import ses as ses_mod
+    from urbanlens.ses import model as ses_model
 
     root, _, _ = ses
     shutil.copytree(ses_world / "results", root / "results")
     trained = load_config(ROOT / "configs/ses_demo.yaml", [*SES, "ses_model.backbone=resnet18"])
     recorded = load_config(ROOT / "configs/ses_demo.yaml", SES)  # says efficientnet_b0
     city_dir = root / "results" / "ses" / "Paris"
-    runtime.save_checkpoint(city_dir / "fold_0" / "best.pt", ses_mod.build_ses_model(trained), recorded, fold=0)
+    runtime.save_checkpoint(city_dir / "fold_0" / "best.pt", ses_model.build_ses_model(trained), recorded, fold=0)
     (city_dir / "metrics.json").write_text('{"best_fold": 0}\n')
     one_line_error(run(["gradcaming_urban_areas.py"], root, ses=True), "best.pt", "do not fit")
     assert not (city_dir / "polygon_stats.gpkg").exists() and not temp_files(root)

@@ -7,8 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from urbanlens import cam
-from urbanlens.saliency_panels import masked_image, sample_patches, saliency_figure
+from urbanlens.cities.figures import saliency_figure
+from urbanlens.cities.saliency import masked_image, sample_patches
+from urbanlens.core import cam
 
 torch.set_num_threads(1)
 

@@ -6,26 +6,31 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from urbanlens import classify, plots, runtime, similarity
-from urbanlens.config import load_config
-from urbanlens.models import build_backbone
+from urbanlens.cities import data as cities_data
+from urbanlens.cities import figures as cities_figures
+from urbanlens.cities import metrics as cities_metrics
+from urbanlens.cities import sampling as cities_sampling
+from urbanlens.cities import similarity, training
+from urbanlens.core import loops, runtime
+from urbanlens.core.backbones import build_backbone
+from urbanlens.core.config import load_config
 
 
 # ---------------------------------------------------------------- sampling
 def test_balanced_sampler_draws_classes_equally():
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
-    sampler = classify.EpochSampler(labels, balanced=True, num_samples=30000, seed=1)
+    sampler = cities_sampling.EpochSampler(labels, balanced=True, num_samples=30000, seed=1)
     counts = np.bincount(labels[list(sampler)], minlength=3)
     assert len(sampler) == 30000
     assert np.allclose(counts / counts.sum(), 1 / 3, atol=0.02)
     # weights: inverse class size
-    w = classify.balanced_weights(labels)
+    w = cities_sampling.balanced_weights(labels)
     assert w[0] == pytest.approx(1 / 900) and w[-1] == pytest.approx(1 / 10)
 
 
 def test_unbalanced_sampler_is_a_permutation_per_epoch():
     labels = np.arange(50) % 3
-    sampler = classify.EpochSampler(labels, balanced=False, seed=3)
+    sampler = cities_sampling.EpochSampler(labels, balanced=False, seed=3)
     sampler.set_epoch(1)
     first = list(sampler)
     sampler.set_epoch(2)
@@ -38,8 +43,8 @@ def test_unbalanced_sampler_is_a_permutation_per_epoch():
 
 def test_sampler_shards_partition_the_single_process_epoch():
     labels = np.array([0] * 40 + [1] * 7)
-    whole = classify.EpochSampler(labels, balanced=True, num_samples=20, seed=5)
-    parts = [classify.EpochSampler(labels, balanced=True, num_samples=20, seed=5, rank=r, world_size=2)
+    whole = cities_sampling.EpochSampler(labels, balanced=True, num_samples=20, seed=5)
+    parts = [cities_sampling.EpochSampler(labels, balanced=True, num_samples=20, seed=5, rank=r, world_size=2)
              for r in range(2)]
     for s in [whole, *parts]:
         s.set_epoch(4)
@@ -62,7 +67,7 @@ def _write_patches(root, cities=("BBB", "AAA"), per_city=3, size=20):
 
 def test_split_dataset_labels_by_class_index_and_resizes(tmp_path):
     manifest = _write_patches(tmp_path)
-    ds = classify.split_dataset(manifest, "train", tmp_path, ["AAA", "BBB"], classify.transforms(16, train=False))
+    ds = cities_data.split_dataset(manifest, "train", tmp_path, ["AAA", "BBB"], cities_data.transforms(16, train=False))
     assert len(ds) == 6
     assert list(ds.labels) == [1, 1, 1, 0, 0, 0]  # BBB rows come first in the manifest; AAA is class 0
     x, y = ds[0]
@@ -75,25 +80,25 @@ def test_split_dataset_labels_by_class_index_and_resizes(tmp_path):
 def test_read_image_decodes_reduced_but_never_below_the_input_size(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(tmp_path / "p.jpg", quality=95)
-    assert classify.read_image(tmp_path / "p.jpg").shape == (3, 96, 96)
-    assert classify.read_image(tmp_path / "p.jpg", decode_size=32).shape == (3, 48, 48)  # JPEG scale 1/2 >= 32
-    assert classify.read_image(tmp_path / "p.jpg", decode_size=64).shape == (3, 96, 96)
+    assert cities_data.read_image(tmp_path / "p.jpg").shape == (3, 96, 96)
+    assert cities_data.read_image(tmp_path / "p.jpg", decode_size=32).shape == (3, 48, 48)  # JPEG scale 1/2 >= 32
+    assert cities_data.read_image(tmp_path / "p.jpg", decode_size=64).shape == (3, 96, 96)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(RuntimeError, match="bad.jpg: cannot read image"):
-        classify.read_image(tmp_path / "bad.jpg")
+        cities_data.read_image(tmp_path / "bad.jpg")
 
 
 def test_split_dataset_rejects_unknown_city_and_empty_split(tmp_path):
     manifest = _write_patches(tmp_path)
     with pytest.raises(SystemExit, match="not among the model's classes"):
-        classify.split_dataset(manifest, "train", tmp_path, ["AAA"])
+        cities_data.split_dataset(manifest, "train", tmp_path, ["AAA"])
     with pytest.raises(SystemExit, match="no patches in split 'val'"):
-        classify.split_dataset(manifest, "val", tmp_path, ["AAA", "BBB"])
+        cities_data.split_dataset(manifest, "val", tmp_path, ["AAA", "BBB"])
 
 
 def test_training_flips_are_random_eval_is_not():
     img = torch.arange(3 * 8 * 8, dtype=torch.uint8).reshape(3, 8, 8)
-    train, test = classify.transforms(8, train=True), classify.transforms(8, train=False)
+    train, test = cities_data.transforms(8, train=True), cities_data.transforms(8, train=False)
     torch.manual_seed(0)
     outs = {tuple(train(img)[0, 0, :2].tolist()) + tuple(train(img)[0, :2, 0].tolist()) for _ in range(30)}
     assert len(outs) > 1
@@ -106,7 +111,7 @@ def test_metrics_on_known_predictions():
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
     pred = np.array([0, 0, 0, 1, 1, 0, 2, 2])
     scores = np.eye(3)[pred] + 0.1 * np.eye(3)[(pred + 1) % 3]  # second choice: next class
-    m = classify.classification_metrics(labels, scores, classes)
+    m = cities_metrics.classification_metrics(labels, scores, classes)
     assert m["accuracy"] == pytest.approx(6 / 8)
     assert m["n_patches"] == 8
     # AAA: predicted 4 times, 3 right; 4 true, 3 found
@@ -119,11 +124,11 @@ def test_metrics_on_known_predictions():
     assert m["macro_f1"] == pytest.approx(np.mean(f1))
     assert m["top5_accuracy"] == 1.0  # 3 classes: top-5 is everything
     # top-2: the wrong ones (true 1 -> pred 0 then 1; true 0 -> pred 1 then 2) -> one extra hit
-    assert classify.topk_accuracy(labels, scores, 2) == pytest.approx(7 / 8)
+    assert cities_metrics.topk_accuracy(labels, scores, 2) == pytest.approx(7 / 8)
 
 
 def test_confusion_frame_rows_are_true_classes():
-    cm = classify.confusion_frame(np.array([0, 0, 1]), np.array([1, 1, 1]), ["AAA", "BBB"])
+    cm = cities_metrics.confusion_frame(np.array([0, 0, 1]), np.array([1, 1, 1]), ["AAA", "BBB"])
     assert cm.loc["AAA", "BBB"] == 2 and cm.loc["BBB", "BBB"] == 1 and cm.loc["BBB", "AAA"] == 0
     assert cm.index.name == "true" and cm.columns.name == "predicted"
 
@@ -188,14 +193,14 @@ def _tiny_run(tmp_path, epochs, resume_after=None):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(24, 3, 32, 32, generator=g), torch.arange(24) % 3
     data = TensorDataset(x, y)
-    sampler = classify.EpochSampler(y.numpy(), balanced=True, seed=cfg.seed)
-    loader = classify.make_loader(data, 8, 0, torch.device("cpu"), sampler)
+    sampler = cities_sampling.EpochSampler(y.numpy(), balanced=True, seed=cfg.seed)
+    loader = loops.make_loader(data, 8, 0, torch.device("cpu"), sampler)
 
     def fresh():
         runtime.seed_everything(cfg.seed)
         m = build_backbone("resnet18", 3)
         o = torch.optim.Adam(m.parameters(), lr=1e-3)
-        return m, o, classify.lr_schedule(o, "warmup_cosine", epochs * len(loader))
+        return m, o, training.lr_schedule(o, "warmup_cosine", epochs * len(loader))
 
     model, opt, sched = fresh()
     done = 0
@@ -205,10 +210,10 @@ def _tiny_run(tmp_path, epochs, resume_after=None):
                                     scheduler=sched.state_dict())
             model, opt, sched = fresh()
             torch.manual_seed(123)  # the interruption scrambles the global RNG
-            done, best = classify.restore(runtime.load_checkpoint(tmp_path / "last.pt"), model, opt, None, sched)
+            done, best = training.restore(runtime.load_checkpoint(tmp_path / "last.pt"), model, opt, None, sched)
             assert (done, best) == (resume_after, 0.5)
-        classify.begin_epoch(sampler, cfg.seed, epoch)
-        classify.train_one_epoch(model, loader, opt, torch.device("cpu"), scheduler=sched)
+        cities_sampling.begin_epoch(sampler, cfg.seed, epoch)
+        training.train_one_epoch(model, loader, opt, torch.device("cpu"), scheduler=sched)
         done = epoch
     return model, opt
 
@@ -226,54 +231,54 @@ def test_resume_continues_epoch_count_and_matches_uninterrupted_run(tmp_path):
 def test_resume_refuses_a_checkpoint_of_other_cities_or_model():
     cfg = load_config(None, ["model.backbone=resnet18", "model.input_size=64"])
     state = {"classes": ["AAA", "BBB"], "config": cfg.to_dict()}
-    classify.check_resumable(state, ["AAA", "BBB"], cfg.model, "last.pt")  # compatible: no exit
+    training.check_resumable(state, ["AAA", "BBB"], cfg.model, "last.pt")  # compatible: no exit
     with pytest.raises(SystemExit, match="last.pt: trained on cities AAA, BBB"):
-        classify.check_resumable(state, ["AAA", "CCC"], cfg.model, "last.pt")
+        training.check_resumable(state, ["AAA", "CCC"], cfg.model, "last.pt")
     other = load_config(None, ["model.backbone=resnet18", "model.input_size=32"])
     with pytest.raises(SystemExit, match="model.input_size=64"):
-        classify.check_resumable(state, ["AAA", "BBB"], other.model, "last.pt")
+        training.check_resumable(state, ["AAA", "BBB"], other.model, "last.pt")
 
 
 def test_lr_schedules():
     total = 20
-    f = {name: [classify.lr_factor(name, k, total) for k in range(total + 1)] for name in classify.SCHEDULES}
+    f = {name: [training.lr_factor(name, k, total) for k in range(total + 1)] for name in training.SCHEDULES}
     assert f["constant"] == [1.0] * (total + 1)
     assert f["cosine"][0] == 1.0 and f["cosine"][-1] == pytest.approx(0) and f["cosine"][10] == pytest.approx(0.5)
     warm = f["warmup_cosine"]
-    peak = int(classify.WARMUP_SHARE * total)
+    peak = int(training.WARMUP_SHARE * total)
     assert warm[0] == pytest.approx(0.04) and warm[peak] == pytest.approx(1.0) and warm[-1] == pytest.approx(0)
     assert np.all(np.diff(warm[: peak + 1]) > 0) and np.all(np.diff(warm[peak:]) < 0)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([p], lr=0.1)
-    assert classify.lr_schedule(opt, "constant", total) is None
-    sched = classify.lr_schedule(opt, "cosine", total)
+    assert training.lr_schedule(opt, "constant", total) is None
+    sched = training.lr_schedule(opt, "cosine", total)
     for _ in range(10):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
-        classify.lr_schedule(opt, "step", total)
+        training.lr_schedule(opt, "step", total)
 
 
 def test_read_log_drops_epochs_after_the_checkpoint(tmp_path):
     rows = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.1 * e, "val_loss": 1.0, "val_acc": 0.5,
              "lr": 1e-3, "seconds": 1.0} for e in (1, 2, 3)]
-    classify.write_log(rows, tmp_path / "log.csv")
-    kept = classify.read_log(tmp_path / "log.csv", 2)
+    training.write_log(rows, tmp_path / "log.csv")
+    kept = training.read_log(tmp_path / "log.csv", 2)
     assert [r["epoch"] for r in kept] == [1, 2]
-    assert classify.read_log(tmp_path / "log.csv", 0) == []
-    assert classify.read_log(tmp_path / "missing.csv", 2) == []
+    assert training.read_log(tmp_path / "log.csv", 0) == []
+    assert training.read_log(tmp_path / "missing.csv", 2) == []
 
 
 # ---------------------------------------------------------------- figures
 def test_confusion_figure_shows_counts_and_row_percentages():
-    fig = plots.confusion_matrix_figure(CM, CITIES)
+    fig = cities_figures.confusion_matrix_figure(CM, CITIES)
     texts = {t.get_text() for t in fig.axes[0].texts}
     assert "15\n15%" in texts and "25\n25%" in texts and "90\n90%" in texts
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == CITIES
-    assert np.allclose(plots.row_percentages(CM).sum(axis=1), 100)
+    assert np.allclose(cities_figures.row_percentages(CM).sum(axis=1), 100)
 
 
 def test_dendrogram_figure_labels_every_city():
-    fig = plots.dendrogram_figure(similarity.cluster(similarity.confusion_similarity(CM)), CITIES)
+    fig = cities_figures.dendrogram_figure(similarity.cluster(similarity.confusion_similarity(CM)), CITIES)
     assert sorted(t.get_text() for t in fig.axes[0].get_yticklabels()) == CITIES

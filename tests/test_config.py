@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from urbanlens.config import ConfigError, load_config, parse_override
+from urbanlens.core.config import ConfigError, load_config, parse_override
 
 
 def write(tmp_path, data, name="c.yaml"):
@@ -69,7 +69,7 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_cli_reports_one_line_and_exit_2():
-    r = subprocess.run([sys.executable, "-m", "urbanlens.config", "seed", "--config", "configs/cities_demo.yaml",
+    r = subprocess.run([sys.executable, "-m", "urbanlens.core.config", "seed", "--config", "configs/cities_demo.yaml",
                         "--set", "trian.epochs=3"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "did you mean 'train.epochs'" in r.stderr

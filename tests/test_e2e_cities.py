@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from urbanlens import similarity
+from urbanlens.cities import similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 # the demo config, smaller: 8 cities (4 twin pairs), one 384 px image per site, 32 px model input
@@ -36,7 +36,7 @@ def run_stage(args, root, extra=(), results="results", launcher=(sys.executable,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cities_world")
-    run_stage(["-m", "urbanlens.synth_cities"], root)
+    run_stage(["-m", "urbanlens.cities.world"], root)
     run_stage(["preprocessing.py"], root)
     return root
 

@@ -19,7 +19,8 @@ from rasterstats import zonal_stats
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from urbanlens import geo, zonal
+from urbanlens.ses import grid, zonal
+from urbanlens.ses import maps as ses_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
@@ -40,7 +41,7 @@ def run_stage(args, root, extra=()):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ses_world")
-    logs = [run_stage(["-m", "urbanlens.synth_france"], root),
+    logs = [run_stage(["-m", "urbanlens.ses.world"], root),
             run_stage(["generate_fr_ua_aerial_data.py"], root),
             run_stage(["efficientnet_training.py"], root),
             run_stage(["gradcaming_urban_areas.py"], root)]
@@ -84,14 +85,14 @@ def test_geotiffs_carry_crs_and_cell_bounds(world):
         for tif in tifs[:: max(1, len(tifs) // 10)]:
             with rasterio.open(tif) as src:
                 assert src.crs.to_epsg() == 3035 and src.count == 2 and src.dtypes[0] == "float32"
-                np.testing.assert_allclose(tuple(src.bounds), geo.cell_box(tif.stem).bounds, rtol=0, atol=1e-6)
+                np.testing.assert_allclose(tuple(src.bounds), grid.cell_box(tif.stem).bounds, rtol=0, atol=1e-6)
 
 
 def test_polygon_stats_equal_rasterstats(world):
     root, _ = world
     city_dir = root / "results" / "ses" / CITIES[0]
     stats = gpd.read_file(city_dir / "polygon_stats.gpkg", layer="polygon_stats")
-    assert list(stats.columns) == zonal.POLYGON_STATS_COLUMNS
+    assert list(stats.columns) == ses_maps.POLYGON_STATS_COLUMNS
     assert stats.crs.to_epsg() == 3035 and len(stats) > 0
     rng = np.random.default_rng(0)
     for cell_id in rng.choice(stats["cell_id"].unique(), 4, replace=False):

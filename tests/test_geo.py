@@ -12,7 +12,10 @@ import shapely
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
-from urbanlens import geo
+from urbanlens.core import errors
+from urbanlens.ses import census as ses_census
+from urbanlens.ses import extraction, grid, urban_atlas
+from urbanlens.ses import tiles as ses_tiles
 
 DATA = Path(__file__).parent / "data"
 CHESHIRE = DATA / "UK568L1_CHESHIRE_WEST_AND_CHESTER_change_2012_2018_excerpt.gpkg"
@@ -24,24 +27,24 @@ IGN_TIF = DATA / "test_data_rgb.tif"
 
 def test_inspire_id_round_trip_and_cell_square():
     for e, n in [(3759800, 2862200), (4252400, 2029800), (3000000, 2000000)]:
-        cid = geo.inspire_id(e, n)
+        cid = grid.inspire_id(e, n)
         assert cid == f"CRS3035RES200mN{n}E{e}"
-        assert geo.parse_inspire_id(cid) == (e, n, 200)
-        assert geo.parse_inspire_id(cid.lower()) == (e, n, 200)
-        box = geo.cell_box(cid)
+        assert grid.parse_inspire_id(cid) == (e, n, 200)
+        assert grid.parse_inspire_id(cid.lower()) == (e, n, 200)
+        box = grid.cell_box(cid)
         assert box.bounds == (e, n, e + 200, n + 200) and box.area == 40000
-    assert geo.parse_inspire_id("CRS3035RES1000mN2862000E3759000") == (3759000, 2862000, 1000)
-    boxes = geo.cell_boxes([geo.inspire_id(1000, 2000), geo.inspire_id(1200, 2000)])
+    assert grid.parse_inspire_id("CRS3035RES1000mN2862000E3759000") == (3759000, 2862000, 1000)
+    boxes = grid.cell_boxes([grid.inspire_id(1000, 2000), grid.inspire_id(1200, 2000)])
     assert [b.bounds for b in boxes] == [(1000, 2000, 1200, 2200), (1200, 2000, 1400, 2200)]
     for bad in ["N2862200E3759800", "CRS2154RES200mN1E1", "CRS3035RES200mN12E"]:
         with pytest.raises(ValueError):
-            geo.parse_inspire_id(bad)
+            grid.parse_inspire_id(bad)
 
 
 # ----------------------------------------------------------------------------- census
 
 def _census_frame(id_col, ind_col, snv_col):
-    ids = [geo.inspire_id(3759800 + 200 * i, 2862200) for i in range(5)]
+    ids = [grid.inspire_id(3759800 + 200 * i, 2862200) for i in range(5)]
     ind = [10.0, 20.0, 0.0, 5.0, 8.0]
     snv = [200000.0, 500000.0, 0.0, np.nan, 160000.0]
     # geometry as points in another CRS (the cell centres in Lambert-93): the reader must rebuild the
@@ -58,23 +61,23 @@ def _census_frame(id_col, ind_col, snv_col):
 def test_read_census_both_schemas(tmp_path, cols, suffix):
     path = tmp_path / f"census{suffix}"
     _census_frame(*cols).to_file(path)
-    got = geo.read_census(path)
+    got = ses_census.read_census(path)
     assert list(got.columns) == ["cell_id", "ind", "ind_snv", "income", "geometry"]
     assert got.crs.to_epsg() == 3035
     assert got.attrs["dropped"] == 2   # zero population and missing income
     assert got["income"].tolist() == [20000.0, 25000.0, 20000.0]
     for cid, geom in zip(got["cell_id"], got.geometry):
-        assert geom.equals(geo.cell_box(cid))
+        assert geom.equals(grid.cell_box(cid))
     # bbox (EPSG:3035) keeps the cells there only: centres of cells 0 and 1 inside, 2 to 4 outside
-    inside = geo.read_census(path, bbox=(3759700, 2862100, 3760150, 2862400))
-    assert inside["cell_id"].tolist() == [geo.inspire_id(3759800, 2862200), geo.inspire_id(3760000, 2862200)]
+    inside = ses_census.read_census(path, bbox=(3759700, 2862100, 3760150, 2862400))
+    assert inside["cell_id"].tolist() == [grid.inspire_id(3759800, 2862200), grid.inspire_id(3760000, 2862200)]
 
 
 def test_read_census_missing_columns_names_them(tmp_path):
     path = tmp_path / "census.gpkg"
     _census_frame("idcar_200m", "ind", "ind_snv").drop(columns="ind_snv").to_file(path)
-    with pytest.raises(geo.DataError) as err:
-        geo.read_census(path)
+    with pytest.raises(errors.DataError) as err:
+        ses_census.read_census(path)
     msg = str(err.value)
     assert msg.startswith(f"error: {path}:") and "ind_snv" in msg and "Ind_snv" in msg
     assert "ind (" not in msg   # only the missing column is named
@@ -93,7 +96,7 @@ def _ua_dir(tmp_path):
 
 def test_read_urban_atlas_2018_gpkg_real_excerpt(tmp_path):
     ua = _ua_dir(tmp_path)
-    landuse, boundary = geo.read_urban_atlas(ua, "Cheshire West and Chester")
+    landuse, boundary = urban_atlas.read_urban_atlas(ua, "Cheshire West and Chester")
     raw = gpd.read_file(CHESHIRE)
     assert list(landuse.columns) == ["ua_code", "ua_class", "geometry"]
     assert landuse.crs.to_epsg() == 3035 and len(landuse) == len(raw)
@@ -108,7 +111,7 @@ def test_read_urban_atlas_2018_gpkg_real_excerpt(tmp_path):
 
 def test_read_urban_atlas_2012_filegdb_zip_real_excerpt(tmp_path):
     ua = _ua_dir(tmp_path)
-    landuse, boundary = geo.read_urban_atlas(ua, "København")
+    landuse, boundary = urban_atlas.read_urban_atlas(ua, "København")
     gdb = f"/vsizip/{KOBENHAVN}/DK001L2_KOBENHAVN_clip.gdb"
     raw = gpd.read_file(gdb, layer="DK001L2_KOBENHAVN_UA2012")
     assert landuse.attrs["source"].endswith(":DK001L2_KOBENHAVN_UA2012")   # not the change layers
@@ -116,7 +119,7 @@ def test_read_urban_atlas_2012_filegdb_zip_real_excerpt(tmp_path):
     assert landuse["ua_class"].tolist() == raw["ITEM2012"].tolist()
     assert landuse.crs.to_epsg() == 3035
     assert "Boundary2012" in boundary.attrs["source"] and boundary.crs.to_epsg() == 3035
-    assert geo.read_ua_boundary(ua, "kobenhavn").geometry.iloc[0].equals(boundary.geometry.iloc[0])
+    assert urban_atlas.read_ua_boundary(ua, "kobenhavn").geometry.iloc[0].equals(boundary.geometry.iloc[0])
     assert boundary.geometry.union_all().buffer(1).contains(landuse.geometry.union_all())
 
 
@@ -129,7 +132,7 @@ def test_read_urban_atlas_2012_spellings_and_repair(tmp_path):
     raw[["code_2012", "class_2012", "geometry"]].to_file(gpkg, layer="UK568L1_CHESHIRE_UA2012")
     gpd.GeoDataFrame(geometry=[raw.geometry.union_all().convex_hull], crs=raw.crs).to_file(
         gpkg, layer="UK568L1_CHESHIRE_UA2012_Boundary")
-    landuse, boundary = geo.read_urban_atlas(tmp_path / "UA", "cheshire")
+    landuse, boundary = urban_atlas.read_urban_atlas(tmp_path / "UA", "cheshire")
     assert landuse["ua_code"].tolist() == raw["code_2012"].tolist()
     assert boundary.attrs["source"].endswith("_Boundary")
     # UA 2012 shapefile spelling (CODE2012/ITEM2012), integer codes, an invalid bow-tie polygon, another CRS
@@ -143,7 +146,7 @@ def test_read_urban_atlas_2012_spellings_and_repair(tmp_path):
     frame = pd.concat([frame, gpd.GeoDataFrame({"CODE2012": [14100], "ITEM2012": ["Green urban areas"]},
                                                geometry=[bow], crs=raw.crs)], ignore_index=True)
     frame.to_crs("EPSG:4326").to_file(shp_dir / "UK568L1_CHESHIRE_UA2012.shp")
-    landuse, _ = geo.read_urban_atlas(tmp_path / "UA2", "Cheshire")
+    landuse, _ = urban_atlas.read_urban_atlas(tmp_path / "UA2", "Cheshire")
     assert landuse.attrs["repaired"] == 1 and landuse.geometry.is_valid.all()
     assert landuse["ua_code"].tolist() == [*raw["code_2012"].head(5), "14100"]
     assert landuse.crs.to_epsg() == 3035
@@ -156,10 +159,10 @@ def test_find_ua_city_prefers_unpacked_folder_and_reports_missing(tmp_path):
     (tmp_path / "FR003L2_LYON_UA2018_v013.zip").write_bytes(b"")
     (tmp_path / "FR001L2_PARIS_UA2012").mkdir()
     (tmp_path / "FR001L2_PARISIAN_SUBURBS_UA2021").mkdir()
-    assert geo.find_ua_city(tmp_path, "paris").name == "FR001L2_PARIS_UA2018_v013"
-    assert geo.find_ua_city(tmp_path, "Lyon").name == "FR003L2_LYON_UA2018_v013.zip"
-    with pytest.raises(geo.DataError, match="Marseille"):
-        geo.find_ua_city(tmp_path, "Marseille")
+    assert urban_atlas.find_ua_city(tmp_path, "paris").name == "FR001L2_PARIS_UA2018_v013"
+    assert urban_atlas.find_ua_city(tmp_path, "Lyon").name == "FR003L2_LYON_UA2018_v013.zip"
+    with pytest.raises(errors.DataError, match="Marseille"):
+        urban_atlas.find_ua_city(tmp_path, "Marseille")
 
 
 # ----------------------------------------------------------------------------- tiles and cells
@@ -188,26 +191,26 @@ def test_straddling_cell_equals_read_from_mosaic(tmp_path):
     # a 200 m EPSG:3035 cell centred on the cut
     cx, cy = Transformer.from_crs(2154, 3035, always_xy=True).transform(left + 150, top - 150)
     bounds = (cx - 100, cy - 100, cx + 100, cy + 100)
-    whole = geo.read_cell([tmp_path / "mosaic.tif"], bounds, 64)
-    merged = geo.read_cell([tmp_path / "west.tif", tmp_path / "east.tif"], bounds, 64)
+    whole = extraction.read_cell([tmp_path / "mosaic.tif"], bounds, 64)
+    merged = extraction.read_cell([tmp_path / "west.tif", tmp_path / "east.tif"], bounds, 64)
     assert merged.shape == (64, 64, 3) and merged.dtype == np.uint8
-    assert geo.nodata_fraction(whole) == 0.0
+    assert extraction.nodata_fraction(whole) == 0.0
     np.testing.assert_array_equal(merged, whole)
-    west_only = geo.read_cell([tmp_path / "west.tif"], bounds, 64)
-    assert 0.3 < geo.nodata_fraction(west_only) < 0.7   # one tile alone leaves the other half empty
+    west_only = extraction.read_cell([tmp_path / "west.tif"], bounds, 64)
+    assert 0.3 < extraction.nodata_fraction(west_only) < 0.7   # one tile alone leaves the other half empty
     np.testing.assert_array_equal(west_only[:, :20], whole[:, :20])
 
 
 def test_untagged_lambert93_tile_is_georeferenced(tmp_path):
     with rasterio.open(IGN_TIF) as src:
-        assert src.crs.to_epsg() is None and geo.is_lambert93(src.crs)
-        assert geo.tile_crs(src).to_epsg() == 2154
+        assert src.crs.to_epsg() is None and ses_tiles.is_lambert93(src.crs)
+        assert ses_tiles.tile_crs(src).to_epsg() == 2154
         data, transform, (l, b, r, t) = src.read(), src.transform, src.bounds
     to_3035 = Transformer.from_crs(2154, 3035, always_xy=True)
     cx, cy = to_3035.transform((l + r) / 2, (b + t) / 2)
     bounds, px = (cx - 20, cy - 20, cx + 20, cy + 20), 100   # a 40 m box inside the 50 m footprint
-    img = geo.read_cell([IGN_TIF], bounds, px, resampling="nearest")
-    assert geo.nodata_fraction(img) < 0.001   # the file's own nodata (255) is honoured, a pixel or so
+    img = extraction.read_cell([IGN_TIF], bounds, px, resampling="nearest")
+    assert extraction.nodata_fraction(img) < 0.001   # the file's own nodata (255) is honoured, a pixel or so
     # independent check: map each output pixel centre back to the source with PROJ, take that pixel
     xs = bounds[0] + (np.arange(px) + 0.5) * 40 / px
     ys = bounds[3] - (np.arange(px) + 0.5) * 40 / px
@@ -218,9 +221,9 @@ def test_untagged_lambert93_tile_is_georeferenced(tmp_path):
     same = (img == expected).all(axis=-1).mean()
     assert same > 0.97, same
     # a box beside the footprint is all nodata; one half over it is about half nodata
-    assert geo.nodata_fraction(geo.read_cell([IGN_TIF], (cx + 100, cy, cx + 140, cy + 40), 32)) == 1.0
-    half = geo.read_cell([IGN_TIF], (cx, cy - 10, cx + 50, cy + 10), 50)
-    assert 0.3 < geo.nodata_fraction(half) < 0.7
+    assert extraction.nodata_fraction(extraction.read_cell([IGN_TIF], (cx + 100, cy, cx + 140, cy + 40), 32)) == 1.0
+    half = extraction.read_cell([IGN_TIF], (cx, cy - 10, cx + 50, cy + 10), 50)
+    assert 0.3 < extraction.nodata_fraction(half) < 0.7
 
 
 def test_read_tile_index_resolves_names(tmp_path):
@@ -235,28 +238,28 @@ def test_read_tile_index_resolves_names(tmp_path):
                              geometry=[shapely.box(650000 + 1000 * i, 6860000, 651000 + 1000 * i, 6861000)
                                        for i in range(3)], crs="EPSG:2154")
     index.to_file(tiles / "3_SUPPLEMENTS" / "dalles.shp")
-    got = geo.read_tile_index(tmp_path / "aerial")
+    got = ses_tiles.read_tile_index(tmp_path / "aerial")
     assert got.crs.to_epsg() == 2154 and list(got.columns) == ["NOM", "path", "geometry"]
     assert got.attrs["missing"] == 1
     assert [Path(p).name for p in got["path"]] == names[:2]
     # an index without a .prj is taken as Lambert-93
     (tiles / "3_SUPPLEMENTS" / "dalles.prj").unlink()
-    assert geo.read_tile_index(tmp_path / "aerial").crs.to_epsg() == 2154
-    with pytest.raises(geo.DataError, match="dalles.shp"):
-        geo.read_tile_index(tmp_path / "D075_missing")
+    assert ses_tiles.read_tile_index(tmp_path / "aerial").crs.to_epsg() == 2154
+    with pytest.raises(errors.DataError, match="dalles.shp"):
+        ses_tiles.read_tile_index(tmp_path / "D075_missing")
 
 
 def test_cells_in_boundary_uses_cell_centres():
-    ids = [geo.inspire_id(200 * i, 0) for i in range(4)]
-    cells = gpd.GeoDataFrame({"cell_id": ids}, geometry=list(geo.cell_boxes(ids)), crs="EPSG:3035")
+    ids = [grid.inspire_id(200 * i, 0) for i in range(4)]
+    cells = gpd.GeoDataFrame({"cell_id": ids}, geometry=list(grid.cell_boxes(ids)), crs="EPSG:3035")
     boundary = gpd.GeoDataFrame(geometry=[shapely.box(90, -50, 510, 250)], crs="EPSG:3035")
     # centres at x = 100, 300, 500, 700: the first and third lie inside, barely
-    assert geo.cells_in_boundary(cells, boundary)["cell_id"].tolist() == ids[:3]
+    assert extraction.cells_in_boundary(cells, boundary)["cell_id"].tolist() == ids[:3]
 
 
 def test_nodata_fraction_counts_pixels_zero_in_every_band():
     img = np.full((4, 5, 3), 9, np.uint8)
     img[0, :, :] = 0            # 5 nodata pixels
     img[1, 0, 0] = 0            # zero in one band only: valid
-    assert geo.nodata_fraction(img) == pytest.approx(5 / 20)
-    assert geo.nodata_fraction(np.zeros((3, 3), np.uint8)) == 1.0
+    assert extraction.nodata_fraction(img) == pytest.approx(5 / 20)
+    assert extraction.nodata_fraction(np.zeros((3, 3), np.uint8)) == 1.0

@@ -24,8 +24,8 @@ import pytest
 import torch
 import yaml
 
-from urbanlens import io
-from urbanlens.config import load_config
+from urbanlens.core import files as u_files
+from urbanlens.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = random.Random(20240605)  # draws the kill points
@@ -150,7 +150,7 @@ def cities(tmp_path_factory):
     """A tiny synthetic cities world (raw images only) and the stage command builder."""
     root = tmp_path_factory.mktemp("interrupt_cities")
     cmd = lambda *args: command(args, root, "configs/cities_demo.yaml", CITIES)  # noqa: E731
-    run(cmd("-m", "urbanlens.synth_cities"), root)
+    run(cmd("-m", "urbanlens.cities.world"), root)
     return root, cmd
 
 
@@ -159,7 +159,7 @@ def ses_world(tmp_path_factory):
     """A tiny synthetic French world and the stage command builder."""
     root = tmp_path_factory.mktemp("interrupt_ses")
     cmd = lambda *args: command(args, root, "configs/ses_demo.yaml", SES)  # noqa: E731
-    run(cmd("-m", "urbanlens.synth_france"), root)
+    run(cmd("-m", "urbanlens.ses.world"), root)
     return root, cmd
 
 
@@ -168,7 +168,7 @@ def ses_world(tmp_path_factory):
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with io.atomic_path(tmp_path / "probe.csv") as tmp:
+    with u_files.atomic_path(tmp_path / "probe.csv") as tmp:
         tmp.write_text("a,b\n")
         mine = tmp.name
     host, pid = re.match(r"^\.probe\.csv\.tmp-(.+)-(\d+)-", mine).groups()
@@ -179,7 +179,7 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     remote = tmp_path / f".d.png.tmp-otherhost-{dead.pid}-v5.png"     # another machine's writer
     for p in (stale, journal, live, remote):
         p.write_bytes(b"partial")
-    removed = io.remove_stale_temps(tmp_path)
+    removed = u_files.remove_stale_temps(tmp_path)
     assert sorted(removed) == sorted([stale, journal])
     assert live.exists() and remote.exists() and not stale.exists()
 
@@ -234,16 +234,16 @@ def test_city_training_resumes_from_its_last_epoch(cities):
 
 
 def test_a_rerun_continues_only_a_checkpoint_of_the_same_settings():
-    from urbanlens import classify
-    from urbanlens.config import load_config
+    from urbanlens.cities import training
+    from urbanlens.core.config import load_config
 
     cfg = load_config(ROOT / "configs" / "cities_demo.yaml")
     saved = cfg.to_dict()
-    assert classify.run_changes(saved, cfg) == []
-    assert classify.run_changes(saved, load_config(ROOT / "configs" / "cities_demo.yaml",
+    assert training.run_changes(saved, cfg) == []
+    assert training.run_changes(saved, load_config(ROOT / "configs" / "cities_demo.yaml",
                                                    ["workers=7", "device=cpu", "test.batch_size=3"])) == []
     other = load_config(ROOT / "configs" / "cities_demo.yaml", ["train.lr=0.01", "seed=4", "patch.stride=32"])
-    assert classify.run_changes(saved, other) == ["seed", "patch.stride", "train.lr"]
+    assert training.run_changes(saved, other) == ["seed", "patch.stride", "train.lr"]
 
 
 # ----------------------------------------------------------------------------------------- SES
@@ -305,10 +305,10 @@ def test_ses_training_resumes_inside_a_fold(ses_world):
         assert not (fold_dir / "last.pt").exists()  # removed once the fold is done
         assert_same_weights(fold_dir / "best.pt", ref / "best.pt")
         assert_same_log(fold_dir / "train_log.csv", ref / "train_log.csv")
-        assert (without_timings(io.read_json(fold_dir / "metrics.json"))
-                == without_timings(io.read_json(ref / "metrics.json")))
-    assert (without_timings(io.read_json(city / "metrics.json"))
-            == without_timings(io.read_json(reference / "metrics.json")))
+        assert (without_timings(u_files.read_json(fold_dir / "metrics.json"))
+                == without_timings(u_files.read_json(ref / "metrics.json")))
+    assert (without_timings(u_files.read_json(city / "metrics.json"))
+            == without_timings(u_files.read_json(reference / "metrics.json")))
     skip = ("train_log.csv", "metrics.json", ".pt")
     assert files(city, skip=skip) == files(reference, skip=skip)
     assert (ses / "training_summary.csv").read_bytes() == (root / "training_summary_ref.csv").read_bytes()

@@ -9,8 +9,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from urbanlens.patches import (class_names, parse_city_folder, patch_grid, plan_split, read_manifest,
-                               reset_if_settings_changed, write_patches)
+from urbanlens.cities.patches import (
+    class_names,
+    parse_city_folder,
+    patch_grid,
+    plan_split,
+    read_manifest,
+    reset_if_settings_changed,
+    write_patches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

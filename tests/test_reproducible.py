@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
-from urbanlens import io
-from urbanlens.config import load_config
 from test_interrupt import without_timings  # tests/ is on the path under pytest
+
+from urbanlens.core import files
+from urbanlens.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 7
@@ -62,7 +62,7 @@ def cities(tmp_path_factory):
     configs = {}
     run = lambda args, x: stage(args, "configs/cities_demo.yaml", CITIES, root / f"data_{x}",  # noqa: E731
                                 root / f"results_{x}")
-    _, configs["world"] = run(["-m", "urbanlens.synth_cities"], "a")
+    _, configs["world"] = run(["-m", "urbanlens.cities.world"], "a")
     shutil.copytree(root / "data_a" / "cities" / "raw", root / "data_b" / "cities" / "raw")
     for x in "ab":
         _, configs["patches", x] = run(["preprocessing.py"], x)
@@ -78,7 +78,7 @@ def ses_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("repro_ses")
     configs = {}
     run = lambda args, x: stage(args, "configs/ses_demo.yaml", SES, root / "data", root / f"results_{x}")  # noqa: E731
-    _, configs["world"] = run(["-m", "urbanlens.synth_france"], "a")
+    _, configs["world"] = run(["-m", "urbanlens.ses.world"], "a")
     _, configs["extract"] = run(["generate_fr_ua_aerial_data.py"], "a")
     shutil.copytree(root / "results_a" / "ses", root / "results_b" / "ses")
     for x in "ab":
@@ -111,13 +111,13 @@ def test_city_training_twice_gives_equal_metrics_and_weights(cities):
 def test_every_cities_stage_saves_seed_and_resolved_config(cities):
     root, configs = cities
     assert_saved_config(root / "data_a" / "cities" / "world_config.yaml", configs["world"])
-    assert io.read_json(root / "data_a" / "cities" / "truth.json")["seed"] == SEED
+    assert files.read_json(root / "data_a" / "cities" / "truth.json")["seed"] == SEED
     for x in "ab":
         assert_saved_config(root / f"data_{x}" / "cities" / "patches" / "config.yaml", configs["patches", x])
         out = root / f"results_{x}" / "cities"
         assert_saved_config(out / "train_config.yaml", configs["train", x])
     assert_saved_config(root / "results_a" / "cities" / "test_config.yaml", configs["test"])
-    assert io.read_json(root / "results_a" / "cities" / "metrics.json")["n_patches"] == 8 * 20
+    assert files.read_json(root / "results_a" / "cities" / "metrics.json")["n_patches"] == 8 * 20
     ckpt = torch.load(root / "results_a" / "cities" / "checkpoints" / "best.pt", map_location="cpu",
                       weights_only=False)
     assert ckpt["config"] == configs["train", "a"]  # checkpoints carry the config they were trained with
@@ -132,14 +132,14 @@ def test_ses_folds_and_metrics_are_equal(ses_runs):
     for _, fold in folds.groupby("fold"):  # each fold's parts are disjoint and cover every cell
         assert sorted(fold["cell_id"]) == sorted(cells) and set(fold["part"]) == {"train", "val", "test"}
     assert sorted(folds.loc[folds["part"] == "test", "cell_id"]) == sorted(cells)
-    assert without_timings(io.read_json(a / "metrics.json")) == without_timings(io.read_json(b / "metrics.json"))
+    assert without_timings(files.read_json(a / "metrics.json")) == without_timings(files.read_json(b / "metrics.json"))
     for name in ("predictions.csv", "fold_0/predictions.csv", "fold_1/confusion_matrix.csv"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_every_ses_stage_saves_seed_and_resolved_config(ses_runs):
     root, configs = ses_runs
-    truth = io.read_json(root / "data" / "ses_truth.json")
+    truth = files.read_json(root / "data" / "ses_truth.json")
     assert truth["seed"] == SEED and truth["params"]["france"] == configs["world"]["france"]
     ses = root / "results_a" / "ses"
     assert_saved_config(ses / "extract_config.yaml", configs["extract"])

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from urbanlens import shards
+from urbanlens.core import shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
@@ -141,7 +141,7 @@ def world(tmp_path_factory):
     """Results A: unsharded extraction, one model trained under torchrun, unsharded maps. Results B: the
     same stages in shards plus merges, with A's model."""
     root = tmp_path_factory.mktemp("shard_world")
-    run(["-m", "urbanlens.synth_france"], root)
+    run(["-m", "urbanlens.ses.world"], root)
     run_together([(["generate_fr_ua_aerial_data.py"], "A")]
                  + [(["generate_fr_ua_aerial_data.py", "--shard", f"{i}/{EXTRACT_SHARDS}"], "B")
                     for i in range(1, EXTRACT_SHARDS + 1)], root)
@@ -235,7 +235,8 @@ def test_torchrun_ses_model_loads_evaluates_and_maps(world):
     if ddp.returncode != 0 and "efficientnet_training" not in ddp.stderr + ddp.stdout:
         pytest.skip(f"torchrun could not start here: {ddp.stderr[-300:]}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    from urbanlens import ses
+    from urbanlens.ses import data as ses_data
+    from urbanlens.ses import model as ses_model
 
     for city in CITIES:
         city_dir = root / "A" / "ses" / city
@@ -245,12 +246,12 @@ def test_torchrun_ses_model_loads_evaluates_and_maps(world):
         assert fold["n_test"] > 0 and fold["epochs_run"] == 1 and np.isfinite(fold["val_loss"])
         assert 0.0 <= fold["accuracy"] <= 1.0 and 0.0 <= fold["auc_poor_rich"] <= 1.0
         # the checkpoint loads and, on its held-out cells, gives the probabilities the trainer wrote
-        model, ckpt = ses.load_ses_model(city_dir / f"fold_{best}" / "best.pt")
+        model, ckpt = ses_model.load_ses_model(city_dir / f"fold_{best}" / "best.pt")
         preds = pd.read_csv(city_dir / "predictions.csv")
         assert len(preds) == summary["n_cells"]
         held = preds[preds["fold"] == best]
         cells = gpd.read_file(root / "A" / "ses" / "cells.gpkg", layer="cells").set_index("cell_id")
-        x = torch.stack([ses.load_cell_image(root / "A" / "ses" / cells.loc[c, "path"], 32) for c in held["cell_id"]])
+        x = torch.stack([ses_data.load_cell_image(root / "A" / "ses" / cells.loc[c, "path"], 32) for c in held["cell_id"]])
         with torch.no_grad():
             p = model.eval()(x).exp().numpy()
         np.testing.assert_allclose(p, held[[f"p_{k}" for k in range(5)]].to_numpy(), rtol=1e-4, atol=1e-6)

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from urbanlens.config import load_config
-from urbanlens.io import read_json
-from urbanlens.patches import parse_city_folder
-from urbanlens.synth_cities import STYLE_KEYS, city_styles, generate_world, render_image, style_vector
+from urbanlens.cities.patches import parse_city_folder
+from urbanlens.cities.world import STYLE_KEYS, city_styles, generate_world, style_vector
+from urbanlens.cities.world_render import render_image
+from urbanlens.core.config import load_config
+from urbanlens.core.files import read_json
 
 TINY = ["world.n_cities=4", "world.n_sites=2", "world.images_per_site=1", "world.image_size=160",
         "workers=1"]

@@ -16,8 +16,12 @@ import rasterio
 import shapely
 from PIL import Image
 
-from urbanlens import geo, synth_france
-from urbanlens.config import load_config
+from urbanlens.core.config import load_config
+from urbanlens.ses import census as ses_census
+from urbanlens.ses import extraction as ses_extraction
+from urbanlens.ses import grid, urban_atlas, world_plan
+from urbanlens.ses import tiles as ses_tiles
+from urbanlens.ses import world as ses_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["france.cities=[Paris, Lyon]", "france.city_size_m=1000", "france.resolution_m=4.0",
@@ -33,7 +37,7 @@ def tiny_config(data, results=None, extra=()):
 def world(tmp_path_factory):
     data = tmp_path_factory.mktemp("fr") / "data"
     cfg, sets = tiny_config(data)
-    truth = synth_france.build_world(cfg, progress=False)
+    truth = ses_world.build_world(cfg, progress=False)
     return cfg, sets, data, truth
 
 
@@ -45,12 +49,12 @@ def _digests(root: Path) -> dict:
 def test_same_seed_gives_byte_identical_world(world, tmp_path):
     cfg, _, data, _ = world
     again, _ = tiny_config(tmp_path / "data")
-    synth_france.build_world(again, progress=False)
+    ses_world.build_world(again, progress=False)
     first, second = _digests(data), _digests(tmp_path / "data")
     assert first == second
     assert any(k.endswith((".jp2", ".tif")) for k in first) and any(k.endswith(".gpkg") for k in first)
     other, _ = tiny_config(tmp_path / "other", extra=["seed=1"])
-    synth_france.build_world(other, progress=False)
+    ses_world.build_world(other, progress=False)
     census = "census_data/Filosofi2019_carreaux_200m_met.gpkg"
     assert _digests(tmp_path / "other")[census] != first[census]
 
@@ -66,7 +70,7 @@ def test_urban_atlas_layout_and_schema(world):
         lu = gpd.read_file(gpkg, layer=layers[0])
         assert lu.crs.to_epsg() == 3035
         assert {"code_2018", "class_2018"} <= set(lu.columns)
-        assert (lu["class_2018"] == lu["code_2018"].map(synth_france.UA_CLASSES)).all()
+        assert (lu["class_2018"] == lu["code_2018"].map(world_plan.UA_CLASSES)).all()
         codes = set(lu["code_2018"])
         assert {"11100", "11210", "12100", "12220", "14100", "50000"} <= codes   # a plausible city
         assert set(truth["rich_codes"]) & codes and set(truth["poor_codes"]) & codes
@@ -84,9 +88,9 @@ def test_census_schema_and_planted_income(world):
     assert [c for c in census.columns if c != "geometry"] == ["idcar_200m", "ind", "men", "ind_snv"]
     assert census.crs.to_epsg() == 3035 and (census["ind"] >= 1).all()   # no empty cells listed
     for cid, geom in zip(census["idcar_200m"], census.geometry):
-        assert geom.equals(geo.cell_box(cid))
+        assert geom.equals(grid.cell_box(cid))
     # income follows land-use composition: shares measured here independently with an overlay
-    lu = pd.concat([geo.read_urban_atlas(data / cfg.ses.ua_dir, c)[0] for c in cfg.france.cities])
+    lu = pd.concat([urban_atlas.read_urban_atlas(data / cfg.ses.ua_dir, c)[0] for c in cfg.france.cities])
     pieces = gpd.overlay(census[["idcar_200m", "geometry"]], gpd.GeoDataFrame(lu, crs=3035), how="intersection")
     pieces["share"] = pieces.area / 40000.0
     shares = pieces.pivot_table(index="idcar_200m", columns="ua_code", values="share", aggfunc="sum", fill_value=0)
@@ -101,13 +105,13 @@ def test_census_schema_and_planted_income(world):
 
 def test_orthophotos_follow_the_land_use(world):
     cfg, _, data, _ = world
-    tiles = geo.read_tile_index(data / cfg.ses.aerial_dir)
+    tiles = ses_tiles.read_tile_index(data / cfg.ses.aerial_dir)
     assert tiles.crs.to_epsg() == 2154 and tiles.attrs["missing"] == 0
     assert all(re.fullmatch(r"\d\d-2021-\d{4}-\d{4}-LA93-4M00-E080\.(jp2|tif)", n) for n in tiles["NOM"])
     with rasterio.open(tiles["path"].iloc[0]) as src:
         assert src.crs.to_epsg() == 2154 and src.res == (4.0, 4.0) and src.count == 3
         assert src.bounds.right - src.bounds.left == cfg.france.tile_size_m
-    landuse, _ = geo.read_urban_atlas(data / cfg.ses.ua_dir, "Paris")
+    landuse, _ = urban_atlas.read_urban_atlas(data / cfg.ses.ua_dir, "Paris")
     colours = {}
     for code in ("50000", "14100", "12100"):
         cores = landuse[landuse["ua_code"] == code].buffer(-12)
@@ -115,8 +119,8 @@ def test_orthophotos_follow_the_land_use(world):
         x, y = core.representative_point().coords[0]
         box = (x - 8, y - 8, x + 8, y + 8)
         hits = tiles[tiles.to_crs(3035).intersects(shapely.box(*box))]
-        img = geo.read_cell(list(hits["path"]), box, 8)
-        if geo.nodata_fraction(img) == 0:
+        img = ses_extraction.read_cell(list(hits["path"]), box, 8)
+        if ses_extraction.nodata_fraction(img) == 0:
             colours[code] = img.reshape(-1, 3).mean(axis=0)
     assert len(colours) >= 2
     if "50000" in colours:
@@ -135,11 +139,11 @@ def test_rebuild_is_skipped_and_other_parameters_refused(world, monkeypatch, cap
     argv = ["synth_france", "--config", str(ROOT / "configs" / "ses_demo.yaml"),
             *[a for s in sets for a in ("--set", s)]]
     monkeypatch.setattr(sys, "argv", argv)
-    synth_france.main()
+    ses_world.main()
     assert "nothing to do" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", [*argv, "--set", "france.noise=0.5"])
     with pytest.raises(SystemExit, match="overwrite=true"):
-        synth_france.main()
+        ses_world.main()
 
 
 def _extract(sets):
@@ -159,11 +163,11 @@ def test_extraction_end_to_end_and_resume(world, tmp_path):
     index = gpd.read_file(results / "ses" / "cells.gpkg", layer="cells")
     assert {"cell_id", "city", "income", "path", "non_void", "geometry"} <= set(index.columns)
     assert index.crs.to_epsg() == 3035 and set(index["city"]) == {"Paris", "Lyon"}
-    census = geo.read_census(data / cfg.ses.census_file)
+    census = ses_census.read_census(data / cfg.ses.census_file)
     expected = census.set_index("cell_id")["income"]
     np.testing.assert_allclose(index["income"], expected.loc[index["cell_id"]].to_numpy())
     for cid, geom in zip(index["cell_id"], index.geometry):
-        assert geom.equals(geo.cell_box(cid))
+        assert geom.equals(grid.cell_box(cid))
     # every cell's image exists at the configured size; void cells are those with > 1 % nodata
     fractions = []
     for rel in index["path"]:
@@ -171,7 +175,7 @@ def test_extraction_end_to_end_and_resume(world, tmp_path):
         assert path.name.startswith("FR_URBANATLAS_200m_CRS3035RES200mN")
         with Image.open(path) as im:
             assert im.size == (32, 32)
-        fractions.append(geo.nodata_fraction(geo.read_png(path)))
+        fractions.append(ses_extraction.nodata_fraction(ses_extraction.read_png(path)))
     fractions = np.array(fractions)
     assert (index["non_void"].to_numpy() == (fractions <= cfg.ses.max_nodata)).all()
     assert (~index["non_void"]).sum() >= 1 and index["non_void"].sum() > len(index) / 2

@@ -11,7 +11,8 @@ import shapely
 from rasterio.transform import from_bounds
 from shapely.geometry import Polygon, box
 
-from urbanlens import zonal
+from urbanlens.ses import maps as ses_maps
+from urbanlens.ses import zonal
 
 STAT_KEYS = ("sum", "mean", "min", "max", "median", "count")
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -238,12 +239,12 @@ def test_maps_tif_round_trip_and_cell_stats(tmp_path):
     rng = np.random.default_rng(2)
     maps = rng.random((2, 20, 20)).astype(np.float32)
     path = tmp_path / "cams" / "CRS3035RES200mN2880000E3760000.tif"
-    zonal.write_maps_tif(path, maps, bounds)
+    ses_maps.write_maps_tif(path, maps, bounds)
     with rasterio.open(path) as src:
         assert src.crs.to_epsg() == 3035 and src.count == 2 and src.dtypes == ("float32", "float32")
         assert tuple(src.bounds) == pytest.approx(bounds)
         assert src.descriptions == ("poor", "rich") and src.nodata is None
-    back, transform, crs = zonal.read_maps_tif(path)
+    back, transform, crs = ses_maps.read_maps_tif(path)
     np.testing.assert_array_equal(back, maps)
     lu = make_landuse()
     lu["geometry"] = lu.geometry.translate(bounds[0] - 100, bounds[1])  # cell = 12100 | 14100
@@ -252,8 +253,8 @@ def test_maps_tif_round_trip_and_cell_stats(tmp_path):
         {"ua_code": ["99999"], "ua_class": ["sliver"], "area": [0.5]},
         geometry=[box(bounds[0] + 1, bounds[1] + 1, bounds[0] + 1.5, bounds[1] + 2)], crs=lu.crs)],
         ignore_index=True)
-    rows = zonal.cell_polygon_stats(back, transform, pieces, "CRS3035RES200mN2880000E3760000", "Paris")
-    assert list(rows.columns) == zonal.POLYGON_STATS_COLUMNS
+    rows = ses_maps.cell_polygon_stats(back, transform, pieces, "CRS3035RES200mN2880000E3760000", "Paris")
+    assert list(rows.columns) == ses_maps.POLYGON_STATS_COLUMNS
     assert "99999" not in set(rows["ua_code"]) and len(rows) == len(pieces) - 1
     assert rows["poor_count"].sum() == 400
     np.testing.assert_allclose(rows["poor_score"], rows["poor_sum"] / rows["area"])
@@ -273,24 +274,24 @@ def test_cell_map_batches_writes_then_resumes(tmp_path):
         base = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8) / 128
         return np.stack([base + i for i in range(len(rows))])
 
-    first = [item for b in zonal.cell_map_batches(cells, compute, tmp_path, batch_size=2) for item in b]
+    first = [item for b in ses_maps.cell_map_batches(cells, compute, tmp_path, batch_size=2) for item in b]
     assert calls == [ids[:2], ids[2:]] and all(new for *_, new in first)
     with rasterio.open(tmp_path / f"{ids[1]}.tif") as src:
         assert tuple(src.bounds) == pytest.approx(cells.geometry.iloc[1].bounds)
     calls.clear()
-    again = [item for b in zonal.cell_map_batches(cells, compute, tmp_path, batch_size=2) for item in b]
+    again = [item for b in ses_maps.cell_map_batches(cells, compute, tmp_path, batch_size=2) for item in b]
     assert calls == [] and not any(new for *_, new in again)
     for (_, m1, t1, _), (_, m2, t2, _) in zip(first, again):
         np.testing.assert_array_equal(m1, m2)
         assert tuple(t1) == pytest.approx(tuple(t2))
     # maps older than the model (e.g. after retraining) are computed again
     newer = max((tmp_path / f"{i}.tif").stat().st_mtime for i in ids) + 1
-    list(zonal.cell_map_batches(cells, compute, tmp_path, batch_size=3, newer_than=newer))
+    list(ses_maps.cell_map_batches(cells, compute, tmp_path, batch_size=3, newer_than=newer))
     assert calls == [ids]
 
 
 def test_figures_draw_pieces_and_scores():
-    from urbanlens import plots_ses
+    from urbanlens.ses import figures
 
     lu = make_landuse()
     cell = box(0, 0, 300, 200)
@@ -298,16 +299,16 @@ def test_figures_draw_pieces_and_scores():
     rng = np.random.default_rng(0)
     panel = {"cell_id": "c", "bounds": cell.bounds, "image": rng.random((8, 12, 3)),
              "poor": rng.random((8, 12)), "rich": rng.random((8, 12)), "pieces": pieces}
-    fig = plots_ses.cam_panels_figure([panel, panel], {"11100": "continuous urban"})
+    fig = figures.cam_panels_figure([panel, panel], {"11100": "continuous urban"})
     assert len(fig.axes) == 8
     coloured = fig.axes[3].collections[0]
     assert len(coloured.get_paths()) == len(pieces) == 3
-    holed = plots_ses.polygon_collection([box(0, 0, 10, 10).difference(box(2, 2, 4, 4))])
+    holed = figures.polygon_collection([box(0, 0, 10, 10).difference(box(2, 2, 4, 4))])
     assert len(holed.get_paths()[0].to_polygons()) == 2  # exterior and hole
     summary = zonal.landuse_summary(pd.DataFrame({"ua_code": ["A", "A", "B"], "ua_class": ["a", "a", "b"],
                                                   "area": [1.0, 1, 1], "poor_score": [1.0, 2, 3],
                                                   "rich_score": [2.0, 3, 1]}))
-    fig = plots_ses.landuse_scores_figure(summary)
+    fig = figures.landuse_scores_figure(summary)
     assert len(fig.axes[0].patches) == 2 * len(summary)
     import matplotlib.pyplot as plt
     plt.close("all")

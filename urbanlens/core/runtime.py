@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .io import atomic_path
+from .files import atomic_path
 
 
 def seed_everything(seed: int) -> None:

@@ -19,7 +19,10 @@ import pandas as pd
 SHARD_HELP = ("run only shard I of N (numbered from 1: 1/4 .. 4/4, e.g. $SLURM_ARRAY_TASK_ID/4); the cells "
               "are split with no overlap and no gap and this job writes partial outputs *.shard-I-of-N.*; "
               "combine them afterwards with --merge N")
+
+
 MERGE_HELP = "merge the partial outputs of an N-shard run into the files an unsharded run writes"
+
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -70,8 +73,6 @@ def add_shard_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------------------------------ splitting
-
 def chunk_bounds(total: int, n: int) -> list[tuple[int, int]]:
     """n contiguous [start, stop) ranges covering range(total); sizes differ by at most one, larger first."""
     if total < 0 or n < 1:
@@ -104,8 +105,6 @@ def shard_positions(keys: Sequence, groups: Sequence, i: int, n: int) -> np.ndar
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=int)
 
 
-# --------------------------------------------------------------------------------------- file names
-
 def shard_path(path, i: int, n: int) -> Path:
     """``cells.gpkg`` -> ``cells.shard-2-of-4.gpkg`` (same folder)."""
     path = Path(path)
@@ -132,8 +131,6 @@ def _listing(numbers: Sequence[int], most: int = 10) -> str:
     shown = ", ".join(map(str, numbers[:most]))
     return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
 
-
-# ------------------------------------------------------------------------------------------- merging
 
 def merge_in_order(parts: Sequence[pd.DataFrame], order: Sequence, key: str = "cell_id",
                    names: Sequence[str] | None = None) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Figures of the SES activation-map stage: income maps, per-cell panels, scores per land-use class."""
+"""Figures of the SES pipeline: confusion matrices, income maps, activation-map panels, land-use scores."""
 from __future__ import annotations
 
 import matplotlib
@@ -11,6 +11,19 @@ import shapely  # noqa: E402
 from matplotlib.collections import PatchCollection  # noqa: E402
 from matplotlib.patches import Patch, PathPatch  # noqa: E402
 from matplotlib.path import Path  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from .model import CLASS_NAMES
+
+
+def confusion_figure(cm, title: str = ""):
+    """A matplotlib figure of a confusion matrix with the quintile names."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    skm.ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(CLASS_NAMES)).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
+    ax.set_title(title)
+    return fig
+
 
 QUINTILE_CMAP = "RdYlGn"
 

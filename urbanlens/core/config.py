@@ -84,9 +84,13 @@ _AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "p
                "model.input_size", "train.epochs", "train.batch_size", "test.batch_size", "saliency.per_city",
                "saliency.batch_size", "ses.cell_size_m", "ses.cell_px", "ses_model.input_size", "ses_train.epochs",
                "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size")
+
+
 _AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
                "ses_train.plateau_patience", "ses_train.restarts", "ses_train.cache_mb", "cams.panels",
                "world.twin_distance", "world.site_jitter", "france.noise")
+
+
 _RULES = {
     **{k: (">= 1", lambda v: v >= 1) for k in _AT_LEAST_1},
     **{k: (">= 0", lambda v: v >= 0) for k in _AT_LEAST_0},
@@ -218,7 +222,7 @@ def results_dir(cfg: Config, *parts: str) -> Path:
 
 
 def _main() -> None:
-    """``python -m urbanlens.config KEY [--config F] [--set k=v ...]`` prints one resolved value (for shell)."""
+    """``python -m urbanlens.core.config KEY [--config F] [--set k=v ...]`` prints one resolved value (for shell)."""
     parser = add_config_args(argparse.ArgumentParser(description=_main.__doc__))
     parser.add_argument("key")
     args = parser.parse_args()

@@ -23,11 +23,17 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from .io import atomic_path, read_json, write_json
+from ..core.files import atomic_path, read_json, write_json
 
 SPLITS = ("train", "val", "test", "test_b")
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
 MANIFEST_COLUMNS = ["path", "city", "iata", "site", "source", "split", "y", "x", "size"]
+
+
 _CITY_RE = re.compile(r"^(?P<name>\S.*?)\s*\((?P<iata>[A-Z]{3})\)$")
 
 

@@ -12,13 +12,16 @@ from typing import Any, Iterator
 
 import yaml
 
-
 # Temporary names carry the writer's host and process id: ``.<name>.tmp-<host>-<pid>-<random><suffix>``.
 # A temporary file whose writer died (killed, out of memory, power cut) is removed by the next process
 # that writes into the same folder; files of live writers, and of other hosts on a shared file system,
 # are left alone.
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
 _TEMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-")
+
+
 _swept: set[str] = set()
 
 

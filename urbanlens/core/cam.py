@@ -30,7 +30,6 @@ from zennit.torchvision import ResNetCanonizer
 METHODS = ("gradcam", "gradcampp", "relevancecam")
 
 
-# ---------------------------------------------------------------- hooks
 class LayerHooks:
     """Capture the output of ``layer`` during a forward pass and the gradient that later arrives at it.
 
@@ -106,7 +105,6 @@ def _target_score(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return output.gather(1, targets[:, None]).sum()
 
 
-# ---------------------------------------------------------------- CAM methods on (activations, gradients)
 def _weighted_sum(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
     """ReLU(sum_c w[b, c] * A[b, c]) -> [B, h, w]."""
     return torch.relu(torch.einsum("bc,bchw->bhw", weights, acts))
@@ -138,7 +136,6 @@ def relevance_weighted(acts: torch.Tensor, relevance: torch.Tensor) -> torch.Ten
     return _weighted_sum(relevance.sum(dim=(2, 3)), acts)
 
 
-# ---------------------------------------------------------------- running a model
 def activations_and_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of ``layer`` and the gradient of ``output[b, targets[b]]`` with respect to them."""
@@ -208,7 +205,6 @@ def class_activation_maps(model: nn.Module, layer: nn.Module, x: torch.Tensor, t
     return minmax_normalise(maps).cpu().numpy().astype(np.float32)
 
 
-# ---------------------------------------------------------------- guided backprop
 class SiLUGuided(Hook):
     """Guided rule for SiLU, the analogue of guided backprop's ReLU rule: the gradient is passed, times
     the true local derivative SiLU'(x) = s(x) (1 + x (1 - s(x))), only where the unit's input is

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.cluster.hierarchy import dendrogram  # noqa: E402
 
+from .saliency import fit_map, masked_image
+
 
 def row_percentages(cm: np.ndarray) -> np.ndarray:
     """Each row of a count matrix as percentages of its sum (a row of zeros stays zero)."""
@@ -59,4 +61,33 @@ def dendrogram_figure(linkage_matrix: np.ndarray, labels: Sequence[str], title: 
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+HEATMAP = "jet"
+
+
+def saliency_figure(image: np.ndarray, cam: np.ndarray, threshold: float = 0.5, title: str | None = None,
+                    alpha: float = 0.5):
+    """Three panels: the patch, the map over it as a heat map, the patch masked where the map (min-max
+    normalised) exceeds ``threshold``. ``cam`` may be at any resolution; it is resized to the image."""
+    import matplotlib.pyplot as plt
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 HxWx3, got {image.dtype} {image.shape}")
+    heat = fit_map(cam, image.shape[:2])
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4), layout="constrained")
+    axes[0].imshow(image)
+    axes[0].set_title("original")
+    axes[1].imshow(image)
+    shown = axes[1].imshow(heat, cmap=HEATMAP, alpha=alpha, vmin=0.0, vmax=1.0)
+    axes[1].set_title("activation map")
+    axes[2].imshow(masked_image(image, heat, threshold))
+    axes[2].set_title(f"map > {threshold:g}")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
+    if title:
+        fig.suptitle(title)
     return fig

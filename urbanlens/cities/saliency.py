@@ -1,12 +1,10 @@
-"""Saliency stage helpers: the patches to explain, and figures (original | heat-map overlay | masked image)."""
+"""Saliency panels: a map fitted to its patch, the masked image, the patches drawn per city."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-
-HEATMAP = "jet"
 
 
 def fit_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -22,32 +20,6 @@ def masked_image(image: np.ndarray, cam: np.ndarray, threshold: float = 0.5) -> 
     """``image`` (uint8 HxWx3) with the pixels whose normalised map is at or below ``threshold`` set to black."""
     keep = fit_map(cam, image.shape[:2]) > threshold
     return np.where(keep[..., None], image, 0).astype(np.uint8)
-
-
-def saliency_figure(image: np.ndarray, cam: np.ndarray, threshold: float = 0.5, title: str | None = None,
-                    alpha: float = 0.5):
-    """Three panels: the patch, the map over it as a heat map, the patch masked where the map (min-max
-    normalised) exceeds ``threshold``. ``cam`` may be at any resolution; it is resized to the image."""
-    import matplotlib.pyplot as plt
-
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be uint8 HxWx3, got {image.dtype} {image.shape}")
-    heat = fit_map(cam, image.shape[:2])
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4), layout="constrained")
-    axes[0].imshow(image)
-    axes[0].set_title("original")
-    axes[1].imshow(image)
-    shown = axes[1].imshow(heat, cmap=HEATMAP, alpha=alpha, vmin=0.0, vmax=1.0)
-    axes[1].set_title("activation map")
-    axes[2].imshow(masked_image(image, heat, threshold))
-    axes[2].set_title(f"map > {threshold:g}")
-    for ax in axes:
-        ax.set_axis_off()
-    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
-    if title:
-        fig.suptitle(title)
-    return fig
 
 
 def sample_patches(manifest, split: str, per_city: int, seed: int):

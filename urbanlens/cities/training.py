@@ -1,0 +1,133 @@
+"""Training the city classifier: schedules, one epoch, resuming, the training log."""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..core import runtime
+from ..core.config import changed_keys
+from ..core.loops import _all_reduce_sums, _inputs, _progress
+
+LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+WARMUP_SHARE = 0.15  # warmup_cosine: share of the steps spent rising linearly to the full learning rate
+
+
+def lr_factor(name: str, step: int, total_steps: int) -> float:
+    """Learning-rate multiplier at ``step`` of ``total_steps``: ``constant`` 1 (the paper's plain Adam);
+    ``cosine`` from 1 down to 0; ``warmup_cosine`` up from 1/25 over the first WARMUP_SHARE of the steps,
+    then down to 0 along a half cosine (a one-cycle schedule, good for short runs from scratch)."""
+    t = min(step / max(total_steps, 1), 1.0)
+    if name == "constant":
+        return 1.0
+    if name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if name == "warmup_cosine":
+        if t < WARMUP_SHARE:
+            return 0.04 + 0.96 * t / WARMUP_SHARE
+        return 0.5 * (1 + math.cos(math.pi * (t - WARMUP_SHARE) / (1 - WARMUP_SHARE)))
+    raise ValueError(f"unknown learning-rate schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int):
+    """A per-step ``LambdaLR`` over ``lr_factor``, or None for ``constant``. Its state is just the step
+    count, so a resumed run continues the schedule of the current config's total number of steps."""
+    lr_factor(name, 0, total_steps)  # validates the name
+    if name == "constant":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, name, total_steps=total_steps))
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
+                    scaler: torch.amp.GradScaler | None = None, amp: bool = False, channels_last: bool = False,
+                    scheduler=None, desc: str = "train") -> dict:
+    """One pass of cross-entropy training (``scheduler`` stepped after every batch); returns mean ``loss``
+    and ``acc`` over all ranks, and ``n``."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_sum = correct = n = 0.0
+    bar = _progress(loader, desc)
+    for x, y in bar:
+        x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with runtime.autocast(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
+    loss_sum, correct, n = _all_reduce_sums(loss_sum, correct, n, device=device)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
+
+
+def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: str | Path) -> None:
+    """Exit with one line when a checkpoint was trained on other cities or with another model."""
+    trained = state.get("config", {}).get("model", {})
+    if list(state.get("classes", [])) != list(classes):
+        sys.exit(f"error: {path}: trained on cities {', '.join(state.get('classes', []))}, not on those of the "
+                 f"manifest ({', '.join(classes)}); train without --resume or use another paths.results")
+    for key in ("backbone", "input_size"):
+        if trained.get(key) != model_cfg[key]:
+            sys.exit(f"error: {path}: trained with model.{key}={trained.get(key)}, config says {model_cfg[key]}; "
+                     f"train without --resume or set --set model.{key}={trained.get(key)}")
+
+
+RUN_KEYS = ("seed", "paths.data", "patch", "split", "model", "train")  # what decides a trained classifier
+
+
+def run_changes(saved: dict, cfg) -> list[str]:
+    """The config keys (dotted, leaves) under ``RUN_KEYS`` whose values differ between a checkpoint's
+    saved config and ``cfg``: empty when re-running the same command may continue the checkpoint."""
+    return changed_keys(saved, cfg, RUN_KEYS)
+
+
+def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+            scaler: torch.amp.GradScaler | None = None, scheduler=None) -> tuple[int, float]:
+    """Load a ``runtime.save_checkpoint`` state into model/optimizer/scaler/scheduler; return
+    (epochs done, best val acc)."""
+    (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state.get("epoch") or 0), float(state.get("best_val_acc", 0.0))
+
+
+def read_log(path: str | Path, upto_epoch: int) -> list[dict]:
+    """Rows of an existing training log up to ``upto_epoch`` (rows of epochs after the checkpoint are dropped)."""
+    path = Path(path)
+    if upto_epoch <= 0 or not path.is_file():
+        return []
+    log = pd.read_csv(path)
+    return log[log["epoch"] <= upto_epoch].to_dict("records")
+
+
+def write_log(rows: list[dict], path: str | Path) -> Path:
+    """The training log (one row per epoch, ``LOG_COLUMNS``), written atomically."""
+    from ..core.files import write_csv
+
+    return write_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), path)

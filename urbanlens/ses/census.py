@@ -1,0 +1,94 @@
+"""The INSEE Filosofi 200 m census grid (2015 shapefile, 2019 GeoPackage)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import shapely
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+
+from ..core.errors import DataError
+from .columns import _key, _pick_columns
+from .grid import LAEA, cell_boxes
+
+CENSUS_COLUMNS = {
+    "cell_id": ("idcar_200m", "IdINSPIRE"),   # 2019 GPKG / 2015 shapefile
+    "ind": ("ind", "Ind"),
+    "ind_snv": ("ind_snv", "Ind_snv"),
+}
+
+
+def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> None:
+    """Stop when the first cells' geometries do not lie where their INSPIRE ids (EPSG:3035) put them:
+    with a missing or wrong CRS the ``bbox`` read would silently pick other cells. A file without
+    geometry, or without CRS but with EPSG:3035 coordinates, passes."""
+    df = pyogrio.read_dataframe(path, layer=layer, columns=[id_col], max_features=sample)
+    if not isinstance(df, gpd.GeoDataFrame):
+        return
+    df = df[df.geometry.notna() & ~df.geometry.is_empty]
+    try:
+        boxes = cell_boxes(df[id_col])
+    except ValueError:
+        return  # the full read names the bad id
+    if len(df) == 0:
+        return
+    points = df.geometry.representative_point()
+    if df.crs is not None and not df.crs.equals(LAEA):
+        points = points.to_crs(LAEA)
+    with np.errstate(invalid="ignore"):  # coordinates a wrong CRS cannot transform become inf
+        if np.mean(shapely.dwithin(boxes, points.values, 1.0)) >= 0.5:
+            return
+    if df.crs is None:
+        raise DataError(path, "census grid has no CRS and its coordinates are not EPSG:3035, where its "
+                        "INSPIRE ids put the cells", "restore its CRS (the .prj, or the GeoPackage's SRS), "
+                        "e.g. ogr2ogr -a_srs EPSG:<code> fixed.gpkg <file>")
+    raise DataError(path, f"census grid says its CRS is {df.crs.name} (EPSG:{df.crs.to_epsg()}) but its cells do "
+                    "not lie where their INSPIRE ids put them", "its CRS tag is wrong: set the right one "
+                    "(INSEE grids are EPSG:3035), e.g. ogr2ogr -a_srs EPSG:3035 fixed.gpkg <file>")
+
+
+def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.GeoDataFrame:
+    """INSEE Filosofi 200 m grid -> GeoDataFrame[cell_id, ind, ind_snv, income, geometry], EPSG:3035.
+
+    Accepts the 2019 GeoPackage (``idcar_200m, ind, ind_snv``) and the 2015 shapefile (``IdINSPIRE, Ind,
+    Ind_snv``), any case. Geometry is rebuilt from the ids as exact EPSG:3035 squares. ``income`` is
+    ``ind_snv / ind``; cells without a positive finite income are dropped and counted in
+    ``attrs['dropped']``. ``bbox`` (EPSG:3035 xmin, ymin, xmax, ymax) reads only the cells there.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "census grid not found",
+                        "run data_setup.sh (or data_setup.sh --synthetic ses) or set ses.census_file")
+    infos = [pyogrio.read_info(path, layer=name) for name, _ in pyogrio.list_layers(path)]
+    ids = {_key(s) for s in CENSUS_COLUMNS["cell_id"]}
+    info = next((i for i in infos if ids & {_key(f) for f in i["fields"]}), infos[0])
+    layer, fields, file_crs = info["layer_name"], list(info["fields"]), info["crs"]
+    cols = _pick_columns(fields, CENSUS_COLUMNS, path, "census grid", "INSEE's")
+    _check_census_crs(path, layer, cols["cell_id"])
+    read_bbox = None
+    if bbox is not None:
+        read_bbox = tuple(bbox)
+        if file_crs and CRS.from_user_input(file_crs) != CRS.from_user_input(LAEA):
+            read_bbox = transform_bounds(LAEA, file_crs, *bbox, densify_pts=21)
+    df = pyogrio.read_dataframe(path, layer=layer, columns=list(cols.values()), read_geometry=False,
+                                bbox=read_bbox)
+    df = df.rename(columns={v: k for k, v in cols.items()})[list(cols)]
+    df["cell_id"] = df["cell_id"].astype(str).str.strip()
+    for c in ("ind", "ind_snv"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["income"] = df["ind_snv"] / df["ind"]
+    keep = np.isfinite(df["income"]) & (df["income"] > 0) & (df["ind"] > 0)
+    df = df[keep].reset_index(drop=True)
+    try:
+        geometry = cell_boxes(df["cell_id"])
+    except ValueError as e:
+        raise DataError(path, str(e), "the id column must hold INSPIRE ids CRS3035RES200mN<y>E<x>") from None
+    out = gpd.GeoDataFrame(df, geometry=geometry, crs=LAEA)
+    out.attrs["dropped"] = int((~keep).sum())
+    return out

@@ -1,0 +1,28 @@
+"""Column spellings of the real products, matched in any letter case."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from ..core.errors import DataError
+
+
+def _key(name: str) -> str:
+    """Comparison key of a column name: lower case, no underscores."""
+    return name.lower().replace("_", "")
+
+
+def _pick_columns(fields: Sequence[str], wanted: Mapping[str, Sequence[str]], path, what: str,
+                  source: str = "the provider's") -> dict[str, str]:
+    """Map each wanted name to the file's column among its accepted spellings (any case)."""
+    by_key = {_key(f): f for f in fields}
+    found, missing = {}, []
+    for out, spellings in wanted.items():
+        hit = next((by_key[_key(s)] for s in spellings if _key(s) in by_key), None)
+        if hit is None:
+            missing.append(f"{out} (one of {', '.join(spellings)})")
+        else:
+            found[out] = hit
+    if missing:
+        raise DataError(path, f"{what} lacks columns: {'; '.join(missing)}",
+                        f"columns present are {', '.join(fields)}; rename them or use {source} original file")
+    return found

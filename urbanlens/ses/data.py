@@ -1,0 +1,147 @@
+"""Cells as training data: the cell index, income quintiles, cell images and their dataset."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy import stats
+from torchvision.transforms.v2 import functional as TF
+
+from .model import N_CLASSES
+
+
+def income_quintiles(income) -> np.ndarray:
+    """Income quintile of each cell within its city: 0 = poorest fifth ... 4 = richest fifth.
+
+    Classes come from the rank of each income, so they hold equal counts (to within one) and equal
+    incomes always share a class (ties get their average rank instead of breaking quantile edges).
+    """
+    income = np.asarray(income, dtype=float).ravel()
+    if income.size == 0:
+        raise ValueError("income_quintiles: no incomes given")
+    if not np.all(np.isfinite(income)):
+        raise ValueError("income_quintiles: incomes must be finite (drop cells without income first)")
+    ranks = stats.rankdata(income, method="average")  # 1..n
+    return np.clip(np.floor((ranks - 0.5) * N_CLASSES / income.size), 0, N_CLASSES - 1).astype(np.int64)
+
+
+def quintile_edges(income, labels) -> list[float]:
+    """The highest income of each class but the last: a cell above ``edges[k]`` is richer than class k."""
+    income, labels = np.asarray(income, float), np.asarray(labels)
+    return [float(income[labels == k].max()) if np.any(labels == k) else float("nan")
+            for k in range(N_CLASSES - 1)]
+
+
+def load_cell_image(path, size: int) -> torch.Tensor:
+    """A cell PNG as float [3, size, size], resized (antialiased) and min-max scaled to [0, 1] over the
+    whole image (the paper's per-image scaling). A constant image becomes all zeros."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read as an image ({e})") from None
+    img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))  # one copy
+    if img.shape[-2:] != (size, size):
+        img = TF.resize(img, [size, size], antialias=True)
+        lo, hi = img.min(), img.max()
+    else:  # the extremes of the 8-bit pixels, cheaper than on floats
+        lo, hi = torch.tensor(float(arr.min())), torch.tensor(float(arr.max()))
+    return img.sub_(lo).div_(hi - lo) if hi > lo else torch.zeros_like(img)
+
+
+class CellDataset(torch.utils.data.Dataset):
+    """(image, label) pairs of cell PNGs; ``cache=True`` decodes every image once, up front."""
+
+    def __init__(self, files, labels, size: int, cache: bool = False):
+        self.files = [Path(f) for f in files]
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.size = size
+        self.images = None
+        if cache and self.files:
+            self.images = torch.stack([load_cell_image(f, size) for f in self.files])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, indices) -> "CellDataset":
+        """The items at ``indices``, sharing the decoded images when cached."""
+        idx = np.asarray(indices, dtype=int)
+        sub = copy.copy(self)
+        sub.files = [self.files[i] for i in idx]
+        sub.labels = self.labels[torch.as_tensor(idx, dtype=torch.long)]
+        sub.images = self.images[torch.as_tensor(idx, dtype=torch.long)] if self.images is not None else None
+        return sub
+
+    def __getitem__(self, i: int):
+        img = self.images[i] if self.images is not None else load_cell_image(self.files[i], self.size)
+        return img, self.labels[i]
+
+
+def random_flips(x: torch.Tensor, generator: torch.Generator | None = None,
+                 rotate: bool = False) -> torch.Tensor:
+    """Flip each image of a batch [B, C, H, W] horizontally and vertically, each with probability 1/2.
+
+    ``rotate`` also swaps H and W with probability 1/2 (square images), which together with the two
+    flips draws uniformly from all eight right-angle rotations and reflections.
+    """
+    flips = torch.rand(3, x.shape[0], generator=generator) < 0.5
+    x = x.clone()  # only the chosen images are rewritten
+    h, v, t = (f.nonzero().flatten().to(x.device) for f in flips)
+    if len(h):
+        x[h] = x[h].flip(-1)
+    if len(v):
+        x[v] = x[v].flip(-2)
+    if rotate and len(t):
+        x[t] = x[t].transpose(-1, -2)
+    return x
+
+
+CELL_COLUMNS = ("cell_id", "city", "income", "path", "non_void")
+
+
+def read_cells(path) -> "pd.DataFrame":
+    """The cell index (layer ``cells``) written by the extraction stage; ValueError naming the fix."""
+    import geopandas as gpd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: cell index not found; run generate_fr_ua_aerial_data.py first")
+    cells = gpd.read_file(path, layer="cells")
+    missing = [c for c in CELL_COLUMNS if c not in cells.columns]
+    if missing:
+        raise ValueError(f"{path}: columns {missing} missing from layer 'cells'; "
+                         "re-run generate_fr_ua_aerial_data.py to rebuild the index")
+    return cells
+
+
+def readable_image(path) -> str | None:
+    """None when ``path`` is an image file whose chunks check out (PIL's verify: cheap, no decoding),
+    else what is wrong with it ("missing", "unreadable: <reason>")."""
+    if not Path(path).is_file():
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
+
+
+def city_cells(cells, city: str, image_root) -> tuple[pd.DataFrame, list[str]]:
+    """The city's non-void cells with a finite income whose image exists and reads (sorted by cell id),
+    and a line ``<image path> (<problem>)`` for each cell left out because its image is missing or broken."""
+    df = cells[(cells["city"] == city) & cells["non_void"].astype(bool)]
+    df = df[np.isfinite(df["income"].astype(float))]
+    problems = [readable_image(Path(image_root) / p) for p in df["path"]]
+    ok = np.array([p is None for p in problems], dtype=bool)
+    left_out = [f"{Path(image_root) / p} ({why})" for p, why in zip(df["path"], problems) if why is not None]
+    df = df[ok].sort_values("cell_id").reset_index(drop=True)
+    return pd.DataFrame(df.drop(columns="geometry", errors="ignore")), left_out
+
+
+def fits_in_memory(n_images: int, size: int, budget_mb: float) -> bool:
+    return n_images * 3 * size * size * 4 <= budget_mb * 2**20

@@ -1,0 +1,209 @@
+"""Cell images from orthophoto tiles: which cells to extract, reading a cell across tiles by on-the-fly
+reprojection to EPSG:3035, the nodata rule, and the parallel, resumable extraction.
+
+A pixel whose bands are all zero is nodata.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from PIL import Image
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.merge import merge
+from rasterio.transform import from_bounds
+from rasterio.warp import reproject
+from tqdm import tqdm
+
+from ..core.errors import DataError
+from ..core.files import atomic_path
+from .grid import CELL_PREFIX, LAEA
+from .tiles import _crs, _transformer, tile_crs
+
+
+def _snap_out(lo: float, hi: float, origin: float, step: float) -> tuple[float, float]:
+    """Widen [lo, hi] to the pixel grid origin + k * step."""
+    return (origin + math.floor((lo - origin) / step + 1e-9) * step,
+            origin + math.ceil((hi - origin) / step - 1e-9) * step)
+
+
+def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=LAEA,
+              resampling: str = "average") -> np.ndarray:
+    """The square ``bounds_3035`` (xmin, ymin, xmax, ymax in ``crs``) as uint8 RGB [px, px, 3].
+
+    The tiles (paths or open rasterio datasets, one CRS) are mosaicked in their own CRS over the cell's
+    footprint only (a window of each, on the first tile's pixel grid, so a cell straddling tiles has no
+    seam), then reprojected onto the cell's grid. Pixels no tile covers stay 0 (nodata). Untagged
+    Lambert-93 tiles are read as EPSG:2154.
+    """
+    dst_crs = _crs(crs) if isinstance(crs, str) else CRS.from_user_input(crs)
+    out = np.zeros((3, px, px), np.uint8)
+    with contextlib.ExitStack() as stack:
+        srcs = [t if hasattr(t, "read") else stack.enter_context(rasterio.open(t)) for t in tile_paths]
+        if not srcs:
+            return out.transpose(1, 2, 0).copy()
+        src_crs = tile_crs(srcs[0])
+        if any(tile_crs(s) != src_crs for s in srcs[1:]) or any(s.crs != srcs[0].crs for s in srcs[1:]):
+            raise DataError(srcs[0].name, "the tiles of one cell carry different CRSs",
+                            "reproject the tiles to one CRS (EPSG:2154) before extraction")
+        if srcs[0].count < 3:
+            raise DataError(srcs[0].name, f"{srcs[0].count} band(s), RGB expected", "use the RVB orthophotos")
+        first = srcs[0].transform
+        rx, ry = abs(first.a), abs(first.e)
+        to_src = _transformer(dst_crs.to_wkt(), src_crs.to_wkt())
+        left, bottom, right, top = to_src.transform_bounds(*bounds_3035, densify_pts=21)
+        left, right = _snap_out(left - 2 * rx, right + 2 * rx, first.c, rx)
+        bottom, top = _snap_out(bottom - 2 * ry, top + 2 * ry, first.f, ry)
+        mosaic, transform = merge(srcs, bounds=(left, bottom, right, top), nodata=0, indexes=[1, 2, 3])
+    # The mosaic's grid expressed in the cell's CRS by an affine map (off by under a millimetre over a
+    # cell): the warp then needs no coordinate operation, whose set-up by PROJ for every new area costs
+    # more than warping the cell itself.
+    if src_crs != dst_crs:
+        transform = local_affine(transform, mosaic.shape[2], mosaic.shape[1], src_crs, dst_crs)
+    reproject(mosaic, out, src_transform=transform, src_crs=dst_crs, src_nodata=0,
+              dst_transform=from_bounds(*bounds_3035, px, px), dst_crs=dst_crs, dst_nodata=0,
+              resampling=Resampling[resampling], UNIFIED_SRC_NODATA="YES")
+    return out.transpose(1, 2, 0).copy()
+
+
+def local_affine(transform, width: int, height: int, src_crs, dst_crs):
+    """The affine map from pixels of a ``width`` x ``height`` grid (``transform`` in ``src_crs``) to
+    ``dst_crs``, least-squares fitted on a 5 x 5 lattice of the grid; exact for an affine change of CRS,
+    within a millimetre for Lambert-93 -> ETRS89-LAEA over a few hundred metres."""
+    from affine import Affine
+
+    cols, rows = (g.ravel() for g in np.meshgrid(np.linspace(0, width, 5), np.linspace(0, height, 5)))
+    t = transform
+    xs, ys = t.c + t.a * cols + t.b * rows, t.f + t.d * cols + t.e * rows
+    to_dst = _transformer(CRS.from_user_input(src_crs).to_wkt(), CRS.from_user_input(dst_crs).to_wkt())
+    X, Y = to_dst.transform(xs, ys)
+    design = np.c_[cols, rows, np.ones_like(cols)]
+    (a, b, c), (d, e, f) = (np.linalg.lstsq(design, v, rcond=None)[0] for v in (X, Y))
+    return Affine(a, b, c, d, e, f)
+
+
+def nodata_fraction(img: np.ndarray) -> float:
+    """Share of pixels that are zero in every band ([H, W, C] or [H, W])."""
+    img = np.asarray(img)
+    mask = (img == 0).all(axis=-1) if img.ndim == 3 else img == 0
+    return float(mask.mean()) if mask.size else 1.0
+
+
+def cell_filename(cell_id: str) -> str:
+    return f"{CELL_PREFIX}{cell_id}.png"
+
+
+def cells_in_boundary(cells: gpd.GeoDataFrame, boundary: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """The cells whose centre lies inside the boundary (both EPSG:3035)."""
+    if cells.empty:
+        return cells
+    area = boundary.to_crs(cells.crs).geometry.union_all()
+    shapely.prepare(area)
+    centres = shapely.centroid(cells.geometry.values)
+    inside = shapely.contains_xy(area, shapely.get_x(centres), shapely.get_y(centres))
+    return cells[inside]
+
+
+def sample_cells(cells: gpd.GeoDataFrame, max_cells: int, seed: int) -> gpd.GeoDataFrame:
+    """At most ``max_cells`` cells (0 = all), a seeded random sample kept in cell-id order."""
+    if max_cells <= 0 or len(cells) <= max_cells:
+        return cells
+    pick = np.random.default_rng(seed).choice(len(cells), size=max_cells, replace=False)
+    return cells.iloc[np.sort(pick)]
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_png(path: str | Path, img: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(tmp, format="PNG")
+
+
+_OPEN_TILES: "OrderedDict[str, rasterio.io.DatasetReader]" = OrderedDict()
+
+
+def _open_tile(path: str, keep: int = 32):
+    """Open tiles stay open (last ``keep`` per process), so GDAL's block cache spares re-decoding them."""
+    ds = _OPEN_TILES.pop(path, None) or rasterio.open(path)
+    _OPEN_TILES[path] = ds
+    while len(_OPEN_TILES) > keep:
+        _OPEN_TILES.popitem(last=False)[1].close()
+    return ds
+
+
+def _close_tiles() -> None:
+    while _OPEN_TILES:
+        _OPEN_TILES.popitem()[1].close()
+
+
+def _extract_group(jobs: list[tuple], px: int, resampling: str) -> list[tuple]:
+    """Read and save a group of cells that share tiles."""
+    done = []
+    for key, bounds, paths, out in jobs:
+        img = read_cell([_open_tile(p) for p in paths], bounds, px, resampling=resampling)
+        write_png(out, img)
+        done.append((key, nodata_fraction(img)))
+    return done
+
+
+def extract_cells(cells: pd.DataFrame, root: str | Path, px: int, workers: int = 1,
+                  resampling: str = "average", known: Mapping[str, float] | None = None,
+                  group_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """Write each cell's image ``root / cells.path`` and return DataFrame[nodata, extracted] by cell index.
+
+    ``cells`` needs ``geometry`` (EPSG:3035 squares), ``tiles`` (tuple of tile paths) and ``path``
+    (relative to ``root``). A PNG already there with the right size is kept (resume): its nodata share
+    comes from ``known`` (path -> share, e.g. the previous index) or from the PNG itself. Cells sharing
+    tiles are read together, groups in ``workers`` processes.
+    """
+    root = Path(root)
+    known = dict(known or {})
+    nodata, extracted, todo = {}, {}, []
+    for key, row in cells.iterrows():
+        out = root / row["path"]
+        if out.is_file():
+            with Image.open(out) as im:
+                size_ok = im.size == (px, px)
+            if size_ok:
+                nodata[key] = known[row["path"]] if row["path"] in known else nodata_fraction(read_png(out))
+                extracted[key] = False
+                continue
+        todo.append((key, tuple(row.geometry.bounds), tuple(row["tiles"]), out))
+    todo.sort(key=lambda job: (job[2], str(job[3])))
+    groups, current = [], []
+    for job in todo:
+        if current and (job[2] != current[-1][2] or len(current) >= group_size):
+            groups.append(current)
+            current = []
+        current.append(job)
+    if current:
+        groups.append(current)
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo)
+    if workers <= 1 or len(groups) <= 1:
+        for group in groups:
+            for key, frac in _extract_group(group, px, resampling):
+                nodata[key], extracted[key] = frac, True
+            bar.update(len(group))
+        _close_tiles()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_extract_group, g, px, resampling): len(g) for g in groups}
+            for fut in as_completed(futures):
+                for key, frac in fut.result():
+                    nodata[key], extracted[key] = frac, True
+                bar.update(futures[fut])
+    bar.close()
+    return pd.DataFrame({"nodata": pd.Series(nodata), "extracted": pd.Series(extracted)}).reindex(cells.index)

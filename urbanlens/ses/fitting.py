@@ -1,0 +1,232 @@
+"""Fitting one fold: Adam, reduce-on-plateau, early stopping with restarts, resumable state."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..core import runtime
+from .data import random_flips
+from .model import N_CLASSES
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    best_val_loss: float
+    best_epoch: int
+    log: list[dict] = field(default_factory=list)
+
+
+def _loader(dataset, batch_size, shuffle, seed, workers, distributed=False):
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        shuffle = False
+    workers = 0 if getattr(dataset, "images", None) is not None else workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                                       generator=generator, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, device, batch_size: int = 32, amp: bool = True) -> np.ndarray:
+    """Log-probabilities [N, 5] of every item of ``dataset`` (in order), model in eval mode."""
+    model.eval()
+    out = []
+    for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast(device, amp):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, N_CLASSES), np.float32)
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, loader, device, amp: bool = False) -> None:
+    """Replace every batch-norm layer's running mean and variance by their exact average over ``loader``
+    at the current weights (the other layers stay in eval mode, so dropout and stochastic depth are off).
+    Evaluation then sees the statistics of the weights it evaluates, not a lagging running average."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was_training, momenta = model.training, [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with runtime.autocast(device, amp):
+            model(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def _evaluate(model, loader, device, amp) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with runtime.autocast(device, amp):
+                lp = model(x)
+            loss_sum += F.nll_loss(lp, y, reduction="sum").item()
+            correct += (lp.argmax(1) == y).sum().item()
+            n += len(y)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+FIT_STATE_VERSION = 1
+
+
+def load_fit_state(path, tcfg, seed: int) -> dict | None:
+    """The training state ``fit`` saved at ``path`` after its last finished epoch, or None when there is
+    none or it was saved with other ``ses_train`` settings or another seed (then it must not be resumed)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = runtime.load_checkpoint(path)
+    same = (state.get("fit_state_version") == FIT_STATE_VERSION and state.get("seed") == seed
+            and state.get("config") == (tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg)))
+    return state if same else None
+
+
+def _save_fit_state(path, model, opt, sched, scaler, gen, best: "FitResult", tcfg, seed, restart, epoch,
+                    epoch_total, stale) -> None:
+    rng = {"torch": torch.get_rng_state(), "flips": gen.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    runtime.save_checkpoint(path, model, tcfg, opt, epoch_total, fit_state_version=FIT_STATE_VERSION,
+                            seed=seed, restart=restart, run_epoch=epoch, epoch_total=epoch_total, stale=stale,
+                            scheduler=sched.state_dict(), scaler=scaler.state_dict(), rng=rng,
+                            best_state=best.best_state, best_val_loss=best.best_val_loss,
+                            best_epoch=best.best_epoch, log=best.log)
+
+
+def train_step(net: nn.Module, opt, scaler, x: torch.Tensor, y: torch.Tensor, amp: bool) -> tuple[float, int]:
+    """One optimisation step on a batch already on the device (channels_last on CUDA, autocast when
+    ``amp``): binomial log-probabilities, NLL, backward, Adam through ``scaler``. Returns the batch's
+    mean loss and its number of correct argmax predictions."""
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with runtime.autocast(x.device, amp):
+        lp = net(x)
+    loss = F.nll_loss(lp, y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.item(), int((lp.detach().argmax(1) == y).sum().item())
+
+
+def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, workers: int = 0,
+        progress=None, checkpoint=None, resume: dict | None = None) -> FitResult:
+    """Train with Adam, reduce-on-plateau on the validation loss and early stopping with restarts.
+
+    Run r (r = 0..tcfg.restarts) starts from the best weights so far with lr = tcfg.lr / 2**r and stops
+    after tcfg.early_stop_patience epochs without a better validation loss, or tcfg.epochs epochs.
+    ``progress(row)`` is called after every epoch. The model ends holding the best weights.
+
+    ``checkpoint``: a path where the whole training state is saved after every epoch (weights, optimizer,
+    plateau scheduler, grad scaler, early-stopping counter, restart index, RNG states, best weights so
+    far and the log). ``resume``: such a state (``load_fit_state``); training continues after its
+    epoch and, with the same seed on the same device, ends exactly as an uninterrupted fit does.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    amp = bool(tcfg.amp) and device.type == "cuda"
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    gen = torch.Generator().manual_seed(seed)
+    val_loader = _loader(val_set, tcfg.batch_size, False, seed, workers)
+    best = FitResult(copy.deepcopy(model.state_dict()), math.inf, -1)
+    epoch_total, first_restart = 0, 0
+    if resume is not None:
+        best = FitResult(resume["best_state"], resume["best_val_loss"], resume["best_epoch"], list(resume["log"]))
+        epoch_total, first_restart = resume["epoch_total"], resume["restart"]
+        gen.set_state(resume["rng"]["flips"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    save = checkpoint is not None and runtime.is_main_process()
+    for restart in range(first_restart, tcfg.restarts + 1):
+        resumed = resume is not None and restart == first_restart
+        if restart and not resumed:
+            model.load_state_dict(best.best_state)
+        opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr / 2 ** restart)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor,
+                                                           patience=tcfg.plateau_patience)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        stale, first_epoch = 0, 0
+        if resumed:  # the run that was going on: its weights, optimizer, scheduler and counters
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            stale, first_epoch = resume["stale"], resume["run_epoch"]
+            if stale >= tcfg.early_stop_patience:
+                continue
+        for epoch in range(first_epoch, tcfg.epochs):
+            t0 = time.perf_counter()
+            train_loader = _loader(train_set, tcfg.batch_size, True, seed + epoch_total, workers, distributed)
+            if distributed:
+                train_loader.sampler.set_epoch(epoch_total)
+            net.train()
+            loss_sum, correct, n = 0.0, 0, 0
+            for x, y in train_loader:
+                if len(y) < 2 and n > 0:  # a lone sample breaks batch norm in training mode
+                    continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss, hits = train_step(net, opt, scaler, random_flips(x, gen, rotate=tcfg.rot90), y, amp)
+                loss_sum += loss * len(y)
+                correct += hits
+                n += len(y)
+            if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
+                for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike
+                    torch.distributed.broadcast(buf, src=0)
+            if tcfg.precise_bn:
+                recompute_bn_stats(model, _loader(train_set, tcfg.batch_size, False, seed, workers), device, amp)
+            val_loss, val_acc = _evaluate(model, val_loader, device, amp) if len(val_set) else (
+                loss_sum / max(n, 1), correct / max(n, 1))
+            lr = opt.param_groups[0]["lr"]
+            sched.step(val_loss)
+            improved = val_loss < best.best_val_loss
+            if improved:
+                best.best_state = copy.deepcopy(model.state_dict())
+                best.best_val_loss, best.best_epoch = val_loss, epoch_total
+                stale = 0
+            else:
+                stale += 1
+            row = {"run": restart, "epoch": epoch_total, "lr": lr, "train_loss": loss_sum / max(n, 1),
+                   "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc,
+                   "best": improved, "seconds": round(time.perf_counter() - t0, 3)}
+            best.log.append(row)
+            epoch_total += 1
+            if save:
+                _save_fit_state(checkpoint, model, opt, sched, scaler, gen, best, tcfg, seed, restart, epoch + 1,
+                                epoch_total, stale)
+            if progress is not None:
+                progress(row)
+            if stale >= tcfg.early_stop_patience:
+                break
+    model.load_state_dict(best.best_state)
+    return best
+
+
+def show_epoch(bar, row: dict) -> None:
+    """Advance a tqdm bar by one epoch of ``fit`` and show its run and losses."""
+    bar.update(1)
+    bar.set_postfix(run=row["run"], train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")

@@ -1,0 +1,49 @@
+"""Cross-validation folds of a city's cells."""
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pandas as pd
+
+from .model import N_CLASSES
+
+
+def fold_seed(seed: int, city: str, fold: int) -> int:
+    """A seed for one (city, fold), stable across runs and independent of the city list's order."""
+    return (seed * 1_000_003 + zlib.crc32(city.encode()) + 7919 * fold) % 2**31
+
+
+def stratified_folds(labels, folds: int, val_share: float, seed: int) -> list[dict]:
+    """Stratified k-fold indices; inside each training part a stratified validation share.
+
+    Returns one dict per fold with ``train``, ``val`` and ``test`` index arrays (disjoint, covering all).
+    """
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=N_CLASSES)
+    if counts.min() < folds:
+        raise ValueError(f"{len(labels)} cells give a class with {counts.min()} cells, fewer than "
+                         f"{folds} folds")
+    out = []
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (train, test) in enumerate(skf.split(np.zeros(len(labels)), labels)):
+        val = np.array([], dtype=int)
+        if val_share > 0:  # at least one validation cell per class, so stratification is possible
+            n_val = max(math.ceil(val_share * len(train)), len(np.unique(labels[train])))
+            train, val = train_test_split(train, test_size=n_val, stratify=labels[train],
+                                          random_state=seed + k + 1)
+        out.append({"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)})
+    return out
+
+
+def folds_frame(cell_ids, splits: list[dict]) -> pd.DataFrame:
+    """The split manifest of a city: one row per (fold, cell) with ``part`` train, val or test,
+    sorted by fold then cell id."""
+    cell_ids = np.asarray(list(cell_ids), dtype=object)
+    rows = [pd.DataFrame({"fold": k, "cell_id": cell_ids[split[part]], "part": part})
+            for k, split in enumerate(splits) for part in ("train", "val", "test")]
+    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["fold", "cell_id", "part"])
+    return df.sort_values(["fold", "cell_id"], kind="stable").reset_index(drop=True)

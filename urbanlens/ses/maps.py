@@ -1,0 +1,118 @@
+"""Activation maps as GeoTIFFs and the resumable driver that computes and projects them per cell."""
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+
+from .zonal import STATS, piece_stats
+
+CAM_CRS = "EPSG:3035"
+
+
+POLYGON_STATS_COLUMNS = ["cell_id", "city", "ua_code", "ua_class", "area",
+                         *[f"{m}_{s}" for m in ("poor", "rich") for s in STATS],
+                         "poor_score", "rich_score", "totvar", "sym_kl", "geometry"]
+
+
+def map_transform(bounds, shape: tuple[int, int]):
+    """Affine transform of a [H, W] map covering ``bounds`` = (west, south, east, north), north up."""
+    from rasterio.transform import from_bounds
+
+    return from_bounds(*bounds, shape[1], shape[0])
+
+
+def write_maps_tif(path, maps: np.ndarray, bounds, crs: str = CAM_CRS, names=("poor", "rich")) -> None:
+    """Write [M, H, W] maps as an M-band float32 GeoTIFF covering ``bounds`` in ``crs`` (atomically).
+
+    Band b+1 holds maps[b] and is described by names[b]. No nodata value is set: every pixel is data.
+    """
+    import rasterio
+
+    from ..core.files import atomic_path
+
+    maps = np.asarray(maps, dtype=np.float32)
+    profile = dict(driver="GTiff", width=maps.shape[2], height=maps.shape[1], count=maps.shape[0],
+                   dtype="float32", crs=crs, transform=map_transform(bounds, maps.shape[1:]),
+                   compress="deflate", predictor=3)
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(maps)
+            for b, name in enumerate(names[:maps.shape[0]]):
+                dst.set_band_description(b + 1, name)
+
+
+def read_maps_tif(path):
+    """(maps [M, H, W] float32, transform, crs) of a GeoTIFF written by write_maps_tif."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return src.read().astype(np.float32, copy=False), src.transform, src.crs
+
+
+def cell_polygon_stats(maps: np.ndarray, transform, pieces: gpd.GeoDataFrame, cell_id: str,
+                       city: str) -> gpd.GeoDataFrame:
+    """One row per piece of a cell with POLYGON_STATS_COLUMNS (the layout of polygon_stats.gpkg).
+
+    ``maps``: [2, H, W] poor and rich maps; ``pieces``: the output of cell_pieces. Pieces that hold no
+    pixel centre (slivers smaller than a pixel) have no statistics and are left out.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    s = piece_stats(maps, transform, pieces.geometry.values, names=("poor", "rich"),
+                    areas=pieces["area"].to_numpy(float))
+    df = pd.DataFrame({"cell_id": cell_id, "city": city, "ua_code": pieces["ua_code"].to_numpy(),
+                       "ua_class": pieces["ua_class"].to_numpy(), "area": pieces["area"].to_numpy(float),
+                       **s})
+    df["poor_count"] = df["poor_count"].astype(np.int64)
+    df["rich_count"] = df["rich_count"].astype(np.int64)
+    out = gpd.GeoDataFrame(df, geometry=pieces.geometry.values, crs=pieces.crs)
+    return out.loc[out["poor_count"] > 0, POLYGON_STATS_COLUMNS].reset_index(drop=True)
+
+
+def cell_map_batches(cells: gpd.GeoDataFrame, compute, cam_dir, batch_size: int, newer_than: float = 0.0,
+                     crs: str = CAM_CRS):
+    """Maps of every cell, batch by batch, computed once and kept as GeoTIFFs (a re-run resumes).
+
+    ``cells``: rows with cell_id and geometry (the cell square in ``crs``); ``compute(rows)`` returns
+    [B, 2, H, W] poor and rich maps for a frame of cells. A cell whose ``<cam_dir>/<cell_id>.tif`` exists
+    and is newer than ``newer_than`` (a POSIX time, e.g. the checkpoint's) is read back and left untouched;
+    a batch holding any other cell is computed whole (same batches as an uninterrupted run). Yields lists
+    of (cell row, maps [2, H, W] float32, affine transform, computed: bool); only one batch of maps is
+    held at a time.
+    """
+    from pathlib import Path
+
+    cam_dir = Path(cam_dir)
+    for start in range(0, len(cells), batch_size):
+        batch = cells.iloc[start:start + batch_size]
+        paths = [cam_dir / f"{cid}.tif" for cid in batch["cell_id"]]
+        fresh = np.array([p.is_file() and p.stat().st_mtime >= newer_than for p in paths], dtype=bool)
+        computed = {}
+        if not fresh.all():
+            # the whole batch, not only its missing cells: a network's output depends (in the last bits)
+            # on its batch-mates, so a resumed run computes each map in the batch an uninterrupted run does
+            maps = np.asarray(compute(batch), dtype=np.float32)
+            if maps.ndim != 4 or maps.shape[:2] != (len(batch), 2):
+                raise ValueError(f"compute returned maps of shape {maps.shape}, expected [{len(batch)}, 2, H, W]")
+            for (_, row), m, done in zip(batch.iterrows(), maps, fresh):
+                if not done:
+                    write_maps_tif(cam_dir / f"{row['cell_id']}.tif", m, row.geometry.bounds, crs)
+                    computed[row["cell_id"]] = m
+        out = []
+        for (_, row), path in zip(batch.iterrows(), paths):
+            cid = row["cell_id"]
+            if cid in computed:
+                m = computed[cid]
+                out.append((row, m, map_transform(row.geometry.bounds, m.shape[1:]), True))
+            else:
+                m, transform, _ = read_maps_tif(path)
+                out.append((row, m, transform, False))
+        yield out
+
+
+def empty_polygon_stats(crs) -> gpd.GeoDataFrame:
+    """A polygon_stats frame with no rows but the right columns and CRS."""
+    cols = {c: pd.Series(dtype=object if c in ("cell_id", "city", "ua_code", "ua_class") else
+                         ("int64" if c.endswith("_count") else "float64"))
+            for c in POLYGON_STATS_COLUMNS if c != "geometry"}
+    return gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries([], crs=crs), crs=crs)[POLYGON_STATS_COLUMNS]

@@ -1,0 +1,103 @@
+"""The per-city income model: a backbone with one sigmoid unit read as a binomial over 5 quintiles."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from ..core import backbones, runtime
+
+N_CLASSES = 5
+
+
+CLASS_NAMES = ("q1 poorest", "q2", "q3", "q4", "q5 richest")
+
+
+_LOG_BINOM = torch.tensor([math.log(math.comb(N_CLASSES - 1, k)) for k in range(N_CLASSES)])
+
+
+def binomial_log_probs(logit: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [B, 5] of the binomial over ordered classes with success p = sigmoid(logit).
+
+    log P(k) = log C(4,k) + k log p + (4-k) log(1-p), with log p and log(1-p) from ``logsigmoid`` so the
+    result stays finite for any logit. Computed in float32 even under autocast.
+    """
+    logit = logit.float().reshape(-1, 1)
+    k = torch.arange(N_CLASSES, device=logit.device, dtype=logit.dtype)
+    log_c = _LOG_BINOM.to(device=logit.device, dtype=logit.dtype)
+    return log_c + k * F.logsigmoid(logit) + (N_CLASSES - 1 - k) * F.logsigmoid(-logit)
+
+
+def expected_class(log_probs) -> np.ndarray:
+    """Mean class sum_k k P(k) of each row of log-probabilities."""
+    p = np.exp(np.asarray(log_probs, dtype=np.float64))
+    return p @ np.arange(p.shape[1])
+
+
+class SESModel(nn.Module):
+    """Convolutional ``features`` -> global average pooling -> dropout -> ``fc`` (one unit) -> binomial.
+
+    ``forward`` returns log-probabilities [B, 5] of the income quintiles; ``logit`` the sigmoid input.
+    ``backbones.last_conv_layer`` finds ``features[-1]``.
+    """
+
+    def __init__(self, features: nn.Module, in_features: int, dropout: float = 0.2):
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, 1)
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.fc(self.dropout(z)).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return binomial_log_probs(self.logit(x))
+
+
+def build_ses_model(cfg) -> SESModel:
+    """The SES model of ``cfg.ses_model``: EfficientNet-B0 (or a ResNet) features, ImageNet weights when
+    ``pretrained`` (from ``weights_path`` or torch's cache; never downloaded)."""
+    mc = cfg.ses_model
+    name = mc.backbone
+    if name not in backbones.BACKBONES:
+        raise ValueError(f"ses_model.backbone '{name}' unknown; choose one of {', '.join(backbones.BACKBONES)}")
+    if name.startswith("efficientnet"):
+        net = torchvision.models.get_model(name, weights=None, stochastic_depth_prob=mc.stochastic_depth)
+    else:
+        net = torchvision.models.get_model(name, weights=None)
+    if mc.pretrained:
+        try:
+            net.load_state_dict(backbones.imagenet_state_dict(name, mc.weights_path))
+        except backbones.WeightsUnavailable as e:
+            raise backbones.WeightsUnavailable(str(e).replace("--set model.", "--set ses_model.")) from None
+    in_features = backbones.head(net).in_features
+    if hasattr(net, "features"):
+        features = net.features
+    else:  # ResNet: every block up to layer4, so features[-1] is layer4
+        features = nn.Sequential(*[m for n, m in net.named_children() if n not in ("avgpool", "fc")])
+    model = SESModel(features, in_features, dropout=mc.dropout)
+    if mc.bn_momentum > 0:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = mc.bn_momentum
+    return model
+
+
+def load_ses_model(path, map_location="cpu") -> tuple[SESModel, dict]:
+    """Rebuild a trained SES model (in eval mode, on ``map_location``) from a checkpoint written by the
+    training stage, with no download; also return the checkpoint (config, fold, quintile_edges, ...)."""
+    from ..core.config import load_config
+
+    ckpt = runtime.load_checkpoint(path, map_location=map_location)
+    cfg = load_config(None)  # defaults, so checkpoints from before a key existed still load
+    cfg.ses_model.update({k: v for k, v in ckpt["config"].get("ses_model", {}).items() if k in cfg.ses_model})
+    cfg.ses_model["pretrained"] = False
+    model = runtime.load_weights(build_ses_model(cfg), ckpt["model"], path,
+                                 f"a {cfg.ses_model.backbone} income model")
+    return model.to(map_location).eval(), ckpt

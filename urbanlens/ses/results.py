@@ -1,0 +1,62 @@
+"""What SES training writes: per-fold outputs, the city summary, the run's settings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core import files, runtime
+from .figures import confusion_figure
+from .fitting import FitResult
+from .metrics import scalar_metrics, ses_metrics, summarize_folds
+from .model import CLASS_NAMES, N_CLASSES
+
+RUN_KEYS = ("seed", "ses.cell_px", "ses.max_nodata", "ses_model", "ses_train")
+
+
+def previous_run_differs(config_file, cfg) -> bool:
+    """True when ``config_file`` (a saved run config) trained with other ``RUN_KEYS`` values than ``cfg``."""
+    import yaml
+
+    from ..core.config import changed_keys
+
+    path = Path(config_file)
+    return path.is_file() and bool(changed_keys(yaml.safe_load(path.read_text()), cfg, RUN_KEYS))
+
+
+def write_fold_outputs(fold_dir, cfg, model, fit: FitResult, m: dict, predictions: pd.DataFrame,
+                       **info) -> None:
+    """Everything one fold leaves: best.pt (weights, config, ``info``), train_log.csv, predictions.csv,
+    classification_report.txt, confusion_matrix.csv/.png and, written last to mark the fold as done,
+    metrics.json (the scalar metrics, best validation loss and ``info``)."""
+    fold_dir = Path(fold_dir)
+    runtime.save_checkpoint(fold_dir / "best.pt", model, cfg, epoch=fit.best_epoch, classes=list(CLASS_NAMES),
+                            val_loss=fit.best_val_loss, **info)
+    files.write_csv(pd.DataFrame(fit.log), fold_dir / "train_log.csv")
+    files.write_csv(predictions, fold_dir / "predictions.csv")
+    files.write_text(fold_dir / "classification_report.txt", m["classification_report"])
+    files.write_csv(pd.DataFrame(m["confusion_matrix"], index=CLASS_NAMES, columns=CLASS_NAMES),
+                 fold_dir / "confusion_matrix.csv", index=True, index_label="true \\ predicted")
+    title = ", ".join(str(v) if k == "city" else f"{k} {v}" for k, v in info.items() if k in ("city", "fold"))
+    files.save_figure(confusion_figure(m["confusion_matrix"], title), fold_dir / "confusion_matrix.png")
+    files.write_json(fold_dir / "metrics.json", {
+        **{k: v for k, v in info.items() if k != "quintile_edges"}, **scalar_metrics(m),
+        "val_loss": fit.best_val_loss, "best_epoch": fit.best_epoch, "epochs_run": len(fit.log),
+        "seconds": round(sum(r["seconds"] for r in fit.log), 1)})
+
+
+def city_summary(city_dir, folds: int, **info) -> tuple[dict, pd.DataFrame]:
+    """Cross-fold summary of a city from its fold folders: ``info``, mean/std per metric, ``best_fold``,
+    the metrics of all held-out predictions pooled, and each fold's metrics; plus those predictions."""
+
+
+    city_dir = Path(city_dir)
+    per_fold = [files.read_json(city_dir / f"fold_{k}" / "metrics.json") for k in range(folds)]
+    preds = pd.concat([pd.read_csv(city_dir / f"fold_{k}" / "predictions.csv") for k in range(folds)])
+    preds = preds.sort_values("cell_id").reset_index(drop=True)
+    p = preds[[f"p_{k}" for k in range(N_CLASSES)]].to_numpy()
+    pooled = scalar_metrics(ses_metrics(preds["true_class"], np.log(np.clip(p, 1e-300, None))))
+    summary = {**info, "folds": folds, **summarize_folds(per_fold, [f["val_loss"] for f in per_fold]),
+               "pooled": pooled, "per_fold": per_fold}
+    return summary, preds

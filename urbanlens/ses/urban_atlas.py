@@ -1,0 +1,198 @@
+"""Copernicus Urban Atlas land use and city boundaries (2012 shapefiles, 2018 GeoPackages)."""
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import geopandas as gpd
+import pandas as pd
+import pyogrio
+
+from ..core.errors import DataError
+from .columns import _key
+from .grid import LAEA
+
+_log = logging.getLogger("urbanlens")  # without logging set up, warnings go to stderr as they are
+
+
+# (code, class) spellings by product year, newest first; matched without case or underscores
+UA_SCHEMAS = (("code_2018", ("class_2018", "item2018")),
+              ("code_2012", ("class_2012", "item2012")),
+              ("code_2006", ("class_2006", "item2006")))
+
+
+_LETTERS = str.maketrans({"ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ß": "ss",
+                          "ł": "l", "Ł": "L"})
+
+
+def _name_key(text: str) -> str:
+    """Upper case, accents stripped, every other character an underscore: 'Saint-Étienne' -> 'SAINT_ETIENNE'."""
+    text = text.translate(_LETTERS)
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Z0-9]+", "_", plain.upper())
+
+
+def find_ua_city(ua_dir: str | Path, city: str) -> Path:
+    """The folder or file under ``ua_dir`` whose name contains the city name (case and accents ignored).
+
+    Top-level entries are preferred; names where the city is a whole ``_``-separated word come first,
+    then the newest product year in the name (UA2018 before UA2012), then folders (unpacked) before
+    archives.
+    """
+    ua_dir = Path(ua_dir)
+    if not ua_dir.is_dir():
+        raise DataError(ua_dir, "Urban Atlas folder not found",
+                        "unzip the Copernicus Urban Atlas city files there (see data_setup.sh)")
+    key = _name_key(city)
+
+    def rank(p: Path):
+        words = _name_key(p.name).split("_")
+        years = [int(y) for y in re.findall(r"(?:19|20)\d\d", p.name)]
+        return (key.split("_")[0] not in words and key not in words, -max(years, default=0), not p.is_dir(), p.name)
+
+    hits = sorted((p for p in ua_dir.iterdir() if key in _name_key(p.name)), key=rank)
+    if not hits:
+        hits = sorted((p for p in ua_dir.rglob("*") if key in _name_key(p.name)
+                       and (p.suffix.lower() in {".gpkg", ".shp", ".zip", ".gdb"})), key=rank)
+    if not hits:
+        present = ", ".join(sorted(p.name for p in ua_dir.iterdir())[:8]) or "nothing"
+        raise DataError(ua_dir, f"no Urban Atlas entry whose name contains '{city}' (found: {present})",
+                        "unzip that city's Urban Atlas there or fix ses.cities")
+    return hits[0]
+
+
+def _vector_datasets(path: Path) -> list[str]:
+    """Vector datasets (GDAL paths) inside a UA city folder, archive or file."""
+    if path.is_dir() and path.suffix.lower() != ".gdb":
+        found = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in {".gpkg", ".shp", ".gdb", ".zip"}]
+        found = [p for p in found if not any(q.suffix.lower() == ".gdb" for q in p.parents)]
+        return [d for p in found for d in _vector_datasets(p)]
+    if path.suffix.lower() == ".zip":
+        names = zipfile.ZipFile(path).namelist()
+        inner = sorted({n.split(".gdb/")[0] + ".gdb" for n in names if ".gdb/" in n})
+        inner += sorted(n for n in names if n.lower().endswith((".gpkg", ".shp")) and ".gdb/" not in n)
+        return [f"/vsizip/{path.resolve()}/{n}" for n in inner]
+    return [str(path)]
+
+
+def _layers(datasets: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    out = []
+    for ds in datasets:
+        try:
+            names = pyogrio.list_layers(ds)[:, 0]
+        except Exception:  # not a vector dataset GDAL can open (e.g. a raster zip): skip it
+            continue
+        for name in names:
+            out.append((ds, str(name), list(pyogrio.read_info(ds, layer=name)["fields"])))
+    return out
+
+
+def _ua_schema(fields: Sequence[str]) -> tuple[int, str, str] | None:
+    """(age rank, code column, class column) of a land-use layer, or None."""
+    keys = {_key(f): f for f in fields}
+    for rank, (code, classes) in enumerate(UA_SCHEMAS):
+        cls = next((keys[_key(c)] for c in classes if _key(c) in keys), None)
+        if _key(code) in keys and cls:
+            return rank, keys[_key(code)], cls
+    return None
+
+
+def _to_laea(gdf: gpd.GeoDataFrame, source: str) -> gpd.GeoDataFrame:
+    if gdf.crs is None:
+        raise DataError(source, "layer has no CRS", "Urban Atlas is EPSG:3035; restore the .prj or the GPKG's CRS")
+    return gdf if gdf.crs.equals(LAEA) else gdf.to_crs(LAEA)
+
+
+def repair(gdf: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, int]:
+    """Invalid polygons made valid (polygonal parts kept); empty ones dropped. Returns (frame, repaired)."""
+    invalid = ~gdf.geometry.is_valid
+    if invalid.any():
+        gdf = gdf.copy()
+        gdf.loc[invalid, "geometry"] = gdf.geometry[invalid].make_valid(method="structure", keep_collapsed=False)
+    gdf = gdf[~(gdf.geometry.is_empty | gdf.geometry.isna())]
+    return gdf, int(invalid.sum())
+
+
+def _report_repaired(source: str, repaired: int, total: int) -> None:
+    if repaired:
+        _log.warning(f"warning: {source}: {repaired} of {total} polygon(s) invalid (e.g. self-intersecting), "
+                     "repaired with make_valid; check them in QGIS if the count is large")
+
+
+def _landuse_layer(found: Path, layers) -> tuple[str, str, str, str]:
+    """(dataset, layer, code column, class column) of the land-use layer to read."""
+    candidates = []
+    for ds, name, fields in layers:
+        schema = _ua_schema(fields)
+        if schema and "boundary" not in name.lower():
+            n_codes = sum(_key(f).startswith("code") for f in fields)
+            candidates.append(((schema[0], "change" in name.lower(), n_codes, name), ds, name, schema))
+    if not candidates:
+        seen = "; ".join(f"{name}: {', '.join(fields[:8])}" for _, name, fields in layers) or "no vector layer"
+        raise DataError(found, f"no land-use layer with Urban Atlas class columns (found {seen})",
+                        "expected code_2018/class_2018, code_2012/class_2012 or CODE2012/ITEM2012 (any case); "
+                        "rename the columns or use the Copernicus files")
+    _, ds, name, (_, code_col, class_col) = min(candidates, key=lambda c: c[0])
+    return ds, name, code_col, class_col
+
+
+def _read_landuse(found: Path, layers) -> gpd.GeoDataFrame:
+    ds, name, code_col, class_col = _landuse_layer(found, layers)
+    source = f"{ds}:{name}"
+    gdf = gpd.read_file(ds, layer=name, columns=[code_col, class_col], engine="pyogrio")
+    gdf = _to_laea(gdf, source).rename(columns={code_col: "ua_code", class_col: "ua_class"})
+    codes = gdf["ua_code"]
+    if pd.api.types.is_numeric_dtype(codes):
+        codes = codes.astype("Int64")
+    gdf["ua_code"] = codes.astype(str).str.strip().str.replace(r"\.0$", "", regex=True)
+    gdf["ua_class"] = gdf["ua_class"].astype(str).str.strip()
+    gdf, repaired = repair(gdf[["ua_code", "ua_class", "geometry"]].reset_index(drop=True))
+    _report_repaired(source, repaired, len(gdf))
+    gdf = gdf.reset_index(drop=True)
+    gdf.attrs.update(source=source, repaired=repaired)
+    return gdf
+
+
+def _read_boundary(found: Path, layers, landuse: gpd.GeoDataFrame | None = None) -> gpd.GeoDataFrame:
+    named = sorted((name, ds) for ds, name, _ in layers if "boundary" in name.lower())
+    if named:
+        name, ds = named[0]
+        boundary = _to_laea(gpd.read_file(ds, layer=name, engine="pyogrio"), f"{ds}:{name}")
+        boundary, repaired = repair(boundary[["geometry"]].reset_index(drop=True))
+        _report_repaired(f"{ds}:{name}", repaired, len(boundary))
+        boundary.attrs["source"] = f"{ds}:{name}"
+    else:
+        landuse = _read_landuse(found, layers) if landuse is None else landuse
+        _log.warning(f"warning: {found}: no boundary layer (a layer named '*boundary*'); the union of the "
+                     "land use is taken as the city's boundary")
+        boundary = gpd.GeoDataFrame(geometry=[landuse.geometry.union_all()], crs=LAEA)
+        boundary.attrs["source"] = f"union of {landuse.attrs['source']}"
+    return boundary.reset_index(drop=True)
+
+
+def read_urban_atlas(ua_dir: str | Path, city: str) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """A city's Urban Atlas -> (land use GeoDataFrame[ua_code, ua_class, geometry], boundary), EPSG:3035.
+
+    Reads GeoPackages, shapefiles and FileGDBs (also zipped). The land-use layer is the newest one with a
+    (code, class) pair: ``code_2018/class_2018``, ``code_2012/class_2012`` or ``CODE2012/ITEM2012``;
+    change layers are used only when nothing else has the columns. Invalid polygons are repaired
+    (``attrs['repaired']`` counts them). The boundary is the layer whose name contains 'boundary';
+    without one, the union of the land use. Both carry ``attrs['source']``.
+    """
+    found = find_ua_city(ua_dir, city)
+    layers = _layers(_vector_datasets(found))
+    landuse = _read_landuse(found, layers)
+    return landuse, _read_boundary(found, layers, landuse)
+
+
+def read_ua_boundary(ua_dir: str | Path, city: str) -> gpd.GeoDataFrame:
+    """Only the boundary of a city's Urban Atlas (EPSG:3035), without reading the land use when a
+    boundary layer exists (its columns are checked, so a bad land-use layer stops the first stage)."""
+    found = find_ua_city(ua_dir, city)
+    layers = _layers(_vector_datasets(found))
+    _landuse_layer(found, layers)  # the land use is read later (activation maps): check its columns now
+    return _read_boundary(found, layers)
