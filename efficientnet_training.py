@@ -19,117 +19,119 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.core import backbones, config, files, runtime
+from urbanlens.core import config, entry, files, runtime
+from urbanlens.core.errors import DataError
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting, metrics, results
 from urbanlens.ses import folds as ses_folds
 from urbanlens.ses import model as ses_model
 
-cfg, _ = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
-rank, world = runtime.setup_distributed()
-main = runtime.is_main_process()
-device = runtime.select_device(cfg.device)
-tc = cfg.ses_train
-ses_dir = config.results_dir(cfg, "ses")
-try:
+
+def main() -> None:
+    cfg, _ = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
+    rank, world = runtime.setup_distributed()
+    main = runtime.is_main_process()
+    device = runtime.select_device(cfg.device)
+    tc = cfg.ses_train
+    ses_dir = config.results_dir(cfg, "ses")
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")
     ses_model.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
-except (ValueError, backbones.WeightsUnavailable) as e:
-    sys.exit(f"error: {e}")
 
 
-def sync():  # every rank waits for the main one to finish writing
-    if world > 1:
-        torch.distributed.barrier()
+    def sync():  # every rank waits for the main one to finish writing
+        if world > 1:
+            torch.distributed.barrier()
 
 
-def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on
-    if cfg.strict:
-        sys.exit(f"error: {problem}; check ses.cities, delete broken images and re-run "
-                 "generate_fr_ua_aerial_data.py (it extracts the missing ones again)")
-    print(f"[ses-train] warning: {problem}; {then}", file=sys.stderr)
+    def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on
+        if cfg.strict:
+            raise DataError(f"{problem}; check ses.cities, delete broken images and re-run "
+                     "generate_fr_ua_aerial_data.py (it extracts the missing ones again)")
+        print(f"[ses-train] warning: {problem}; {then}", file=sys.stderr)
 
 
-rows = []
-for city in cfg.ses.cities:
-    city_dir = ses_dir / city
-    # 1. the city's non-void cells and its income quintiles
-    df, missing = ses_data.city_cells(cells, city, ses_dir)
-    if missing:
-        bad_input(f"{missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this one first)",
-                  "training without them")
-    if len(df) == 0:
-        bad_input(f"{ses_dir / 'cells.gpkg'}: no non-void cells of '{city}'", "city skipped")
-        continue
-    labels = ses_data.income_quintiles(df["income"])
-    edges = ses_data.quintile_edges(df["income"], labels)
-    try:
-        splits = ses_folds.stratified_folds(labels, tc.folds, tc.val_share, cfg.seed)
-    except ValueError as e:
-        sys.exit(f"error: {ses_dir / 'cells.gpkg'}: {city}: {e}; lower ses_train.folds or add cells")
-
-    # 2. finished folds are reused only when they were trained with this config (or overwrite=true)
-    retrain = results.previous_run_differs(city_dir / "train_config.yaml", cfg)
-    if retrain and not cfg.overwrite:
-        sys.exit(f"error: {city_dir}: holds models trained with another config (seed, ses_model, ses_train "
-                 f"or cell size); use --set overwrite=true to retrain them, or another paths.results")
-    sync()
-    if main:
-        if retrain:  # unmark the old folds first, so an interrupted retraining never reuses them
-            for done in (*city_dir.glob("fold_*/metrics.json"), *city_dir.glob("fold_*/last.pt")):
-                done.unlink()
-        files.save_run_config(cfg, city_dir, "train_config.yaml")
-        files.write_csv(ses_folds.folds_frame(df["cell_id"], splits), city_dir / "folds.csv")
-    data = ses_data.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
-                           cache=ses_data.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
-
-    # 3. each fold: train with early stopping and restarts, keep the best weights, score held-out cells
-    for k, split in enumerate(splits):
-        fold_dir, last_pt = city_dir / f"fold_{k}", city_dir / f"fold_{k}" / "last.pt"
-        if (fold_dir / "metrics.json").is_file() and not retrain:
-            if main:
-                last_pt.unlink(missing_ok=True)  # left by a run stopped right after finishing the fold
+    rows = []
+    for city in cfg.ses.cities:
+        city_dir = ses_dir / city
+        # 1. the city's non-void cells and its income quintiles
+        df, missing = ses_data.city_cells(cells, city, ses_dir)
+        if missing:
+            bad_input(f"{missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this one first)",
+                      "training without them")
+        if len(df) == 0:
+            bad_input(f"{ses_dir / 'cells.gpkg'}: no non-void cells of '{city}'", "city skipped")
             continue
-        seed = ses_folds.fold_seed(cfg.seed, city, k)
-        runtime.seed_everything(seed)
-        model = ses_model.build_ses_model(cfg)
-        resume = fitting.load_fit_state(last_pt, tc, seed)
-        if resume is not None and main:
-            print(f"[ses-train] {city} fold {k}: resuming after epoch {resume['epoch_total']} from {last_pt}")
-        with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{city} fold {k}", unit="ep", leave=False,
-                  initial=len(resume["log"]) if resume else 0, **({} if main else {"disable": True})) as bar:
-            fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
-                          seed=seed, workers=cfg.workers, progress=lambda row: fitting.show_epoch(bar, row),
-                          checkpoint=last_pt, resume=resume)
-        test = split["test"]
-        log_probs = fitting.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
-        m = metrics.ses_metrics(labels[test], log_probs)
-        if main:
-            results.write_fold_outputs(fold_dir, cfg, model, fit, m,
-                                   metrics.predictions_frame(df["cell_id"].iloc[test], k, labels[test], log_probs),
-                                   city=city, fold=k, quintile_edges=edges, n_train=len(split["train"]),
-                                   n_val=len(split["val"]), n_test=len(test))
-            last_pt.unlink(missing_ok=True)  # the fold is done (metrics.json written): its state is not needed
+        labels = ses_data.income_quintiles(df["income"])
+        edges = ses_data.quintile_edges(df["income"], labels)
+        splits = ses_folds.stratified_folds(labels, tc.folds, tc.val_share, cfg.seed,
+                                            where=f"{ses_dir / 'cells.gpkg'}: {city}")
+
+        # 2. finished folds are reused only when they were trained with this config (or overwrite=true)
+        retrain = results.previous_run_differs(city_dir / "train_config.yaml", cfg)
+        if retrain and not cfg.overwrite:
+            raise DataError(f"{city_dir}: holds models trained with another config (seed, ses_model, ses_train "
+                     f"or cell size); use --set overwrite=true to retrain them, or another paths.results")
         sync()
+        if main:
+            if retrain:  # unmark the old folds first, so an interrupted retraining never reuses them
+                for done in (*city_dir.glob("fold_*/metrics.json"), *city_dir.glob("fold_*/last.pt")):
+                    done.unlink()
+            files.save_run_config(cfg, city_dir, "train_config.yaml")
+            files.write_csv(ses_folds.folds_frame(df["cell_id"], splits), city_dir / "folds.csv")
+        data = ses_data.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
+                               cache=ses_data.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
 
-    # 4. cross-fold summary (mean, std, best fold) and every cell's held-out prediction
-    if main:
-        summary, preds = results.city_summary(city_dir, len(splits), city=city, n_cells=len(df),
-                                          quintile_edges=edges)
-        files.write_csv(preds, city_dir / "predictions.csv")
-        files.write_json(city_dir / "metrics.json", summary)
-        mean, std = summary["mean"], summary["std"]
-        rows.append({"city": city, "n_cells": len(df), "best_fold": summary["best_fold"],
-                     **{f"{k}_mean": mean[k] for k in metrics.METRICS},
-                     **{f"{k}_std": std[k] for k in metrics.METRICS}})
-        print(f"[ses-train] {city}: {len(df)} cells, {len(splits)} folds; accuracy {mean['accuracy']:.3f}"
-              f"±{std['accuracy']:.3f}, AUC poorest-vs-richest {mean['auc_poor_rich']:.3f}"
-              f"±{std['auc_poor_rich']:.3f}, kappa {mean['kappa_quadratic']:.3f}; best fold "
-              f"{summary['best_fold']} -> {city_dir}")
+        # 3. each fold: train with early stopping and restarts, keep the best weights, score held-out cells
+        for k, split in enumerate(splits):
+            fold_dir, last_pt = city_dir / f"fold_{k}", city_dir / f"fold_{k}" / "last.pt"
+            if (fold_dir / "metrics.json").is_file() and not retrain:
+                if main:
+                    last_pt.unlink(missing_ok=True)  # left by a run stopped right after finishing the fold
+                continue
+            seed = ses_folds.fold_seed(cfg.seed, city, k)
+            runtime.seed_everything(seed)
+            model = ses_model.build_ses_model(cfg)
+            resume = fitting.load_fit_state(last_pt, tc, seed)
+            if resume is not None and main:
+                print(f"[ses-train] {city} fold {k}: resuming after epoch {resume['epoch_total']} from {last_pt}")
+            with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{city} fold {k}", unit="ep", leave=False,
+                      initial=len(resume["log"]) if resume else 0, **({} if main else {"disable": True})) as bar:
+                fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
+                              seed=seed, workers=cfg.workers, progress=lambda row: fitting.show_epoch(bar, row),
+                              checkpoint=last_pt, resume=resume)
+            test = split["test"]
+            log_probs = fitting.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
+            m = metrics.ses_metrics(labels[test], log_probs)
+            if main:
+                results.write_fold_outputs(fold_dir, cfg, model, fit, m,
+                                       metrics.predictions_frame(df["cell_id"].iloc[test], k, labels[test], log_probs),
+                                       city=city, fold=k, quintile_edges=edges, n_train=len(split["train"]),
+                                       n_val=len(split["val"]), n_test=len(test))
+                last_pt.unlink(missing_ok=True)  # the fold is done (metrics.json written): its state is not needed
+            sync()
 
-if main and rows:
-    table = pd.DataFrame(rows)
-    files.write_csv(table, ses_dir / "training_summary.csv")
-    print(f"[ses-train] {len(table)} cities; mean AUC poorest-vs-richest {table['auc_poor_rich_mean'].mean():.3f}"
-          f" -> {ses_dir / 'training_summary.csv'}")
-runtime.cleanup_distributed()
+        # 4. cross-fold summary (mean, std, best fold) and every cell's held-out prediction
+        if main:
+            summary, preds = results.city_summary(city_dir, len(splits), city=city, n_cells=len(df),
+                                              quintile_edges=edges)
+            files.write_csv(preds, city_dir / "predictions.csv")
+            files.write_json(city_dir / "metrics.json", summary)
+            mean, std = summary["mean"], summary["std"]
+            rows.append({"city": city, "n_cells": len(df), "best_fold": summary["best_fold"],
+                         **{f"{k}_mean": mean[k] for k in metrics.METRICS},
+                         **{f"{k}_std": std[k] for k in metrics.METRICS}})
+            print(f"[ses-train] {city}: {len(df)} cells, {len(splits)} folds; accuracy {mean['accuracy']:.3f}"
+                  f"±{std['accuracy']:.3f}, AUC poorest-vs-richest {mean['auc_poor_rich']:.3f}"
+                  f"±{std['auc_poor_rich']:.3f}, kappa {mean['kappa_quadratic']:.3f}; best fold "
+                  f"{summary['best_fold']} -> {city_dir}")
+
+    if main and rows:
+        table = pd.DataFrame(rows)
+        files.write_csv(table, ses_dir / "training_summary.csv")
+        print(f"[ses-train] {len(table)} cities; mean AUC poorest-vs-richest {table['auc_poor_rich_mean'].mean():.3f}"
+              f" -> {ses_dir / 'training_summary.csv'}")
+    runtime.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    entry.run(main)

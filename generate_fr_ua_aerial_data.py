@@ -17,92 +17,93 @@ are done, ``--merge N`` checks them and writes ``cells.gpkg`` exactly as an unsh
     python generate_fr_ua_aerial_data.py --config F --shard $SLURM_ARRAY_TASK_ID/8   (8 jobs)
     python generate_fr_ua_aerial_data.py --config F --merge 8                         (then once)
 """
-import sys
 import time
 
 import geopandas as gpd
 import pandas as pd
 import yaml
 
-from urbanlens.core import shards
+from urbanlens.core import entry, shards
 from urbanlens.core.config import changed_keys, cli, data_dir, results_dir
+from urbanlens.core.errors import DataError
 from urbanlens.core.files import atomic_path, save_run_config
 from urbanlens.ses import census as ses_census
 from urbanlens.ses import extraction, urban_atlas
 from urbanlens.ses import grid as ses_grid
 from urbanlens.ses import tiles as ses_tiles
 
-RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px")
 
-cfg, args = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=shards.add_shard_args)
-start = time.time()
-out = results_dir(cfg, "ses")
-index_path = out / "cells.gpkg"
+def main() -> None:
+    RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px")
 
-# A results folder extracted from other data or at another size is not mixed with this run.
-previous = out / "extract_config.yaml"
-if previous.is_file() and not cfg.overwrite:
-    old = yaml.safe_load(previous.read_text())
-    changed = changed_keys(old, cfg, RUN_KEYS)
-    if changed:
-        raise SystemExit(f"error: {out}: holds cells extracted with other settings ({', '.join(changed)}); "
-                         "use another paths.results or --set overwrite=true")
-if cfg.ses.cell_size_m != 200:
-    raise SystemExit(f"error: config: ses.cell_size_m={cfg.ses.cell_size_m}; the INSEE grid cells are 200 m")
-try:  # --merge N: every shard's partial index must be there before anything is read
+    cfg, args = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=shards.add_shard_args)
+    start = time.time()
+    out = results_dir(cfg, "ses")
+    index_path = out / "cells.gpkg"
+
+    # A results folder extracted from other data or at another size is not mixed with this run.
+    previous = out / "extract_config.yaml"
+    if previous.is_file() and not cfg.overwrite:
+        old = yaml.safe_load(previous.read_text())
+        changed = changed_keys(old, cfg, RUN_KEYS)
+        if changed:
+            raise DataError(f"{out}: holds cells extracted with other settings ({', '.join(changed)}); "
+                             "use another paths.results or --set overwrite=true")
+    if cfg.ses.cell_size_m != 200:
+        raise DataError(f"config: ses.cell_size_m={cfg.ses.cell_size_m}; the INSEE grid cells are 200 m")
+    # --merge N: every shard's partial index must be there before anything is read
     parts = shards.shard_paths(index_path, args.merge) if args.merge else []
-except ValueError as e:
-    sys.exit(f"error: {e}")
 
-# 1. orthophoto tile index (EPSG:2154)
-tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir))
-print(f"[extract] {len(tiles)} orthophoto tiles indexed"
-      + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else ""))
+    # 1. orthophoto tile index (EPSG:2154)
+    tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir))
+    print(f"[extract] {len(tiles)} orthophoto tiles indexed"
+          + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else ""))
 
-# 2. per city: cells inside the Urban Atlas boundary, with income, and the tiles they overlap
-frames = []
-for city in cfg.ses.cities:
-    boundary = urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
-    census = ses_census.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
-    cells = extraction.cells_in_boundary(census, boundary)
-    cells = extraction.sample_cells(cells, cfg.ses.max_cells, cfg.seed).copy()
-    cells["city"] = city
-    cells["path"] = [f"imagery/{city}/{extraction.cell_filename(c)}" for c in cells["cell_id"]]
-    cells["tiles"] = ses_tiles.tiles_for_cells(cells, tiles)
-    print(f"[extract] {city}: {len(cells)} cells inside the Urban Atlas boundary "
-          f"({census.attrs['dropped']} census cells without income dropped, "
-          f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile)")
-    frames.append(cells)
-cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=ses_grid.LAEA)
-tag = "extract"
-if args.shard:  # this job's share: a contiguous chunk of each city's cells in cell-id order
-    i, n = args.shard
-    cells = cells.iloc[shards.shard_positions(cells["cell_id"], cells["city"], i, n)].copy()
-    index_path, tag = shards.shard_path(index_path, i, n), f"extract {i}/{n}"
+    # 2. per city: cells inside the Urban Atlas boundary, with income, and the tiles they overlap
+    frames = []
+    for city in cfg.ses.cities:
+        boundary = urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
+        census = ses_census.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
+        cells = extraction.cells_in_boundary(census, boundary)
+        cells = extraction.sample_cells(cells, cfg.ses.max_cells, cfg.seed).copy()
+        cells["city"] = city
+        cells["path"] = [f"imagery/{city}/{extraction.cell_filename(c)}" for c in cells["cell_id"]]
+        cells["tiles"] = ses_tiles.tiles_for_cells(cells, tiles)
+        print(f"[extract] {city}: {len(cells)} cells inside the Urban Atlas boundary "
+              f"({census.attrs['dropped']} census cells without income dropped, "
+              f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile)")
+        frames.append(cells)
+    cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=ses_grid.LAEA)
+    tag = "extract"
+    if args.shard:  # this job's share: a contiguous chunk of each city's cells in cell-id order
+        i, n = args.shard
+        cells = cells.iloc[shards.shard_positions(cells["cell_id"], cells["city"], i, n)].copy()
+        index_path, tag = shards.shard_path(index_path, i, n), f"extract {i}/{n}"
 
-if args.merge:  # 3'. the N shards' partial indexes, checked and put in the order of an unsharded run
-    try:
+    if args.merge:  # 3'. the N shards' partial indexes, checked and put in the order of an unsharded run
         index = shards.merge_in_order([gpd.read_file(p, layer="cells") for p in parts], cells["cell_id"],
                                       names=[p.name for p in parts])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    cells = gpd.GeoDataFrame(index, geometry="geometry", crs=ses_grid.LAEA)
-    status = pd.DataFrame({"extracted": [False] * len(cells)})
-else:  # 3. read every cell from its tile(s), reprojected to EPSG:3035, and save it (resumable)
-    known = {}
-    if index_path.is_file():
-        old = gpd.read_file(index_path, layer="cells", columns=["path", "nodata"], ignore_geometry=True)
-        known = dict(zip(old["path"], old["nodata"]))
-    status = extraction.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
-    cells["nodata"] = status["nodata"].round(6)
-    cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
+        cells = gpd.GeoDataFrame(index, geometry="geometry", crs=ses_grid.LAEA)
+        status = pd.DataFrame({"extracted": [False] * len(cells)})
+    else:  # 3. read every cell from its tile(s), reprojected to EPSG:3035, and save it (resumable)
+        known = {}
+        if index_path.is_file():
+            old = gpd.read_file(index_path, layer="cells", columns=["path", "nodata"], ignore_geometry=True)
+            known = dict(zip(old["path"], old["nodata"]))
+        status = extraction.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
+        cells["nodata"] = status["nodata"].round(6)
+        cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
 
-# 4. the cell index (a shard's partial one under --shard), then the config beside it
-index = cells[["cell_id", "city", "income", "path", "non_void", "nodata", "geometry"]]
-with atomic_path(index_path) as tmp:
-    index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
-save_run_config(cfg, out, name="extract_config.yaml")
-done = int(status["extracted"].sum())
-how = f"merged from {args.merge} shards" if args.merge else f"{done} extracted, {len(cells) - done} already there"
-print(f"[{tag}] {len(cells)} cells ({how}), {int((~cells['non_void']).sum())} void "
-      f"(> {cfg.ses.max_nodata:.0%} nodata) in {time.time() - start:.1f} s -> {index_path}")
+    # 4. the cell index (a shard's partial one under --shard), then the config beside it
+    index = cells[["cell_id", "city", "income", "path", "non_void", "nodata", "geometry"]]
+    with atomic_path(index_path) as tmp:
+        index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
+    save_run_config(cfg, out, name="extract_config.yaml")
+    done = int(status["extracted"].sum())
+    how = f"merged from {args.merge} shards" if args.merge else f"{done} extracted, {len(cells) - done} already there"
+    print(f"[{tag}] {len(cells)} cells ({how}), {int((~cells['non_void']).sum())} void "
+          f"(> {cfg.ses.max_nodata:.0%} nodata) in {time.time() - start:.1f} s -> {index_path}")
+
+
+if __name__ == "__main__":
+    entry.run(main)

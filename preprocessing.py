@@ -7,7 +7,6 @@ half (test) and a right half (val), and each half is patched with `patch.size` a
 
     python preprocessing.py --config configs/cities_demo.yaml [--set patch.stride=240]
 """
-import sys
 import time
 
 from urbanlens.cities.patches import (
@@ -18,49 +17,54 @@ from urbanlens.cities.patches import (
     settings_conflict,
     write_patches,
 )
+from urbanlens.core import entry
 from urbanlens.core.config import cli, data_dir
+from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_run_config, write_csv
 
-cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
-t0 = time.time()
-raw = data_dir(cfg, "cities", "raw")
-out = patches_dir(cfg.paths.data)
-if not raw.is_dir() or not any(raw.iterdir()):
-    sys.exit(f"error: {raw}: no city images; run 'bash data_setup.sh --synthetic cities' "
-             "or place them as <City Name (IATA)>/<site>/<image>.jpg")
 
-# 1. plan: which patch of which image goes to which split
-try:
+def main() -> None:
+    cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
+    t0 = time.time()
+    raw = data_dir(cfg, "cities", "raw")
+    out = patches_dir(cfg.paths.data)
+    if not raw.is_dir() or not any(raw.iterdir()):
+        raise DataError(f"{raw}: no city images; run 'bash data_setup.sh --synthetic cities' "
+                 "or place them as <City Name (IATA)>/<site>/<image>.jpg")
+
+    # 1. plan: which patch of which image goes to which split
     plan, problems = plan_split(raw, cfg.patch.size, cfg.patch.stride, cfg.split.test_b_per_city,
                                 cfg.seed, strict=cfg.strict)
-except ValueError as e:  # a bad city folder, or the first bad file under strict=true
-    sys.exit(f"error: {e}" if str(e).startswith(str(raw)) else f"error: {raw}: {e}")
-for p in problems:
-    print(f"[preprocessing] skipped: {p}")
-if plan.empty:
-    sys.exit(f"error: {raw}: no usable city image (all skipped, see above); fix the files listed "
-             "or lower patch.size")
+    for p in problems:
+        print(f"[preprocessing] skipped: {p}")
+    if plan.empty:
+        raise DataError(f"{raw}: no usable city image (all skipped, see above); fix the files listed "
+                 "or lower patch.size")
 
-# 2. cut: patches of each source image, in parallel; files already there are kept
-settings = {"size": cfg.patch.size, "stride": cfg.patch.stride, "jpeg_quality": cfg.patch.jpeg_quality,
-            "test_b_per_city": cfg.split.test_b_per_city, "seed": cfg.seed}
-changed = settings_conflict(out, settings)
-if changed and not cfg.overwrite:
-    sys.exit(f"error: {out}: holds patches cut with other settings ({', '.join(changed)}); "
-             "use --set overwrite=true to cut them again, or another paths.data")
-if reset_if_settings_changed(out, settings):
-    print(f"[preprocessing] {out} held patches made with other settings: cut again")
-failed = {}
-written = write_patches(plan, raw, out, cfg.patch.jpeg_quality, cfg.workers, failed=failed)
-for source, problem in failed.items():
-    if cfg.strict:
-        sys.exit(f"error: {problem} (strict=true; --set strict=false lists and skips it)")
-    print(f"[preprocessing] skipped: {problem}")
-plan = plan[~plan["source"].isin(failed)]
-write_csv(plan, out / "manifest.csv")
-save_run_config(cfg, out)
+    # 2. cut: patches of each source image, in parallel; files already there are kept
+    settings = {"size": cfg.patch.size, "stride": cfg.patch.stride, "jpeg_quality": cfg.patch.jpeg_quality,
+                "test_b_per_city": cfg.split.test_b_per_city, "seed": cfg.seed}
+    changed = settings_conflict(out, settings)
+    if changed and not cfg.overwrite:
+        raise DataError(f"{out}: holds patches cut with other settings ({', '.join(changed)}); "
+                 "use --set overwrite=true to cut them again, or another paths.data")
+    if reset_if_settings_changed(out, settings):
+        print(f"[preprocessing] {out} held patches made with other settings: cut again")
+    failed = {}
+    written = write_patches(plan, raw, out, cfg.patch.jpeg_quality, cfg.workers, failed=failed)
+    for source, problem in failed.items():
+        if cfg.strict:
+            raise DataError(f"{problem} (strict=true; --set strict=false lists and skips it)")
+        print(f"[preprocessing] skipped: {problem}")
+    plan = plan[~plan["source"].isin(failed)]
+    write_csv(plan, out / "manifest.csv")
+    save_run_config(cfg, out)
 
-counts = plan["split"].value_counts()
-print(f"[preprocessing] {plan['iata'].nunique()} cities; "
-      + ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS)
-      + f" patches ({written} written now) in {out} ({time.time() - t0:.1f} s)")
+    counts = plan["split"].value_counts()
+    print(f"[preprocessing] {plan['iata'].nunique()} cities; "
+          + ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS)
+          + f" patches ({written} written now) in {out} ({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    entry.run(main)

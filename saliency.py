@@ -6,7 +6,6 @@ Relevance-CAM; saliency.method: gradcam | gradcampp | relevancecam). Each patch 
 original | heat-map overlay | patch masked where the normalised map exceeds saliency.threshold, written as
 <results>/cities/saliency/<IATA>/<patch stem>.png, and a row of <results>/cities/saliency/index.csv.
 """
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,67 +15,74 @@ from tqdm import tqdm
 from urbanlens.cities import data, patches
 from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches
-from urbanlens.core import runtime
+from urbanlens.core import entry, runtime
 from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
 from urbanlens.core.cam import class_activation_maps
 from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_figure, save_run_config, write_csv
 
-cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
-device = runtime.select_device(cfg.device)
-runtime.seed_everything(cfg.seed)
-out = results_dir(cfg, "cities", "saliency")
 
-# The model as trained: architecture, input size and class order (IATA codes) come from the checkpoint.
-best_pt = results_dir(cfg, "cities", "checkpoints", "best.pt")
-model, trained, classes = classifier_from_checkpoint(runtime.load_checkpoint(best_pt), best_pt)
-model = model.to(device).eval()
-layer = last_conv_layer(model)
-preprocess = data.transforms(trained["input_size"], train=False)
+def main() -> None:
+    cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
+    device = runtime.select_device(cfg.device)
+    runtime.seed_everything(cfg.seed)
+    out = results_dir(cfg, "cities", "saliency")
 
-# The patches to explain: saliency.per_city random ones per city, target = the patch's true city.
-patches_dir = data_dir(cfg, "cities", "patches")
-manifest = patches.read_manifest(data_dir(cfg))
-chosen = sample_patches(manifest, cfg.saliency.split, cfg.saliency.per_city, cfg.seed)
-if chosen.empty:
-    sys.exit(f"error: {patches_dir / 'manifest.csv'}: no patches in split '{cfg.saliency.split}'; "
-                     f"re-run preprocessing.py or pass --set saliency.split=<one of "
-                     f"{', '.join(sorted(manifest['split'].unique()))}>")
-unknown = sorted(set(chosen["iata"]) - set(classes))
-if unknown:
-    sys.exit(f"error: {patches_dir / 'manifest.csv'}: cities {', '.join(unknown)} are not among the "
-                     f"model's classes; re-run train_classification.py on these patches")
+    # The model as trained: architecture, input size and class order (IATA codes) come from the checkpoint.
+    best_pt = results_dir(cfg, "cities", "checkpoints", "best.pt")
+    model, trained, classes = classifier_from_checkpoint(runtime.load_checkpoint(best_pt), best_pt)
+    model = model.to(device).eval()
+    layer = last_conv_layer(model)
+    preprocess = data.transforms(trained["input_size"], train=False)
 
-rows = []
-bs = cfg.saliency.batch_size
-bar = tqdm(total=len(chosen), desc=f"saliency ({cfg.saliency.method})", unit="patch")
-for start in range(0, len(chosen), bs):
-    batch = chosen.iloc[start:start + bs]
-    files = [patches_dir / f for f in batch["path"]]
-    pixels = [data.read_image(f) for f in files]  # full resolution, for the figure
-    x = torch.stack([preprocess(data.read_image(f, trained["input_size"])) for f in files]).to(device)  # as in training
-    targets = [classes.index(c) for c in batch["iata"]]
-    with torch.no_grad():
-        probs = torch.softmax(model(x), dim=1).cpu().numpy()
-    maps = class_activation_maps(model, layer, x, targets, cfg.saliency.method)
-    for (_, row), image, cam, p in zip(batch.iterrows(), pixels, maps, probs):
-        predicted = classes[int(p.argmax())]
-        figure = out / row["iata"] / f"{Path(row['path']).stem}.png"
-        title = f"true {row['iata']}, predicted {predicted} ({p.max():.0%}); {cfg.saliency.method}"
-        save_figure(saliency_figure(image.permute(1, 2, 0).numpy(), cam, cfg.saliency.threshold, title), figure)
-        rows.append({"iata": row["iata"], "path": row["path"], "predicted": predicted,
-                     "p_true": float(p[classes.index(row["iata"])]), "figure": str(figure.relative_to(out))})
-    bar.update(len(batch))
-bar.close()
+    # The patches to explain: saliency.per_city random ones per city, target = the patch's true city.
+    patches_dir = data_dir(cfg, "cities", "patches")
+    manifest = patches.read_manifest(data_dir(cfg))
+    chosen = sample_patches(manifest, cfg.saliency.split, cfg.saliency.per_city, cfg.seed)
+    if chosen.empty:
+        raise DataError(f"{patches_dir / 'manifest.csv'}: no patches in split '{cfg.saliency.split}'; "
+                         f"re-run preprocessing.py or pass --set saliency.split=<one of "
+                         f"{', '.join(sorted(manifest['split'].unique()))}>")
+    unknown = sorted(set(chosen["iata"]) - set(classes))
+    if unknown:
+        raise DataError(f"{patches_dir / 'manifest.csv'}: cities {', '.join(unknown)} are not among the "
+                         f"model's classes; re-run train_classification.py on these patches")
 
-index = pd.DataFrame(rows)
-write_csv(index, out / "index.csv")
-save_run_config(cfg, out)
-# panels of an earlier sample (another seed, split or per_city) would be taken for this one's
-kept = {out / f for f in index["figure"]}
-stale = [p for p in out.glob("*/*.png") if p not in kept]
-for p in stale:
-    p.unlink()
-print(f"[saliency] {len(index)} {cfg.saliency.method} panels for {index['iata'].nunique()} cities "
-      f"({cfg.saliency.split} split, {(index['predicted'] == index['iata']).mean():.0%} correctly classified) "
-      f"in {out}" + (f"; {len(stale)} panels of an earlier sample removed" if stale else ""))
+    rows = []
+    bs = cfg.saliency.batch_size
+    bar = tqdm(total=len(chosen), desc=f"saliency ({cfg.saliency.method})", unit="patch")
+    for start in range(0, len(chosen), bs):
+        batch = chosen.iloc[start:start + bs]
+        files = [patches_dir / f for f in batch["path"]]
+        pixels = [data.read_image(f) for f in files]  # full resolution, for the figure
+        x = torch.stack([preprocess(data.read_image(f, trained["input_size"])) for f in files]).to(device)  # as in training
+        targets = [classes.index(c) for c in batch["iata"]]
+        with torch.no_grad():
+            probs = torch.softmax(model(x), dim=1).cpu().numpy()
+        maps = class_activation_maps(model, layer, x, targets, cfg.saliency.method)
+        for (_, row), image, cam, p in zip(batch.iterrows(), pixels, maps, probs):
+            predicted = classes[int(p.argmax())]
+            figure = out / row["iata"] / f"{Path(row['path']).stem}.png"
+            title = f"true {row['iata']}, predicted {predicted} ({p.max():.0%}); {cfg.saliency.method}"
+            save_figure(saliency_figure(image.permute(1, 2, 0).numpy(), cam, cfg.saliency.threshold, title), figure)
+            rows.append({"iata": row["iata"], "path": row["path"], "predicted": predicted,
+                         "p_true": float(p[classes.index(row["iata"])]), "figure": str(figure.relative_to(out))})
+        bar.update(len(batch))
+    bar.close()
+
+    index = pd.DataFrame(rows)
+    write_csv(index, out / "index.csv")
+    save_run_config(cfg, out)
+    # panels of an earlier sample (another seed, split or per_city) would be taken for this one's
+    kept = {out / f for f in index["figure"]}
+    stale = [p for p in out.glob("*/*.png") if p not in kept]
+    for p in stale:
+        p.unlink()
+    print(f"[saliency] {len(index)} {cfg.saliency.method} panels for {index['iata'].nunique()} cities "
+          f"({cfg.saliency.split} split, {(index['predicted'] == index['iata']).mean():.0%} correctly classified) "
+          f"in {out}" + (f"; {len(stale)} panels of an earlier sample removed" if stale else ""))
+
+
+if __name__ == "__main__":
+    entry.run(main)

@@ -19,58 +19,64 @@ from scipy.special import softmax
 
 from urbanlens.cities import data, figures, patches, similarity
 from urbanlens.cities import metrics as cities_metrics
-from urbanlens.core import loops, runtime
+from urbanlens.core import entry, loops, runtime
 from urbanlens.core.backbones import classifier_from_checkpoint
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.files import save_figure, save_run_config, write_csv, write_json
 
-cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
-device = runtime.select_device(cfg.device)
-runtime.seed_everything(cfg.seed)
-amp = cfg.train.amp and device.type == "cuda"
-out = results_dir(cfg, "cities")
 
-# The model as trained: architecture, input size and class order come from the checkpoint.
-best_pt = out / "checkpoints" / "best.pt"
-state = runtime.load_checkpoint(best_pt)
-model, trained, classes = classifier_from_checkpoint(state, best_pt)
-model = loops.to_device(model, device, cfg.train.channels_last)
+def main() -> None:
+    cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
+    device = runtime.select_device(cfg.device)
+    runtime.seed_everything(cfg.seed)
+    amp = cfg.train.amp and device.type == "cuda"
+    out = results_dir(cfg, "cities")
 
-# Predictions on the test split.
-patches_dir = data_dir(cfg, "cities", "patches")
-manifest = patches.read_manifest(data_dir(cfg))
-size = trained["input_size"]
-test_set = data.split_dataset(manifest, cfg.test.split, patches_dir, classes,
-                                  data.transforms(size, train=False), size)
-loader = loops.make_loader(test_set, cfg.test.batch_size, cfg.workers, device)
-logits, embeddings, labels = loops.predict(model, loader, device, amp, cfg.train.channels_last)
-pred = logits.argmax(axis=1)
+    # The model as trained: architecture, input size and class order come from the checkpoint.
+    best_pt = out / "checkpoints" / "best.pt"
+    state = runtime.load_checkpoint(best_pt)
+    model, trained, classes = classifier_from_checkpoint(state, best_pt)
+    model = loops.to_device(model, device, cfg.train.channels_last)
 
-# Accuracy and confusions.
-metrics = cities_metrics.classification_metrics(labels, logits, classes)
-metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"))
-confusions = cities_metrics.confusion_frame(labels, pred, classes)
-write_json(out / "metrics.json", metrics)
-write_csv(pd.DataFrame({"path": manifest.loc[manifest["split"] == cfg.test.split, "path"].to_numpy(),
-                        "true": [classes[i] for i in labels], "predicted": [classes[i] for i in pred],
-                        "confidence": softmax(logits, axis=1).max(axis=1)}), out / "predictions.csv")
-write_csv(confusions, out / "confusion_matrix.csv", index=True)
-save_figure(figures.confusion_matrix_figure(
-    confusions.to_numpy(), classes, title=f"{cfg.test.split}: accuracy {metrics['accuracy']:.1%}"),
-    out / "confusion_matrix.png")
+    # Predictions on the test split.
+    patches_dir = data_dir(cfg, "cities", "patches")
+    manifest = patches.read_manifest(data_dir(cfg))
+    size = trained["input_size"]
+    test_set = data.split_dataset(manifest, cfg.test.split, patches_dir, classes,
+                                      data.transforms(size, train=False), size)
+    loader = loops.make_loader(test_set, cfg.test.batch_size, cfg.workers, device)
+    logits, embeddings, labels = loops.predict(model, loader, device, amp, cfg.train.channels_last)
+    pred = logits.argmax(axis=1)
 
-# City similarity, two ways, and its hierarchical clustering.
-matrices = {"confusion": similarity.confusion_similarity(confusions.to_numpy()),
-            "embedding": similarity.embedding_similarity(embeddings, labels, len(classes))}
-pairs = pd.concat([similarity.similar_pairs(s, classes, m) for m, s in matrices.items()], ignore_index=True)
-write_csv(similarity.similarity_table(matrices, classes), out / "similarity.csv")
-write_csv(pairs, out / "similar_pairs.csv")
-for method, sim in matrices.items():
-    save_figure(figures.dendrogram_figure(similarity.cluster(sim), classes, title=f"cities by {method} similarity"),
-                out / f"dendrogram_{method}.png")
-save_run_config(cfg, out, "test_config.yaml")
+    # Accuracy and confusions.
+    metrics = cities_metrics.classification_metrics(labels, logits, classes)
+    metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"))
+    confusions = cities_metrics.confusion_frame(labels, pred, classes)
+    write_json(out / "metrics.json", metrics)
+    write_csv(pd.DataFrame({"path": manifest.loc[manifest["split"] == cfg.test.split, "path"].to_numpy(),
+                            "true": [classes[i] for i in labels], "predicted": [classes[i] for i in pred],
+                            "confidence": softmax(logits, axis=1).max(axis=1)}), out / "predictions.csv")
+    write_csv(confusions, out / "confusion_matrix.csv", index=True)
+    save_figure(figures.confusion_matrix_figure(
+        confusions.to_numpy(), classes, title=f"{cfg.test.split}: accuracy {metrics['accuracy']:.1%}"),
+        out / "confusion_matrix.png")
 
-top3 = {m: ", ".join(p["city_a"].head(3) + "-" + p["city_b"].head(3)) for m, p in pairs.groupby("method", sort=False)}
-print(f"[test] {metrics['n_patches']} {cfg.test.split} patches: accuracy {metrics['accuracy']:.3f}, "
-      f"top-5 {metrics['top5_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}; most similar: "
-      + "; ".join(f"{m} {t}" for m, t in top3.items()) + f"; results in {out}")
+    # City similarity, two ways, and its hierarchical clustering.
+    matrices = {"confusion": similarity.confusion_similarity(confusions.to_numpy()),
+                "embedding": similarity.embedding_similarity(embeddings, labels, len(classes))}
+    pairs = pd.concat([similarity.similar_pairs(s, classes, m) for m, s in matrices.items()], ignore_index=True)
+    write_csv(similarity.similarity_table(matrices, classes), out / "similarity.csv")
+    write_csv(pairs, out / "similar_pairs.csv")
+    for method, sim in matrices.items():
+        save_figure(figures.dendrogram_figure(similarity.cluster(sim), classes, title=f"cities by {method} similarity"),
+                    out / f"dendrogram_{method}.png")
+    save_run_config(cfg, out, "test_config.yaml")
+
+    top3 = {m: ", ".join(p["city_a"].head(3) + "-" + p["city_b"].head(3)) for m, p in pairs.groupby("method", sort=False)}
+    print(f"[test] {metrics['n_patches']} {cfg.test.split} patches: accuracy {metrics['accuracy']:.3f}, "
+          f"top-5 {metrics['top5_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}; most similar: "
+          + "; ".join(f"{m} {t}" for m, t in top3.items()) + f"; results in {out}")
+
+
+if __name__ == "__main__":
+    entry.run(main)

@@ -16,7 +16,6 @@ import os
 # slow training several-fold. Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import sys
 import time
 
 import torch
@@ -24,9 +23,10 @@ import torch
 from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
-from urbanlens.core import loops, runtime
-from urbanlens.core.backbones import WeightsUnavailable, build_backbone
+from urbanlens.core import entry, loops, runtime
+from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_run_config
 
 
@@ -35,95 +35,96 @@ def options(parser):
                         "even when it was trained with other settings (same cities and model)")
 
 
-cfg, args = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml", options)
-rank, world = runtime.setup_distributed()
-main = runtime.is_main_process()
-device = runtime.select_device(cfg.device)
-runtime.seed_everything(cfg.seed)
-amp = cfg.train.amp and device.type == "cuda"
-nhwc = cfg.train.channels_last
+def main() -> None:
+    cfg, args = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml", options)
+    rank, world = runtime.setup_distributed()
+    main = runtime.is_main_process()
+    device = runtime.select_device(cfg.device)
+    runtime.seed_everything(cfg.seed)
+    amp = cfg.train.amp and device.type == "cuda"
+    nhwc = cfg.train.channels_last
 
-# Data: the patches of the site-based split, classes = sorted IATA codes.
-patches_dir = data_dir(cfg, "cities", "patches")
-manifest = patches.read_manifest(data_dir(cfg))
-classes = patches.class_names(manifest)
-size = cfg.model.input_size
-train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
-                                   size)
-val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
-batch = max(1, cfg.train.batch_size // world)
-draws = len(train_set)
-if cfg.train.max_steps_per_epoch > 0:
-    draws = min(draws, cfg.train.max_steps_per_epoch * batch * world)
-sampler = cities_sampling.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, rank, world)
-train_loader = loops.make_loader(train_set, batch, cfg.workers, device, sampler)
-val_loader = loops.make_loader(loops.shard(val_set, rank, world), batch, cfg.workers, device)
+    # Data: the patches of the site-based split, classes = sorted IATA codes.
+    patches_dir = data_dir(cfg, "cities", "patches")
+    manifest = patches.read_manifest(data_dir(cfg))
+    classes = patches.class_names(manifest)
+    size = cfg.model.input_size
+    train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
+                                       size)
+    val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
+    batch = max(1, cfg.train.batch_size // world)
+    draws = len(train_set)
+    if cfg.train.max_steps_per_epoch > 0:
+        draws = min(draws, cfg.train.max_steps_per_epoch * batch * world)
+    sampler = cities_sampling.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, rank, world)
+    train_loader = loops.make_loader(train_set, batch, cfg.workers, device, sampler)
+    val_loader = loops.make_loader(loops.shard(val_set, rank, world), batch, cfg.workers, device)
 
-# Model and optimiser.
-try:
+    # Model and optimiser.
     model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
-except WeightsUnavailable as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-model = loops.to_device(model, device, nhwc)
-optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-scheduler = cities_training.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
-scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    model = loops.to_device(model, device, nhwc)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    scheduler = cities_training.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-out = results_dir(cfg, "cities")
-last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
-done, best_acc = 0, -1.0
-state = runtime.load_checkpoint(last_pt) if last_pt.is_file() else None
-changed = cities_training.run_changes(state["config"], cfg) if state is not None else []
-if state is not None and changed and not args.resume:
-    if not cfg.overwrite:
-        sys.exit(f"error: {last_pt}: trained with other settings ({', '.join(changed)}); re-run with --resume "
-                 f"to continue it, --set overwrite=true to train from scratch, or use another paths.results")
-    state = None
-    if main:  # start over: the old run's checkpoints must not be taken for this one's
-        last_pt.unlink(missing_ok=True)
-        best_pt.unlink(missing_ok=True)
-if state is not None:
-    cities_training.check_resumable(state, classes, cfg.model, last_pt)
-    done, best_acc = cities_training.restore(state, model, optimizer, scaler, scheduler)
+    out = results_dir(cfg, "cities")
+    last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
+    done, best_acc = 0, -1.0
+    state = runtime.load_checkpoint(last_pt) if last_pt.is_file() else None
+    changed = cities_training.run_changes(state["config"], cfg) if state is not None else []
+    if state is not None and changed and not args.resume:
+        if not cfg.overwrite:
+            raise DataError(f"{last_pt}: trained with other settings ({', '.join(changed)}); re-run with --resume "
+                     f"to continue it, --set overwrite=true to train from scratch, or use another paths.results")
+        state = None
+        if main:  # start over: the old run's checkpoints must not be taken for this one's
+            last_pt.unlink(missing_ok=True)
+            best_pt.unlink(missing_ok=True)
+    if state is not None:
+        cities_training.check_resumable(state, classes, cfg.model, last_pt)
+        done, best_acc = cities_training.restore(state, model, optimizer, scaler, scheduler)
+        if main:
+            print(f"[train] resuming from {last_pt} after epoch {done}")
+    elif args.resume and main:
+        print(f"[train] --resume: no {last_pt} yet, starting from scratch")
+    log = cities_training.read_log(log_csv, done)
+    model = loops.wrap_distributed(model, device)
     if main:
-        print(f"[train] resuming from {last_pt} after epoch {done}")
-elif args.resume and main:
-    print(f"[train] --resume: no {last_pt} yet, starting from scratch")
-log = cities_training.read_log(log_csv, done)
-model = loops.wrap_distributed(model, device)
-if main:
-    save_run_config(cfg, out, "train_config.yaml")
-    print(f"[train] {len(train_set)} train / {len(val_set)} val patches, {len(classes)} cities, "
-          f"{cfg.model.backbone} on {device} x{world}, {len(train_loader)} steps per epoch")
+        save_run_config(cfg, out, "train_config.yaml")
+        print(f"[train] {len(train_set)} train / {len(val_set)} val patches, {len(classes)} cities, "
+              f"{cfg.model.backbone} on {device} x{world}, {len(train_loader)} steps per epoch")
 
-# Epochs: the sampling and augmentation of epoch e depend only on (seed, e), so a resumed run draws
-# the same batches as an uninterrupted one.
-start = time.time()
-for epoch in range(done + 1, cfg.train.epochs + 1):
-    t0 = time.time()
-    cities_sampling.begin_epoch(sampler, cfg.seed, epoch, rank)
-    lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
-    tr = cities_training.train_one_epoch(model, train_loader, optimizer, device, scaler, amp, nhwc, scheduler,
-                                  desc=f"epoch {epoch}/{cfg.train.epochs}")
-    va = loops.evaluate(model, val_loader, device, amp, nhwc)
+    # Epochs: the sampling and augmentation of epoch e depend only on (seed, e), so a resumed run draws
+    # the same batches as an uninterrupted one.
+    start = time.time()
+    for epoch in range(done + 1, cfg.train.epochs + 1):
+        t0 = time.time()
+        cities_sampling.begin_epoch(sampler, cfg.seed, epoch, rank)
+        lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
+        tr = cities_training.train_one_epoch(model, train_loader, optimizer, device, scaler, amp, nhwc, scheduler,
+                                      desc=f"epoch {epoch}/{cfg.train.epochs}")
+        va = loops.evaluate(model, val_loader, device, amp, nhwc)
+        if main:
+            log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                        "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})
+            cities_training.write_log(log, log_csv)
+            improved = va["acc"] >= best_acc  # ties: the later, longer-trained epoch
+            best_acc = max(best_acc, va["acc"])
+            extra = dict(classes=classes, best_val_acc=best_acc, scaler=scaler.state_dict(),
+                         scheduler=scheduler.state_dict() if scheduler else None)
+            if improved:
+                runtime.save_checkpoint(best_pt, model, cfg, None, epoch, **extra)
+            # last: the resume point is written once everything else of the epoch is, so a run killed
+            # between these writes redoes the epoch rather than skip what it had not saved
+            runtime.save_checkpoint(last_pt, model, cfg, optimizer, epoch, **extra)
+            print(f"[train] epoch {epoch}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} | "
+                  f"val loss {va['loss']:.3f} acc {va['acc']:.3f}{' *' if improved else ''} | {time.time() - t0:.0f} s")
+
     if main:
-        log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-                    "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})
-        cities_training.write_log(log, log_csv)
-        improved = va["acc"] >= best_acc  # ties: the later, longer-trained epoch
-        best_acc = max(best_acc, va["acc"])
-        extra = dict(classes=classes, best_val_acc=best_acc, scaler=scaler.state_dict(),
-                     scheduler=scheduler.state_dict() if scheduler else None)
-        if improved:
-            runtime.save_checkpoint(best_pt, model, cfg, None, epoch, **extra)
-        # last: the resume point is written once everything else of the epoch is, so a run killed
-        # between these writes redoes the epoch rather than skip what it had not saved
-        runtime.save_checkpoint(last_pt, model, cfg, optimizer, epoch, **extra)
-        print(f"[train] epoch {epoch}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} | "
-              f"val loss {va['loss']:.3f} acc {va['acc']:.3f}{' *' if improved else ''} | {time.time() - t0:.0f} s")
+        print(f"[train] {cfg.train.epochs} epochs ({cfg.train.epochs - done} run now) in {time.time() - start:.0f} s; "
+              f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
+    runtime.cleanup_distributed()
 
-if main:
-    print(f"[train] {cfg.train.epochs} epochs ({cfg.train.epochs - done} run now) in {time.time() - start:.0f} s; "
-          f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
-runtime.cleanup_distributed()
+
+if __name__ == "__main__":
+    entry.run(main)

@@ -11,7 +11,7 @@ from urbanlens.cities import figures as cities_figures
 from urbanlens.cities import metrics as cities_metrics
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import similarity, training
-from urbanlens.core import loops, runtime
+from urbanlens.core import errors, loops, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import load_config
 
@@ -84,15 +84,15 @@ def test_read_image_decodes_reduced_but_never_below_the_input_size(tmp_path):
     assert cities_data.read_image(tmp_path / "p.jpg", decode_size=32).shape == (3, 48, 48)  # JPEG scale 1/2 >= 32
     assert cities_data.read_image(tmp_path / "p.jpg", decode_size=64).shape == (3, 96, 96)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(RuntimeError, match="bad.jpg: cannot read image"):
+    with pytest.raises(errors.DataError, match="bad.jpg: cannot read image"):
         cities_data.read_image(tmp_path / "bad.jpg")
 
 
 def test_split_dataset_rejects_unknown_city_and_empty_split(tmp_path):
     manifest = _write_patches(tmp_path)
-    with pytest.raises(SystemExit, match="not among the model's classes"):
+    with pytest.raises(errors.DataError, match="not among the model's classes"):
         cities_data.split_dataset(manifest, "train", tmp_path, ["AAA"])
-    with pytest.raises(SystemExit, match="no patches in split 'val'"):
+    with pytest.raises(errors.DataError, match="no patches in split 'val'"):
         cities_data.split_dataset(manifest, "val", tmp_path, ["AAA", "BBB"])
 
 
@@ -232,10 +232,10 @@ def test_resume_refuses_a_checkpoint_of_other_cities_or_model():
     cfg = load_config(None, ["model.backbone=resnet18", "model.input_size=64"])
     state = {"classes": ["AAA", "BBB"], "config": cfg.to_dict()}
     training.check_resumable(state, ["AAA", "BBB"], cfg.model, "last.pt")  # compatible: no exit
-    with pytest.raises(SystemExit, match="last.pt: trained on cities AAA, BBB"):
+    with pytest.raises(errors.CheckpointError, match="last.pt: trained on cities AAA, BBB"):
         training.check_resumable(state, ["AAA", "CCC"], cfg.model, "last.pt")
     other = load_config(None, ["model.backbone=resnet18", "model.input_size=32"])
-    with pytest.raises(SystemExit, match="model.input_size=64"):
+    with pytest.raises(errors.CheckpointError, match="model.input_size=64"):
         training.check_resumable(state, ["AAA", "BBB"], other.model, "last.pt")
 
 

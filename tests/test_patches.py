@@ -18,6 +18,7 @@ from urbanlens.cities.patches import (
     reset_if_settings_changed,
     write_patches,
 )
+from urbanlens.core import errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_parse_city_folder(name, expected):
 
 @pytest.mark.parametrize("bad", ["Astana", "Astana (nqz)", "Astana (NQZX)", "(NQZ)", "Astana NQZ", "Astana (NQ)"])
 def test_parse_city_folder_rejects(bad):
-    with pytest.raises(ValueError, match="City Name \\(IATA\\)"):
+    with pytest.raises(errors.DataError, match="City Name \\(IATA\\)"):
         parse_city_folder(bad)
 
 
@@ -109,10 +110,10 @@ def test_bad_city_folder_and_broken_image(tmp_path):
     (raw / "Alpha (AAA)" / "s1" / "broken.jpg").write_bytes(b"not a jpeg")
     plan, problems = plan_split(raw, 40, 20, 3, 0)
     assert len(problems) == 1 and "broken.jpg" in problems[0]
-    with pytest.raises(ValueError, match="broken.jpg"):
+    with pytest.raises(errors.DataError, match="broken.jpg"):
         plan_split(raw, 40, 20, 3, 0, strict=True)
     (raw / "Gamma").mkdir()
-    with pytest.raises(ValueError, match="Gamma"):
+    with pytest.raises(errors.DataError, match="Gamma"):
         plan_split(raw, 40, 20, 3, 0)
 
 
@@ -187,5 +188,5 @@ def test_preprocessing_bad_folder_is_one_clear_line(tmp_path):
 
 
 def test_read_manifest_missing_says_what_to_run(tmp_path):
-    with pytest.raises(SystemExit, match="preprocessing.py"):
+    with pytest.raises(errors.DataError, match="preprocessing.py"):
         read_manifest(tmp_path)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from urbanlens.core import backbones, config
+from urbanlens.core import backbones, config, errors
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting
 from urbanlens.ses import folds as ses_folds
@@ -95,7 +95,7 @@ def test_stratified_folds_are_disjoint_stratified_and_seeded():
         assert np.all(np.bincount(labels[f["val"]], minlength=5) >= 1)
     again = ses_folds.stratified_folds(labels, 2, 0.25, seed=3)
     assert all(np.array_equal(a["val"], b["val"]) for a, b in zip(folds, again))
-    with pytest.raises(ValueError):
+    with pytest.raises(errors.DataError):
         ses_folds.stratified_folds(np.array([0, 1, 2, 3, 4, 4]), 2, 0.25, seed=0)
 
 
@@ -186,7 +186,7 @@ def test_load_cell_image_resizes_and_min_max_scales(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 77, np.uint8)).save(tmp_path / "flat.png")
     assert ses_data.load_cell_image(tmp_path / "flat.png", 8).abs().sum() == 0
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="bad.png"):
+    with pytest.raises(errors.DataError, match="bad.png"):
         ses_data.load_cell_image(tmp_path / "bad.png", 8)
 
 

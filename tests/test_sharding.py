@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from urbanlens.core import shards
+from urbanlens.core import errors, shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
@@ -86,12 +86,12 @@ def test_shard_paths_name_the_missing_shards(tmp_path):
     assert shards.shard_path(target, 2, 4) == tmp_path / "cells.shard-2-of-4.gpkg"
     for i in (1, 3):
         shards.shard_path(target, i, 4).write_text("x")
-    with pytest.raises(ValueError, match=r"2 of 4 shard outputs missing \(shard 2, 4,.*--shard 2/4"):
+    with pytest.raises(errors.DataError, match=r"2 of 4 shard outputs missing \(shard 2, 4,.*--shard 2/4"):
         shards.shard_paths(target, 4)
     for i in (2, 4):
         shards.shard_path(target, i, 4).write_text("x")
     assert [p.name for p in shards.shard_paths(target, 4)] == [f"cells.shard-{i}-of-4.gpkg" for i in range(1, 5)]
-    with pytest.raises(ValueError, match="older than the model"):
+    with pytest.raises(errors.DataError, match="older than the model"):
         shards.shard_paths(target, 4, newer_than=shards.shard_path(target, 4, 4).stat().st_mtime + 10)
 
 
@@ -100,11 +100,11 @@ def test_merge_in_order_restores_order_and_rejects_overlap_and_gap():
     parts = [pd.DataFrame({"cell_id": ["a", "b"], "v": [1, 2]}), pd.DataFrame({"cell_id": ["c", "d"], "v": [3, 4]})]
     merged = shards.merge_in_order(parts, order)
     assert merged["cell_id"].tolist() == order and merged["v"].tolist() == [3, 1, 4, 2]
-    with pytest.raises(ValueError, match="share a cell_id"):
+    with pytest.raises(errors.DataError, match="share a cell_id"):
         shards.merge_in_order([parts[0], parts[0], parts[1]], order)
-    with pytest.raises(ValueError, match="in no shard output"):
+    with pytest.raises(errors.DataError, match="in no shard output"):
         shards.merge_in_order(parts[:1], order)
-    with pytest.raises(ValueError, match="not among the cells"):
+    with pytest.raises(errors.DataError, match="not among the cells"):
         shards.merge_in_order(parts, order[:3])
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 from urbanlens.cities.patches import parse_city_folder
 from urbanlens.cities.world import STYLE_KEYS, city_styles, generate_world, style_vector
 from urbanlens.cities.world_render import render_image
+from urbanlens.core import errors
 from urbanlens.core.config import load_config
 from urbanlens.core.files import read_json
 
@@ -111,5 +112,5 @@ def test_world_refuses_to_overwrite_foreign_images(tmp_path):
     foreign = tmp_path / "cities" / "raw" / "Astana (NQZ)" / "site_01"
     foreign.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(foreign / "img.jpg")
-    with pytest.raises(SystemExit, match="did not make"):
+    with pytest.raises(errors.StaleRun, match="did not make"):
         generate_world(tiny_cfg(tmp_path))

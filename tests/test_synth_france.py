@@ -16,6 +16,7 @@ import rasterio
 import shapely
 from PIL import Image
 
+from urbanlens.core import errors
 from urbanlens.core.config import load_config
 from urbanlens.ses import census as ses_census
 from urbanlens.ses import extraction as ses_extraction
@@ -142,7 +143,7 @@ def test_rebuild_is_skipped_and_other_parameters_refused(world, monkeypatch, cap
     ses_world.main()
     assert "nothing to do" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", [*argv, "--set", "france.noise=0.5"])
-    with pytest.raises(SystemExit, match="overwrite=true"):
+    with pytest.raises(errors.StaleRun, match="overwrite=true"):
         ses_world.main()
 
 

@@ -1,7 +1,6 @@
 """City patches as tensors: decoding, transforms, the dataset of one split."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+
+from ..core.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -38,7 +39,7 @@ def read_image(path: str | Path, decode_size: int | None = None) -> torch.Tensor
                 im.draft("RGB", (decode_size, decode_size))
             arr = np.array(im.convert("RGB"))
     except OSError as e:
-        raise RuntimeError(f"{path}: cannot read image ({e}); re-run preprocessing.py") from None
+        raise DataError(f"{path}: cannot read image ({e}); re-run preprocessing.py") from None
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
@@ -70,12 +71,12 @@ def split_dataset(manifest: pd.DataFrame, split: str, patches_dir: str | Path, c
     source = Path(patches_dir) / "manifest.csv"
     rows = manifest[manifest["split"] == split]
     if rows.empty:
-        sys.exit(f"error: {source}: no patches in split '{split}'; re-run preprocessing.py "
+        raise DataError(f"{source}: no patches in split '{split}'; re-run preprocessing.py "
                  f"(splits present: {', '.join(sorted(manifest['split'].unique()))})")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(rows["iata"]) - set(index))
     if unknown:
-        sys.exit(f"error: {source}: cities {', '.join(unknown)} of split '{split}' are not among the model's "
+        raise DataError(f"{source}: cities {', '.join(unknown)} of split '{split}' are not among the model's "
                  f"classes ({', '.join(classes)}); train on the same patches or re-run train_classification.py")
     files = [Path(patches_dir) / p for p in rows["path"]]
     return PatchDataset(files, rows["iata"].map(index).to_numpy(), transform, decode_size)

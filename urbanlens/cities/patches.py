@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from ..core.errors import DataError
 from ..core.files import atomic_path, read_json, write_json
 
 SPLITS = ("train", "val", "test", "test_b")
@@ -50,7 +51,7 @@ def parse_city_folder(name: str) -> tuple[str, str]:
     """``"Astana (NQZ)"`` -> ``("Astana", "NQZ")``; anything else raises ValueError saying the form."""
     m = _CITY_RE.match(name.strip())
     if not m:
-        raise ValueError(f"city folder '{name}' is not named 'City Name (IATA)' with a 3-letter "
+        raise DataError(f"city folder '{name}' is not named 'City Name (IATA)' with a 3-letter "
                          "upper-case code, e.g. 'Astana (NQZ)'; rename it")
     return m.group("name"), m.group("iata")
 
@@ -82,13 +83,13 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
 
     def problem(msg: str) -> None:
         if strict:
-            raise ValueError(msg)
+            raise DataError(msg)
         problems.append(msg)
 
     for city_dir in _subdirs(raw_dir):
         _, iata = parse_city_folder(city_dir.name)
         if iata in codes:
-            raise ValueError(f"IATA code {iata} used by both '{codes[iata]}' and '{city_dir.name}'; "
+            raise DataError(f"IATA code {iata} used by both '{codes[iata]}' and '{city_dir.name}'; "
                              "give each city its own code")
         codes[iata] = city_dir.name
         sites = _subdirs(city_dir)
@@ -204,7 +205,7 @@ def write_patches(plan: pd.DataFrame, raw_dir: str | Path, out_dir: str | Path, 
             bar.update()
     bar.close()
     if problems and failed is None:
-        raise ValueError(problems[min(problems)])
+        raise DataError(problems[min(problems)])
     if failed is not None:
         failed.update(sorted(problems.items()))
     return written
@@ -253,11 +254,11 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     """The patch manifest under ``<data_dir>/cities/patches``; exits with a clear line if missing."""
     path = patches_dir(data_dir) / "manifest.csv"
     if not path.is_file():
-        raise SystemExit(f"error: {path}: no patch manifest; run preprocessing.py first")
+        raise DataError(f"{path}: no patch manifest; run preprocessing.py first")
     df = pd.read_csv(path, dtype={"city": str, "iata": str, "site": str, "source": str, "split": str})
     missing = set(MANIFEST_COLUMNS) - set(df.columns)
     if missing:
-        raise SystemExit(f"error: {path}: missing columns {sorted(missing)}; re-run preprocessing.py")
+        raise DataError(f"{path}: missing columns {sorted(missing)}; re-run preprocessing.py")
     return df
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..core import runtime
 from ..core.config import changed_keys
+from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import _all_reduce_sums, _inputs, _progress
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -38,7 +38,7 @@ def lr_factor(name: str, step: int, total_steps: int) -> float:
         if t < WARMUP_SHARE:
             return 0.04 + 0.96 * t / WARMUP_SHARE
         return 0.5 * (1 + math.cos(math.pi * (t - WARMUP_SHARE) / (1 - WARMUP_SHARE)))
-    raise ValueError(f"unknown learning-rate schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
+    raise ConfigError(f"unknown learning-rate schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int):
@@ -86,11 +86,11 @@ def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: 
     """Exit with one line when a checkpoint was trained on other cities or with another model."""
     trained = state.get("config", {}).get("model", {})
     if list(state.get("classes", [])) != list(classes):
-        sys.exit(f"error: {path}: trained on cities {', '.join(state.get('classes', []))}, not on those of the "
+        raise CheckpointError(f"{path}: trained on cities {', '.join(state.get('classes', []))}, not on those of the "
                  f"manifest ({', '.join(classes)}); train without --resume or use another paths.results")
     for key in ("backbone", "input_size"):
         if trained.get(key) != model_cfg[key]:
-            sys.exit(f"error: {path}: trained with model.{key}={trained.get(key)}, config says {model_cfg[key]}; "
+            raise CheckpointError(f"{path}: trained with model.{key}={trained.get(key)}, config says {model_cfg[key]}; "
                      f"train without --resume or set --set model.{key}={trained.get(key)}")
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..core.config import cli, data_dir
+from ..core.errors import ConfigError, StaleRun
 from ..core.files import atomic_path, read_json, save_run_config, write_json
 from .world_render import STYLE_KEYS, render_image
 
@@ -101,7 +102,7 @@ def city_styles(n_cities: int, seed: int, twin_distance: float) -> list[dict]:
     vector (clipped to the cube); pair centres are spread apart, so non-twins are much farther.
     """
     if n_cities < 2:
-        raise ValueError(f"world.n_cities must be at least 2, got {n_cities}")
+        raise ConfigError(f"world.n_cities must be at least 2, got {n_cities}")
     rng = np.random.default_rng([seed, 7001])
     dim = len(STYLE_KEYS)
     n_pairs = n_cities // 2
@@ -187,7 +188,7 @@ def generate_world(cfg) -> Path:
         if read_json(marker) != signature:
             _remove_world(root)
     elif (root / "raw").is_dir() and any((root / "raw").iterdir()):
-        raise SystemExit(f"error: {root / 'raw'}: holds images the generator did not make; "
+        raise StaleRun(f"{root / 'raw'}: holds images the generator did not make; "
                          "move them away or point paths.data elsewhere")
     write_json(marker, signature)
     w = cfg.world
@@ -234,4 +235,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..core.entry import run
+
+    run(main)

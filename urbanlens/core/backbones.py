@@ -1,18 +1,15 @@
 """torchvision backbones with a new final layer, ImageNet weights from a local file when offline."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from .errors import CheckpointError, ConfigError, WeightsUnavailable
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0")
-
-
-class WeightsUnavailable(RuntimeError):
-    pass
 
 
 def _weights_enum(name: str):
@@ -37,7 +34,7 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False,
                    weights_path: str | None = None) -> nn.Module:
     """A torchvision classifier whose final layer has ``num_classes`` outputs."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
     model = torchvision.models.get_model(name, weights=None)
     if pretrained:
         model.load_state_dict(imagenet_state_dict(name, weights_path))
@@ -96,7 +93,7 @@ def classifier_from_checkpoint(state: dict, path: str | Path) -> tuple[nn.Module
 
     trained, classes = state.get("config", {}).get("model") or {}, state.get("classes")
     if not classes or trained.get("backbone") not in BACKBONES or "input_size" not in trained:
-        sys.exit(f"error: {path}: not a city-classifier checkpoint (no classes or model.backbone recorded); "
+        raise CheckpointError(f"{path}: not a city-classifier checkpoint (no classes or model.backbone recorded); "
                  "use the best.pt that train_classification.py writes")
     model = build_backbone(trained["backbone"], len(classes), pretrained=False)
     load_weights(model, state["model"], path, f"{trained['backbone']} with {len(classes)} classes")

@@ -27,6 +27,8 @@ from zennit.composites import EpsilonPlus, GuidedBackprop
 from zennit.core import Hook
 from zennit.torchvision import ResNetCanonizer
 
+from .errors import ConfigError
+
 METHODS = ("gradcam", "gradcampp", "relevancecam")
 
 
@@ -179,7 +181,7 @@ def raw_maps(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, metho
         return relevancecam(model, layer, x, targets)
     functions: dict[str, Callable] = {"gradcam": gradcam, "gradcampp": gradcampp}
     if method not in functions:
-        raise ValueError(f"unknown CAM method '{method}'; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown CAM method '{method}'; choose one of {', '.join(METHODS)}")
     return functions[method](*activations_and_gradients(model, layer, x, targets))
 
 

@@ -14,11 +14,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from .errors import ConfigError
+
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message says what and how."""
 
 
 class Config(dict):
@@ -180,16 +178,12 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = None)
 
 
 def cli(description: str, default_config: str | None = None, extra=None) -> tuple[Config, argparse.Namespace]:
-    """Parse ``--config``/``--set`` (plus ``extra(parser)`` arguments); exit with one line on a bad config."""
+    """Parse ``--config``/``--set`` (plus ``extra(parser)`` arguments); a bad config raises ConfigError."""
     parser = add_config_args(argparse.ArgumentParser(description=description), default_config)
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        parser.exit(2, f"error: {e}\n")
-    return cfg, args
+    return load_config(args.config, args.overrides), args
 
 
 def changed_keys(saved: dict, cfg, keys: Iterable[str]) -> list[str]:
@@ -226,14 +220,15 @@ def _main() -> None:
     parser = add_config_args(argparse.ArgumentParser(description=_main.__doc__))
     parser.add_argument("key")
     args = parser.parse_args()
-    try:
-        value: Any = load_config(args.config, args.overrides)
-        for k in args.key.split("."):
-            value = value[k]
-    except (ConfigError, KeyError) as e:
-        parser.exit(2, f"error: {e}\n")
+    value: Any = load_config(args.config, args.overrides)
+    for k in args.key.split("."):
+        if not isinstance(value, dict) or k not in value:
+            raise ConfigError(f"key '{args.key}'", "not in the config", "name a key of urbanlens/core/defaults.yaml")
+        value = value[k]
     print(value)
 
 
 if __name__ == "__main__":
-    _main()
+    from .entry import run
+
+    run(_main)

@@ -1,14 +1,49 @@
-"""Typed errors of the library; the scripts' entry wrapper prints them as one line."""
+"""Typed errors of the library. Each carries where (a file, folder or config key), the problem and the
+fix; ``urbanlens.core.entry.run`` prints one as a single ``error:`` line and exits with its code.
+
+Library code raises these and never ends the process itself.
+"""
 from __future__ import annotations
 
 
-class DataError(SystemExit):
-    """Bad input data. The message is one line: ``error: <file>: <problem>; <fix>``.
+class UrbanlensError(Exception):
+    """A problem the user can fix. ``str(e)`` is one line: ``<where>: <problem>; <fix>``."""
 
-    It derives from SystemExit so that a script stops with that line and a non-zero status when it is
-    not caught; tests and callers can still catch it by name.
-    """
+    exit_code = 1
 
-    def __init__(self, path, problem: str | None = None, fix: str | None = None):
-        # a single argument is the finished message (how the error is rebuilt after pickling)
-        super().__init__(str(path) if problem is None else f"error: {path}: {problem}; {fix}")
+    def __init__(self, where, problem: str | None = None, fix: str | None = None):
+        # one argument is the finished message (also how the error is rebuilt after pickling)
+        message = str(where) if problem is None else f"{where}: {problem}" + (f"; {fix}" if fix else "")
+        super().__init__(message.replace("\n", " "))
+
+    @property
+    def message(self) -> str:
+        return self.args[0]
+
+
+class ConfigError(UrbanlensError, ValueError):
+    """A config value, key or file that is wrong; exit status 2, like a command-line usage error."""
+
+    exit_code = 2
+
+
+class DataError(UrbanlensError):
+    """Input data that cannot be used as it is: missing, unreadable, of the wrong kind or schema."""
+
+
+class WeightsUnavailable(UrbanlensError):
+    """ImageNet weights asked for (``pretrained: true``) that are neither on disk nor downloadable."""
+
+    exit_code = 2
+
+
+class StaleRun(UrbanlensError):
+    """Outputs already there were made with other settings or other inputs than this run's."""
+
+
+class CheckpointError(UrbanlensError):
+    """A checkpoint that is missing, unreadable, or of another model than the one asked for."""
+
+
+class DeviceError(UrbanlensError):
+    """A device asked for in the config that this machine does not have."""

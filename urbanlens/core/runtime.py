@@ -4,13 +4,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import CheckpointError, DeviceError
 from .files import atomic_path
 
 
@@ -25,7 +25,7 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: config asks for device 'cuda' but no CUDA GPU is visible; "
+        raise DeviceError("config asks for device 'cuda' but no CUDA GPU is visible; "
                  "use --set device=cpu (or device=auto)")
     if name == "cpu":
         torch.set_flush_denormal(True)  # near-zero floats (untrained or tiny gradients) are 10x slower otherwise
@@ -78,14 +78,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """A ``save_checkpoint`` file; a missing, unreadable or foreign file exits with one line."""
     path = Path(path)
     if not path.is_file():
-        sys.exit(f"error: checkpoint {path} not found; run the training stage first")
+        raise CheckpointError(f"checkpoint {path} not found; run the training stage first")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated file, not a torch file, pickled classes gone...
-        sys.exit(f"error: {path}: not a readable checkpoint ({type(e).__name__}); "
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
                  "delete it and run the training stage again")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
-        sys.exit(f"error: {path}: not a checkpoint of this project (no state_dict with its config); "
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict with its config); "
                  "use the best.pt / last.pt the training stage writes")
     return state
 
@@ -105,6 +105,6 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, arc
             f"{len(missing)} tensor(s) missing (e.g. {missing[0]})" if missing else "",
             f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
             f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]))
-        sys.exit(f"error: {path}: its weights do not fit {arch or type(model).__name__} ({found}); the file comes "
+        raise CheckpointError(f"{path}: its weights do not fit {arch or type(model).__name__} ({found}); the file comes "
                  "from another backbone or number of classes: retrain, or point paths.results at the run that wrote it")
     return model

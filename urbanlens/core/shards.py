@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import DataError
+
 SHARD_HELP = ("run only shard I of N (numbered from 1: 1/4 .. 4/4, e.g. $SLURM_ARRAY_TASK_ID/4); the cells "
               "are split with no overlap and no gap and this job writes partial outputs *.shard-I-of-N.*; "
               "combine them afterwards with --merge N")
@@ -118,11 +120,11 @@ def shard_paths(path, n: int, newer_than: float = 0.0) -> list[Path]:
     missing = [i for i, p in enumerate(paths, 1) if not p.is_file()]
     stale = [i for i, p in enumerate(paths, 1) if p.is_file() and p.stat().st_mtime < newer_than]
     if missing:
-        raise ValueError(f"{Path(path).parent}: {len(missing)} of {n} shard outputs missing (shard "
+        raise DataError(f"{Path(path).parent}: {len(missing)} of {n} shard outputs missing (shard "
                          f"{_listing(missing)}, e.g. {paths[missing[0] - 1].name}); run those shards "
                          f"(--shard {missing[0]}/{n} ...) and merge again")
     if stale:
-        raise ValueError(f"{Path(path).parent}: shard output(s) of shard {_listing(stale)} older than the model "
+        raise DataError(f"{Path(path).parent}: shard output(s) of shard {_listing(stale)} older than the model "
                          f"(e.g. {paths[stale[0] - 1].name}); re-run them (--shard {stale[0]}/{n} ...) and merge again")
     return paths
 
@@ -145,17 +147,17 @@ def merge_in_order(parts: Sequence[pd.DataFrame], order: Sequence, key: str = "c
     dup = merged[key].duplicated(keep=False).to_numpy()
     if dup.any():
         where = sorted({names[s] for s in source[dup]})
-        raise ValueError(f"{int(dup.sum())} rows share a {key} (e.g. {merged.loc[dup, key].iloc[0]}) across "
+        raise DataError(f"{int(dup.sum())} rows share a {key} (e.g. {merged.loc[dup, key].iloc[0]}) across "
                          f"{', '.join(where)}; these shards come from runs with different settings: re-run them")
     order = pd.Index(order)
     extra = ~merged[key].isin(order).to_numpy()
     if extra.any():
-        raise ValueError(f"{int(extra.sum())} {key}(s) in {names[source[extra][0]]} (e.g. "
+        raise DataError(f"{int(extra.sum())} {key}(s) in {names[source[extra][0]]} (e.g. "
                          f"{merged.loc[extra, key].iloc[0]}) are not among the cells of this config; "
                          "re-run the shards with this config")
     gap = ~order.isin(merged[key])
     if gap.any():
-        raise ValueError(f"{int(gap.sum())} {key}(s) of this config are in no shard output (e.g. "
+        raise DataError(f"{int(gap.sum())} {key}(s) of this config are in no shard output (e.g. "
                          f"{order[gap][0]}); re-run the shards with this config and the same N")
     return merged.set_index(key).loc[order].reset_index()[list(merged.columns)]
 

@@ -11,6 +11,7 @@ from PIL import Image
 from scipy import stats
 from torchvision.transforms.v2 import functional as TF
 
+from ..core.errors import DataError
 from .model import N_CLASSES
 
 
@@ -43,7 +44,7 @@ def load_cell_image(path, size: int) -> torch.Tensor:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except OSError as e:
-        raise ValueError(f"{path}: cannot read as an image ({e})") from None
+        raise DataError(f"{path}: cannot read as an image ({e})") from None
     img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))  # one copy
     if img.shape[-2:] != (size, size):
         img = TF.resize(img, [size, size], antialias=True)
@@ -109,11 +110,11 @@ def read_cells(path) -> "pd.DataFrame":
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: cell index not found; run generate_fr_ua_aerial_data.py first")
+        raise DataError(f"{path}: cell index not found; run generate_fr_ua_aerial_data.py first")
     cells = gpd.read_file(path, layer="cells")
     missing = [c for c in CELL_COLUMNS if c not in cells.columns]
     if missing:
-        raise ValueError(f"{path}: columns {missing} missing from layer 'cells'; "
+        raise DataError(f"{path}: columns {missing} missing from layer 'cells'; "
                          "re-run generate_fr_ua_aerial_data.py to rebuild the index")
     return cells
 

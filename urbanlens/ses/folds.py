@@ -7,6 +7,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from ..core.errors import DataError
 from .model import N_CLASSES
 
 
@@ -15,7 +16,7 @@ def fold_seed(seed: int, city: str, fold: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(city.encode()) + 7919 * fold) % 2**31
 
 
-def stratified_folds(labels, folds: int, val_share: float, seed: int) -> list[dict]:
+def stratified_folds(labels, folds: int, val_share: float, seed: int, where: str = "cells") -> list[dict]:
     """Stratified k-fold indices; inside each training part a stratified validation share.
 
     Returns one dict per fold with ``train``, ``val`` and ``test`` index arrays (disjoint, covering all).
@@ -25,8 +26,8 @@ def stratified_folds(labels, folds: int, val_share: float, seed: int) -> list[di
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=N_CLASSES)
     if counts.min() < folds:
-        raise ValueError(f"{len(labels)} cells give a class with {counts.min()} cells, fewer than "
-                         f"{folds} folds")
+        raise DataError(where, f"{len(labels)} cells give a class with {counts.min()} cells, fewer than "
+                        f"{folds} folds", "lower ses_train.folds or add cells")
     out = []
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (train, test) in enumerate(skf.split(np.zeros(len(labels)), labels)):

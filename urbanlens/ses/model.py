@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core import backbones, runtime
+from ..core.errors import ConfigError
 
 N_CLASSES = 5
 
@@ -66,7 +67,7 @@ def build_ses_model(cfg) -> SESModel:
     mc = cfg.ses_model
     name = mc.backbone
     if name not in backbones.BACKBONES:
-        raise ValueError(f"ses_model.backbone '{name}' unknown; choose one of {', '.join(backbones.BACKBONES)}")
+        raise ConfigError(f"ses_model.backbone '{name}' unknown; choose one of {', '.join(backbones.BACKBONES)}")
     if name.startswith("efficientnet"):
         net = torchvision.models.get_model(name, weights=None, stochastic_depth_prob=mc.stochastic_depth)
     else:

@@ -46,6 +46,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from ..core.config import cli, data_dir
+from ..core.errors import ConfigError, StaleRun
 from ..core.files import atomic_path, read_json, save_run_config, write_json
 from .grid import L93, LAEA
 from .world_plan import (
@@ -252,7 +253,7 @@ def build_world(cfg, progress: bool = True) -> dict:
     fr, seed = cfg.france, cfg.seed
     root = data_dir(cfg)
     if len(fr.cities) < 1:
-        raise SystemExit("error: config: france.cities is empty; list the city names, e.g. [Paris, Lyon]")
+        raise ConfigError("config: france.cities is empty; list the city names, e.g. [Paris, Lyon]")
     driver, ext = aerial_driver()
     files, cities_info, census_parts, truth_parts, jobs = [], {}, [], [], []
     for index, name in enumerate(fr.cities):
@@ -350,7 +351,7 @@ def main() -> None:
                   f"({root / 'ses_truth.json'}); nothing to do")
             return
         if not cfg.overwrite:
-            raise SystemExit(f"error: {root / 'ses_truth.json'}: a synthetic world with other parameters is there; "
+            raise StaleRun(f"{root / 'ses_truth.json'}: a synthetic world with other parameters is there; "
                              "use --set overwrite=true to replace it, or another paths.data")
         remove_world(cfg, old)
     start = time.time()
@@ -364,4 +365,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..core.entry import run
+
+    run(main)
