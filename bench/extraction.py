@@ -1,11 +1,11 @@
-"""Cell extraction from orthophoto tiles: urbanlens.geo.read_cell vs warp-whole-tiles-then-clip.
+"""Cell extraction from orthophoto tiles: urbanlens.ses.extraction.read_cell vs warp-whole-tiles-then-clip.
 
     python bench/extraction.py [--city-m 2000] [--res 1.0] [--cell-px 200] [--repeats 3]
 
 Tiles: a synthetic city of ``--city-m`` (urbanlens.ses.world: its land use rendered as 1 km
 Lambert-93 tiles, EPSG:2154, JPEG 2000 when GDAL has the driver, as the IGN delivers them). Cells: every
 200 m INSEE cell (EPSG:3035) lying wholly inside the tiles. Compared, on one thread, same tiles and cells:
-  urbanlens.geo   read_cell: the cell's footprint read from its tile(s) in their own CRS (a window of
+  urbanlens.ses.extraction   read_cell: the cell's footprint read from its tile(s) in their own CRS (a window of
                   each, mosaicked), reprojected onto the cell's px x px grid
   reference       each whole tile warped to EPSG:3035 on disk (rasterio.warp.reproject onto the cells'
                   pixel grid, GeoTIFF), then each cell clipped from the warped tile(s) it overlaps
@@ -164,15 +164,15 @@ def main():
               f"{100 * same:.2f} % of pixels identical")
         assert psnr(a, b) >= 40, "the project's cells differ from the reference's"
 
-        rows = [("urbanlens.geo", median(time_runs(lambda: run_urbanlens(cells, args.cell_px), args.repeats))),
+        rows = [("urbanlens.ses.extraction", median(time_runs(lambda: run_urbanlens(cells, args.cell_px), args.repeats))),
                 ("reference", median(time_runs(lambda: run_reference(cells, args.cell_px, warp_dir), args.repeats))),
                 ("decode floor", median(time_runs(lambda: run_floor(paths), args.repeats)))]
-        print(table(rows, len(cells), "cell", "urbanlens.geo"))
+        print(table(rows, len(cells), "cell", "urbanlens.ses.extraction"))
         t = dict(rows)
         print(f"[extraction] decoding the tiles costs {t['decode floor']:.2f} s: no path that decodes them can beat "
               f"the reference by more than {t['reference'] / t['decode floor']:.1f}x here")
-        print(f"extraction_over_floor: {t['urbanlens.geo'] / t['decode floor']:.2f}x")
-        print(f"extraction_vs_reference: {t['reference'] / t['urbanlens.geo']:.1f}x")
+        print(f"extraction_over_floor: {t['urbanlens.ses.extraction'] / t['decode floor']:.2f}x")
+        print(f"extraction_vs_reference: {t['reference'] / t['urbanlens.ses.extraction']:.1f}x")
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

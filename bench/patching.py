@@ -1,10 +1,10 @@
-"""Patching of raw city images: urbanlens.patches.write_patches vs the JPEG codec floor.
+"""Patching of raw city images: urbanlens.cities.patches.write_patches vs the JPEG codec floor.
 
     python bench/patching.py [--cities 2] [--images 2] [--image-px 1440] [--patch 480] [--repeats 3]
 
 Raw world: urbanlens.cities.world (cities x 2 sites x images of image-px, JPEG), cut with the paper's
 rule (480 px patches, stride 240; the last site split into test / val halves). Compared on the same
-images and plan (urbanlens.patches.plan_split):
+images and plan (urbanlens.cities.patches.plan_split):
   write_patches, 1 worker    the project's preprocessing, one process (files written, renamed)
   write_patches, 2 workers   the same with two worker processes
   codec floor                in one process: decode each raw image once, encode each patch once

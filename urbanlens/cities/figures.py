@@ -1,18 +1,14 @@
-"""Figures: confusion matrix with counts and row percentages, similarity dendrogram.
-
-Functions return a matplotlib Figure; save it with ``urbanlens.io.save_figure`` (atomic, closes it).
+"""Figures of the city pipeline: confusion matrix with counts and row percentages, similarity dendrogram,
+saliency panels. Functions return a matplotlib Figure; save it with ``urbanlens.core.files.save_figure``.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from scipy.cluster.hierarchy import dendrogram
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.cluster.hierarchy import dendrogram  # noqa: E402
-
+from ..core.plotting import plt
 from .saliency import fit_map, masked_image
 
 

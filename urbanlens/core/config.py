@@ -1,6 +1,6 @@
 """YAML experiment configs with typed ``--set a.b=value`` overrides.
 
-Every config is merged over ``urbanlens/defaults.yaml``; that file is the schema. A key that is not in
+Every config is merged over ``urbanlens/core/defaults.yaml``; that file is the schema. A key that is not in
 the defaults, or a value whose type differs from the default's, is an error naming the key and the
 nearest valid one. Paths are resolved relative to the current directory.
 """

@@ -1,18 +1,15 @@
 """Figures of the SES pipeline: confusion matrices, income maps, activation-map panels, land-use scores."""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import shapely
+from matplotlib.collections import PatchCollection
+from matplotlib.patches import Patch, PathPatch
+from matplotlib.path import Path
+from sklearn import metrics as skm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import shapely  # noqa: E402
-from matplotlib.collections import PatchCollection  # noqa: E402
-from matplotlib.patches import Patch, PathPatch  # noqa: E402
-from matplotlib.path import Path  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
-
+from ..core.plotting import plt
 from .model import CLASS_NAMES
 
 
