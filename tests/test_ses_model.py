@@ -169,6 +169,7 @@ def test_resnet_backbone_and_offline_pretrained_error(tmp_path, monkeypatch):
     with torch.no_grad():
         assert model(torch.rand(1, 3, 32, 32)).shape == (1, 5)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("URBANLENS_OFFLINE", "1")  # no download attempt from a test
     with pytest.raises(backbones.WeightsUnavailable, match="ses_model.weights_path"):
         ses_model.build_ses_model(small_cfg(**{"ses_model.pretrained": "true"}))
 

@@ -1,6 +1,8 @@
-"""torchvision backbones with a new final layer, ImageNet weights from a local file when offline."""
+"""torchvision backbones with a new final layer; ImageNet weights from a file, torch's cache or a download."""
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -12,22 +14,61 @@ from .errors import CheckpointError, ConfigError, WeightsUnavailable
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0")
 
 
-def _weights_enum(name: str):
-    return torchvision.models.get_model_weights(name).IMAGENET1K_V1
+def weights_url(name: str) -> str:
+    """Where torchvision publishes the ImageNet weights of ``name`` (the file name carries a hash prefix)."""
+    return torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
 
 
-def imagenet_state_dict(name: str, weights_path: str | None = None) -> dict:
-    """ImageNet weights of ``name``: from ``weights_path``, else torch's hub cache. Never downloads."""
-    url = _weights_enum(name).url
-    candidates = [Path(weights_path)] if weights_path else []
-    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name)
-    for p in candidates:
-        if p.is_file():
-            return torch.load(p, map_location="cpu", weights_only=True)
-    raise WeightsUnavailable(
-        f"ImageNet weights for {name} not found (looked in {', '.join(map(str, candidates))}); "
-        f"download {url} on a machine with network and pass --set model.weights_path=/path/{Path(url).name} "
-        f"(or copy it to {candidates[-1]}), or train from scratch with --set model.pretrained=false")
+def _cached(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def _download(url: str, timeout_s: float) -> dict:
+    """torch's own download into its hub cache, with its SHA-256 prefix check and a progress bar."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # a blocked network fails in seconds instead of hanging
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                  weights_only=True)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def imagenet_state_dict(name: str, weights_path: str | None = None, url: str | None = None,
+                        timeout_s: float = 30.0) -> dict:
+    """ImageNet weights of ``name``, as torchvision users get them: ``weights_path`` when given, else
+    torch's hub cache (``$TORCH_HOME/hub/checkpoints``), else downloaded into that cache by torch's
+    helper (hash-checked, with a progress bar). ``URBANLENS_OFFLINE=1`` forbids the download.
+
+    Raises WeightsUnavailable with the way out (a local file, or training from scratch) when the file is
+    missing and cannot be downloaded, or when the download does not match its hash."""
+    url = url or weights_url(name)
+    if weights_path:
+        if not Path(weights_path).is_file():
+            raise WeightsUnavailable(f"ImageNet weights {weights_path}", "not found (--set model.weights_path)",
+                                     f"point it at a copy of {url}, or leave it empty to use torch's cache, "
+                                     "or train from scratch with --set model.pretrained=false")
+        return torch.load(weights_path, map_location="cpu", weights_only=True)
+    cached = _cached(url)
+    if cached.is_file():
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    way_out = (f"download {url} on a machine with network and pass --set model.weights_path=/path/{Path(url).name} "
+               f"(or copy it to {cached}), or train from scratch with --set model.pretrained=false")
+    if os.environ.get("URBANLENS_OFFLINE", "") not in ("", "0"):
+        raise WeightsUnavailable(f"ImageNet weights for {name} not found in {cached} (URBANLENS_OFFLINE is set, "
+                                 f"so not downloaded); {way_out}")
+    try:
+        return _download(url, timeout_s)
+    except RuntimeError as e:  # torch's hash check: the file is removed, nothing is cached
+        if "hash" not in str(e):
+            raise
+        raise WeightsUnavailable(f"ImageNet weights for {name} from {url}: the download does not match its hash "
+                                 f"(a corrupted or intercepted transfer; nothing was cached); try again, or {way_out}"
+                                 ) from None
+    except (OSError, ValueError) as e:  # no network, refused, timed out, proxy page, HTTP error
+        reason = str(getattr(e, "reason", "") or e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsUnavailable(f"ImageNet weights for {name} not found in {cached} and the download from "
+                                 f"{url} failed ({reason}); {way_out}") from None
 
 
 def build_backbone(name: str, num_classes: int, pretrained: bool = False,

@@ -63,7 +63,7 @@ class SESModel(nn.Module):
 
 def build_ses_model(cfg) -> SESModel:
     """The SES model of ``cfg.ses_model``: EfficientNet-B0 (or a ResNet) features, ImageNet weights when
-    ``pretrained`` (from ``weights_path`` or torch's cache; never downloaded)."""
+    ``pretrained`` (``weights_path``, torch's cache, or downloaded into it)."""
     mc = cfg.ses_model
     name = mc.backbone
     if name not in backbones.BACKBONES:
