@@ -7,6 +7,8 @@ confusion_matrix.csv and .png (rows true, columns predicted, IATA codes, counts 
 and city similarity two ways (symmetrised row-normalised confusions; cosine similarity of the cities'
 mean penultimate embeddings): similarity.csv, similar_pairs.csv, dendrogram_confusion.png and
 dendrogram_embedding.png. The column layout of the similarity files is described in urbanlens/cities/similarity.py.
+Every number carries a 95 % interval from a bootstrap over source images (urbanlens/cities/intervals.py), and
+similar_pairs.csv a ``stability`` column: the share of resamples in which the pair is among the top k.
 """
 import os
 
@@ -17,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pandas as pd
 from scipy.special import softmax
 
-from urbanlens.cities import data, figures, patches, similarity
+from urbanlens.cities import data, figures, intervals, patches, similarity
 from urbanlens.cities import metrics as cities_metrics
 from urbanlens.core import entry, loops, runtime
 from urbanlens.core.backbones import classifier_from_checkpoint
@@ -48,23 +50,29 @@ def main() -> None:
     logits, embeddings, labels = loops.predict(model, loader, device, amp, cfg.train.channels_last)
     pred = logits.argmax(axis=1)
 
-    # Accuracy and confusions.
+    # Accuracy and confusions, with 95 % intervals from a bootstrap over source images.
+    sources = manifest.loc[manifest["split"] == cfg.test.split, "source"].to_numpy()
     metrics = cities_metrics.classification_metrics(labels, logits, classes)
-    metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"))
+    metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"),
+                   intervals=intervals.metric_intervals(labels, pred, sources, classes, cfg.test.bootstrap, cfg.seed))
     confusions = cities_metrics.confusion_frame(labels, pred, classes)
+    lo, hi = metrics["intervals"]["accuracy"]
     write_json(out / "metrics.json", metrics)
     write_csv(pd.DataFrame({"path": manifest.loc[manifest["split"] == cfg.test.split, "path"].to_numpy(),
                             "true": [classes[i] for i in labels], "predicted": [classes[i] for i in pred],
                             "confidence": softmax(logits, axis=1).max(axis=1)}), out / "predictions.csv")
     write_csv(confusions, out / "confusion_matrix.csv", index=True)
     save_figure(figures.confusion_matrix_figure(
-        confusions.to_numpy(), classes, title=f"{cfg.test.split}: accuracy {metrics['accuracy']:.1%}"),
+        confusions.to_numpy(), classes, title=f"{cfg.test.split}: accuracy {metrics['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%})"),
         out / "confusion_matrix.png")
 
     # City similarity, two ways, and its hierarchical clustering.
     matrices = {"confusion": similarity.confusion_similarity(confusions.to_numpy()),
                 "embedding": similarity.embedding_similarity(embeddings, labels, len(classes))}
     pairs = pd.concat([similarity.similar_pairs(s, classes, m) for m, s in matrices.items()], ignore_index=True)
+    top_k = cfg.test.stability_top_k or max(1, len(classes) // 2)
+    pairs = intervals.with_stability(pairs, intervals.pair_stability(labels, pred, embeddings, sources, classes, top_k,
+                                                                     cfg.test.bootstrap, cfg.seed))
     write_csv(similarity.similarity_table(matrices, classes), out / "similarity.csv")
     write_csv(pairs, out / "similar_pairs.csv")
     for method, sim in matrices.items():
@@ -73,7 +81,8 @@ def main() -> None:
     save_run_config(cfg, out, "test_config.yaml")
 
     top3 = {m: ", ".join(p["city_a"].head(3) + "-" + p["city_b"].head(3)) for m, p in pairs.groupby("method", sort=False)}
-    print(f"[test] {metrics['n_patches']} {cfg.test.split} patches: accuracy {metrics['accuracy']:.3f}, "
+    print(f"[test] {metrics['n_patches']} {cfg.test.split} patches: accuracy {metrics['accuracy']:.3f} "
+          f"(95% CI {lo:.3f}-{hi:.3f} over source images), "
           f"top-5 {metrics['top5_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}; most similar: "
           + "; ".join(f"{m} {t}" for m, t in top3.items()) + f"; results in {out}")
 

@@ -282,3 +282,52 @@ def test_confusion_figure_shows_counts_and_row_percentages():
 def test_dendrogram_figure_labels_every_city():
     fig = cities_figures.dendrogram_figure(similarity.cluster(similarity.confusion_similarity(CM)), CITIES)
     assert sorted(t.get_text() for t in fig.axes[0].get_yticklabels()) == CITIES
+
+
+def test_bootstrap_over_source_images_keeps_cities_and_images_whole():
+    from urbanlens.cities import intervals
+
+    labels = np.repeat([0, 0, 1, 1], 5)                   # two cities, two source images each, 5 patches each
+    groups = np.repeat(["a1", "a2", "b1", "b2"], 5)
+    for r in intervals.resamples(labels, groups, 50, seed=0):
+        assert len(r) == 20 and set(labels[r]) == {0, 1}  # every city keeps its test data
+        for g in ("a1", "a2", "b1", "b2"):                # an image comes whole, or not at all
+            assert (groups[r] == g).sum() % 5 == 0
+
+
+def test_intervals_cover_the_point_estimate_and_widen_with_fewer_images():
+    from urbanlens.cities import intervals
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 40)
+    pred = np.where(rng.random(160) < 0.8, labels, (labels + 1) % 4)
+    many = np.array([f"{c}_{i // 4}" for c, i in zip(labels, range(160))])   # 10 images per city
+    few = np.array([f"{c}_{i // 20}" for c, i in zip(labels, range(160))])   # 2 images per city
+    acc = (pred == labels).mean()
+    a = intervals.metric_intervals(labels, pred, many, ["A", "B", "C", "D"], n_boot=300)
+    b = intervals.metric_intervals(labels, pred, few, ["A", "B", "C", "D"], n_boot=300)
+    assert a["accuracy"][0] <= acc <= a["accuracy"][1] and a["macro_f1"][0] < a["macro_f1"][1]
+    assert set(a["per_city_recall"]) == {"A", "B", "C", "D"} and a["source_images_per_city"]["A"] == 10
+    constant = np.repeat(["one"], 160)
+    c = intervals.metric_intervals(labels, pred, np.char.add(labels.astype(str), constant), ["A", "B", "C", "D"], n_boot=50)
+    assert c["accuracy"][0] == c["accuracy"][1] == acc    # one image per city: nothing to resample
+    assert b["source_images_per_city"]["A"] == 2
+
+
+def test_pair_stability_is_high_for_a_planted_pair_and_low_for_noise():
+    from urbanlens.cities import intervals
+
+    rng = np.random.default_rng(1)
+    classes = ["A", "B", "C", "D"]
+    labels = np.repeat(np.arange(4), 30)
+    groups = np.array([f"{c}_{i // 6}" for c, i in zip(labels, range(120))])
+    pred = labels.copy()
+    swap = rng.random(120) < 0.4                     # A and B are confused with each other, C and D never
+    pred[swap & (labels == 0)] = 1
+    pred[swap & (labels == 1)] = 0
+    emb = rng.normal(size=(120, 8))
+    emb[labels <= 1] += 3.0                          # A and B also share their embedding
+    st = intervals.pair_stability(labels, pred, emb, groups, classes, k=1, n_boot=100)
+    for method in ("confusion", "embedding"):
+        rows = st[st["method"] == method].set_index(["city_a", "city_b"])["stability"]
+        assert rows.loc[("A", "B")] > 0.95 and rows.drop(("A", "B")).sum() < 0.05

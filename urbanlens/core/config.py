@@ -79,14 +79,15 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
 # Values outside these ranges make no sense (an epoch count of -1, a batch of 0, a share above 1): stop
 # at once, naming the key, rather than run with them or fail deep inside a stage.
 _AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "patch.size", "patch.stride",
-               "model.input_size", "train.epochs", "train.batch_size", "test.batch_size", "saliency.per_city",
+               "model.input_size", "train.epochs", "train.batch_size", "test.batch_size", "test.bootstrap",
+               "saliency.per_city",
                "saliency.batch_size", "ses.cell_size_m", "ses.cell_px", "ses_model.input_size", "ses_train.epochs",
                "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size")
 
 
 _AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
                "ses_train.plateau_patience", "ses_train.restarts", "ses_train.cache_mb", "cams.panels",
-               "world.twin_distance", "world.site_jitter", "france.noise")
+               "world.twin_distance", "world.site_jitter", "france.noise", "test.stability_top_k")
 
 
 _RULES = {
