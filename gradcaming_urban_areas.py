@@ -2,10 +2,11 @@
 
 For each city of the config: the best cross-validation fold's model (lowest validation loss); for every
 non-void census cell, guided Grad-CAM on the last convolutional layer for the poorest and the richest
-quintile, saved as a two-band GeoTIFF (band 1 poor, band 2 rich, EPSG:3035, the cell's bounds). The
-maps are cut by the Urban Atlas polygons inside the cell; each piece gets the sum, mean, min, max,
-median and count of both maps over the pixels whose centres it holds, their total-variation distance
-and symmetric KL, and poor/rich scores (map sum per m^2) -> polygon_stats.gpkg. Scores are averaged per
+quintile, saved as a two-band GeoTIFF (band 1 poor, band 2 rich, EPSG:3035, the cell's bounds; NaN, the
+nodata value, where the cell image has no data). The maps are cut by the Urban Atlas polygons inside the
+cell; each piece gets the sum, mean, min, max, median and count of both maps over the valid pixels whose
+centres it holds, their total-variation distance and symmetric KL, and poor/rich scores (map sum per
+m^2) -> polygon_stats.gpkg. Scores are averaged per
 land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/). Figures: observed vs
 predicted income map, a panel per sampled cell, rich vs poor score per land-use class.
 
@@ -67,6 +68,10 @@ for city in cfg.ses.cities:
         return np.stack([cam.guided_gradcam(model, layer, x, k, cc.clip_percentile)
                          for k in (cc.poor_class, cc.rich_class)], axis=1)
 
+    def nodata(rows):  # [B, H, W]: map pixels whose centre lies on a nodata (all-zero) pixel of the cell image
+        return np.stack([zonal.resample_mask(geo.nodata_mask(geo.read_png(ses_dir / p)), (size, size))
+                         for p in rows["path"]])
+
     # 2. maps per cell (GeoTIFF, reused on a re-run) -> statistics per land-use piece, written per batch
     stats_path, todo = city_dir / "polygon_stats.gpkg", city_cells
     if args.shard:  # this job's share: a contiguous run of whole batches, its statistics in a partial file
@@ -84,7 +89,7 @@ for city in cfg.ses.cities:
     else:
         with io.atomic_path(stats_path) as tmp, tqdm(total=len(todo), desc=f"{city} cams", unit="cell") as bar:
             for batch in zonal.cell_map_batches(todo, compute, city_dir / "cams", cc.batch_size,
-                                                newer_than=ckpt_path.stat().st_mtime):
+                                                newer_than=ckpt_path.stat().st_mtime, nodata=nodata):
                 rows = [zonal.cell_polygon_stats(m, t, zonal.cell_pieces(landuse, row.geometry), row.cell_id, city)
                         for row, m, t, _ in batch]
                 rows = pd.concat(rows, ignore_index=True)
