@@ -107,6 +107,37 @@ def test_polygon_stats_equal_rasterstats(world):
         np.testing.assert_allclose(rows["area"], rows.geometry.area, rtol=1e-9)
 
 
+def test_cell_image_nodata_is_nodata_in_maps_and_statistics(world):
+    """Pixels without imagery (all-zero in the cell PNG) are NaN, the nodata value, in the cell's maps,
+    and the pieces' counts leave them out; a cell with full imagery has maps without a nodata value."""
+    root, _ = world
+    ses_dir = root / "results" / "ses"
+    city_dir = ses_dir / CITIES[0]
+    cells = gpd.read_file(ses_dir / "cells.gpkg")
+    stats = gpd.read_file(city_dir / "polygon_stats.gpkg", layer="polygon_stats")
+    holed = full = 0
+    for row in cells[cells["city"] == CITIES[0]].itertuples():
+        tif = city_dir / "cams" / f"{row.cell_id}.tif"
+        if not tif.is_file():
+            continue
+        with rasterio.open(tif) as src:
+            maps, nodata, transform = src.read(), src.nodata, src.transform
+        mask = zonal.resample_mask(geo.nodata_mask(geo.read_png(ses_dir / row.path)), maps.shape[1:])
+        np.testing.assert_array_equal(np.isnan(maps), np.broadcast_to(mask, maps.shape), err_msg=row.cell_id)
+        if mask.any():
+            holed += 1
+            assert np.isnan(nodata), row.cell_id
+            rows = stats[stats["cell_id"] == row.cell_id]
+            valid = [int((~mask[r, c][m]).sum()) for r, c, m in
+                     zonal.piece_windows(rows.geometry.values, mask.shape, transform)]
+            np.testing.assert_array_equal(rows["poor_count"], valid, err_msg=row.cell_id)
+            np.testing.assert_array_equal(rows["rich_count"], valid, err_msg=row.cell_id)
+        else:
+            full += 1
+            assert nodata is None, row.cell_id
+    assert holed >= 1 and full >= 1, (holed, full)
+
+
 def test_rerun_reuses_maps(world):
     root, _ = world
     before = {p: p.stat().st_mtime_ns for p in (root / "results" / "ses" / CITIES[0] / "cams").glob("*.tif")}

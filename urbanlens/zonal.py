@@ -19,8 +19,8 @@ import geopandas as gpd
 import shapely
 from scipy import stats as sstats
 
-from .zonal_pixels import (BURN, ZonalError, north_up, piece_values, piece_windows,  # noqa: F401 (public)
-                           rasterstats_window, valid_pixels)
+from .zonal_pixels import (BURN, ZonalError, centre_ties, north_up, piece_values,  # noqa: F401 (public)
+                           piece_window_pixels, piece_windows, rasterstats_window, valid_pixels)
 
 STATS = ("sum", "mean", "min", "max", "median", "count")
 # Added to every pixel before the poor and rich maps are normalised to distributions within a piece:
