@@ -2,10 +2,11 @@
 
 For each city of the config: the best cross-validation fold's model (lowest validation loss); for every
 non-void census cell, guided Grad-CAM on the last convolutional layer for the poorest and the richest
-quintile, saved as a two-band GeoTIFF (band 1 poor, band 2 rich, EPSG:3035, the cell's bounds). The
-maps are cut by the Urban Atlas polygons inside the cell; each piece gets the sum, mean, min, max,
-median and count of both maps over the pixels whose centres it holds, their total-variation distance
-and symmetric KL, and poor/rich scores (map sum per m^2) -> polygon_stats.gpkg. Scores are averaged per
+quintile, saved as a two-band GeoTIFF (band 1 poor, band 2 rich, EPSG:3035, the cell's bounds; NaN, the
+nodata value, where the cell image has no data). The maps are cut by the Urban Atlas polygons inside the
+cell; each piece gets the sum, mean, min, max, median and count of both maps over the valid pixels whose
+centres it holds, their total-variation distance and symmetric KL, and poor/rich scores (map sum per
+m^2) -> polygon_stats.gpkg. Scores are averaged per
 land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/). Figures: observed vs
 predicted income map, a panel per sampled cell, rich vs poor score per land-use class.
 
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from urbanlens.core import backbones, cam, config, entry, files, runtime, shards
 from urbanlens.core.errors import DataError
-from urbanlens.ses import data, urban_atlas, zonal
+from urbanlens.ses import data, extraction, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import model as ses_model
@@ -71,6 +72,10 @@ def main() -> None:
             return np.stack([cam.guided_gradcam(model, layer, x, k, cc.clip_percentile)
                              for k in (cc.poor_class, cc.rich_class)], axis=1)
 
+        def nodata(rows):  # [B, H, W]: map pixels whose centre lies on a nodata (all-zero) pixel of the cell image
+            return np.stack([ses_maps.resample_mask(extraction.nodata_mask(extraction.read_png(ses_dir / p)),
+                                                    (size, size)) for p in rows["path"]])
+
         # 2. maps per cell (GeoTIFF, reused on a re-run) -> statistics per land-use piece, written per batch
         stats_path, todo = city_dir / "polygon_stats.gpkg", city_cells
         if args.shard:  # this job's share: a contiguous run of whole batches, its statistics in a partial file
@@ -85,7 +90,7 @@ def main() -> None:
         else:
             with files.atomic_path(stats_path) as tmp, tqdm(total=len(todo), desc=f"{city} cams", unit="cell") as bar:
                 for batch in ses_maps.cell_map_batches(todo, compute, city_dir / "cams", cc.batch_size,
-                                                    newer_than=ckpt_path.stat().st_mtime):
+                                                    newer_than=ckpt_path.stat().st_mtime, nodata=nodata):
                     rows = [ses_maps.cell_polygon_stats(m, t, zonal.cell_pieces(landuse, row.geometry), row.cell_id, city)
                             for row, m, t, _ in batch]
                     rows = pd.concat(rows, ignore_index=True)

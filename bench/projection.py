@@ -116,9 +116,8 @@ def run_rasterstats(cells):
         res = {}
         for name, m in zip(MAPS, c["maps"]):
             zs = zonal_stats(c["geoms"], m, affine=c["transform"], stats=STATS, nodata=-999.0)
-            for k in STATS:  # rasterstats has no sum over a piece without pixels; urbanlens says 0
-                res[f"{name}_{k}"] = np.array([(0.0 if k == "sum" else np.nan) if z[k] is None else z[k]
-                                               for z in zs], float)
+            for k in STATS:  # a piece without pixels: None in rasterstats, NaN in urbanlens
+                res[f"{name}_{k}"] = np.array([np.nan if z[k] is None else z[k] for z in zs], float)
         out.append(res)
     return out
 

@@ -19,7 +19,7 @@ from rasterstats import zonal_stats
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from urbanlens.ses import grid, zonal
+from urbanlens.ses import extraction, grid, zonal
 from urbanlens.ses import maps as ses_maps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +106,37 @@ def test_polygon_stats_equal_rasterstats(world):
                                            [r[k] for r in ref], rtol=1e-6, atol=1e-12, err_msg=f"{cell_id} {name}_{k}")
         np.testing.assert_allclose(rows["poor_score"], rows["poor_sum"] / rows["area"], rtol=1e-12)
         np.testing.assert_allclose(rows["area"], rows.geometry.area, rtol=1e-9)
+
+
+def test_cell_image_nodata_is_nodata_in_maps_and_statistics(world):
+    """Pixels without imagery (all-zero in the cell PNG) are NaN, the nodata value, in the cell's maps,
+    and the pieces' counts leave them out; a cell with full imagery has maps without a nodata value."""
+    root, _ = world
+    ses_dir = root / "results" / "ses"
+    city_dir = ses_dir / CITIES[0]
+    cells = gpd.read_file(ses_dir / "cells.gpkg")
+    stats = gpd.read_file(city_dir / "polygon_stats.gpkg", layer="polygon_stats")
+    holed = full = 0
+    for row in cells[cells["city"] == CITIES[0]].itertuples():
+        tif = city_dir / "cams" / f"{row.cell_id}.tif"
+        if not tif.is_file():
+            continue
+        with rasterio.open(tif) as src:
+            maps, nodata, transform = src.read(), src.nodata, src.transform
+        mask = ses_maps.resample_mask(extraction.nodata_mask(extraction.read_png(ses_dir / row.path)), maps.shape[1:])
+        np.testing.assert_array_equal(np.isnan(maps), np.broadcast_to(mask, maps.shape), err_msg=row.cell_id)
+        if mask.any():
+            holed += 1
+            assert np.isnan(nodata), row.cell_id
+            rows = stats[stats["cell_id"] == row.cell_id]
+            valid = [int((~mask[r, c][m]).sum()) for r, c, m in
+                     zonal.piece_windows(rows.geometry.values, mask.shape, transform)]
+            np.testing.assert_array_equal(rows["poor_count"], valid, err_msg=row.cell_id)
+            np.testing.assert_array_equal(rows["rich_count"], valid, err_msg=row.cell_id)
+        else:
+            full += 1
+            assert nodata is None, row.cell_id
+    assert holed >= 1 and full >= 1, (holed, full)
 
 
 def test_rerun_reuses_maps(world):

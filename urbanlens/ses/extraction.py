@@ -92,10 +92,15 @@ def local_affine(transform, width: int, height: int, src_crs, dst_crs):
     return Affine(a, b, c, d, e, f)
 
 
-def nodata_fraction(img: np.ndarray) -> float:
-    """Share of pixels that are zero in every band ([H, W, C] or [H, W])."""
+def nodata_mask(img: np.ndarray) -> np.ndarray:
+    """[H, W] True where a pixel is nodata: zero in every band ([H, W, C] or [H, W])."""
     img = np.asarray(img)
-    mask = (img == 0).all(axis=-1) if img.ndim == 3 else img == 0
+    return (img == 0).all(axis=-1) if img.ndim == 3 else img == 0
+
+
+def nodata_fraction(img: np.ndarray) -> float:
+    """Share of nodata pixels (nodata_mask) of an image."""
+    mask = nodata_mask(img)
     return float(mask.mean()) if mask.size else 1.0
 
 

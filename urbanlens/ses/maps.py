@@ -1,15 +1,17 @@
-"""Activation maps as GeoTIFFs and the resumable driver that computes and projects them per cell."""
+"""Activation maps as GeoTIFFs and the resumable driver that computes and projects them per cell.
+
+Nodata pixels of a cell image are NaN in its maps (and the GeoTIFF's nodata value), so the land-use
+statistics leave them out.
+"""
 from __future__ import annotations
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from .zonal import STATS, piece_stats
+from .zonal import STATS, ZonalError, piece_stats
 
 CAM_CRS = "EPSG:3035"
-
-
 POLYGON_STATS_COLUMNS = ["cell_id", "city", "ua_code", "ua_class", "area",
                          *[f"{m}_{s}" for m in ("poor", "rich") for s in STATS],
                          "poor_score", "rich_score", "totvar", "sym_kl", "geometry"]
@@ -25,7 +27,8 @@ def map_transform(bounds, shape: tuple[int, int]):
 def write_maps_tif(path, maps: np.ndarray, bounds, crs: str = CAM_CRS, names=("poor", "rich")) -> None:
     """Write [M, H, W] maps as an M-band float32 GeoTIFF covering ``bounds`` in ``crs`` (atomically).
 
-    Band b+1 holds maps[b] and is described by names[b]. No nodata value is set: every pixel is data.
+    Band b+1 holds maps[b] and is described by names[b]. NaN pixels are nodata: when there is one, the
+    file's nodata value is NaN; a file without a NaN pixel has no nodata value (every pixel is data).
     """
     import rasterio
 
@@ -35,6 +38,8 @@ def write_maps_tif(path, maps: np.ndarray, bounds, crs: str = CAM_CRS, names=("p
     profile = dict(driver="GTiff", width=maps.shape[2], height=maps.shape[1], count=maps.shape[0],
                    dtype="float32", crs=crs, transform=map_transform(bounds, maps.shape[1:]),
                    compress="deflate", predictor=3)
+    if np.isnan(maps).any():
+        profile["nodata"] = float("nan")
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(maps)
@@ -43,19 +48,40 @@ def write_maps_tif(path, maps: np.ndarray, bounds, crs: str = CAM_CRS, names=("p
 
 
 def read_maps_tif(path):
-    """(maps [M, H, W] float32, transform, crs) of a GeoTIFF written by write_maps_tif."""
+    """(maps [M, H, W] float32, transform, crs) of a GeoTIFF written by write_maps_tif; pixels equal
+    to the file's nodata value (or masked by its mask band) are NaN."""
     import rasterio
 
     with rasterio.open(path) as src:
-        return src.read().astype(np.float32, copy=False), src.transform, src.crs
+        maps = src.read(masked=True).astype(np.float32, copy=False)
+        return np.ma.filled(maps, np.nan), src.transform, src.crs
+
+
+def resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A [h, w] boolean mask on a [H, W] grid over the same extent: each pixel takes the value of the
+    mask pixel under its centre (identity when the shapes are equal)."""
+    mask = np.asarray(mask, dtype=bool)
+    rows = ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(np.int64)
+    return mask[np.minimum(rows, mask.shape[0] - 1)[:, None], np.minimum(cols, mask.shape[1] - 1)]
+
+
+def mask_maps(maps: np.ndarray, nodata: np.ndarray | None) -> np.ndarray:
+    """Maps [..., H, W] float32 with NaN where ``nodata`` [H, W] is True (the maps when it is None or
+    marks nothing)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if nodata is None or not nodata.any():
+        return maps
+    return np.where(nodata, np.float32(np.nan), maps)
 
 
 def cell_polygon_stats(maps: np.ndarray, transform, pieces: gpd.GeoDataFrame, cell_id: str,
                        city: str) -> gpd.GeoDataFrame:
     """One row per piece of a cell with POLYGON_STATS_COLUMNS (the layout of polygon_stats.gpkg).
 
-    ``maps``: [2, H, W] poor and rich maps; ``pieces``: the output of cell_pieces. Pieces that hold no
-    pixel centre (slivers smaller than a pixel) have no statistics and are left out.
+    ``maps``: [2, H, W] poor and rich maps, NaN on nodata pixels; ``pieces``: the output of cell_pieces.
+    Pieces without a valid pixel in either map (slivers smaller than a pixel, or pieces wholly over
+    nodata) have no statistics and are left out, so every row has counts above 0 and finite statistics.
     """
     maps = np.asarray(maps, dtype=np.float32)
     s = piece_stats(maps, transform, pieces.geometry.values, names=("poor", "rich"),
@@ -66,11 +92,12 @@ def cell_polygon_stats(maps: np.ndarray, transform, pieces: gpd.GeoDataFrame, ce
     df["poor_count"] = df["poor_count"].astype(np.int64)
     df["rich_count"] = df["rich_count"].astype(np.int64)
     out = gpd.GeoDataFrame(df, geometry=pieces.geometry.values, crs=pieces.crs)
-    return out.loc[out["poor_count"] > 0, POLYGON_STATS_COLUMNS].reset_index(drop=True)
+    keep = (out["poor_count"] > 0) & (out["rich_count"] > 0)
+    return out.loc[keep, POLYGON_STATS_COLUMNS].reset_index(drop=True)
 
 
 def cell_map_batches(cells: gpd.GeoDataFrame, compute, cam_dir, batch_size: int, newer_than: float = 0.0,
-                     crs: str = CAM_CRS):
+                     crs: str = CAM_CRS, nodata=None):
     """Maps of every cell, batch by batch, computed once and kept as GeoTIFFs (a re-run resumes).
 
     ``cells``: rows with cell_id and geometry (the cell square in ``crs``); ``compute(rows)`` returns
@@ -78,7 +105,9 @@ def cell_map_batches(cells: gpd.GeoDataFrame, compute, cam_dir, batch_size: int,
     and is newer than ``newer_than`` (a POSIX time, e.g. the checkpoint's) is read back and left untouched;
     a batch holding any other cell is computed whole (same batches as an uninterrupted run). Yields lists
     of (cell row, maps [2, H, W] float32, affine transform, computed: bool); only one batch of maps is
-    held at a time.
+    held at a time. ``nodata(rows)``, when given, returns [B, H, W] masks of the pixels without data
+    (e.g. resample_mask of the cell images' nodata): they are NaN in the maps written, and in maps read
+    back (so a file written without the mask gives the same statistics).
     """
     from pathlib import Path
 
@@ -87,27 +116,43 @@ def cell_map_batches(cells: gpd.GeoDataFrame, compute, cam_dir, batch_size: int,
         batch = cells.iloc[start:start + batch_size]
         paths = [cam_dir / f"{cid}.tif" for cid in batch["cell_id"]]
         fresh = np.array([p.is_file() and p.stat().st_mtime >= newer_than for p in paths], dtype=bool)
-        computed = {}
+        computed, masks = {}, None
         if not fresh.all():
             # the whole batch, not only its missing cells: a network's output depends (in the last bits)
             # on its batch-mates, so a resumed run computes each map in the batch an uninterrupted run does
             maps = np.asarray(compute(batch), dtype=np.float32)
             if maps.ndim != 4 or maps.shape[:2] != (len(batch), 2):
-                raise ValueError(f"compute returned maps of shape {maps.shape}, expected [{len(batch)}, 2, H, W]")
-            for (_, row), m, done in zip(batch.iterrows(), maps, fresh):
+                raise ZonalError(f"compute returned maps of shape {maps.shape}, expected [{len(batch)}, 2, H, W]: "
+                                 "return the poor and rich maps of every cell of the batch")
+            masks = batch_masks(nodata, batch, maps.shape[2:])
+            for (_, row), m, done, mask in zip(batch.iterrows(), maps, fresh, masks):
+                m = mask_maps(m, mask)
                 if not done:
                     write_maps_tif(cam_dir / f"{row['cell_id']}.tif", m, row.geometry.bounds, crs)
                     computed[row["cell_id"]] = m
         out = []
-        for (_, row), path in zip(batch.iterrows(), paths):
+        for k, ((_, row), path) in enumerate(zip(batch.iterrows(), paths)):
             cid = row["cell_id"]
             if cid in computed:
                 m = computed[cid]
                 out.append((row, m, map_transform(row.geometry.bounds, m.shape[1:]), True))
             else:
                 m, transform, _ = read_maps_tif(path)
-                out.append((row, m, transform, False))
+                if masks is None:
+                    masks = batch_masks(nodata, batch, m.shape[1:])
+                out.append((row, mask_maps(m, masks[k]), transform, False))
         yield out
+
+
+def batch_masks(nodata, batch, shape: tuple[int, int]) -> list:
+    """``nodata(batch)`` as one [H, W] mask per cell (None for each when there is no ``nodata``)."""
+    if nodata is None:
+        return [None] * len(batch)
+    masks = np.asarray(nodata(batch), dtype=bool)
+    if masks.shape != (len(batch), *shape):
+        raise ZonalError(f"nodata returned masks of shape {masks.shape}, expected {(len(batch), *shape)}: "
+                         "return one mask per cell on the maps' grid (see resample_mask)")
+    return list(masks)
 
 
 def empty_polygon_stats(crs) -> gpd.GeoDataFrame:

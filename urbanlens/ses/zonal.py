@@ -2,12 +2,14 @@
 
 A census cell is cut into *pieces*: the Urban Atlas polygons clipped to the cell. A pixel belongs to a
 piece when its centre falls inside it, the rule ``rasterio.features.rasterize(all_touched=False)`` and
-rasterstats use by default. All pieces of a cell are burnt at once into one raster; each piece's pixels
-are then picked from the window of its bounds and reduced as one contiguous array per map (sum in
-float64, min, max, an in-place partition for the median, the poor/rich distances), so a cell costs a
-few passes over its pixels. When a pixel is claimed by two pieces (overlapping polygons, or a pixel
-centre lying exactly on an edge two pieces share) the pieces are rasterised one by one on rasterstats'
-windows instead, so that such a pixel counts for each piece and the results equal rasterstats'.
+rasterstats use by default, with ties (a centre exactly on a piece's boundary) decided as rasterstats
+decides them; see urbanlens.ses.zonal_pixels for how the pixels are found (one pass over the cell for most
+pieces) and for rasters running in other axis directions. Each piece's pixels are reduced as one
+contiguous array per map (sum in float64, min, max, an in-place partition for the median, the poor/rich
+distances), so a cell costs a few passes over its pixels.
+
+Nodata, as in rasterstats: NaN pixels, and pixels equal to the ``nodata`` value when one is given, count
+for nothing. A piece without a valid pixel gets count 0 and NaN for every other statistic.
 """
 from __future__ import annotations
 
@@ -15,22 +17,29 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
-from rasterio.enums import MergeAlg
-from rasterio.features import rasterize
 from scipy import stats as sstats
 
+from .zonal_pixels import (  # noqa: F401 (public)
+    BURN,
+    ZonalError,
+    centre_ties,
+    north_up,
+    piece_values,
+    piece_window_pixels,
+    piece_windows,
+    rasterstats_window,
+    valid_pixels,
+)
+
 STATS = ("sum", "mean", "min", "max", "median", "count")
-
-
 # Added to every pixel before the poor and rich maps are normalised to distributions within a piece:
 # it keeps the symmetric KL finite where one map is zero and the other is not, and makes a piece where a
 # map is zero everywhere a uniform distribution. Small next to map values, which are scaled to [0, 1].
 EPS = 1e-6
-
-
 PIECE_COLUMNS = ["ua_code", "ua_class", "area", "geometry"]
 
 
+# --------------------------------------------------------------------------------------------- pieces
 def polygonal_part(geom):
     """The areal part of a geometry (polygons of a collection); None when it has no area."""
     if geom is None or geom.is_empty:
@@ -64,81 +73,7 @@ def cell_pieces(landuse: gpd.GeoDataFrame, cell_geom) -> gpd.GeoDataFrame:
     return out[PIECE_COLUMNS].reset_index(drop=True)
 
 
-BURN = 1 << 16  # added to each piece's label when burning, so a pixel's value // BURN = pieces claiming it
-
-
-def piece_windows(geoms, shape: tuple[int, int], transform):
-    """For each piece, where its pixels are: ``(rows, cols, mask)`` with ``mask`` the pixels of the
-    window ``[rows, cols]`` whose centres lie inside the piece, or a flat index array.
-
-    Fast path: all pieces are burnt into one raster (each adds ``BURN + its label``), so a pixel
-    claimed by two pieces (overlapping pieces, or a centre lying exactly on an edge two pieces share,
-    which the centre rule gives to both) shows as a value of 2 * BURN or more. Without such a pixel,
-    each piece's pixels are read on the window of its bounds; otherwise every piece is rasterised on
-    its own (piece_window_pixels), so that a shared pixel counts for each piece that holds it.
-    """
-    n = len(geoms)
-    shapes = [(g, BURN + i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty]
-    if not shapes:
-        return [np.zeros(0, np.int64)] * n
-    if n < BURN // 2:
-        burnt = rasterize(shapes, out_shape=shape, transform=transform, fill=0, all_touched=False,
-                          merge_alg=MergeAlg.add, dtype="int32")
-        if burnt.max(initial=0) < 2 * BURN:
-            t = transform
-            out = [np.zeros(0, np.int64)] * n
-            for g, v in shapes:
-                if t.b == 0 and t.d == 0:
-                    w, s, e, nn = g.bounds  # the window of the bounds, one pixel wider on each side
-                    r0, r1 = sorted(((nn - t.f) / t.e, (s - t.f) / t.e))
-                    c0, c1 = sorted(((w - t.c) / t.a, (e - t.c) / t.a))
-                    rows = slice(max(0, int(np.floor(r0)) - 1), max(0, min(shape[0], int(np.ceil(r1)) + 1)))
-                    cols = slice(max(0, int(np.floor(c0)) - 1), max(0, min(shape[1], int(np.ceil(c1)) + 1)))
-                else:
-                    rows, cols = slice(0, shape[0]), slice(0, shape[1])
-                out[v - BURN - 1] = (rows, cols, burnt[rows, cols] == v)
-            return out
-    out = [np.zeros(0, np.int64)] * n
-    for g, v in shapes:
-        out[v - BURN - 1] = piece_window_pixels(g, shape, transform)
-    return out
-
-
-def piece_values(maps: np.ndarray, where) -> np.ndarray:
-    """[M, count] values of maps [M, H, W] at one piece's pixels (an entry of piece_windows), a new
-    C-ordered array (each map's values contiguous)."""
-    if isinstance(where, tuple):
-        rows, cols, mask = where
-        return np.stack([m[rows, cols][mask] for m in maps])
-    return np.stack([m.ravel()[where] for m in maps])
-
-
-def piece_window_pixels(geom, shape: tuple[int, int], transform) -> np.ndarray:
-    """Flat indices of the pixels whose centres lie inside ``geom``, rasterised on its bounding window.
-
-    The window (rows and columns from floor/ceil of the geometry's bounds, origin from ``transform *
-    (col, row)``) is the one rasterstats reads, so that a centre lying exactly on an edge is decided by
-    the same arithmetic; pixels of the window outside the raster are dropped.
-    """
-    from affine import Affine
-
-    w, s, e, n = geom.bounds
-    t = transform
-    r0, c0 = int(np.floor((n - t.f) / t.e)), int(np.floor((w - t.c) / t.a))
-    r1, c1 = int(np.ceil((s - t.f) / t.e)), int(np.ceil((e - t.c) / t.a))
-    if r1 <= r0 or c1 <= c0:
-        return np.zeros(0, np.int64)
-    west, _ = t * (c0, r1)
-    _, north = t * (c1, r0)
-    local = Affine(t.a, t.b, west, t.d, t.e, north)
-    mask = rasterize([(geom, 1)], out_shape=(r1 - r0, c1 - c0), transform=local, fill=0, all_touched=False,
-                     dtype="uint8")
-    rows, cols = np.nonzero(mask)
-    rows, cols = rows + r0, cols + c0
-    inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
-    return rows[inside].astype(np.int64) * shape[1] + cols[inside]
-
-
+# ---------------------------------------------------------------------------------------- reductions
 def median_rows(values: np.ndarray) -> np.ndarray:
     """Median of each row of a [M, c] array (c > 0), partitioning it in place; float64.
 
@@ -191,39 +126,70 @@ def distribution_distances(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n: 
     return tv, kl
 
 
-def piece_stats(maps: np.ndarray, transform, geoms, names=("poor", "rich"), areas=None) -> dict[str, np.ndarray]:
+def reduce_rows(res: dict, i: int, v: np.ndarray, rows, lo=None) -> None:
+    """Write the statistics of values ``v`` [k, c] (c > 0, all valid) into column ``i`` of the rows
+    ``rows`` of each array of ``res`` (``lo``: v.min(axis=1) when known); partitions ``v`` in place."""
+    c = v.shape[1]
+    res["count"][rows, i] = c
+    res["sum"][rows, i] = total = v.sum(axis=1, dtype=np.float64)
+    res["mean"][rows, i] = total / c
+    res["min"][rows, i], res["max"][rows, i] = v.min(axis=1) if lo is None else lo, v.max(axis=1)
+    res["median"][rows, i] = median_rows(v)
+
+
+def reduce_masked(res: dict, i: int, v: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    """Statistics of each map's valid values of ``v`` [M, c] into column ``i``; the distances of the
+    first two maps over the pixels valid in both (NaN for none)."""
+    for j in range(v.shape[0]):
+        vj = v[j][valid[j]]
+        if vj.size:
+            reduce_rows(res, i, vj[None], slice(j, j + 1))
+    if v.shape[0] != 2:
+        return np.nan, np.nan
+    both = valid[0] & valid[1]
+    return pair_distances(v[0][both], v[1][both])
+
+
+def piece_stats(maps: np.ndarray, transform, geoms, names=("poor", "rich"), areas=None,
+                nodata=None) -> dict[str, np.ndarray]:
     """Zonal statistics of one or two maps over polygon pieces, by the pixel-centre rule.
 
-    ``maps``: [H, W] or [M, H, W] (M = len(names)); ``transform``: the maps' affine transform;
-    ``geoms``: shapely polygons in the maps' CRS. Returns arrays of length len(geoms): for a single map
-    ``sum, mean, min, max, median, count``; for several ``<name>_<stat>`` for each map; with exactly two
-    maps also ``totvar`` and ``sym_kl`` (see pair_distances) and ``<name>_score = <name>_sum /
-    area`` (area of each piece in CRS units, computed from ``geoms`` unless given). A piece with no
-    pixel centre gets count 0, sum 0 and NaN for the other statistics. Sums are accumulated in float64.
+    ``maps``: [H, W] or [M, H, W] (M = len(names)); ``transform``: the maps' affine transform, north-up
+    or running in any axis direction (see urbanlens.ses.zonal_pixels); ``geoms``: shapely polygons in the
+    maps' CRS; ``nodata``: a value that marks pixels without data (NaN pixels are nodata whatever it
+    is). Returns arrays of length len(geoms): for a single map ``sum, mean, min, max, median, count``;
+    for several ``<name>_<stat>`` for each map; with exactly two maps also ``totvar`` and ``sym_kl``
+    (see pair_distances, over the pixels valid in both maps) and ``<name>_score = <name>_sum / area``
+    (area of each piece in CRS units, computed from ``geoms`` unless given). Nodata pixels count for
+    nothing; a piece without a valid pixel gets count 0 and NaN for every other statistic, as
+    rasterstats gives None. Sums are accumulated in float64.
     """
     maps = np.ascontiguousarray(maps)
     single = maps.ndim == 2
     if single:
         maps = maps[None]
     if maps.ndim != 3 or (not single and maps.shape[0] != len(names)):
-        raise ValueError(f"maps must be [H, W] or [{len(names)}, H, W], got shape {maps.shape}")
+        raise ZonalError(f"maps of shape {maps.shape}: expected [H, W] or [{len(names)}, H, W] "
+                         f"(one map per name of {tuple(names)}); pass maps and names that match")
     geoms = list(geoms)
     n, m = len(geoms), maps.shape[0]
     res = {stat: np.full((m, n), np.nan) for stat in STATS}
-    res["sum"][:], res["count"] = 0.0, np.zeros((m, n), np.int64)
+    res["count"] = np.zeros((m, n), np.int64)
     tv, kl = np.full(n, np.nan), np.full(n, np.nan)
+    floating = np.issubdtype(maps.dtype, np.floating)
     for i, where in enumerate(piece_windows(geoms, maps.shape[1:], transform)):
         v = piece_values(maps, where)  # a private [M, c] copy
-        c = v.shape[1]
-        if c == 0:
+        if v.shape[1] == 0:
             continue
-        res["count"][:, i] = c
-        res["sum"][:, i] = v.sum(axis=1, dtype=np.float64)
-        res["mean"][:, i] = res["sum"][:, i] / c
-        res["min"][:, i], res["max"][:, i] = v.min(axis=1), v.max(axis=1)
-        if m == 2 and not single:
-            tv[i], kl[i] = pair_distances(v[0], v[1])
-        res["median"][:, i] = median_rows(v)
+        lo = v.min(axis=1)
+        maybe_nan = floating and bool(np.isnan(lo).any())  # NaN propagates through min
+        valid = valid_pixels(v, nodata, maybe_nan) if maybe_nan or nodata is not None else None
+        if valid is None:
+            if m == 2:
+                tv[i], kl[i] = pair_distances(v[0], v[1])
+            reduce_rows(res, i, v, slice(None), lo)
+        else:
+            tv[i], kl[i] = reduce_masked(res, i, v, valid)
     if single:
         return {k: res[k][0] for k in STATS}
     out = {f"{name}_{stat}": res[stat][j] for j, name in enumerate(names) for stat in STATS}
@@ -236,6 +202,7 @@ def piece_stats(maps: np.ndarray, transform, geoms, names=("poor", "rich"), area
     return out
 
 
+# ------------------------------------------------------------------------------------------ summaries
 def mean_interval(x, level: float = 0.95) -> tuple[float, float, float]:
     """Mean and Student-t confidence interval of the mean (NaN bounds with fewer than 2 values).
 
