@@ -13,6 +13,7 @@ from matplotlib.patches import Patch, PathPatch  # noqa: E402
 from matplotlib.path import Path  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
+from . import findings
 from .model import CLASS_NAMES
 
 
@@ -114,7 +115,9 @@ def cam_panels_figure(panels: list[dict], class_names: dict | None = None):
 def landuse_scores_figure(summary: pd.DataFrame, title: str = ""):
     """Horizontal bars of mean poor and rich score per land-use class, with their 95 % intervals.
 
-    ``summary``: output of zonal.landuse_summary; classes ordered by rich_minus_poor.
+    ``summary``: output of zonal.landuse_summary, annotated by findings.annotate (then the title gives
+    the model's held-out skill and, when the ranking is not meaningful, says so); classes ordered by
+    rich_minus_poor.
     """
     df = summary.sort_values("rich_minus_poor").reset_index(drop=True)
     y = np.arange(len(df))
@@ -130,5 +133,10 @@ def landuse_scores_figure(summary: pd.DataFrame, title: str = ""):
     ax.set_xlabel("map sum per m$^2$ (mean over pieces, 95 % interval)")
     ax.set_ylim(-0.7, len(df) - 0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)
-    ax.set_title(title)
+    finding = findings.from_summary(summary)
+    if finding is not None:
+        note = findings.describe(finding).replace("; ranking", ";\nranking").replace("; the", ";\nthe")
+        title = f"{title}\n{note}" if title else note
+    ax.set_title(title, fontsize=8 if finding is not None else None,
+                 color="firebrick" if finding is not None and not finding.meaningful else None)
     return fig
