@@ -55,9 +55,12 @@ def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=L
         if not srcs:
             return out.transpose(1, 2, 0).copy()
         src_crs = tile_crs(srcs[0])
-        if any(tile_crs(s) != src_crs for s in srcs[1:]) or any(s.crs != srcs[0].crs for s in srcs[1:]):
+        if any(tile_crs(s) != src_crs for s in srcs[1:]):
             raise DataError(srcs[0].name, "the tiles of one cell carry different CRSs",
                             "reproject the tiles to one CRS (EPSG:2154) before extraction")
+        if any(s.crs != srcs[0].crs for s in srcs[1:]):  # one CRS, other tags (untagged, RGF93 v2b): retag
+            srcs = [s if s.crs == src_crs else stack.enter_context(
+                rasterio.open(f"vrt://{s.name}?a_srs={src_crs.to_string()}")) for s in srcs]
         if srcs[0].count < 3:
             raise DataError(srcs[0].name, f"{srcs[0].count} band(s), RGB expected", "use the RVB orthophotos")
         first = srcs[0].transform

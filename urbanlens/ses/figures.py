@@ -134,9 +134,10 @@ def landuse_scores_figure(summary: pd.DataFrame, title: str = ""):
     ax.set_ylim(-0.7, len(df) - 0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)
     finding = findings.from_summary(summary)
-    if finding is not None:
-        note = findings.describe(finding).replace("; ranking", ";\nranking").replace("; the", ";\nthe")
-        title = f"{title}\n{note}" if title else note
-    ax.set_title(title, fontsize=8 if finding is not None else None,
-                 color="firebrick" if finding is not None and not finding.meaningful else None)
+    if finding is None:
+        ax.set_title(title)
+        return fig
+    note = findings.describe(finding).replace("; ranking", ";\nranking").replace("; the", ";\nthe")
+    ax.set_title(f"{title}\n{note}" if title else note, fontsize=8,
+                 color="black" if finding.meaningful else "firebrick")
     return fig
