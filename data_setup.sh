@@ -35,25 +35,31 @@ echo "created $DATA/{cities/raw,census_data,UA_data,aerial_data} and $RESULTS/{c
 
 INSEE_URL="https://www.insee.fr/fr/statistiques/fichier/7655475/Filosofi2019_carreaux_200m_gpkg.zip"
 CENSUS="$DATA/$($PY -m urbanlens.core.config ses.census_file "$@")"
+ZIP="$DATA/census_data/Filosofi2019_carreaux_200m_gpkg.zip"
 if [ -f "$CENSUS" ]; then
   echo "census grid present: $CENSUS"
-elif curl -fsSL --max-time 600 -o "$DATA/census_data/filosofi.zip.part" "$INSEE_URL" 2>/dev/null; then
-  mv "$DATA/census_data/filosofi.zip.part" "$DATA/census_data/filosofi.zip"
-  (cd "$DATA/census_data" && unzip -oq filosofi.zip && find . -name '*.7z' -exec 7z x -y {} \; >/dev/null 2>&1 || true)
-  echo "census grid downloaded into $DATA/census_data (set ses.census_file to the .gpkg inside)"
+elif [ -f "$ZIP" ] || curl -fsSL --max-time 600 -o "$ZIP.part" "$INSEE_URL" 2>/dev/null; then
+  [ -f "$ZIP" ] || mv "$ZIP.part" "$ZIP"
+  # INSEE's zip holds a .7z holding carreaux_200m_{met,mart,reun}.gpkg: unpacked with py7zr; a failure
+  # prints one error line and stops this script with a non-zero status
+  $PY -m urbanlens.ses.archives "$ZIP" "$(dirname "$CENSUS")" "$(basename "$CENSUS")"
+  echo "census grid downloaded and unpacked: $CENSUS"
 else
-  rm -f "$DATA/census_data/filosofi.zip.part"
+  rm -f "$ZIP.part"
   echo "offline: download the INSEE Filosofi 2019 200 m grid by hand from"
   echo "  $INSEE_URL"
-  echo "  and unpack it into $DATA/census_data/ (the 2015 shapefile works too: columns IdINSPIRE, Ind, Ind_snv)"
+  echo "  into $DATA/census_data/ and run this script again (it unpacks the zip and the 7z inside);"
+  echo "  the 2015 shapefile works too (columns IdINSPIRE, Ind, Ind_snv): set ses.census_file to it"
 fi
 cat <<MSG
 
 By hand (accounts needed):
 - Urban Atlas 2018 (or 2012) for Paris, Lyon, Nice, Marseille, Lille:
-    https://land.copernicus.eu/en/products/urban-atlas  -> unzip each city into $DATA/UA_data/
+    https://land.copernicus.eu/en/products/urban-atlas  -> put the portal's zip (zips inside) or each
+    city's zip or folder into $DATA/UA_data/ (zips are read as they are)
 - IGN BD ORTHO 0.20 m JP2 tiles (with their *dalles.shp tile index) for the same departments:
-    https://geoservices.ign.fr/bdortho  -> unpack (7z x) into $DATA/aerial_data/
+    https://geoservices.ign.fr/bdortho  -> unpack each department's delivery into $DATA/aerial_data/
+    (RVB is read; IRC deliveries beside it are ignored unless ses.ortho_product=IRC)
 - City satellite images (DL-SLICER, 45 cities): request access from the authors, then place them as
     $DATA/cities/raw/<City Name (IATA)>/<site>/<image>.jpg
 MSG

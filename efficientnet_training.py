@@ -22,7 +22,7 @@ from tqdm import tqdm
 from urbanlens.core import config, entry, files, runtime
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data as ses_data
-from urbanlens.ses import fitting, metrics, results
+from urbanlens.ses import fitting, metrics, results, skips
 from urbanlens.ses import folds as ses_folds
 from urbanlens.ses import model as ses_model
 
@@ -50,7 +50,16 @@ def main() -> None:
         print(f"[ses-train] warning: {problem}; {then}", file=sys.stderr)
 
 
-    rows = []
+    # a city without usable cells is skipped (and named) when others train; without any, nothing trains
+    empty = {c: r for c in cfg.ses.cities if (r := ses_data.no_cells_reason(cells, c, cfg.ses.max_nodata))}
+    if len(empty) == len(cfg.ses.cities):
+        if main:
+            for city, reason in empty.items():
+                skips.record_skip(ses_dir / city, city, reason)
+        raise DataError(ses_dir / "cells.gpkg", "no city has usable cells: " + "; ".join(
+            f"{c}: {r}" for c, r in empty.items()), "check ses.cities, ses.max_nodata and the orthophotos, "
+            "then re-run generate_fr_ua_aerial_data.py")
+    rows, skipped = [], []
     for city in cfg.ses.cities:
         city_dir = ses_dir / city
         # 1. the city's non-void cells and its income quintiles
@@ -58,9 +67,15 @@ def main() -> None:
         if missing:
             bad_input(f"{missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this one first)",
                       "training without them")
-        if len(df) == 0:
-            bad_input(f"{ses_dir / 'cells.gpkg'}: no non-void cells of '{city}'", "city skipped")
+        if len(df) == 0:  # recorded, so that the map stage names the cause; a stop when no city trains
+            reason = empty.get(city) or "every one of its cell images is missing or unreadable"
+            bad_input(f"{ses_dir / 'cells.gpkg'}: no usable cells of '{city}' ({reason})", "city skipped")
+            if main:
+                skips.record_skip(city_dir, city, reason)
+            skipped.append(f"{city} ({reason})")
             continue
+        if main:
+            skips.clear_skip(city_dir)
         labels = ses_data.income_quintiles(df["income"])
         edges = ses_data.quintile_edges(df["income"], labels)
         splits = ses_folds.stratified_folds(labels, tc.folds, tc.val_share, cfg.seed,
@@ -125,11 +140,14 @@ def main() -> None:
                   f"±{std['auc_poor_rich']:.3f}, kappa {mean['kappa_quadratic']:.3f}; best fold "
                   f"{summary['best_fold']} -> {city_dir}")
 
+    if skipped and len(skipped) == len(cfg.ses.cities):
+        raise DataError(ses_dir / "cells.gpkg", f"no city has usable cells: {'; '.join(skipped)}",
+                        "check ses.cities, ses.max_nodata and the orthophotos, and re-run generate_fr_ua_aerial_data.py")
     if main and rows:
         table = pd.DataFrame(rows)
         files.write_csv(table, ses_dir / "training_summary.csv")
         print(f"[ses-train] {len(table)} cities; mean AUC poorest-vs-richest {table['auc_poor_rich_mean'].mean():.3f}"
-              f" -> {ses_dir / 'training_summary.csv'}")
+              + (f"; skipped {', '.join(skipped)}" if skipped else "") + f" -> {ses_dir / 'training_summary.csv'}")
     runtime.cleanup_distributed()
 
 

@@ -7,8 +7,10 @@ boundary, with income ``ind_snv / ind`` (cells without income dropped); the orth
 overlaps (tile index reprojected to EPSG:3035); each cell read from its tile(s), reprojected to
 EPSG:3035 on the fly, saved as ``FR_URBANATLAS_200m_<cell id>.png`` under
 ``<paths.results>/ses/imagery/<City>/``. A cell with more than ``ses.max_nodata`` nodata pixels is void
-(kept on disk, flagged ``non_void = False``). Writes ``<paths.results>/ses/cells.gpkg`` (layer
-``cells``). Re-runs skip the images already written.
+(kept on disk, flagged ``non_void = False``). Tiles are those of ``ses.ortho_product`` (RVB; IRC
+images go to ``imagery-IRC/``); cells INSEE imputed (``i_est_200 = 1``) are kept or dropped by
+``ses.imputed``. Writes ``<paths.results>/ses/cells.gpkg`` (layer ``cells``, with ``imputed``,
+``imputed_policy`` and ``ortho_product`` columns). Re-runs skip the images already written.
 
 Many machines: ``--shard I/N`` (numbered from 1) extracts only the I-th of N contiguous chunks of each
 city's cells (in cell-id order) and writes the partial index ``cells.shard-I-of-N.gpkg``; once all N
@@ -55,22 +57,29 @@ def main() -> None:
     parts = shards.shard_paths(index_path, args.merge) if args.merge else []
 
     # 1. orthophoto tile index (EPSG:2154)
-    tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir))
-    print(f"[extract] {len(tiles)} orthophoto tiles indexed"
-          + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else ""))
+    product = cfg.ses.ortho_product  # RVB, or IRC on purpose: a cell is never read from both
+    tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir), product=product)
+    print(f"[extract] {len(tiles)} {product} orthophoto tiles indexed"
+          + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else "")
+          + (f"; {tiles.attrs['other_product']} tiles of the other product ignored (ses.ortho_product={product})"
+             if tiles.attrs["other_product"] else ""))
+    imagery = "imagery" if product == "RVB" else f"imagery-{product}"
 
     # 2. per city: cells inside the Urban Atlas boundary, with income, and the tiles they overlap
-    frames = []
+    frames, imputed_count = [], {"keep": 0, "drop": 0}
     for city in cfg.ses.cities:
         boundary = urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
         census = ses_census.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
         cells = extraction.cells_in_boundary(census, boundary)
+        cells, n_imputed = ses_census.apply_imputed(cells, cfg.ses.imputed)  # INSEE's i_est_200 = 1
         cells = extraction.sample_cells(cells, cfg.ses.max_cells, cfg.seed).copy()
-        cells["city"] = city
-        cells["path"] = [f"imagery/{city}/{extraction.cell_filename(c)}" for c in cells["cell_id"]]
+        cells["city"], cells["ortho_product"], cells["imputed_policy"] = city, product, cfg.ses.imputed
+        cells["path"] = [f"{imagery}/{city}/{extraction.cell_filename(c)}" for c in cells["cell_id"]]
         cells["tiles"] = ses_tiles.tiles_for_cells(cells, tiles)
+        imputed_count[cfg.ses.imputed] += n_imputed
         print(f"[extract] {city}: {len(cells)} cells inside the Urban Atlas boundary "
-              f"({census.attrs['dropped']} census cells without income dropped, "
+              f"({census.attrs['dropped']} census cells without income dropped, {n_imputed} imputed by INSEE "
+              f"{'kept' if cfg.ses.imputed == 'keep' else 'dropped'}, "
               f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile)")
         frames.append(cells)
     cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=ses_grid.LAEA)
@@ -95,14 +104,17 @@ def main() -> None:
         cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
 
     # 4. the cell index (a shard's partial one under --shard), then the config beside it
-    index = cells[["cell_id", "city", "income", "path", "non_void", "nodata", "geometry"]]
+    index = cells[["cell_id", "city", "income", "imputed", "imputed_policy", "ortho_product", "path", "non_void",
+                   "nodata", "geometry"]]
     with atomic_path(index_path) as tmp:
         index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
     save_run_config(cfg, out, name="extract_config.yaml")
     done = int(status["extracted"].sum())
     how = f"merged from {args.merge} shards" if args.merge else f"{done} extracted, {len(cells) - done} already there"
     print(f"[{tag}] {len(cells)} cells ({how}), {int((~cells['non_void']).sum())} void "
-          f"(> {cfg.ses.max_nodata:.0%} nodata) in {time.time() - start:.1f} s -> {index_path}")
+          f"(> {cfg.ses.max_nodata:.0%} nodata), {product} orthophotos, INSEE-imputed cells: "
+          f"{imputed_count['keep']} kept, {imputed_count['drop']} dropped (ses.imputed={cfg.ses.imputed}) "
+          f"in {time.time() - start:.1f} s -> {index_path}")
 
 
 if __name__ == "__main__":

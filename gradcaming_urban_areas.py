@@ -7,7 +7,9 @@ nodata value, where the cell image has no data). The maps are cut by the Urban A
 cell; each piece gets the sum, mean, min, max, median and count of both maps over the valid pixels whose
 centres it holds, their total-variation distance and symmetric KL, and poor/rich scores (map sum per
 m^2) -> polygon_stats.gpkg. Scores are averaged per
-land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/). Figures: observed vs
+land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/), with the model's
+held-out skill (AUC poorest-vs-richest, bootstrap interval) and a ``meaningful`` flag that is False when
+that interval holds 0.5 or a class map is zero everywhere (urbanlens.ses.findings). Figures: observed vs
 predicted income map, a panel per sampled cell, rich vs poor score per land-use class.
 
     python gradcaming_urban_areas.py --config configs/ses_demo.yaml [--set cams.batch_size=4]
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from urbanlens.core import backbones, cam, config, entry, files, runtime, shards
 from urbanlens.core.errors import DataError
-from urbanlens.ses import data, extraction, urban_atlas, zonal
+from urbanlens.ses import data, extraction, findings, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import model as ses_model
@@ -46,12 +48,21 @@ def main() -> None:
     cells = data.read_cells(ses_dir / "cells.gpkg").to_crs(ses_maps.CAM_CRS)
     rng = np.random.default_rng(cfg.seed)
 
-    pooled = []
+    pooled, pooled_preds, city_findings = [], [], {}
+    trained = [c for c in cfg.ses.cities if (ses_dir / c / "metrics.json").is_file()]
     for city in cfg.ses.cities:
         city_dir = ses_dir / city
         # 1. the best fold's model and the city's cells and land use
-        if not (city_dir / "metrics.json").is_file():
-            raise DataError(f"{city_dir / 'metrics.json'}: not found; run efficientnet_training.py for {city} first")
+        if city not in trained:  # named by its cause: training skipped the city, or never ran for it
+            reason = skips.skip_reason(city_dir)
+            if reason is None:
+                raise DataError(f"{city_dir / 'metrics.json'}: not found; run efficientnet_training.py for {city} first")
+            if not trained:
+                raise DataError(city_dir, f"no model for {city}: training skipped it because {reason}",
+                                "fix its data and re-run generate_fr_ua_aerial_data.py and efficientnet_training.py")
+            print(f"[cams] warning: no model for {city}: training skipped it because {reason}; left out",
+                  file=sys.stderr)
+            continue
         ckpt_path = city_dir / f"fold_{files.read_json(city_dir / 'metrics.json')['best_fold']}" / "best.pt"
         model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=device)
         model.to(device)
@@ -111,14 +122,17 @@ def main() -> None:
         # 3. scores per land-use class
         stats = pyogrio.read_dataframe(stats_path, layer="polygon_stats", read_geometry=False)
         pooled.append(stats)
-        summary = zonal.landuse_summary(stats)
+        # the ranking carries the model's held-out skill, and says when it means nothing
+        preds = findings.read_predictions(city_dir)
+        finding = city_findings[city] = findings.city_finding(preds, stats, seed=cfg.seed)
+        pooled_preds.append(preds)
+        summary = findings.annotate(zonal.landuse_summary(stats), finding)
         files.write_csv(summary, city_dir / "landuse_summary.csv")
 
         # 4. figures: income maps, sampled cell panels, scores per class
         fig_dir = city_dir / "figures"
-        preds_path = city_dir / "predictions.csv"
-        if preds_path.is_file():
-            files.save_figure(ses_figures.income_map_figure(cells[cells["city"] == city], pd.read_csv(preds_path), city),
+        if preds is not None:
+            files.save_figure(ses_figures.income_map_figure(cells[cells["city"] == city], preds, city),
                            fig_dir / "income_map.png")
         sample = city_cells.iloc[np.sort(rng.choice(len(city_cells), min(cc.panels, len(city_cells)), replace=False))]
         panels = [{"cell_id": r.cell_id, "bounds": r.geometry.bounds,
@@ -135,15 +149,18 @@ def main() -> None:
         print(f"[cams] {city}: {len(city_cells)} cells ({n_new} new maps), {n_pieces} land-use pieces"
               + (f"; richest-reading class {top.ua_code} {top.ua_class}, poorest-reading "
                  f"{summary.iloc[-1].ua_code} {summary.iloc[-1].ua_class}" if top is not None else "")
-              + f" -> {city_dir}")
+              + f"; {findings.describe(finding)} -> {city_dir}")
 
     if pooled:
-        summary = zonal.landuse_summary(pd.concat(pooled, ignore_index=True))
+        stats = pd.concat(pooled, ignore_index=True)
+        finding = findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed)
+        summary = findings.annotate(zonal.landuse_summary(stats), finding)
         files.write_csv(summary, ses_dir / "landuse_summary.csv")
         files.save_figure(ses_figures.landuse_scores_figure(summary, "all cities: activation per land-use class"),
                        ses_dir / "landuse_scores.png")
         print(f"[cams] {len(pooled)} cities, {int(summary['pieces'].sum())} pieces; rich_minus_poor largest for "
-              f"{summary.iloc[0].ua_code}, smallest for {summary.iloc[-1].ua_code} -> {ses_dir / 'landuse_summary.csv'}")
+              f"{summary.iloc[0].ua_code}, smallest for {summary.iloc[-1].ua_code}; {findings.describe(finding)}"
+              f" -> {ses_dir / 'landuse_summary.csv'}")
 
 
 if __name__ == "__main__":

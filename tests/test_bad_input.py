@@ -28,7 +28,7 @@ CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "wor
           "patch.size=48", "patch.stride=48", "split.test_b_per_city=4", "workers=1", "model.input_size=32"]
 SES = ["france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "ses.cell_px=16", "workers=1",
        "ses_model.input_size=32", "ses_train.epochs=1"]
-CENSUS = "census_data/Filosofi2019_carreaux_200m_met.gpkg"
+CENSUS = "census_data/carreaux_200m_met.gpkg"
 UA = "UA_data/FR001L2_PARIS_UA2018_v013/Data/FR001L2_PARIS_UA2018_v013.gpkg"
 
 
@@ -462,3 +462,64 @@ def test_truncated_cell_image_stops_training_under_strict_and_is_skipped_otherwi
     assert broken.name in proc.stderr and "training without them" in proc.stderr
     trained = pd.read_csv(root / "results" / "ses" / "Paris" / "predictions.csv")
     assert len(trained) == len(cells) - 1 and cells["cell_id"].iloc[0] not in set(trained["cell_id"])
+
+
+def _cells_index(root, edit):
+    """Rewrite the copied run's cell index through ``edit`` (a function of the frame)."""
+    path = root / "results" / "ses" / "cells.gpkg"
+    edit(gpd.read_file(path, layer="cells")).to_file(path, layer="cells", driver="GPKG")
+
+
+def test_training_without_usable_cells_fails_and_the_map_stage_names_the_cause(ses, ses_world):
+    root, _, _ = ses
+    shutil.copytree(ses_world / "results", root / "results")
+    _cells_index(root, lambda c: c.assign(non_void=False))
+    one_line_error(run(["efficientnet_training.py"], root, ses=True), "no city has usable cells", "Paris", "void",
+                   "generate_fr_ua_aerial_data.py")
+    assert not (root / "results" / "ses" / "Paris" / "metrics.json").exists()
+    one_line_error(run(["gradcaming_urban_areas.py"], root, ses=True), "no model for Paris",
+                   "training skipped it because", "void")
+
+
+def test_a_city_without_cells_is_skipped_and_named_when_another_trains(ses, ses_world):
+    root, _, clean = ses
+    shutil.copytree(ses_world / "results", root / "results")
+    ghost = clean.iloc[:3].assign(city="Lyon", non_void=False)   # Lyon: three void cells only
+    _cells_index(root, lambda c: pd.concat([c, ghost], ignore_index=True))
+    cities = ["ses.cities=[Paris, Lyon]"]
+    proc = ok(run(["efficientnet_training.py"], root, cities, ses=True))
+    assert (root / "results" / "ses" / "Paris" / "metrics.json").is_file()
+    assert "skipped Lyon (all 3 of its cells are void" in proc.stdout
+    proc = ok(run(["gradcaming_urban_areas.py"], root, cities, ses=True))
+    assert "no model for Lyon: training skipped it because all 3 of its cells are void" in proc.stderr
+    assert (root / "results" / "ses" / "Paris" / "landuse_summary.csv").is_file()
+
+
+def test_a_model_at_chance_gives_a_ranking_flagged_not_meaningful(ses, ses_world):
+    """The reported run: every prediction equal (AUC 0.50), an all-zero poorest map; the numbers are
+    written, flagged, and the closing line says the ranking means nothing."""
+    from urbanlens.ses import data as ses_data
+    from urbanlens.ses import metrics
+    from urbanlens.ses import model as ses_model
+
+    root, _, clean = ses
+    shutil.copytree(ses_world / "results", root / "results")
+    cfg = load_config(ROOT / "configs/ses_demo.yaml", SES)
+    model = ses_model.build_ses_model(cfg)
+    torch.nn.init.zeros_(model.fc.weight)
+    torch.nn.init.zeros_(model.fc.bias)   # p = 0.5 for every cell: the same prediction everywhere
+    city_dir = root / "results" / "ses" / "Paris"
+    runtime.save_checkpoint(city_dir / "fold_0" / "best.pt", model, cfg, fold=0)
+    (city_dir / "metrics.json").write_text('{"best_fold": 0}\n')
+    cells = clean[clean["non_void"]].sort_values("cell_id")
+    log_probs = ses_model.binomial_log_probs(torch.zeros(len(cells))).numpy()
+    preds = metrics.predictions_frame(cells["cell_id"], 0, ses_data.income_quintiles(cells["income"]), log_probs)
+    preds.to_csv(city_dir / "predictions.csv", index=False)
+    proc = ok(run(["gradcaming_urban_areas.py"], root, ses=True))
+    summary = pd.read_csv(city_dir / "landuse_summary.csv", dtype={"ua_code": str})
+    assert len(summary) and not summary["meaningful"].any() and summary["rich_minus_poor"].notna().all()
+    assert (summary["model_auc"] == 0.5).all() and "includes 0.5" in summary["caveat"].iloc[0]
+    closing = [l for l in proc.stdout.splitlines() if l.startswith("[cams] Paris:")]
+    assert len(closing) == 1 and "ranking not meaningful" in closing[0] and "richest-reading class" in closing[0]
+    pooled = pd.read_csv(root / "results" / "ses" / "landuse_summary.csv")
+    assert not pooled["meaningful"].any()

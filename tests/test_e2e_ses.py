@@ -19,7 +19,7 @@ from rasterstats import zonal_stats
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from urbanlens.ses import extraction, grid, zonal
+from urbanlens.ses import extraction, findings, grid, zonal
 from urbanlens.ses import maps as ses_maps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,9 @@ def test_planted_classes_on_the_right_side(world):
     root, _ = world
     truth = json.loads((root / "data" / "ses_truth.json").read_text())
     summary = pd.read_csv(root / "results" / "ses" / "landuse_summary.csv", dtype={"ua_code": str})
-    assert list(summary.columns) == zonal.SUMMARY_COLUMNS
+    assert list(summary.columns) == zonal.SUMMARY_COLUMNS + findings.SKILL_COLUMNS
+    first = summary.iloc[0]   # the model's held-out skill, the same on every row, its interval around it
+    assert first["model_auc_lo"] <= first["model_auc"] <= first["model_auc_hi"] and first["model_auc"] > 0.6
     score = summary.set_index("ua_code")["rich_minus_poor"]
     rich = score[score.index.isin(truth["rich_codes"])]
     poor = score[score.index.isin(truth["poor_codes"])]

@@ -62,7 +62,8 @@ def test_read_census_both_schemas(tmp_path, cols, suffix):
     path = tmp_path / f"census{suffix}"
     _census_frame(*cols).to_file(path)
     got = ses_census.read_census(path)
-    assert list(got.columns) == ["cell_id", "ind", "ind_snv", "income", "geometry"]
+    assert list(got.columns) == ["cell_id", "ind", "ind_snv", "income", "imputed", "geometry"]
+    assert not got["imputed"].any() and not got.attrs["imputed_flag"]   # no flag column in this file
     assert got.crs.to_epsg() == 3035
     assert got.attrs["dropped"] == 2   # zero population and missing income
     assert got["income"].tolist() == [20000.0, 25000.0, 20000.0]
@@ -238,7 +239,7 @@ def test_read_tile_index_resolves_names(tmp_path):
                                        for i in range(3)], crs="EPSG:2154")
     index.to_file(tiles / "3_SUPPLEMENTS" / "dalles.shp")
     got = ses_tiles.read_tile_index(tmp_path / "aerial")
-    assert got.crs.to_epsg() == 2154 and list(got.columns) == ["NOM", "path", "geometry"]
+    assert got.crs.to_epsg() == 2154 and list(got.columns) == ["NOM", "path", "product", "geometry"]
     assert got.attrs["missing"] == 1
     assert [Path(p).name for p in got["path"]] == names[:2]
     # an index without a .prj is taken as Lambert-93

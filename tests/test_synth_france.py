@@ -56,7 +56,7 @@ def test_same_seed_gives_byte_identical_world(world, tmp_path):
     assert any(k.endswith((".jp2", ".tif")) for k in first) and any(k.endswith(".gpkg") for k in first)
     other, _ = tiny_config(tmp_path / "other", extra=["seed=1"])
     ses_world.build_world(other, progress=False)
-    census = "census_data/Filosofi2019_carreaux_200m_met.gpkg"
+    census = "census_data/carreaux_200m_met.gpkg"
     assert _digests(tmp_path / "other")[census] != first[census]
 
 

@@ -104,6 +104,8 @@ _RULES = {
     "ses_train.folds": (">= 2", lambda v: v >= 2),
     "cams.clip_percentile": ("in (0, 100]", lambda v: 0 < v <= 100),
     **{k: ("a class from 0 to 4", lambda v: 0 <= v <= 4) for k in ("cams.poor_class", "cams.rich_class")},
+    "ses.ortho_product": ("RVB or IRC", lambda v: v in ("RVB", "IRC")),
+    "ses.imputed": ("keep or drop", lambda v: v in ("keep", "drop")),
 }
 
 

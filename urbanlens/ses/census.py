@@ -21,6 +21,9 @@ CENSUS_COLUMNS = {
     "ind": ("ind", "Ind"),
     "ind_snv": ("ind_snv", "Ind_snv"),
 }
+# INSEE's flag of cells whose values it imputed (2019 ``i_est_200``, 2015 ``I_est_cr``); optional
+IMPUTED_COLUMN = ("i_est_200", "I_est_cr")
+IMPUTED_POLICIES = ("keep", "drop")
 
 
 def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> None:
@@ -53,12 +56,15 @@ def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> 
 
 
 def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.GeoDataFrame:
-    """INSEE Filosofi 200 m grid -> GeoDataFrame[cell_id, ind, ind_snv, income, geometry], EPSG:3035.
+    """INSEE Filosofi 200 m grid -> GeoDataFrame[cell_id, ind, ind_snv, income, imputed, geometry], EPSG:3035.
 
     Accepts the 2019 GeoPackage (``idcar_200m, ind, ind_snv``) and the 2015 shapefile (``IdINSPIRE, Ind,
     Ind_snv``), any case. Geometry is rebuilt from the ids as exact EPSG:3035 squares. ``income`` is
     ``ind_snv / ind``; cells without a positive finite income are dropped and counted in
-    ``attrs['dropped']``. ``bbox`` (EPSG:3035 xmin, ymin, xmax, ymax) reads only the cells there.
+    ``attrs['dropped']``. ``imputed`` is INSEE's flag of imputed cells (``i_est_200 = 1``; 2015:
+    ``I_est_cr``); a file without the flag gives False everywhere and ``attrs['imputed_flag'] = False``.
+    ``bbox`` (EPSG:3035 xmin, ymin, xmax, ymax) reads only the cells there. The geometry may be in any
+    CRS (INSEE ships EPSG:2154); the other columns are not read.
     """
     path = Path(path)
     if not path.exists():
@@ -69,20 +75,23 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     info = next((i for i in infos if ids & {_key(f) for f in i["fields"]}), infos[0])
     layer, fields, file_crs = info["layer_name"], list(info["fields"]), info["crs"]
     cols = _pick_columns(fields, CENSUS_COLUMNS, path, "census grid", "INSEE's")
+    flag = next((f for f in fields if _key(f) in {_key(c) for c in IMPUTED_COLUMN}), None)
     _check_census_crs(path, layer, cols["cell_id"])
     read_bbox = None
     if bbox is not None:
         read_bbox = tuple(bbox)
         if file_crs and CRS.from_user_input(file_crs) != CRS.from_user_input(LAEA):
             read_bbox = transform_bounds(LAEA, file_crs, *bbox, densify_pts=21)
-    df = pyogrio.read_dataframe(path, layer=layer, columns=list(cols.values()), read_geometry=False,
-                                bbox=read_bbox)
+    df = pyogrio.read_dataframe(path, layer=layer, columns=list(cols.values()) + ([flag] if flag else []),
+                                read_geometry=False, bbox=read_bbox)
+    imputed = (pd.to_numeric(df[flag], errors="coerce").fillna(0).to_numpy() == 1) if flag else np.zeros(len(df), bool)
     df = df.rename(columns={v: k for k, v in cols.items()})[list(cols)]
     df["cell_id"] = df["cell_id"].astype(str).str.strip()
     for c in ("ind", "ind_snv"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         df["income"] = df["ind_snv"] / df["ind"]
+    df["imputed"] = imputed
     keep = np.isfinite(df["income"]) & (df["income"] > 0) & (df["ind"] > 0)
     df = df[keep].reset_index(drop=True)
     try:
@@ -91,4 +100,14 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
         raise DataError(path, str(e), "the id column must hold INSPIRE ids CRS3035RES200mN<y>E<x>") from None
     out = gpd.GeoDataFrame(df, geometry=geometry, crs=LAEA)
     out.attrs["dropped"] = int((~keep).sum())
+    out.attrs["imputed_flag"] = flag is not None
     return out
+
+
+def apply_imputed(cells: gpd.GeoDataFrame, policy: str) -> tuple[gpd.GeoDataFrame, int]:
+    """``ses.imputed``: ``keep`` the cells INSEE imputed (flagged in ``imputed``) or ``drop`` them.
+    Returns (cells, number of imputed cells kept or dropped)."""
+    if policy not in IMPUTED_POLICIES:
+        raise DataError("config", f"ses.imputed is {policy!r}", f"use one of {', '.join(IMPUTED_POLICIES)}")
+    flagged = cells["imputed"].astype(bool).to_numpy()
+    return (cells if policy == "keep" else cells[~flagged]), int(flagged.sum())

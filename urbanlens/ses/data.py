@@ -144,5 +144,19 @@ def city_cells(cells, city: str, image_root) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(df.drop(columns="geometry", errors="ignore")), left_out
 
 
+def no_cells_reason(cells, city: str, max_nodata: float) -> str | None:
+    """Why the cell index gives a city no cell to train on, in words; None when it has some (non-void,
+    with a finite income; whether their images read is checked by city_cells)."""
+    own = cells[cells["city"] == city]
+    if len(own) == 0:
+        return "the cell index holds no census cell inside its Urban Atlas boundary"
+    non_void = own[own["non_void"].astype(bool)]
+    if len(non_void) == 0:
+        return f"all {len(own)} of its cells are void (more than {max_nodata:.0%} nodata: no orthophoto over them?)"
+    if not np.isfinite(non_void["income"].astype(float)).any():
+        return f"none of its {len(non_void)} non-void cells has a finite income"
+    return None
+
+
 def fits_in_memory(n_images: int, size: int, budget_mb: float) -> bool:
     return n_images * 3 * size * size * 4 <= budget_mb * 2**20

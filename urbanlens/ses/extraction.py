@@ -1,7 +1,8 @@
 """Cell images from orthophoto tiles: which cells to extract, reading a cell across tiles by on-the-fly
 reprojection to EPSG:3035, the nodata rule, and the parallel, resumable extraction.
 
-A pixel whose bands are all zero is nodata.
+A pixel whose bands are all zero is nodata. A tile's declared nodata value marks a hole only where every
+band carries it: a white roof saturated in one or two bands of a tile declaring nodata 255 stays as it is.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=L
 
     The tiles (paths or open rasterio datasets, one CRS) are mosaicked in their own CRS over the cell's
     footprint only (a window of each, on the first tile's pixel grid, so a cell straddling tiles has no
-    seam), then reprojected onto the cell's grid. Pixels no tile covers stay 0 (nodata). Untagged
-    Lambert-93 tiles are read as EPSG:2154.
+    seam), then reprojected onto the cell's grid. Pixels no tile covers stay 0 (nodata), and so do
+    pixels where every band holds the tile's declared nodata value (a value in some bands only is
+    data). Untagged Lambert-93 tiles are read as EPSG:2154.
     """
     dst_crs = _crs(crs) if isinstance(crs, str) else CRS.from_user_input(crs)
     out = np.zeros((3, px, px), np.uint8)
@@ -53,9 +55,12 @@ def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=L
         if not srcs:
             return out.transpose(1, 2, 0).copy()
         src_crs = tile_crs(srcs[0])
-        if any(tile_crs(s) != src_crs for s in srcs[1:]) or any(s.crs != srcs[0].crs for s in srcs[1:]):
+        if any(tile_crs(s) != src_crs for s in srcs[1:]):
             raise DataError(srcs[0].name, "the tiles of one cell carry different CRSs",
                             "reproject the tiles to one CRS (EPSG:2154) before extraction")
+        if any(s.crs != srcs[0].crs for s in srcs[1:]):  # one CRS, other tags (untagged, RGF93 v2b): retag
+            srcs = [s if s.crs == src_crs else stack.enter_context(
+                rasterio.open(f"vrt://{s.name}?a_srs={src_crs.to_string()}")) for s in srcs]
         if srcs[0].count < 3:
             raise DataError(srcs[0].name, f"{srcs[0].count} band(s), RGB expected", "use the RVB orthophotos")
         first = srcs[0].transform
@@ -64,7 +69,8 @@ def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=L
         left, bottom, right, top = to_src.transform_bounds(*bounds_3035, densify_pts=21)
         left, right = _snap_out(left - 2 * rx, right + 2 * rx, first.c, rx)
         bottom, top = _snap_out(bottom - 2 * ry, top + 2 * ry, first.f, ry)
-        mosaic, transform = merge(srcs, bounds=(left, bottom, right, top), nodata=0, indexes=[1, 2, 3])
+        mosaic, transform = merge(srcs, bounds=(left, bottom, right, top), nodata=0, indexes=[1, 2, 3],
+                                  method=_first_where_all_bands_valid)
     # The mosaic's grid expressed in the cell's CRS by an affine map (off by under a millimetre over a
     # cell): the warp then needs no coordinate operation, whose set-up by PROJ for every new area costs
     # more than warping the cell itself.
@@ -74,6 +80,15 @@ def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=L
               dst_transform=from_bounds(*bounds_3035, px, px), dst_crs=dst_crs, dst_nodata=0,
               resampling=Resampling[resampling], UNIFIED_SRC_NODATA="YES")
     return out.transpose(1, 2, 0).copy()
+
+
+def _first_where_all_bands_valid(merged, new, merged_mask, new_mask, **kwargs) -> None:
+    """rasterio.merge method: fill the pixels still empty (0 in every band) with the new tile's pixels,
+    except where every band of the new tile holds its nodata value. (rasterio masks each band on its own,
+    which would zero the saturated band of a bright pixel and keep the others.)"""
+    hole = np.ma.getmaskarray(new).all(axis=0) if np.ma.isMaskedArray(new) else np.asarray(new_mask).all(axis=0)
+    take = np.asarray(merged_mask).all(axis=0) & ~hole
+    merged[:, take] = np.ma.getdata(new)[:, take]
 
 
 def local_affine(transform, width: int, height: int, src_crs, dst_crs):

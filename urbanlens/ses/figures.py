@@ -10,6 +10,7 @@ from matplotlib.path import Path
 from sklearn import metrics as skm
 
 from ..core.plotting import plt
+from . import findings
 from .model import CLASS_NAMES
 
 
@@ -111,7 +112,9 @@ def cam_panels_figure(panels: list[dict], class_names: dict | None = None):
 def landuse_scores_figure(summary: pd.DataFrame, title: str = ""):
     """Horizontal bars of mean poor and rich score per land-use class, with their 95 % intervals.
 
-    ``summary``: output of zonal.landuse_summary; classes ordered by rich_minus_poor.
+    ``summary``: output of zonal.landuse_summary, annotated by findings.annotate (then the title gives
+    the model's held-out skill and, when the ranking is not meaningful, says so); classes ordered by
+    rich_minus_poor.
     """
     df = summary.sort_values("rich_minus_poor").reset_index(drop=True)
     y = np.arange(len(df))
@@ -127,5 +130,11 @@ def landuse_scores_figure(summary: pd.DataFrame, title: str = ""):
     ax.set_xlabel("map sum per m$^2$ (mean over pieces, 95 % interval)")
     ax.set_ylim(-0.7, len(df) - 0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)
-    ax.set_title(title)
+    finding = findings.from_summary(summary)
+    if finding is None:
+        ax.set_title(title)
+        return fig
+    note = findings.describe(finding).replace("; ranking", ";\nranking").replace("; the", ";\nthe")
+    ax.set_title(f"{title}\n{note}" if title else note, fontsize=8,
+                 color="black" if finding.meaningful else "firebrick")
     return fig

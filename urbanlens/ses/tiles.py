@@ -1,6 +1,8 @@
-"""IGN orthophoto tiles: their index (dalles shapefile), their CRS, which tiles a cell needs."""
+"""IGN orthophoto tiles: their index (dalles shapefiles of any number of deliveries), their product (RVB
+or IRC), their CRS, which tiles a cell needs."""
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
@@ -66,12 +68,11 @@ def _tile_name(nom) -> str:
     return str(nom).replace("\\", "/").rsplit("/", 1)[-1].lower()
 
 
-def _check_tile_crs(index: gpd.GeoDataFrame, files: Mapping[str, str]) -> None:
+def _check_tile_crs(index: gpd.GeoDataFrame, paths) -> None:
     """Stop, naming the first tile (header only read) whose CRS is not its index's (tiles without CRS
     take the index's)."""
-    for nom in index["NOM"]:
-        path = files.get(_tile_name(nom))
-        if path is None:
+    for path in paths:
+        if not isinstance(path, str):
             continue
         try:
             with rasterio.open(path) as ds:
@@ -84,18 +85,66 @@ def _check_tile_crs(index: gpd.GeoDataFrame, files: Mapping[str, str]) -> None:
                             f"reproject the tile (gdalwarp -t_srs {index.crs.to_string()}) or fix the index")
 
 
-def read_tile_index(aerial_dir: str | Path) -> gpd.GeoDataFrame:
-    """Every ``*dalles.shp`` under ``aerial_dir`` -> GeoDataFrame[NOM, path, geometry], EPSG:2154.
+# IGN's product names: BD ORTHO in natural colour (RVB) or infrared colour (IRC), both three bands
+ORTHO_PRODUCTS = {"RVB": ("RVB", "RGB"), "IRC": ("IRC",)}
 
-    ``NOM`` (the tile's file name, any case, folders ignored) is resolved to a file found under
-    ``aerial_dir``; tiles whose file is absent are dropped and counted in ``attrs['missing']``.
+
+def ortho_product(path, root=None) -> str | None:
+    """'RVB', 'IRC' or None: the product named by the nearest part of ``path`` (file name first, then
+    its folders up to ``root``) holding one of IGN's product words (``..._RVB-0M20_...``,
+    ``...-IRC-E080.jp2``)."""
+    path = Path(path)
+    parts = path.relative_to(root).parts if root is not None and path.is_relative_to(root) else path.parts
+    for part in reversed(parts):
+        words = set(re.split(r"[^A-Z0-9]+", part.upper()))
+        hits = [name for name, spellings in ORTHO_PRODUCTS.items() if words & set(spellings)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def _delivery_root(shp: Path, aerial_dir: Path) -> Path:
+    """The folder of one delivery: the parent of the ``3_SUPPLEMENTS_LIVRAISON*`` folder above the index
+    (IGN's layout), else the index's own folder's parent, never above ``aerial_dir``."""
+    for folder in shp.parents:
+        if folder == aerial_dir or aerial_dir not in folder.parents:
+            break
+        if folder.name.upper().startswith("3_SUPPLEMENTS"):
+            return folder.parent
+    return shp.parent.parent if aerial_dir in shp.parent.parents else aerial_dir
+
+
+def _resolve(name: str, files: Mapping[str, list], scope: Path, product: str, aerial_dir: Path) -> str | None:
+    """The file a NOM names: among the files of that name, those in the index's delivery first, then
+    those of the wanted product."""
+    found = files.get(name)
+    if not found:
+        return None
+    return str(min(found, key=lambda p: (scope not in p.parents, ortho_product(p, aerial_dir) not in (product, None),
+                                         str(p))))
+
+
+def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoDataFrame:
+    """Every ``*dalles.shp`` under ``aerial_dir`` (any depth, any number of deliveries) ->
+    GeoDataFrame[NOM, path, product, geometry], EPSG:2154, holding the tiles of ``product`` only.
+
+    ``NOM`` (the tile's file name, any case, folders and a ``./`` prefix ignored) is resolved to a file
+    under ``aerial_dir``, preferring the index's own delivery. Tiles whose file is absent are dropped and
+    counted in ``attrs['missing']``. A tile's product (RVB or IRC) is read from IGN's names (file, then
+    folders); tiles of the other product are left out and counted in ``attrs['other_product']``, so a
+    cell is never read from two products. Tiles whose names name no product are taken as RVB.
     """
     aerial_dir = Path(aerial_dir)
+    if product not in ORTHO_PRODUCTS:
+        raise DataError("config", f"ses.ortho_product is {product!r}", f"use one of {', '.join(ORTHO_PRODUCTS)}")
     indexes = sorted(p for p in aerial_dir.rglob("*") if p.name.lower().endswith("dalles.shp"))
     if not indexes:
         raise DataError(aerial_dir, "no orthophoto tile index (*dalles.shp) found",
                         "unpack the IGN BD ORTHO deliveries (7z x) there, or build the synthetic world")
-    files = {p.name.lower(): str(p) for p in sorted(aerial_dir.rglob("*")) if p.suffix.lower() in RASTER_SUFFIXES}
+    files: dict[str, list] = {}
+    for p in sorted(aerial_dir.rglob("*")):
+        if p.suffix.lower() in RASTER_SUFFIXES:
+            files.setdefault(p.name.lower(), []).append(p)
     frames = []
     for shp in indexes:
         gdf = gpd.read_file(shp, engine="pyogrio")
@@ -104,19 +153,26 @@ def read_tile_index(aerial_dir: str | Path) -> gpd.GeoDataFrame:
         if gdf.crs is None or is_lambert93(gdf.crs):
             gdf = gdf.set_crs(L93, allow_override=True)
         gdf.attrs["index"] = shp
+        scope = _delivery_root(shp, aerial_dir)
+        gdf["path"] = [_resolve(_tile_name(n), files, scope, product, aerial_dir) for n in gdf["NOM"]]
         frames.append(gdf)
     for gdf in frames:  # a tile in another CRS than its index would be cut at the wrong place
-        _check_tile_crs(gdf, files)
+        _check_tile_crs(gdf, gdf["path"])
     frames = [gdf if gdf.crs.equals(L93) else gdf.to_crs(L93) for gdf in frames]
     tiles = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=L93)
-    names = tiles["NOM"].map(_tile_name)
-    tiles["path"] = names.map(files)
     missing = tiles["path"].isna()
-    tiles = tiles[~missing].drop_duplicates("path").reset_index(drop=True)[["NOM", "path", "geometry"]]
+    tiles = tiles[~missing].drop_duplicates("path").reset_index(drop=True)
+    tiles["product"] = [ortho_product(p, aerial_dir) or "RVB" for p in tiles["path"]]
+    other = tiles["product"] != product
+    n_other = int(other.sum())
+    tiles = tiles[~other].reset_index(drop=True)[["NOM", "path", "product", "geometry"]]
     if tiles.empty:
-        raise DataError(aerial_dir, "no tile named in the *dalles.shp index exists on disk",
-                        "unpack the .jp2 tiles next to their index")
+        found = f" ({n_other} tiles of the other product found)" if n_other else ""
+        raise DataError(aerial_dir, f"no {product} tile named in the *dalles.shp indexes exists on disk{found}",
+                        "unpack the .jp2 tiles next to their index" + (
+                            "; set ses.ortho_product to the product you have" if n_other else ""))
     tiles.attrs["missing"] = int(missing.sum())
+    tiles.attrs["other_product"] = n_other
     return tiles
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +12,7 @@ import pandas as pd
 import pyogrio
 
 from ..core.errors import DataError
+from . import archives
 from .columns import _key
 from .grid import LAEA
 
@@ -36,43 +36,92 @@ def _name_key(text: str) -> str:
     return re.sub(r"[^A-Z0-9]+", "_", plain.upper())
 
 
-def find_ua_city(ua_dir: str | Path, city: str) -> Path:
-    """The folder or file under ``ua_dir`` whose name contains the city name (case and accents ignored).
+def _matches(name: str, city: str) -> bool:
+    """True when a file name names the city (case, accents and separators ignored) or starts with the
+    city's FUA code when one is given (``FR001L2``, or ``FR001`` for any release)."""
+    return _name_key(city) in _name_key(Path(name).name)
 
-    Top-level entries are preferred; names where the city is a whole ``_``-separated word come first,
-    then the newest product year in the name (UA2018 before UA2012), then folders (unpacked) before
-    archives.
+
+def _rank(name: str, city: str, is_dir: bool = False):
+    """Order of candidates: the city a whole ``_``-separated word, then the newest product year in the
+    name (UA2018 before UA2012), then folders (unpacked) before archives."""
+    key = _name_key(city)
+    words = _name_key(Path(name).name).split("_")
+    years = [int(y) for y in re.findall(r"(?:19|20)\d\d", Path(name).name)]
+    return (key.split("_")[0] not in words and key not in words, -max(years, default=0), not is_dir, name)
+
+
+_UA_SUFFIXES = {".gpkg", ".shp", ".zip", ".gdb"}
+
+
+def _in_cache(p: Path, root: Path) -> bool:
+    return any(part.endswith(archives.UNPACKED_SUFFIX) for part in p.relative_to(root).parts[:-1])
+
+
+def _archive_members(ua_dir: Path) -> list[tuple[Path, str]]:
+    """(zip, member) for every Urban Atlas file (zip, GeoPackage, shapefile) listed inside the zips under
+    ``ua_dir`` (the portal's download holds ``<id>/Results/<FUA>_<CITY>_UA2018_v013.zip``)."""
+    out = []
+    for z in sorted(p for p in ua_dir.rglob("*.zip") if not _in_cache(p, ua_dir)):
+        try:
+            names = archives.zip_members(z)
+        except DataError:
+            continue
+        out += [(z, n) for n in names if Path(n).suffix.lower() in _UA_SUFFIXES and ".gdb/" not in n]
+    return out
+
+
+def find_ua_city(ua_dir: str | Path, city: str) -> Path:
+    """The folder or file under ``ua_dir`` for the city, found by its name (case and accents ignored) or
+    its FUA code: a top-level entry first, then a file at any depth, then a file inside a zip (the
+    Copernicus portal's download: a zip of zips), which is unpacked once into a cache folder beside the
+    zip (``<zip name>.unpacked/<member>/``) and returned. Whole-word matches first, then the newest
+    product year, then unpacked folders before archives.
     """
     ua_dir = Path(ua_dir)
     if not ua_dir.is_dir():
         raise DataError(ua_dir, "Urban Atlas folder not found",
                         "unzip the Copernicus Urban Atlas city files there (see data_setup.sh)")
-    key = _name_key(city)
-
-    def rank(p: Path):
-        words = _name_key(p.name).split("_")
-        years = [int(y) for y in re.findall(r"(?:19|20)\d\d", p.name)]
-        return (key.split("_")[0] not in words and key not in words, -max(years, default=0), not p.is_dir(), p.name)
-
-    hits = sorted((p for p in ua_dir.iterdir() if key in _name_key(p.name)), key=rank)
+    hits = sorted((p for p in ua_dir.iterdir() if _matches(p.name, city) and not p.name.endswith(archives.UNPACKED_SUFFIX)),
+                  key=lambda p: _rank(p.name, city, p.is_dir()))
     if not hits:
-        hits = sorted((p for p in ua_dir.rglob("*") if key in _name_key(p.name)
-                       and (p.suffix.lower() in {".gpkg", ".shp", ".zip", ".gdb"})), key=rank)
-    if not hits:
-        present = ", ".join(sorted(p.name for p in ua_dir.iterdir())[:8]) or "nothing"
-        raise DataError(ua_dir, f"no Urban Atlas entry whose name contains '{city}' (found: {present})",
-                        "unzip that city's Urban Atlas there or fix ses.cities")
-    return hits[0]
+        hits = sorted((p for p in ua_dir.rglob("*") if _matches(p.name, city) and p.suffix.lower() in _UA_SUFFIXES
+                       and not _in_cache(p, ua_dir)), key=lambda p: _rank(p.name, city, p.is_dir()))
+    if hits:
+        return hits[0]
+    members = _archive_members(ua_dir)
+    inside = sorted(((z, n) for z, n in members if _matches(n, city)), key=lambda m: _rank(m[1], city))
+    if inside:
+        z, member = inside[0]
+        return archives.unpack_inner_zip(z, member) if member.lower().endswith(".zip") else z
+    present = sorted(p.name for p in ua_dir.iterdir() if not p.name.endswith(archives.UNPACKED_SUFFIX))
+    listed = sorted({Path(n).name for _, n in members})
+    found = ", ".join(present[:8]) or "nothing"
+    if listed:
+        found += f"; inside its zips: {', '.join(listed[:12])}" + (" ..." if len(listed) > 12 else "")
+    raise DataError(ua_dir, f"no Urban Atlas entry whose name contains '{city}' (found: {found})",
+                    "put that city's Urban Atlas there, name the city as its file does, or fix ses.cities")
 
 
-def _vector_datasets(path: Path) -> list[str]:
-    """Vector datasets (GDAL paths) inside a UA city folder, archive or file."""
+def _vector_datasets(path: Path, city: str | None = None) -> list[str]:
+    """Vector datasets (GDAL paths) inside a UA city folder, archive or file. A zip holding zips is
+    unpacked once (beside it) and the zip named after ``city`` (or its only zip) is read."""
     if path.is_dir() and path.suffix.lower() != ".gdb":
-        found = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in {".gpkg", ".shp", ".gdb", ".zip"}]
+        found = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in _UA_SUFFIXES]
         found = [p for p in found if not any(q.suffix.lower() == ".gdb" for q in p.parents)]
-        return [d for p in found for d in _vector_datasets(p)]
+        found = [p for p in found if not _in_cache(p, path)]
+        return [d for p in found for d in _vector_datasets(p, city)]
     if path.suffix.lower() == ".zip":
-        names = zipfile.ZipFile(path).namelist()
+        names = archives.zip_members(path)
+        inner_zips = [n for n in names if n.lower().endswith(".zip")]
+        if inner_zips:
+            named = [n for n in inner_zips if city and _matches(n, city)]
+            pick = sorted(named, key=lambda n: _rank(n, city))[:1] if named else inner_zips[:1] if len(inner_zips) == 1 else []
+            if not pick:
+                raise DataError(path, f"holds {len(inner_zips)} zips, none named after '{city}' (found: "
+                                f"{', '.join(Path(n).name for n in inner_zips[:12])})",
+                                "fix ses.cities, or download that city's Urban Atlas")
+            return _vector_datasets(archives.unpack_inner_zip(path, pick[0]), city)
         inner = sorted({n.split(".gdb/")[0] + ".gdb" for n in names if ".gdb/" in n})
         inner += sorted(n for n in names if n.lower().endswith((".gpkg", ".shp")) and ".gdb/" not in n)
         return [f"/vsizip/{path.resolve()}/{n}" for n in inner]
@@ -123,6 +172,14 @@ def _report_repaired(source: str, repaired: int, total: int) -> None:
                      "repaired with make_valid; check them in QGIS if the count is large")
 
 
+_FUA_CODE = re.compile(r"(?:^|[/_])[A-Z]{2}\d{3}L\d(?:_|$)")
+
+
+def _copernicus_named(found: Path, layers) -> bool:
+    """True when the file or its layers carry Copernicus Urban Atlas names (``<FUA code>_<CITY>_...``)."""
+    return bool(_FUA_CODE.search(found.name) or any(_FUA_CODE.search(name) for _, name, _ in layers))
+
+
 def _landuse_layer(found: Path, layers) -> tuple[str, str, str, str]:
     """(dataset, layer, code column, class column) of the land-use layer to read."""
     candidates = []
@@ -133,9 +190,14 @@ def _landuse_layer(found: Path, layers) -> tuple[str, str, str, str]:
             candidates.append(((schema[0], "change" in name.lower(), n_codes, name), ds, name, schema))
     if not candidates:
         seen = "; ".join(f"{name}: {', '.join(fields[:8])}" for _, name, fields in layers) or "no vector layer"
-        raise DataError(found, f"no land-use layer with Urban Atlas class columns (found {seen})",
-                        "expected code_2018/class_2018, code_2012/class_2012 or CODE2012/ITEM2012 (any case); "
-                        "rename the columns or use the Copernicus files")
+        expected = "expected code_2018/class_2018, code_2012/class_2012 or CODE2012/ITEM2012 (any case)"
+        if _copernicus_named(found, layers):
+            fix = (f"{expected}: this is a Copernicus Urban Atlas delivery without a land-use layer (another "
+                   "product, e.g. the Street Tree Layer or Building Height?); download the city's Urban Atlas "
+                   "land use (2012 or 2018)")
+        else:
+            fix = f"{expected}; rename the columns, or download the city's Urban Atlas from land.copernicus.eu"
+        raise DataError(found, f"no land-use layer with Urban Atlas class columns (found {seen})", fix)
     _, ds, name, (_, code_col, class_col) = min(candidates, key=lambda c: c[0])
     return ds, name, code_col, class_col
 
@@ -177,14 +239,15 @@ def _read_boundary(found: Path, layers, landuse: gpd.GeoDataFrame | None = None)
 def read_urban_atlas(ua_dir: str | Path, city: str) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
     """A city's Urban Atlas -> (land use GeoDataFrame[ua_code, ua_class, geometry], boundary), EPSG:3035.
 
-    Reads GeoPackages, shapefiles and FileGDBs (also zipped). The land-use layer is the newest one with a
+    Reads GeoPackages, shapefiles and FileGDBs, unpacked or zipped, and the portal's zip of zips (see
+    ``find_ua_city``); in 2018 GeoPackages the ``_UrbanCore`` layer is not read. The land-use layer is the newest one with a
     (code, class) pair: ``code_2018/class_2018``, ``code_2012/class_2012`` or ``CODE2012/ITEM2012``;
     change layers are used only when nothing else has the columns. Invalid polygons are repaired
     (``attrs['repaired']`` counts them). The boundary is the layer whose name contains 'boundary';
     without one, the union of the land use. Both carry ``attrs['source']``.
     """
     found = find_ua_city(ua_dir, city)
-    layers = _layers(_vector_datasets(found))
+    layers = _layers(_vector_datasets(found, city))
     landuse = _read_landuse(found, layers)
     return landuse, _read_boundary(found, layers, landuse)
 
@@ -193,6 +256,6 @@ def read_ua_boundary(ua_dir: str | Path, city: str) -> gpd.GeoDataFrame:
     """Only the boundary of a city's Urban Atlas (EPSG:3035), without reading the land use when a
     boundary layer exists (its columns are checked, so a bad land-use layer stops the first stage)."""
     found = find_ua_city(ua_dir, city)
-    layers = _layers(_vector_datasets(found))
+    layers = _layers(_vector_datasets(found, city))
     _landuse_layer(found, layers)  # the land use is read later (activation maps): check its columns now
     return _read_boundary(found, layers)
