@@ -31,7 +31,6 @@ def main() -> None:
     cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed)
-    amp = cfg.train.amp and device.type == "cuda"
     out = results_dir(cfg, "cities")
 
     # The model as trained: architecture, input size and class order come from the checkpoint.
@@ -47,7 +46,8 @@ def main() -> None:
     test_set = data.split_dataset(manifest, cfg.test.split, patches_dir, classes,
                                       data.transforms(size, train=False), size)
     loader = loops.make_loader(test_set, cfg.test.batch_size, cfg.workers, device)
-    logits, embeddings, labels = loops.predict(model, loader, device, amp, cfg.train.channels_last)
+    logits, embeddings, labels = loops.predict(model, loader, device, cfg.train.amp, cfg.train.channels_last,
+                                               embeddings=True)
     pred = logits.argmax(axis=1)
 
     # Accuracy and confusions, with 95 % intervals from a bootstrap over source images.

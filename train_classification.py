@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
 
 import torch
+from torch.nn import functional as F
 
 from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
@@ -41,8 +42,7 @@ def main() -> None:
     main = runtime.is_main_process()
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed)
-    amp = cfg.train.amp and device.type == "cuda"
-    nhwc = cfg.train.channels_last
+    amp, nhwc = cfg.train.amp, cfg.train.channels_last  # mixed precision and NHWC apply on CUDA only
 
     # Data: the patches of the site-based split, classes = sorted IATA codes.
     patches_dir = data_dir(cfg, "cities", "patches")
@@ -65,7 +65,7 @@ def main() -> None:
     model = loops.to_device(model, device, nhwc)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scheduler = cities_training.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = loops.grad_scaler(device, amp)
 
     out = results_dir(cfg, "cities")
     last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
@@ -101,9 +101,9 @@ def main() -> None:
         t0 = time.time()
         cities_sampling.begin_epoch(sampler, cfg.seed, epoch, rank)
         lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
-        tr = cities_training.train_one_epoch(model, train_loader, optimizer, device, scaler, amp, nhwc, scheduler,
-                                      desc=f"epoch {epoch}/{cfg.train.epochs}")
-        va = loops.evaluate(model, val_loader, device, amp, nhwc)
+        tr = loops.train_epoch(model, train_loader, optimizer, F.cross_entropy, device, scaler, amp, nhwc, scheduler,
+                               desc=f"epoch {epoch}/{cfg.train.epochs}")
+        va = loops.evaluate(model, val_loader, F.cross_entropy, device, amp, nhwc)
         if main:
             log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                         "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})

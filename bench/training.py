@@ -11,14 +11,14 @@ written by urbanlens.ses.extraction.write_png):
                         --batches batches (worker start-up included, as in every epoch):
                           cities: cities_data.PatchDataset (JPEG draft decode, resize, flips, ImageNet
                                   normalisation) + sampling.EpochSampler + loops.make_loader
-                          ses:    ses_data.CellDataset (PNG decode, resize, min-max scaling) + fitting._loader,
+                          ses:    ses_data.CellDataset (PNG decode, resize, min-max scaling) + fitting.cell_loader,
                                   then ses_data.random_flips on each batch (done in fitting.fit's loop)
   pipeline, in process  the same with 0 workers: the pipeline's cost per core
   pipeline, cached      ses only, where ses_data.fits_in_memory decides that a city's cells are decoded once
                         up front (the demo): indexing, collation and flips
   step                  forward + backward + optimiser step on batches already in memory, one thread:
-                          cities: cities_training.train_one_epoch over in-memory batches (Adam, cross-entropy)
-                          ses:    fitting.train_step, the step fitting.fit takes (Adam, binomial head, NLL)
+                          cities: loops.train_epoch over in-memory batches (Adam, cross-entropy), as the script
+                          ses:    loops.train_step, the step fitting.fit takes (Adam, binomial head, NLL)
 A paper-size step is slow on a CPU and its activations are large (about 120 MB an image for ResNet-50 at
 224 px, 1.2 GB for EfficientNet-B0 at 800 px; 16 GB and 13 GB at the paper batches): it is
 timed on --cities-step-batch / --ses-step-batch images of the paper batches (per-image CPU time does not
@@ -28,8 +28,8 @@ flips of the un-augmented transform of the same file; ses items are min-max scal
 flipped batch is a flip of the loaded one; cached and decoded SES items are equal.
 Tables give seconds per batch of the script's batch size (the step's from its time per image); the last
 lines are pipeline / step in images per second, the pipeline as the script runs it (workers, or the cache).
-GPU part (only where CUDA is available): ResNet-50 at 224, the project's step (cities_training.train_one_epoch
-with runtime.autocast mixed precision, GradScaler and channels_last) vs a plain fp32 NCHW loop; the two
+GPU part (only where CUDA is available): ResNet-50 at 224, the project's step (loops.train_epoch
+with loops.autocast mixed precision, loops.grad_scaler and channels_last) vs a plain fp32 NCHW loop; the two
 losses on the same first batch agree within 1 %.
 """
 import argparse
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import header, median, single_thread, table, time_runs  # noqa: E402
 
 single_thread()
-os.environ.setdefault("TQDM_DISABLE", "1")  # train_one_epoch's progress bar
+os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train_classification.py sets it
 
 import numpy as np  # noqa: E402
@@ -58,7 +58,6 @@ from urbanlens.cities import (
     world,  # noqa: E402
     world_render,
 )
-from urbanlens.cities import training as cities_training
 from urbanlens.core import backbones, loops, runtime
 from urbanlens.core.config import load_config  # noqa: E402
 from urbanlens.ses import data as ses_data
@@ -132,12 +131,13 @@ def check_ses_batch(x: torch.Tensor, flipped: torch.Tensor, size: int, rotate: b
 
 # ------------------------------------------------------------------------------------------ steps
 def ses_steps(net, opt, scaler, batches, device, amp: bool) -> float:
-    """fitting.fit's step (fitting.train_step) over in-memory batches (already flipped); mean loss."""
+    """fitting.fit's step (loops.train_step with the NLL of the binomial log-probabilities) over in-memory
+    batches (already flipped); mean loss."""
     net.train()
     loss_sum, n = 0.0, 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, _ = fitting.train_step(net, opt, scaler, x, y, amp)
+        loss, _ = loops.train_step(net, opt, x, y, F.nll_loss, device, scaler, amp, channels_last=True)
         loss_sum += loss * len(y)
         n += len(y)
     return loss_sum / n
@@ -217,7 +217,7 @@ def cities_case(size_name: str, args, work: Path) -> dict:
     model = loops.to_device(backbones.build_backbone(cfg.model.backbone, n_classes, False, None), device,
                                cfg.train.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    step = lambda bs: cities_training.train_one_epoch(model, bs, opt, device, None, False, cfg.train.channels_last)
+    step = lambda bs: loops.train_epoch(model, bs, opt, F.cross_entropy, device, None, False, cfg.train.channels_last)
     step_s = time_steps(step, batches, paper, step_batch, args.paper_steps, args.repeats)
     return {"script": "cities", "size": size_name, "batch": batch, "workers": workers,
             "pipeline": pipe_w / args.batches, "pipeline_0": pipe_0 / args.batches, "cached": None,
@@ -248,7 +248,7 @@ def ses_case(size_name: str, args, work: Path) -> dict:
     def loader(dataset, w):
         def run():
             out = []
-            for x, y in fitting._loader(dataset, batch, True, args.seed, w):
+            for x, y in fitting.cell_loader(dataset, batch, device, True, args.seed, w):
                 out.append((ses_data.random_flips(x, gen, rotate=tc.rot90), y))
             return out
         return run
@@ -272,7 +272,7 @@ def ses_case(size_name: str, args, work: Path) -> dict:
     torch.manual_seed(args.seed)
     model = ses_model.build_ses_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    scaler = loops.grad_scaler(device, False)
     step = lambda bs: ses_steps(model, opt, scaler, bs, device, False)
     step_s = time_steps(step, batches, paper, step_batch, args.paper_steps, args.repeats)
     return {"script": "ses", "size": size_name, "batch": batch, "workers": workers,
@@ -317,7 +317,7 @@ def gpu_part(args) -> float | None:
     fp32_model = fresh().to(device)
     with torch.no_grad():  # same results: the first batch's loss under both paths (batch statistics)
         x, y = batches[0]
-        with runtime.autocast(device, True):
+        with loops.autocast(device, True):
             l_amp = F.cross_entropy(amp_model(x.contiguous(memory_format=torch.channels_last)).float(), y).item()
         l_fp32 = F.cross_entropy(fp32_model(x), y).item()
     rel = abs(l_amp - l_fp32) / abs(l_fp32)
@@ -325,7 +325,7 @@ def gpu_part(args) -> float | None:
     assert rel < 1e-2, f"mixed-precision loss differs from fp32 by {rel:.1e}"
     opt_a = torch.optim.Adam(amp_model.parameters(), lr=cfg.train.lr)
     opt_f = torch.optim.Adam(fp32_model.parameters(), lr=cfg.train.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=True)
+    scaler = loops.grad_scaler(device, True)
 
     def timed(fn):
         def run():
@@ -333,7 +333,7 @@ def gpu_part(args) -> float | None:
             torch.cuda.synchronize()
         return median(time_runs(run, args.repeats))
 
-    amp_s = timed(lambda: cities_training.train_one_epoch(amp_model, batches, opt_a, device, scaler, True, True))
+    amp_s = timed(lambda: loops.train_epoch(amp_model, batches, opt_a, F.cross_entropy, device, scaler, True, True))
     fp32_s = timed(lambda: plain_fp32_steps(fp32_model, opt_f, batches, device))
     n = batch * args.gpu_steps
     print(f"[training] gpu: {torch.cuda.get_device_name(0)}; {cfg.model.backbone} at {size} px, batch {batch}, "

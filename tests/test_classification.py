@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from urbanlens.cities import data as cities_data
@@ -213,7 +214,7 @@ def _tiny_run(tmp_path, epochs, resume_after=None):
             done, best = training.restore(runtime.load_checkpoint(tmp_path / "last.pt"), model, opt, None, sched)
             assert (done, best) == (resume_after, 0.5)
         cities_sampling.begin_epoch(sampler, cfg.seed, epoch)
-        training.train_one_epoch(model, loader, opt, torch.device("cpu"), scheduler=sched)
+        loops.train_epoch(model, loader, opt, F.cross_entropy, torch.device("cpu"), scheduler=sched)
         done = epoch
     return model, opt
 

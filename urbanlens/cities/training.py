@@ -1,4 +1,5 @@
-"""Training the city classifier: schedules, one epoch, resuming, the training log."""
+"""Training the city classifier: learning-rate schedules, resuming, the training log (the epoch itself is
+``core.loops.train_epoch`` with cross-entropy)."""
 from __future__ import annotations
 
 import functools
@@ -9,12 +10,10 @@ from typing import Sequence
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ..core import runtime
 from ..core.config import changed_keys
 from ..core.errors import CheckpointError, ConfigError
-from ..core.loops import _all_reduce_sums, _inputs, _progress
+from ..core.loops import unwrap
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -50,38 +49,6 @@ def lr_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, name, total_steps=total_steps))
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
-                    scaler: torch.amp.GradScaler | None = None, amp: bool = False, channels_last: bool = False,
-                    scheduler=None, desc: str = "train") -> dict:
-    """One pass of cross-entropy training (``scheduler`` stepped after every batch); returns mean ``loss``
-    and ``acc`` over all ranks, and ``n``."""
-    model.train()
-    loss_fn = nn.CrossEntropyLoss()
-    loss_sum = correct = n = 0.0
-    bar = _progress(loader, desc)
-    for x, y in bar:
-        x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with runtime.autocast(device, amp):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
-        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
-    loss_sum, correct, n = _all_reduce_sums(loss_sum, correct, n, device=device)
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
-
-
 def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: str | Path) -> None:
     """Exit with one line when a checkpoint was trained on other cities or with another model."""
     trained = state.get("config", {}).get("model", {})
@@ -107,7 +74,7 @@ def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | No
             scaler: torch.amp.GradScaler | None = None, scheduler=None) -> tuple[int, float]:
     """Load a ``runtime.save_checkpoint`` state into model/optimizer/scaler/scheduler; return
     (epochs done, best val acc)."""
-    (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, WeightsUnavailable
+from .loops import unwrap
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0")
 
@@ -101,7 +102,7 @@ def replace_head(model: nn.Module, out_features: int) -> nn.Module:
 
 def last_conv_layer(model: nn.Module) -> nn.Module:
     """The layer CAMs are taken on: ResNet ``layer4`` (last residual block), EfficientNet ``features[-1]``."""
-    model = model.module if hasattr(model, "module") else model
+    model = unwrap(model)
     if hasattr(model, "layer4"):
         return model.layer4
     if hasattr(model, "features"):

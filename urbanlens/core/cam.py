@@ -28,6 +28,7 @@ from zennit.core import Hook
 from zennit.torchvision import ResNetCanonizer
 
 from .errors import ConfigError
+from .loops import unwrap
 
 METHODS = ("gradcam", "gradcampp", "relevancecam")
 
@@ -99,10 +100,6 @@ def _input(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def _target_score(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return output.gather(1, targets[:, None]).sum()
 
@@ -141,7 +138,7 @@ def relevance_weighted(acts: torch.Tensor, relevance: torch.Tensor) -> torch.Ten
 def activations_and_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of ``layer`` and the gradient of ``output[b, targets[b]]`` with respect to them."""
-    model = _unwrap(model)
+    model = unwrap(model)
     with _explaining(model), LayerHooks(model, layer) as hooks:
         out = model(_input(x))
         t = _as_targets(targets, out.shape[0], out.device)
@@ -154,7 +151,7 @@ def lrp_composite(model: nn.Module):
     the final linear layer, proportional (Norm) rule for average pooling and residual sums, activations
     passed through. Batch norms are merged into the preceding convolutions and ResNet's residual additions
     made explicit by zennit's canonizers (``ResNetCanonizer`` for torchvision ResNets)."""
-    canonizer = ResNetCanonizer() if isinstance(_unwrap(model), ResNet) else SequentialMergeBatchNorm()
+    canonizer = ResNetCanonizer() if isinstance(unwrap(model), ResNet) else SequentialMergeBatchNorm()
     return EpsilonPlus(canonizers=[canonizer])
 
 
@@ -164,7 +161,7 @@ def relevancecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, c
     output itself (one-hot times the score), so the relevance's sign does not depend on the score's.
     Channel weights are the spatial sums of the relevance at the layer; map = ReLU(sum_c w_c A_c).
     Designed for torchvision ResNets (``layer4``); other models get batch-norm merging only."""
-    model = _unwrap(model)
+    model = unwrap(model)
     composite = composite if composite is not None else lrp_composite(model)
     with _explaining(model), composite.context(model) as lrp_model, LayerHooks(lrp_model, layer) as hooks:
         out = lrp_model(_input(x))
@@ -231,7 +228,7 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, targets) -> np.ndarray:
     nonlinearities (e.g. the sigmoid gates of squeeze-excitation) keep their ordinary gradient. Implemented
     with zennit hooks registered for the call and removed afterwards.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     composite = GuidedBackprop(layer_map=[(nn.SiLU, SiLUGuided())])
     with _explaining(model), composite.context(model) as guided:
         xin = _input(x)

@@ -1,25 +1,45 @@
-"""Training-loop pieces both pipelines share: loaders, placement, DDP, progress, evaluation."""
+"""The training core both pipelines share: mixed precision and memory layout, loaders, DDP wrapping,
+the optimisation step and epoch, evaluation and prediction.
+
+What differs between the pipelines comes in as arguments: the loss (``F.cross_entropy`` on the city
+classifier's logits, ``F.nll_loss`` on the income model's binomial log-probabilities), the sampler, an
+augmentation applied on the device, the learning-rate scheduler stepped after every batch.
+``amp`` is always the config value: ``autocast_dtype`` alone decides what it means on a device.
+"""
 from __future__ import annotations
+
+import contextlib
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from . import runtime
 
-
-def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
-    """Every ``world_size``-th item from ``rank`` on (evaluation under DDP; no padding, no duplicates)."""
-    return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
+LossFn = Callable[..., torch.Tensor]  # loss_fn(outputs, targets, reduction="mean" | "sum"), as torch's losses
 
 
-def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device,
-                sampler: Sampler | None = None) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=False)
+# ------------------------------------------------------------------ mixed precision and memory layout
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The dtype autocast runs in for the config value ``amp`` on ``device``: float16 on CUDA when
+    ``amp``, None (full float32, no autocast) otherwise, on CPU in particular."""
+    return torch.float16 if amp and device.type == "cuda" else None
+
+
+def autocast(device: torch.device, amp: bool):
+    """The autocast context of ``autocast_dtype(device, amp)``; a no-op context when that is None."""
+    dtype = autocast_dtype(device, amp)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """A loss scaler, enabled exactly when the forward pass runs in float16 (disabled it is a pass-through)."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, amp) == torch.float16)
 
 
 def to_device(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
@@ -30,65 +50,159 @@ def to_device(model: nn.Module, device: torch.device, channels_last: bool = Fals
     return model
 
 
-def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel when torch.distributed is initialised (``torchrun``), else ``model``."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def _inputs(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def batch_to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """An input batch on ``device``, NHWC on CUDA when ``channels_last`` (as ``to_device`` lays out the model)."""
     x = x.to(device, non_blocking=True)
     if channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
 
-def _progress(iterable, desc: str) -> tqdm:
-    """A tqdm bar on the main process only (TQDM_* environment settings apply)."""
-    return tqdm(iterable, desc=desc, leave=False, **({} if runtime.is_main_process() else {"disable": True}))
+# ------------------------------------------------------------------ loaders and DDP
+def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device,
+                sampler: Sampler | None = None, shuffle: bool = False, seed: int | None = None,
+                distributed: bool = False, persistent_workers: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset`` in batches of ``batch_size`` (the last one may be smaller).
+
+    Order: ``sampler`` when given; else ``distributed`` -> a ``DistributedSampler`` (this rank's share,
+    shuffled with ``seed`` when ``shuffle``; call its ``set_epoch``); else shuffled when ``shuffle``.
+    ``seed``: the loader's own generator (shuffling and worker seeds), so iterating it leaves the global
+    torch RNG untouched; None draws them from the global RNG. Pinned memory on CUDA."""
+    if distributed:
+        if sampler is not None:
+            raise ValueError("make_loader: pass a sampler or distributed=True, not both")
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=0 if seed is None else seed)
+        shuffle = False
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
+                      generator=None if seed is None else torch.Generator().manual_seed(seed),
+                      num_workers=workers, persistent_workers=persistent_workers and workers > 0,
+                      pin_memory=device.type == "cuda", drop_last=False)
+
+
+def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """Every ``world_size``-th item from ``rank`` on (evaluation under DDP; no padding, no duplicates)."""
+    return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
+
+
+def is_distributed() -> bool:
+    """Whether torch.distributed is initialised (launched by ``torchrun``)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel when torch.distributed is initialised (``torchrun``), else ``model``."""
+    if not is_distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or DataParallel) wrapper; ``model`` itself otherwise."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 def _all_reduce_sums(*values: float, device: torch.device) -> list[float]:
     """Sum scalars over DDP ranks (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
-             channels_last: bool = False, desc: str = "val") -> dict:
-    """Mean cross-entropy ``loss`` and ``acc`` over a (possibly sharded) loader, summed over ranks."""
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum = correct = n = 0.0
-    for x, y in _progress(loader, desc):
-        x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
-        with runtime.autocast(device, amp):
-            logits = model(x)
-        loss_sum += loss_fn(logits.float(), y).item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
+def _progress(iterable, desc: str | None) -> tqdm:
+    """A tqdm bar on the main process only (TQDM_* environment settings apply); none when ``desc`` is None."""
+    return tqdm(iterable, desc=desc, leave=False, disable=desc is None or not runtime.is_main_process())
+
+
+def _means(loss_sum: float, correct: float, n: float, device: torch.device) -> dict:
     loss_sum, correct, n = _all_reduce_sums(loss_sum, correct, n, device=device)
     return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
 
 
+# ------------------------------------------------------------------ training
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: LossFn, device: torch.device, scaler: torch.amp.GradScaler | None = None,
+               amp: bool = False, channels_last: bool = False) -> tuple[float, int]:
+    """One optimisation step on a batch: inputs placed on ``device`` (``batch_to_device``), forward and
+    ``loss_fn(outputs, y)`` under ``autocast``, backward and optimizer step through ``scaler`` (plain
+    when None). Returns the batch's mean loss and its number of correct argmax predictions."""
+    x, y = batch_to_device(x, device, channels_last), y.to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        out = model(x)
+        loss = loss_fn(out, y)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.item(), int((out.detach().argmax(1) == y).sum().item())
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
+                channels_last: bool = False, scheduler=None,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None, min_batch: int = 1,
+                desc: str | None = "train") -> dict:
+    """One pass of ``train_step`` over ``loader`` (any iterable of (inputs, targets) batches), model in
+    training mode. ``augment`` maps each input batch once it is on the device; ``scheduler`` is stepped
+    after every batch; a batch of fewer than ``min_batch`` items is skipped unless it is the first (a
+    lone sample breaks batch norm in training mode). Returns mean ``loss`` and ``acc`` over all ranks, and
+    ``n``; a bar named ``desc`` shows the running means (none when None)."""
+    model.train()
+    loss_sum = correct = n = 0.0
+    bar = _progress(loader, desc)
+    for x, y in bar:
+        if len(y) < min_batch and n > 0:
+            continue
+        if augment is not None:
+            x = augment(x.to(device, non_blocking=True))
+        loss, hits = train_step(model, optimizer, x, y, loss_fn, device, scaler, amp, channels_last)
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss * len(y)
+        correct += hits
+        n += len(y)
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", refresh=False)  # drawn at tqdm's pace
+    return _means(loss_sum, correct, n, device)
+
+
+# ------------------------------------------------------------------ evaluation and prediction
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
-            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits N x C, penultimate embeddings N x D, labels N) for every item of ``loader``, in order."""
+def evaluate(model: nn.Module, loader, loss_fn: LossFn, device: torch.device, amp: bool = False,
+             channels_last: bool = False, desc: str | None = "val") -> dict:
+    """Mean ``loss_fn`` ``loss`` (computed in float32) and argmax ``acc`` over a loader, model in eval mode;
+    summed over DDP ranks, so each rank passes its ``shard`` of the data. Also ``n``."""
+    model.eval()
+    loss_sum = correct = n = 0.0
+    for x, y in _progress(loader, desc):
+        x, y = batch_to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = model(x)
+        loss_sum += loss_fn(out.float(), y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    return _means(loss_sum, correct, n, device)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, amp: bool = False, channels_last: bool = False,
+            embeddings: bool = False, desc: str | None = "predict") -> tuple[np.ndarray, ...]:
+    """(outputs N x C, labels N) of every item of ``loader`` in order, model in eval mode, in float32;
+    with ``embeddings`` (a torchvision classifier) (logits, penultimate-layer embeddings N x D, labels)."""
     from .backbones import logits_and_embeddings
 
     model.eval()
-    logits, embs, labels = [], [], []
-    for x, y in _progress(loader, "predict"):
-        with runtime.autocast(device, amp):
-            lo, em = logits_and_embeddings(model, _inputs(x, device, channels_last))
-        logits.append(lo.float().cpu())
-        embs.append(em.float().cpu())
-        labels.append(y)
-    return torch.cat(logits).numpy(), torch.cat(embs).numpy(), torch.cat(labels).numpy()
+    parts = []
+    for x, y in _progress(loader, desc):
+        x = batch_to_device(x, device, channels_last)
+        with autocast(device, amp):
+            out = logits_and_embeddings(model, x) if embeddings else (model(x),)
+        parts.append([o.float().cpu() for o in out] + [y])
+    if not parts:
+        raise ValueError("predict: the loader yields no batches")
+    return tuple(torch.cat(column).numpy() for column in zip(*parts))

@@ -1,7 +1,6 @@
 """Devices, seeds, distributed setup and checkpoints shared by both training scripts."""
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from pathlib import Path
@@ -54,18 +53,12 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (fp16/bf16 autocast); a no-op context on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg, optimizer=None, epoch: int | None = None,
                     **extra) -> Path:
     """A ``state_dict`` checkpoint with the config it was trained with (never a pickled model)."""
-    model = model.module if hasattr(model, "module") else model
-    state = {"model": model.state_dict(), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg,
+    from .loops import unwrap  # loops builds on this module
+
+    state = {"model": unwrap(model).state_dict(), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg,
              "epoch": epoch, **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import runtime
+from ..core import loops, runtime
 from .data import random_flips
 from .model import N_CLASSES
 
@@ -25,30 +26,23 @@ class FitResult:
     log: list[dict] = field(default_factory=list)
 
 
-def _loader(dataset, batch_size, shuffle, seed, workers, distributed=False):
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if distributed:
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-        shuffle = False
-    workers = 0 if getattr(dataset, "images", None) is not None else workers
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                                       generator=generator, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+def cell_loader(dataset, batch_size: int, device, shuffle: bool = False, seed: int = 0, workers: int = 0,
+           distributed: bool = False):
+    """``loops.make_loader`` over cells, with its own generator seeded by ``seed``; a dataset whose
+    images are decoded up front (``CellDataset`` cache) is read in process, without workers."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset  # a loops.shard
+    workers = 0 if getattr(base, "images", None) is not None else workers
+    return loops.make_loader(dataset, batch_size, workers, device, shuffle=shuffle, seed=seed,
+                             distributed=distributed, persistent_workers=True)
 
 
-@torch.no_grad()
 def predict(model: nn.Module, dataset, device, batch_size: int = 32, amp: bool = True) -> np.ndarray:
     """Log-probabilities [N, 5] of every item of ``dataset`` (in order), model in eval mode."""
-    model.eval()
-    out = []
-    for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast(device, amp):
-            out.append(model(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, N_CLASSES), np.float32)
+    if len(dataset) == 0:
+        return np.zeros((0, N_CLASSES), np.float32)
+    log_probs, _ = loops.predict(model, loops.make_loader(dataset, batch_size, 0, device), device, amp,
+                                 channels_last=True, desc=None)
+    return log_probs
 
 
 @torch.no_grad()
@@ -66,26 +60,11 @@ def recompute_bn_stats(model: nn.Module, loader, device, amp: bool = False) -> N
         m.momentum = None  # cumulative average over the batches
         m.train()
     for x, _ in loader:
-        x = x.to(device, non_blocking=True)
-        with runtime.autocast(device, amp):
-            model(x)
+        with loops.autocast(device, amp):
+            model(loops.batch_to_device(x, device, channels_last=True))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
-
-
-def _evaluate(model, loader, device, amp) -> tuple[float, float]:
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with runtime.autocast(device, amp):
-                lp = model(x)
-            loss_sum += F.nll_loss(lp, y, reduction="sum").item()
-            correct += (lp.argmax(1) == y).sum().item()
-            n += len(y)
-    return loss_sum / max(n, 1), correct / max(n, 1)
 
 
 FIT_STATE_VERSION = 1
@@ -115,22 +94,6 @@ def _save_fit_state(path, model, opt, sched, scaler, gen, best: "FitResult", tcf
                             best_epoch=best.best_epoch, log=best.log)
 
 
-def train_step(net: nn.Module, opt, scaler, x: torch.Tensor, y: torch.Tensor, amp: bool) -> tuple[float, int]:
-    """One optimisation step on a batch already on the device (channels_last on CUDA, autocast when
-    ``amp``): binomial log-probabilities, NLL, backward, Adam through ``scaler``. Returns the batch's
-    mean loss and its number of correct argmax predictions."""
-    if x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with runtime.autocast(x.device, amp):
-        lp = net(x)
-    loss = F.nll_loss(lp, y)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    return loss.item(), int((lp.detach().argmax(1) == y).sum().item())
-
-
 def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, workers: int = 0,
         progress=None, checkpoint=None, resume: dict | None = None) -> FitResult:
     """Train with Adam, reduce-on-plateau on the validation loss and early stopping with restarts.
@@ -144,14 +107,14 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
     far and the log). ``resume``: such a state (``load_fit_state``); training continues after its
     epoch and, with the same seed on the same device, ends exactly as an uninterrupted fit does.
     """
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    amp = bool(tcfg.amp) and device.type == "cuda"
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    distributed = loops.is_distributed()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    amp = tcfg.amp  # the config value: loops.autocast_dtype decides (float16 on CUDA, off on CPU)
+    loops.to_device(model, device, channels_last=True)
+    net = loops.wrap_distributed(model, device)
     gen = torch.Generator().manual_seed(seed)
-    val_loader = _loader(val_set, tcfg.batch_size, False, seed, workers)
+    val_loader = cell_loader(loops.shard(val_set, rank, world), tcfg.batch_size, device, seed=seed, workers=workers)
+    flips = functools.partial(random_flips, generator=gen, rotate=tcfg.rot90)  # on the device, before each step
     best = FitResult(copy.deepcopy(model.state_dict()), math.inf, -1)
     epoch_total, first_restart = 0, 0
     if resume is not None:
@@ -169,7 +132,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
         opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr / 2 ** restart)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor,
                                                            patience=tcfg.plateau_patience)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        scaler = loops.grad_scaler(device, amp)
         stale, first_epoch = 0, 0
         if resumed:  # the run that was going on: its weights, optimizer, scheduler and counters
             model.load_state_dict(resume["model"])
@@ -181,26 +144,21 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
                 continue
         for epoch in range(first_epoch, tcfg.epochs):
             t0 = time.perf_counter()
-            train_loader = _loader(train_set, tcfg.batch_size, True, seed + epoch_total, workers, distributed)
+            train_loader = cell_loader(train_set, tcfg.batch_size, device, True, seed + epoch_total, workers,
+                                       distributed)
             if distributed:
                 train_loader.sampler.set_epoch(epoch_total)
-            net.train()
-            loss_sum, correct, n = 0.0, 0, 0
-            for x, y in train_loader:
-                if len(y) < 2 and n > 0:  # a lone sample breaks batch norm in training mode
-                    continue
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss, hits = train_step(net, opt, scaler, random_flips(x, gen, rotate=tcfg.rot90), y, amp)
-                loss_sum += loss * len(y)
-                correct += hits
-                n += len(y)
+            tr = loops.train_epoch(net, train_loader, opt, F.nll_loss, device, scaler, amp, channels_last=True,
+                                   augment=flips, min_batch=2, desc=None)
             if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
                 for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike
                     torch.distributed.broadcast(buf, src=0)
             if tcfg.precise_bn:
-                recompute_bn_stats(model, _loader(train_set, tcfg.batch_size, False, seed, workers), device, amp)
-            val_loss, val_acc = _evaluate(model, val_loader, device, amp) if len(val_set) else (
-                loss_sum / max(n, 1), correct / max(n, 1))
+                recompute_bn_stats(model, cell_loader(train_set, tcfg.batch_size, device, seed=seed, workers=workers),
+                                   device, amp)
+            va = loops.evaluate(model, val_loader, F.nll_loss, device, amp, channels_last=True, desc=None) \
+                if len(val_set) else tr
+            val_loss, val_acc = va["loss"], va["acc"]
             lr = opt.param_groups[0]["lr"]
             sched.step(val_loss)
             improved = val_loss < best.best_val_loss
@@ -210,8 +168,8 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
                 stale = 0
             else:
                 stale += 1
-            row = {"run": restart, "epoch": epoch_total, "lr": lr, "train_loss": loss_sum / max(n, 1),
-                   "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc,
+            row = {"run": restart, "epoch": epoch_total, "lr": lr, "train_loss": tr["loss"],
+                   "train_acc": tr["acc"], "val_loss": val_loss, "val_acc": val_acc,
                    "best": improved, "seconds": round(time.perf_counter() - t0, 3)}
             best.log.append(row)
             epoch_total += 1
@@ -228,5 +186,6 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
 
 def show_epoch(bar, row: dict) -> None:
     """Advance a tqdm bar by one epoch of ``fit`` and show its run and losses."""
+    bar.set_postfix(run=row["run"], train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}",
+                    refresh=False)  # shown when update draws the bar, at tqdm's pace
     bar.update(1)
-    bar.set_postfix(run=row["run"], train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
