@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 from ..core import runs, runtime
 from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import _all_reduce_sums, _inputs, _progress
+from .patches import STAMP as PATCHES_STAMP
+from .patches import patches_dir
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -96,14 +98,12 @@ def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: 
 RUN_KEYS = ("seed", "paths.data", "patch", "split", "model", "train")  # what decides a trained classifier
 
 
-STAMP = "train_classification.stamp.json"  # the run stamp (urbanlens.core.runs) beside the checkpoints
+STAMP = "train_classification.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/cities
 
 
 def run_inputs(data_dir: str | Path) -> dict:
     """Fingerprint of the data a classifier trains on: the patch manifest and the patches' own stamp
     (both hashed whatever their size, so re-cutting the same patches is the same data)."""
-    from .patches import STAMP as PATCHES_STAMP, patches_dir
-
     folder = patches_dir(data_dir)
     return runs.fingerprint(data_dir, [folder / "manifest.csv", folder / PATCHES_STAMP], hash_up_to=1 << 40)
 
