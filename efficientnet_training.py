@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.core import config, entry, files, runtime
+from urbanlens.core import config, entry, files, runs, runtime
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting, metrics, results, skips
@@ -82,16 +82,18 @@ def main() -> None:
                                             where=f"{ses_dir / 'cells.gpkg'}: {city}")
 
         # 2. finished folds are reused only when they were trained with this config (or overwrite=true)
-        retrain = results.previous_run_differs(city_dir / "train_config.yaml", cfg)
+        stamp, inputs = city_dir / results.STAMP, results.run_inputs(ses_dir, city, df)
+        retrain = runs.compare(stamp, cfg, results.RUN_KEYS, inputs) if runs.has_outputs(city_dir, [stamp.name]) else []
         if retrain and not cfg.overwrite:
-            raise DataError(f"{city_dir}: holds models trained with another config (seed, ses_model, ses_train "
-                     f"or cell size); use --set overwrite=true to retrain them, or another paths.results")
+            runs.refuse(city_dir, "holds models trained with another config or other cells", retrain,
+                        "use --set overwrite=true to retrain them, or another paths.results")
         sync()
         if main:
             if retrain:  # unmark the old folds first, so an interrupted retraining never reuses them
                 for done in (*city_dir.glob("fold_*/metrics.json"), *city_dir.glob("fold_*/last.pt")):
                     done.unlink()
             files.save_run_config(cfg, city_dir, "train_config.yaml")
+            runs.write_stamp(stamp, "efficientnet_training.py", cfg, results.RUN_KEYS, inputs)
             files.write_csv(ses_folds.folds_frame(df["cell_id"], splits), city_dir / "folds.csv")
         data = ses_data.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
                                cache=ses_data.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))

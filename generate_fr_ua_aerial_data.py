@@ -23,10 +23,9 @@ import time
 
 import geopandas as gpd
 import pandas as pd
-import yaml
 
-from urbanlens.core import entry, shards
-from urbanlens.core.config import changed_keys, cli, data_dir, results_dir
+from urbanlens.core import entry, runs, shards
+from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import atomic_path, save_run_config
 from urbanlens.ses import census as ses_census
@@ -36,21 +35,21 @@ from urbanlens.ses import tiles as ses_tiles
 
 
 def main() -> None:
-    RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px")
-
     cfg, args = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=shards.add_shard_args)
     start = time.time()
     out = results_dir(cfg, "ses")
     index_path = out / "cells.gpkg"
 
     # A results folder extracted from other data or at another size is not mixed with this run.
-    previous = out / "extract_config.yaml"
-    if previous.is_file() and not cfg.overwrite:
-        old = yaml.safe_load(previous.read_text())
-        changed = changed_keys(old, cfg, RUN_KEYS)
-        if changed:
-            raise DataError(f"{out}: holds cells extracted with other settings ({', '.join(changed)}); "
-                             "use another paths.results or --set overwrite=true")
+    stamp, inputs = out / extraction.STAMP, extraction.run_inputs(cfg)
+    changed = runs.compare(stamp, cfg, extraction.RUN_KEYS, inputs) if runs.has_outputs(out, [stamp.name]) else []
+    if changed and (not cfg.overwrite or args.shard):
+        runs.refuse(out, "holds cells extracted with other settings", changed,
+                    f"delete {out} before sharded runs" if cfg.overwrite else
+                    "use another paths.results or --set overwrite=true")
+    if changed:  # overwrite=true: no cell image of the other run is kept
+        extraction.clear_cells(out)
+    runs.write_stamp(stamp, "generate_fr_ua_aerial_data.py", cfg, extraction.RUN_KEYS, inputs)
     if cfg.ses.cell_size_m != 200:
         raise DataError(f"config: ses.cell_size_m={cfg.ses.cell_size_m}; the INSEE grid cells are 200 m")
     # --merge N: every shard's partial index must be there before anything is read

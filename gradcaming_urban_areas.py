@@ -77,6 +77,7 @@ def main() -> None:
         landuse, _ = urban_atlas.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city)
         landuse = landuse.to_crs(ses_maps.CAM_CRS)
         files.save_run_config(cfg, city_dir, "cams_config.yaml")
+        fresh_after = ses_maps.maps_fresh_after(city_dir, cfg, ckpt_path)  # maps of another model or settings are redone
 
         def compute(rows):  # [B, 2, H, W]: guided Grad-CAM of the poorest and the richest class
             x = torch.stack([data.load_cell_image(ses_dir / p, size) for p in rows["path"]]).to(device)
@@ -95,13 +96,13 @@ def main() -> None:
             stats_path, todo = shards.shard_path(stats_path, i, n), city_cells.iloc[first:stop]
         n_new = n_pieces = 0
         if args.merge:  # 2'. the N shards' statistics, checked and copied in order
-            parts = shards.shard_paths(stats_path, args.merge, newer_than=ckpt_path.stat().st_mtime)
+            parts = shards.shard_paths(stats_path, args.merge, newer_than=fresh_after)
             with files.atomic_path(stats_path) as tmp:
                 n_pieces = shards.append_layers(parts, tmp, "polygon_stats", ses_maps.empty_polygon_stats(landuse.crs))
         else:
             with files.atomic_path(stats_path) as tmp, tqdm(total=len(todo), desc=f"{city} cams", unit="cell") as bar:
                 for batch in ses_maps.cell_map_batches(todo, compute, city_dir / "cams", cc.batch_size,
-                                                    newer_than=ckpt_path.stat().st_mtime, nodata=nodata):
+                                                    newer_than=fresh_after, nodata=nodata):
                     rows = [ses_maps.cell_polygon_stats(m, t, zonal.cell_pieces(landuse, row.geometry), row.cell_id, city)
                             for row, m, t, _ in batch]
                     rows = pd.concat(rows, ignore_index=True)

@@ -9,15 +9,9 @@ half (test) and a right half (val), and each half is patched with `patch.size` a
 """
 import time
 
-from urbanlens.cities.patches import (
-    SPLITS,
-    patches_dir,
-    plan_split,
-    reset_if_settings_changed,
-    settings_conflict,
-    write_patches,
-)
-from urbanlens.core import entry
+from urbanlens.cities import patches
+from urbanlens.cities.patches import SPLITS, patches_dir, plan_split, write_patches
+from urbanlens.core import entry, runs
 from urbanlens.core.config import cli, data_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_run_config, write_csv
@@ -41,15 +35,17 @@ def main() -> None:
         raise DataError(f"{raw}: no usable city image (all skipped, see above); fix the files listed "
                  "or lower patch.size")
 
-    # 2. cut: patches of each source image, in parallel; files already there are kept
-    settings = {"size": cfg.patch.size, "stride": cfg.patch.stride, "jpeg_quality": cfg.patch.jpeg_quality,
-                "test_b_per_city": cfg.split.test_b_per_city, "seed": cfg.seed}
-    changed = settings_conflict(out, settings)
+    # 2. cut: patches of each source image, in parallel; files already there are kept, unless they were
+    #    cut with other settings or from a source image changed since
+    sources = runs.fingerprint(cfg.paths.data, [raw / s for s in sorted(plan["source"].unique())])
+    changed = patches.patch_changes(out, cfg, sources)
     if changed and not cfg.overwrite:
-        raise DataError(f"{out}: holds patches cut with other settings ({', '.join(changed)}); "
-                 "use --set overwrite=true to cut them again, or another paths.data")
-    if reset_if_settings_changed(out, settings):
+        runs.refuse(out, "holds patches cut with other settings", changed,
+                    "use --set overwrite=true to cut them again, or another paths.data")
+    if changed:
+        patches.clear_patches(out)
         print(f"[preprocessing] {out} held patches made with other settings: cut again")
+    runs.write_stamp(out / patches.STAMP, "preprocessing.py", cfg, patches.RUN_KEYS, sources)
     failed = {}
     written = write_patches(plan, raw, out, cfg.patch.jpeg_quality, cfg.workers, failed=failed)
     for source, problem in failed.items():

@@ -24,10 +24,9 @@ from torch.nn import functional as F
 from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, loops, runtime
+from urbanlens.core import entry, loops, runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
-from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_run_config
 
 
@@ -71,11 +70,12 @@ def main() -> None:
     last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
     done, best_acc = 0, -1.0
     state = runtime.load_checkpoint(last_pt) if last_pt.is_file() else None
-    changed = cities_training.run_changes(state["config"], cfg) if state is not None else []
+    stamp, inputs = out / cities_training.STAMP, cities_training.run_inputs(cfg.paths.data)
+    changed = runs.compare(stamp, cfg, cities_training.RUN_KEYS, inputs) if state is not None else []
     if state is not None and changed and not args.resume:
         if not cfg.overwrite:
-            raise DataError(f"{last_pt}: trained with other settings ({', '.join(changed)}); re-run with --resume "
-                     f"to continue it, --set overwrite=true to train from scratch, or use another paths.results")
+            runs.refuse(last_pt, "trained with other settings", changed, "re-run with --resume to continue it, "
+                        "--set overwrite=true to train from scratch, or use another paths.results")
         state = None
         if main:  # start over: the old run's checkpoints must not be taken for this one's
             last_pt.unlink(missing_ok=True)
@@ -91,6 +91,7 @@ def main() -> None:
     model = loops.wrap_distributed(model, device)
     if main:
         save_run_config(cfg, out, "train_config.yaml")
+        runs.write_stamp(stamp, "train_classification.py", cfg, cities_training.RUN_KEYS, inputs)
         print(f"[train] {len(train_set)} train / {len(val_set)} val patches, {len(classes)} cities, "
               f"{cfg.model.backbone} on {device} x{world}, {len(train_loader)} steps per epoch")
 

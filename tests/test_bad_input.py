@@ -19,9 +19,10 @@ import torch
 import yaml
 from PIL import Image
 
-from urbanlens.core import runtime
+from urbanlens.core import runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import load_config
+from urbanlens.ses import results
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
@@ -431,7 +432,8 @@ def test_ses_training_refuses_another_runs_models(ses, ses_world):
     city_dir = root / "results" / "ses" / "Paris"
     city_dir.mkdir()
     (city_dir / "train_config.yaml").write_text(yaml.safe_dump(other.to_dict(), sort_keys=False))
-    one_line_error(run(["efficientnet_training.py"], root, ses=True), str(city_dir), "overwrite=true")
+    runs.write_stamp(city_dir / results.STAMP, "efficientnet_training.py", other, results.RUN_KEYS)
+    one_line_error(run(["efficientnet_training.py"], root, ses=True), str(city_dir), "seed", "overwrite=true")
     assert not list(city_dir.glob("fold_*")) and not temp_files(root)
 
 

@@ -235,15 +235,16 @@ def test_city_training_resumes_from_its_last_epoch(cities):
 
 def test_a_rerun_continues_only_a_checkpoint_of_the_same_settings():
     from urbanlens.cities import training
+    from urbanlens.core import runs
     from urbanlens.core.config import load_config
 
     cfg = load_config(ROOT / "configs" / "cities_demo.yaml")
-    saved = cfg.to_dict()
-    assert training.run_changes(saved, cfg) == []
-    assert training.run_changes(saved, load_config(ROOT / "configs" / "cities_demo.yaml",
-                                                   ["workers=7", "device=cpu", "test.batch_size=3"])) == []
+    saved = runs.make_stamp("train_classification.py", cfg, training.RUN_KEYS)
+    assert runs.differences(saved, cfg, training.RUN_KEYS) == []
+    assert runs.differences(saved, load_config(ROOT / "configs" / "cities_demo.yaml",
+                                               ["workers=7", "device=cpu", "test.batch_size=3"]), training.RUN_KEYS) == []
     other = load_config(ROOT / "configs" / "cities_demo.yaml", ["train.lr=0.01", "seed=4", "patch.stride=32"])
-    assert training.run_changes(saved, other) == ["seed", "patch.stride", "train.lr"]
+    assert runs.differences(saved, other, training.RUN_KEYS) == ["seed", "patch.stride", "train.lr"]
 
 
 # ----------------------------------------------------------------------------------------- SES

@@ -10,15 +10,19 @@ import pytest
 from PIL import Image
 
 from urbanlens.cities.patches import (
+    RUN_KEYS,
+    STAMP,
     class_names,
+    clear_patches,
     parse_city_folder,
+    patch_changes,
     patch_grid,
     plan_split,
     read_manifest,
-    reset_if_settings_changed,
     write_patches,
 )
-from urbanlens.core import errors
+from urbanlens.core import errors, runs
+from urbanlens.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,17 +169,28 @@ def test_preprocessing_rerun_does_not_redo_work(tmp_path):
 def test_patches_of_other_settings_are_not_reused(tmp_path):
     raw = make_raw(tmp_path / "raw", cities=("Alpha (AAA)",), sites=("s1", "s2"), images=1)
     out = tmp_path / "patches"
-    assert not reset_if_settings_changed(out, {"size": 40, "stride": 20})
+    cfg40, cfg60 = (load_config(None, [f"patch.size={s}", "patch.stride=20"]) for s in (40, 60))
+    sources = runs.fingerprint(tmp_path, sorted(raw.rglob("*.jpg")))
+    assert patch_changes(out, cfg40, sources) == []                     # nothing there yet
     plan40, _ = plan_split(raw, 40, 20, 3, 0)
     write_patches(plan40, raw, out, progress=False)
-    assert not reset_if_settings_changed(out, {"size": 40, "stride": 20})     # same: kept
+    runs.write_stamp(out / STAMP, "preprocessing.py", cfg40, RUN_KEYS, sources)
+    assert patch_changes(out, cfg40, sources) == []                     # same: kept
     assert (out / plan40.path.iloc[0]).exists()
-    assert reset_if_settings_changed(out, {"size": 60, "stride": 20})         # other: emptied
+    assert patch_changes(out, cfg60, sources) == ["patch.size"]         # other: named, then emptied
+    clear_patches(out)
     assert not list(out.rglob("*.jpg"))
     plan60, _ = plan_split(raw, 60, 20, 3, 0)
     assert write_patches(plan60, raw, out, progress=False) == len(plan60)
     with Image.open(out / plan60.path.iloc[0]) as im:
         assert im.size == (60, 60)
+    runs.write_stamp(out / STAMP, "preprocessing.py", cfg60, RUN_KEYS, sources)
+    # a source image changed since its patches were cut is named; an added one is not a conflict
+    src = sorted(raw.rglob("*.jpg"))[0]
+    Image.new("RGB", (120, 120), (1, 2, 3)).save(src)
+    Image.new("RGB", (120, 120)).save(src.with_name("new.jpg"))
+    now = runs.fingerprint(tmp_path, sorted(raw.rglob("*.jpg")))
+    assert patch_changes(out, cfg60, now) == [f"input {src.relative_to(tmp_path).as_posix()} modified"]
 
 
 def test_preprocessing_bad_folder_is_one_clear_line(tmp_path):

@@ -23,8 +23,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from ..core import runs
 from ..core.errors import DataError
-from ..core.files import atomic_path, read_json, write_json
+from ..core.files import atomic_path
 
 SPLITS = ("train", "val", "test", "test_b")
 
@@ -211,38 +212,36 @@ def write_patches(plan: pd.DataFrame, raw_dir: str | Path, out_dir: str | Path, 
     return written
 
 
-def reset_if_settings_changed(out_dir: str | Path, settings: dict) -> bool:
-    """Keep ``out_dir`` only if it was made with the same ``settings``; else empty it. True if emptied.
+RUN_KEYS = ("patch.size", "patch.stride", "patch.jpeg_quality", "split.test_b_per_city", "seed")  # what makes a patch
 
-    Patch file names hold only offsets, so patches cut with another size, stride, quality or
-    sample would otherwise be taken for done.
-    """
+
+STAMP = "preprocessing.stamp.json"  # the run stamp (urbanlens.core.runs) beside the patches
+
+
+def has_patches(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds a manifest or any file of a split."""
     out_dir = Path(out_dir)
-    stamp = out_dir / "settings.json"
-    if stamp.is_file() and read_json(stamp) == settings:
-        return False
-    emptied = out_dir.exists() and any(out_dir.iterdir())
+    return (out_dir / "manifest.csv").is_file() or any(
+        (out_dir / s).is_dir() and any((out_dir / s).iterdir()) for s in SPLITS)
+
+
+def patch_changes(out_dir: str | Path, cfg, sources: dict[str, dict]) -> list[str]:
+    """What makes the patches in ``out_dir`` not this run's: changed ``RUN_KEYS`` or a modified source
+    image (``sources``: ``runs.fingerprint`` of the images cut). [] when there is no patch yet. Patch
+    names hold only offsets, so patches of other settings would otherwise be taken for done; an added
+    or removed source image only adds or drops its own patches (the manifest is written anew)."""
+    if not has_patches(out_dir):
+        return []
+    return runs.compare(Path(out_dir) / STAMP, cfg, RUN_KEYS, sources, kinds=("modified",))
+
+
+def clear_patches(out_dir: str | Path) -> None:
+    """Remove every split folder and the manifest of ``out_dir`` (its stamp and config stay)."""
+    out_dir = Path(out_dir)
     for split in SPLITS:
         if (out_dir / split).is_dir():
             shutil.rmtree(out_dir / split)
     (out_dir / "manifest.csv").unlink(missing_ok=True)
-    write_json(stamp, settings)
-    return emptied
-
-
-def settings_conflict(out_dir: str | Path, settings: dict) -> list[str]:
-    """Names of the ``settings`` that differ from those the patches already in ``out_dir`` were cut
-    with; [] when ``out_dir`` holds no patch (or no record of its settings) or the same settings."""
-    out_dir = Path(out_dir)
-    stamp = out_dir / "settings.json"
-    has_patches = (out_dir / "manifest.csv").is_file() or any(
-        (out_dir / s).is_dir() and any((out_dir / s).iterdir()) for s in SPLITS)
-    if not has_patches:
-        return []
-    if not stamp.is_file():
-        return ["unknown (no settings.json)"]
-    old = read_json(stamp)
-    return [k for k in settings if old.get(k) != settings[k]] + [k for k in old if k not in settings]
 
 
 def patches_dir(data_dir: str | Path) -> Path:

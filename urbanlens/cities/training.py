@@ -11,9 +11,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.config import changed_keys
+from ..core import runs
 from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import unwrap
+from .patches import STAMP as PATCHES_STAMP
+from .patches import patches_dir
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -64,10 +66,14 @@ def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: 
 RUN_KEYS = ("seed", "paths.data", "patch", "split", "model", "train")  # what decides a trained classifier
 
 
-def run_changes(saved: dict, cfg) -> list[str]:
-    """The config keys (dotted, leaves) under ``RUN_KEYS`` whose values differ between a checkpoint's
-    saved config and ``cfg``: empty when re-running the same command may continue the checkpoint."""
-    return changed_keys(saved, cfg, RUN_KEYS)
+STAMP = "train_classification.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/cities
+
+
+def run_inputs(data_dir: str | Path) -> dict:
+    """Fingerprint of the data a classifier trains on: the patch manifest and the patches' own stamp
+    (both hashed whatever their size, so re-cutting the same patches is the same data)."""
+    folder = patches_dir(data_dir)
+    return runs.fingerprint(data_dir, [folder / "manifest.csv", folder / PATCHES_STAMP], hash_up_to=1 << 40)
 
 
 def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

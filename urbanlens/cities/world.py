@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..core import runs
 from ..core.config import cli, data_dir
 from ..core.errors import ConfigError, StaleRun
-from ..core.files import atomic_path, read_json, save_run_config, write_json
+from ..core.files import atomic_path, save_run_config, write_json
 from .world_render import STYLE_KEYS, render_image
 
 MARGIN = 0.1  # pair centres stay this far inside the unit cube so twin offsets rarely need clipping
@@ -164,33 +165,33 @@ def _render_job(job: tuple) -> str:
     return path
 
 
-def _world_signature(cfg) -> dict:
-    return {"seed": cfg.seed, "world": cfg.world.to_dict()}
+RUN_KEYS = ("seed", "world")  # what the world is made from
+
+
+STAMP = "world.stamp.json"  # the run stamp (urbanlens.core.runs) in <paths.data>/cities
 
 
 def generate_world(cfg) -> Path:
     """Write ``<paths.data>/cities/raw/<City Name (IATA)>/<site>/<image>.jpg`` and ``truth.json``.
 
-    Skips when ``truth.json`` records the same world config and seed. A world built with other
-    settings is replaced (its derived patches too); a build that was interrupted resumes.
+    Skips when the world's stamp records the same world config and seed and ``truth.json`` (written
+    last) is there. A world built with other settings is replaced (its derived patches too); a build
+    that was interrupted resumes.
     """
     root = data_dir(cfg, "cities")
-    truth_path, marker = root / "truth.json", root / ".world_building.json"
-    signature = _world_signature(cfg)
-    if truth_path.is_file():
-        old = read_json(truth_path)
-        if {"seed": old.get("seed"), "world": old.get("world")} == signature:
+    truth_path, stamp = root / "truth.json", root / STAMP
+    if stamp.is_file() or truth_path.is_file():  # a world of this generator, complete or not
+        changed = runs.compare(stamp, cfg, RUN_KEYS)
+        if not changed and truth_path.is_file():
             print(f"world exists: {truth_path}")
             return root
-        print(f"[world] {truth_path} was built with other settings: rebuilding")
-        _remove_world(root)
-    elif marker.is_file():
-        if read_json(marker) != signature:
+        if changed:
+            print(f"[world] {root} was built with other settings ({runs.summary(changed)}): rebuilding")
             _remove_world(root)
     elif (root / "raw").is_dir() and any((root / "raw").iterdir()):
         raise StaleRun(f"{root / 'raw'}: holds images the generator did not make; "
                          "move them away or point paths.data elsewhere")
-    write_json(marker, signature)
+    runs.write_stamp(stamp, "python -m urbanlens.cities.world", cfg, RUN_KEYS)
     w = cfg.world
     styles = city_styles(w.n_cities, cfg.seed, w.twin_distance)
     jobs = _image_jobs(cfg, root, styles)
@@ -206,13 +207,13 @@ def generate_world(cfg) -> Path:
     bar.close()
     twins = [[s["iata"], s["twin"]] for s in styles[0::2] if s["twin"]]
     cities = {s["iata"]: {k: v for k, v in s.items() if k != "iata"} for s in styles}
-    write_json(truth_path, {"twins": twins, "cities": cities, "style_keys": list(STYLE_KEYS), **signature})
-    marker.unlink()
+    write_json(truth_path, {"twins": twins, "cities": cities, "style_keys": list(STYLE_KEYS), "seed": cfg.seed,
+                            "world": cfg.world.to_dict()})
     return root
 
 
 def _remove_world(root: Path) -> None:
-    for name in ("raw", "patches", "truth.json", ".world_building.json", "world_config.yaml"):
+    for name in ("raw", "patches", "truth.json", STAMP, ".world_building.json", "world_config.yaml"):
         p = root / name
         if p.is_dir():
             shutil.rmtree(p)

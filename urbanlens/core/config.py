@@ -189,27 +189,6 @@ def cli(description: str, default_config: str | None = None, extra=None) -> tupl
     return load_config(args.config, args.overrides), args
 
 
-def changed_keys(saved: dict, cfg, keys: Iterable[str]) -> list[str]:
-    """The dotted leaf keys under each of ``keys`` (sections or values) whose values differ between a
-    saved run's config ``saved`` and ``cfg``: [] when a re-run may reuse what that run wrote."""
-    now = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-    def leaves(d, prefix):
-        if not isinstance(d, dict):
-            return {prefix[:-1]: d}
-        return {k: v for key, sub in d.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
-
-    changed = []
-    for key in keys:
-        a, b = saved, now
-        for part in key.split("."):
-            a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
-        la, lb = leaves(a, key + "."), leaves(b, key + ".")
-        changed += sorted(k for k in la.keys() | lb.keys() if la.get(k) != lb.get(k))
-    return changed
-
-
 def data_dir(cfg: Config, *parts: str) -> Path:
     return Path(cfg.paths.data).joinpath(*parts)
 

@@ -26,10 +26,36 @@ from rasterio.transform import from_bounds
 from rasterio.warp import reproject
 from tqdm import tqdm
 
+from ..core import runs
 from ..core.errors import DataError
 from ..core.files import atomic_path
 from .grid import CELL_PREFIX, LAEA
 from .tiles import _crs, _transformer, tile_crs
+
+# What makes a cell image: the data read and the cell geometry. (Which cells and cities, and the void
+# threshold, may change between runs: the index is written anew, and each cell image is its own.)
+RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px",
+            "ses.imputed", "ses.ortho_product")
+
+
+STAMP = "generate_fr_ua_aerial_data.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/ses
+
+
+def run_inputs(cfg) -> dict:
+    """Fingerprint of every file extraction may read: census, Urban Atlas and orthophotos with their index."""
+    root = Path(cfg.paths.data)
+    return runs.fingerprint(root, runs.files_under(root, cfg.ses.census_file, cfg.ses.ua_dir, cfg.ses.aerial_dir))
+
+
+def clear_cells(out: str | Path) -> None:
+    """Remove the cell images and indexes of ``out`` (``<results>/ses``) so that none is reused."""
+    import shutil
+
+    out = Path(out)
+    if (out / "imagery").is_dir():
+        shutil.rmtree(out / "imagery")
+    for index in out.glob("cells*.gpkg"):
+        index.unlink()
 
 
 def _snap_out(lo: float, hi: float, origin: float, step: float) -> tuple[float, float]:

@@ -9,9 +9,30 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from ..core import runs
 from .zonal import STATS, ZonalError, piece_stats
 
 CAM_CRS = "EPSG:3035"
+
+
+RUN_KEYS = ("cams.clip_percentile", "cams.poor_class", "cams.rich_class")  # what makes a map, with the model
+
+
+STAMP = "gradcaming_urban_areas.stamp.json"  # the run stamp (urbanlens.core.runs) in each city's folder
+
+
+def maps_fresh_after(city_dir, cfg, checkpoint) -> float:
+    """The POSIX time after which a city's map files are this run's: the time of its stamp, renewed
+    (so every earlier map is computed again) when the model (``checkpoint``: size and time) or the
+    ``RUN_KEYS`` differ from those the stamp records."""
+    from pathlib import Path
+
+    stamp, inputs = Path(city_dir) / STAMP, runs.fingerprint(Path(city_dir), [checkpoint], hash_up_to=0)
+    if runs.compare(stamp, cfg, RUN_KEYS, inputs):
+        runs.write_stamp(stamp, "gradcaming_urban_areas.py", cfg, RUN_KEYS, inputs)
+    return stamp.stat().st_mtime
+
+
 POLYGON_STATS_COLUMNS = ["cell_id", "city", "ua_code", "ua_class", "area",
                          *[f"{m}_{s}" for m in ("poor", "rich") for s in STATS],
                          "poor_score", "rich_score", "totvar", "sym_kl", "geometry"]

@@ -6,23 +6,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import files, runtime
+from ..core import files, runs, runtime
 from .figures import confusion_figure
 from .fitting import FitResult
 from .metrics import scalar_metrics, ses_metrics, summarize_folds
 from .model import CLASS_NAMES, N_CLASSES
 
-RUN_KEYS = ("seed", "ses.cell_px", "ses.max_nodata", "ses_model", "ses_train")
+RUN_KEYS = ("seed", "ses.cell_px", "ses.max_nodata", "ses_model", "ses_train")  # what decides a city's models
 
 
-def previous_run_differs(config_file, cfg) -> bool:
-    """True when ``config_file`` (a saved run config) trained with other ``RUN_KEYS`` values than ``cfg``."""
-    import yaml
+STAMP = "efficientnet_training.stamp.json"  # the run stamp (urbanlens.core.runs) in each city's folder
 
-    from ..core.config import changed_keys
 
-    path = Path(config_file)
-    return path.is_file() and bool(changed_keys(yaml.safe_load(path.read_text()), cfg, RUN_KEYS))
+def run_inputs(ses_dir, city: str, cells: pd.DataFrame) -> dict:
+    """Fingerprint of what a city's models learn from: its cells (id, income, image) and the stamp of
+    the extraction that made the images."""
+    from .extraction import STAMP as EXTRACT_STAMP
+
+    return {**runs.table_fingerprint(f"cells.gpkg:{city}", cells[["cell_id", "income", "path"]]),
+            **runs.fingerprint(ses_dir, [Path(ses_dir) / EXTRACT_STAMP], hash_up_to=1 << 40)}
 
 
 def write_fold_outputs(fold_dir, cfg, model, fit: FitResult, m: dict, predictions: pd.DataFrame,

@@ -45,8 +45,9 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from tqdm import tqdm
 
+from ..core import runs
 from ..core.config import cli, data_dir
-from ..core.errors import ConfigError, StaleRun
+from ..core.errors import ConfigError
 from ..core.files import atomic_path, read_json, save_run_config, write_json
 from .grid import L93, LAEA
 from .world_plan import (
@@ -206,8 +207,19 @@ def aerial_driver() -> tuple[str, str]:
         return ("JP2OpenJPEG", "jp2") if "JP2OpenJPEG" in env.drivers() else ("GTiff", "tif")
 
 
+RUN_KEYS = ("seed", "france", "ses.census_file", "ses.ua_dir", "ses.aerial_dir")  # what the world is made from
+
+
+STAMP = "synth_france.stamp.json"  # the run stamp (urbanlens.core.runs) in <paths.data>
+
+
+def run_extra() -> dict:
+    """What the world depends on besides the config: the generator's version, the tile format."""
+    return {"generator_version": GENERATOR_VERSION, "aerial_format": aerial_driver()[0]}
+
+
 def world_params(cfg) -> dict:
-    """Everything the world depends on; a world on disk with other parameters is not reused."""
+    """The parameters of the world, as recorded in ses_truth.json."""
     return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": cfg.france.to_dict(),
             "census_file": cfg.ses.census_file, "ua_dir": cfg.ses.ua_dir, "aerial_dir": cfg.ses.aerial_dir,
             "aerial_format": aerial_driver()[0]}
@@ -300,7 +312,8 @@ def build_world(cfg, progress: bool = True) -> dict:
         "composition_r2": _composition_r2(pd.concat(truth_parts, ignore_index=True)),
         "files": sorted(str(p.relative_to(root)) for p in files),
     }
-    write_json(root / "ses_truth.json", truth)
+    runs.write_stamp(root / STAMP, "python -m urbanlens.ses.world", cfg, RUN_KEYS, extra=run_extra())
+    write_json(root / "ses_truth.json", truth)  # last: a world without it is incomplete
     return truth
 
 
@@ -336,8 +349,8 @@ def remove_world(cfg, truth: dict) -> None:
     root = data_dir(cfg)
     for rel in truth.get("files", []):
         (root / rel).unlink(missing_ok=True)
-    (root / "ses_truth.json").unlink(missing_ok=True)
-    (root / "world_config.yaml").unlink(missing_ok=True)
+    for name in ("ses_truth.json", STAMP, "world_config.yaml"):
+        (root / name).unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -346,13 +359,14 @@ def main() -> None:
     root = data_dir(cfg)
     old = existing_world(cfg)
     if old is not None:
-        if old.get("params") == world_params(cfg):
+        changed = runs.compare(root / STAMP, cfg, RUN_KEYS, extra=run_extra())
+        if not changed:
             print(f"[synth_france] world already built in {root} for this config and seed "
                   f"({root / 'ses_truth.json'}); nothing to do")
             return
         if not cfg.overwrite:
-            raise StaleRun(f"{root / 'ses_truth.json'}: a synthetic world with other parameters is there; "
-                             "use --set overwrite=true to replace it, or another paths.data")
+            runs.refuse(root / "ses_truth.json", "a synthetic world with other parameters is there", changed,
+                        "use --set overwrite=true to replace it, or another paths.data")
         remove_world(cfg, old)
     start = time.time()
     truth = build_world(cfg)
