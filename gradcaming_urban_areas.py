@@ -27,13 +27,10 @@ import sys
 import numpy as np
 import pandas as pd
 import pyogrio
-import torch
-from PIL import Image
-from tqdm import tqdm
 
-from urbanlens.core import backbones, cam, config, entry, files, runtime, shards
+from urbanlens.core import backbones, config, entry, files, runtime, shards
 from urbanlens.core.errors import DataError
-from urbanlens.ses import data, extraction, findings, skips, urban_atlas, zonal
+from urbanlens.ses import data, findings, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import model as ses_model
@@ -79,14 +76,7 @@ def main() -> None:
         files.save_run_config(cfg, city_dir, "cams_config.yaml")
         fresh_after = ses_maps.maps_fresh_after(city_dir, cfg, ckpt_path)  # maps of another model or settings are redone
 
-        def compute(rows):  # [B, 2, H, W]: guided Grad-CAM of the poorest and the richest class
-            x = torch.stack([data.load_cell_image(ses_dir / p, size) for p in rows["path"]]).to(device)
-            return np.stack([cam.guided_gradcam(model, layer, x, k, cc.clip_percentile)
-                             for k in (cc.poor_class, cc.rich_class)], axis=1)
-
-        def nodata(rows):  # [B, H, W]: map pixels whose centre lies on a nodata (all-zero) pixel of the cell image
-            return np.stack([ses_maps.resample_mask(extraction.nodata_mask(extraction.read_png(ses_dir / p)),
-                                                    (size, size)) for p in rows["path"]])
+        compute, nodata = projection.map_functions(model, layer, ses_dir, size, cc, device)
 
         # 2. maps per cell (GeoTIFF, reused on a re-run) -> statistics per land-use piece, written per batch
         stats_path, todo = city_dir / "polygon_stats.gpkg", city_cells
@@ -94,26 +84,11 @@ def main() -> None:
             i, n = args.shard
             first, stop = shards.shard_range(len(city_cells), i, n, align=cc.batch_size)
             stats_path, todo = shards.shard_path(stats_path, i, n), city_cells.iloc[first:stop]
-        n_new = n_pieces = 0
         if args.merge:  # 2'. the N shards' statistics, checked and copied in order
-            parts = shards.shard_paths(stats_path, args.merge, newer_than=fresh_after)
-            with files.atomic_path(stats_path) as tmp:
-                n_pieces = shards.append_layers(parts, tmp, "polygon_stats", ses_maps.empty_polygon_stats(landuse.crs))
+            n_new, n_pieces = 0, projection.merge_shards(stats_path, args.merge, landuse, fresh_after)
         else:
-            with files.atomic_path(stats_path) as tmp, tqdm(total=len(todo), desc=f"{city} cams", unit="cell") as bar:
-                for batch in ses_maps.cell_map_batches(todo, compute, city_dir / "cams", cc.batch_size,
-                                                    newer_than=fresh_after, nodata=nodata):
-                    rows = [ses_maps.cell_polygon_stats(m, t, zonal.cell_pieces(landuse, row.geometry), row.cell_id, city)
-                            for row, m, t, _ in batch]
-                    rows = pd.concat(rows, ignore_index=True)
-                    if len(rows):
-                        rows.to_file(tmp, layer="polygon_stats", driver="GPKG", mode="a" if tmp.exists() else "w",
-                                     promote_to_multi=True)
-                    n_new += sum(new for *_, new in batch)
-                    n_pieces += len(rows)
-                    bar.update(len(batch))
-                if not tmp.exists():  # no piece at all: an empty layer with the columns
-                    ses_maps.empty_polygon_stats(landuse.crs).to_file(tmp, layer="polygon_stats", driver="GPKG")
+            n_new, n_pieces = projection.project_cells(todo, compute, nodata, landuse, city, city_dir, stats_path,
+                                                       cc.batch_size, fresh_after)
 
         if args.shard:
             print(f"[cams {i}/{n}] {city}: cells {first}..{stop - 1} of {len(city_cells)} ({n_new} new maps), "
@@ -131,21 +106,8 @@ def main() -> None:
         files.write_csv(summary, city_dir / "landuse_summary.csv")
 
         # 4. figures: income maps, sampled cell panels, scores per class
-        fig_dir = city_dir / "figures"
-        if preds is not None:
-            files.save_figure(ses_figures.income_map_figure(cells[cells["city"] == city], preds, city),
-                           fig_dir / "income_map.png")
-        sample = city_cells.iloc[np.sort(rng.choice(len(city_cells), min(cc.panels, len(city_cells)), replace=False))]
-        panels = [{"cell_id": r.cell_id, "bounds": r.geometry.bounds,
-                   "image": np.asarray(Image.open(ses_dir / r.path).convert("RGB")),
-                   **dict(zip(("poor", "rich"), ses_maps.read_maps_tif(city_dir / "cams" / f"{r.cell_id}.tif")[0])),
-                   "pieces": zonal.cell_pieces(landuse, r.geometry)} for r in sample.itertuples()]
-        if panels:
-            names = dict(zip(landuse["ua_code"].astype(str), landuse["ua_class"]))
-            files.save_figure(ses_figures.cam_panels_figure(panels, names), fig_dir / "cam_panels.png")
-        if len(summary):
-            files.save_figure(ses_figures.landuse_scores_figure(summary, f"{city}: activation per land-use class"),
-                           fig_dir / "landuse_scores.png")
+        projection.city_figures(city, city_dir, ses_dir, city_cells, cells[cells["city"] == city], preds, landuse,
+                                summary, cc.panels, rng)
         top = summary.iloc[0] if len(summary) else None
         print(f"[cams] {city}: {len(city_cells)} cells ({n_new} new maps), {n_pieces} land-use pieces"
               + (f"; richest-reading class {top.ua_code} {top.ua_class}, poorest-reading "

@@ -1,0 +1,1 @@
+"""City identification from satellite images: synthetic world, patches and split, data and sampling, training, metrics and intervals, similarity, saliency, figures."""

@@ -1,0 +1,1 @@
+"""Socioeconomic status from French aerial images: synthetic world, readers (census, Urban Atlas, tiles), extraction, model, data and folds, fitting, metrics, zonal statistics, maps, findings, figures."""
