@@ -61,5 +61,5 @@ By hand (accounts needed):
     https://geoservices.ign.fr/bdortho  -> unpack each department's delivery into $DATA/aerial_data/
     (RVB is read; IRC deliveries beside it are ignored unless ses.ortho_product=IRC)
 - City satellite images (DL-SLICER, 45 cities): request access from the authors, then place them as
-    $DATA/cities/raw/<City Name (IATA)>/<site>/<image>.jpg
+    $DATA/cities/raw/<City Name (IATA)>/<site>/<image> (.tif, .jp2, .png or .jpg; any bit depth, see README "City images")
 MSG

@@ -38,8 +38,14 @@ run_cities() {
   [[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/cities_demo.yaml "${args[@]}")
   local data; data=$(cfg_get paths.data "${args[@]}")
   if [ ! -d "$data/cities/raw" ]; then
-    echo "[cities] no raw images under $data/cities/raw: building the synthetic world there"
-    bash data_setup.sh --synthetic cities "${args[@]}"
+    # a synthetic world only in the demo configs' own data folder; real data is never stood in for
+    if [ "$(realpath -m "$data")" = "$(realpath -m data/demo)" ]; then
+      echo "[cities] no raw images under $data/cities/raw: building the synthetic demo world there"
+      bash data_setup.sh --synthetic cities "${args[@]}"
+    else
+      echo "error: $data/cities/raw: no city images; place them as <City Name (IATA)>/<site>/<image> (.tif, .jp2, .png or .jpg, two or more sites per city), or build a synthetic world with 'bash data_setup.sh --synthetic cities' and the same --config" >&2
+      exit 1
+    fi
   fi
   $PY preprocessing.py "${args[@]}"
   $PY train_classification.py "${args[@]}"

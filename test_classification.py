@@ -2,7 +2,8 @@
 
 The best checkpoint (by validation accuracy) classifies the patches of test.split (paper: test_b, a fixed
 sample of 500 test patches per city). Writes under <results>/cities/: metrics.json (accuracy, top-5
-accuracy, macro F1, per-city precision and recall, number of patches), predictions.csv,
+accuracy when there are more than 5 cities, macro F1, per-city precision, recall and support, per-site
+accuracy, number of patches), predictions.csv,
 confusion_matrix.csv and .png (rows true, columns predicted, IATA codes, counts and row percentages),
 and city similarity two ways (symmetrised row-normalised confusions; cosine similarity of the cities'
 mean penultimate embeddings): similarity.csv, similar_pairs.csv, dendrogram_confusion.png and
@@ -21,6 +22,7 @@ from scipy.special import softmax
 
 from urbanlens.cities import data, figures, intervals, patches, similarity
 from urbanlens.cities import metrics as cities_metrics
+from urbanlens.cities import training as cities_training
 from urbanlens.core import entry, loops, runtime
 from urbanlens.core.backbones import classifier_from_checkpoint
 from urbanlens.core.config import cli, data_dir, results_dir
@@ -39,7 +41,8 @@ def main() -> None:
     model, trained, classes = classifier_from_checkpoint(state, best_pt)
     model = loops.to_device(model, device, cfg.train.channels_last)
 
-    # Predictions on the test split.
+    # Predictions on the test split, of the patches the model was trained with.
+    cities_training.check_same_patches(out / cities_training.STAMP, cfg.paths.data, best_pt)
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
     size = trained["input_size"]
@@ -51,8 +54,10 @@ def main() -> None:
     pred = logits.argmax(axis=1)
 
     # Accuracy and confusions, with 95 % intervals from a bootstrap over source images.
-    sources = manifest.loc[manifest["split"] == cfg.test.split, "source"].to_numpy()
+    rows = manifest[manifest["split"] == cfg.test.split]
+    sources = rows["source"].to_numpy()
     metrics = cities_metrics.classification_metrics(labels, logits, classes)
+    metrics["per_site"] = cities_metrics.per_site_accuracy(labels, pred, rows["iata"], rows["site"])
     metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"),
                    intervals=intervals.metric_intervals(labels, pred, sources, classes, cfg.test.bootstrap, cfg.seed))
     confusions = cities_metrics.confusion_frame(labels, pred, classes)
@@ -83,7 +88,8 @@ def main() -> None:
     top3 = {m: ", ".join(p["city_a"].head(3) + "-" + p["city_b"].head(3)) for m, p in pairs.groupby("method", sort=False)}
     print(f"[test] {metrics['n_patches']} {cfg.test.split} patches: accuracy {metrics['accuracy']:.3f} "
           f"(95% CI {lo:.3f}-{hi:.3f} over source images), "
-          f"top-5 {metrics['top5_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}; most similar: "
+          + (f"top-5 {metrics['top5_accuracy']:.3f}, " if "top5_accuracy" in metrics else "")
+          + f"macro F1 {metrics['macro_f1']:.3f}; most similar: "
           + "; ".join(f"{m} {t}" for m, t in top3.items()) + f"; results in {out}")
 
 

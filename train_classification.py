@@ -5,6 +5,8 @@ inputs resized to model.input_size with random horizontal and vertical flips and
 Adam (learning rate per train.schedule; the paper's is constant), cross-entropy, class-balanced sampling
 (train.balanced). Each epoch writes <results>/cities/checkpoints/last.pt and a
 row of <results>/cities/train_log.csv; best.pt keeps the epoch of highest validation accuracy.
+Patches changed since last.pt was trained (re-cut, other image or patch settings) are refused, also
+with --resume: overwrite=true trains anew on them.
 Re-running the same command continues from last.pt (an interrupted run loses at most the epoch it was
 in; a finished one is left as it is); --resume also continues one trained with other settings (e.g. more
 train.epochs); overwrite=true starts over. Under torchrun, DistributedDataParallel (train.batch_size is
@@ -71,8 +73,13 @@ def main() -> None:
     done, best_acc = 0, -1.0
     state = runtime.load_checkpoint(last_pt) if last_pt.is_file() else None
     stamp, inputs = out / cities_training.STAMP, cities_training.run_inputs(cfg.paths.data)
-    changed = runs.compare(stamp, cfg, cities_training.RUN_KEYS, inputs) if state is not None else []
-    if state is not None and changed and not args.resume:
+    cut_with = cities_training.patch_settings(cfg.paths.data)
+    changed = runs.compare(stamp, cfg, cities_training.RUN_KEYS, inputs, cut_with) if state is not None else []
+    if cities_training.data_changes(changed) and not cfg.overwrite:  # --resume does not continue on other data
+        runs.refuse(last_pt, f"was trained on other patches than those now in {patches_dir}",
+                    cities_training.data_changes(changed), "--set overwrite=true trains from scratch on these, "
+                    "or cut the old ones again (preprocessing.py with their settings), or use another paths.results")
+    if state is not None and changed and (not args.resume or cities_training.data_changes(changed)):
         if not cfg.overwrite:
             runs.refuse(last_pt, "trained with other settings", changed, "re-run with --resume to continue it, "
                         "--set overwrite=true to train from scratch, or use another paths.results")
@@ -91,7 +98,7 @@ def main() -> None:
     model = loops.wrap_distributed(model, device)
     if main:
         save_run_config(cfg, out, "train_config.yaml")
-        runs.write_stamp(stamp, "train_classification.py", cfg, cities_training.RUN_KEYS, inputs)
+        runs.write_stamp(stamp, "train_classification.py", cfg, cities_training.RUN_KEYS, inputs, cut_with)
         print(f"[train] {len(train_set)} train / {len(val_set)} val patches, {len(classes)} cities, "
               f"{cfg.model.backbone} on {device} x{world}, {len(train_loader)} steps per epoch")
 

@@ -123,7 +123,14 @@ def test_metrics_on_known_predictions():
     assert m["per_city"]["CCC"]["recall"] == 1.0
     f1 = [3 / 4, 1 / 2, 1.0]
     assert m["macro_f1"] == pytest.approx(np.mean(f1))
-    assert m["top5_accuracy"] == 1.0  # 3 classes: top-5 is everything
+    assert "top5_accuracy" not in m  # 3 classes: top-5 would be 1 by construction, so it is not reported
+    six_scores = np.tile(np.arange(6.0), (6, 1))
+    six_scores[np.arange(6), np.arange(6)] = [-1, -1, -1, 10, 10, 10]   # true class lowest for the first three
+    six = cities_metrics.classification_metrics(np.arange(6), six_scores, list("ABCDEF"))
+    assert six["top5_accuracy"] == pytest.approx(3 / 6)
+    sites = cities_metrics.per_site_accuracy(labels, scores.argmax(axis=1), ["AAA"] * 4 + ["BBB"] * 4,
+                                             ["s1", "s1", "s2", "s2"] * 2)
+    assert sum(v["support"] for v in sites.values()) == 8 and sorted(sites) == ["AAA/s1", "AAA/s2", "BBB/s1", "BBB/s2"]
     # top-2: the wrong ones (true 1 -> pred 0 then 1; true 0 -> pred 1 then 2) -> one extra hit
     assert cities_metrics.topk_accuracy(labels, scores, 2) == pytest.approx(7 / 8)
 

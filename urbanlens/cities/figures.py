@@ -21,7 +21,8 @@ def row_percentages(cm: np.ndarray) -> np.ndarray:
 
 def confusion_matrix_figure(cm: np.ndarray, labels: Sequence[str], title: str = "",
                             xlabel: str = "predicted", ylabel: str = "true"):
-    """Cells coloured by row percentage and annotated with the count and the row percentage."""
+    """Cells coloured by row percentage and annotated with the count and the row percentage; each row
+    label carries its support (patches of that true class)."""
     cm = np.asarray(cm)
     pct = row_percentages(cm)
     n = len(labels)
@@ -37,9 +38,9 @@ def confusion_matrix_figure(cm: np.ndarray, labels: Sequence[str], title: str = 
             ax.text(j, i, f"{int(cm[i, j])}\n{pct[i, j]:.0f}%", ha="center", va="center", fontsize=fontsize,
                     color="white" if pct[i, j] > 55 else "black")
     ax.set_xticks(range(n), labels, rotation=90, fontsize=fontsize + 1)
-    ax.set_yticks(range(n), labels, fontsize=fontsize + 1)
+    ax.set_yticks(range(n), [f"{c} (n={int(cm[i].sum())})" for i, c in enumerate(labels)], fontsize=fontsize + 1)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(f"{ylabel} (patches)")
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -5,14 +5,15 @@ city is train; each image of the last site is cut into a left half (test) and a 
 each half is patched on its own, so no test patch overlaps a val patch. ``test_b`` is a fixed, seeded
 sample of test patches per city. Offsets are always in full-image pixel coordinates.
 
-Written: ``<patches>/<split>/<City Name (IATA)>/<site>__<imagestem>__y<y>_x<x>.jpg`` and
-``<patches>/manifest.csv`` (one row per file; test_b files are hard links to the test ones).
+Images are any raster rasterio reads (urbanlens/cities/rasters.py converts each to 8-bit RGB, resampled
+to ``patch.ground_m`` when set); offsets are in the pixels of that converted image.
+
+Written: ``<patches>/<split>/<City Name (IATA)>/<site>__<imagestem>__y<y>_x<x>.jpg``,
+``<patches>/manifest.csv`` (one row per file; test_b files are hard links to the test ones) and
+``<patches>/sources.csv`` (one row per source image: how it was read and scaled, see urbanlens/cities/cutting.py).
 """
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
-import os
 import re
 import shutil
 import zlib
@@ -20,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from tqdm import tqdm
 
 from ..core import runs
 from ..core.errors import DataError
-from ..core.files import atomic_path
+from . import rasters
 
 SPLITS = ("train", "val", "test", "test_b")
 
@@ -71,13 +70,15 @@ def _stable_seed(seed: int, text: str) -> list[int]:
 
 
 def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int, seed: int,
-               strict: bool = False) -> tuple[pd.DataFrame, list[str]]:
+               strict: bool = False, ground_m: float | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every patch to cut, as a manifest frame (MANIFEST_COLUMNS), plus the problems met.
 
-    Image sizes come from file headers (nothing is decoded). A city folder with a bad name raises
-    ValueError. These are listed in the problems and left out (``strict``: ValueError at the first):
-    an unreadable image, an image too small for one patch per split part, a city with fewer than two
-    sites (the split needs train sites and a test/val site) or without a usable image for a split.
+    Image sizes come from file headers (rasterio; nothing is decoded); with ``ground_m`` they are the
+    sizes resampled to that ground resolution, and offsets are in those pixels. A city folder with a bad
+    name raises DataError. These are listed in the problems and left out (``strict``: DataError at the
+    first): an unreadable image, an image without georeference when ``ground_m`` is set, an image too
+    small for one patch per split part, a city with fewer than two sites (the split needs train sites
+    and a test/val site) or without a usable image for a split.
     """
     raw_dir = Path(raw_dir)
     rows, problems, codes = [], [], {}
@@ -103,11 +104,15 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
             last = si == len(sites) - 1
             for img in _images(site_dir):
                 try:
-                    with Image.open(img) as im:
-                        width, height = im.size
-                except Exception as e:  # PIL raises several kinds for broken files
+                    head = rasters.header(img, ground_m)
+                except Exception as e:  # rasterio raises RasterioIOError and others for broken files
                     problem(f"{img}: unreadable image ({type(e).__name__}); replace or delete it")
                     continue
+                if ground_m is not None and head["res_m"] is None:
+                    problem(f"{img}: not georeferenced, so patch.ground_m={ground_m} cannot be applied; left out: "
+                            "give it a georeference (e.g. a world file) or set patch.ground_m to null")
+                    continue
+                width, height = head["out_width"], head["out_height"]
                 source = img.relative_to(raw_dir).as_posix()
                 if not last:
                     parts = [("train", 0, width)]
@@ -131,88 +136,70 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
             problem(f"{city_dir}: no {'/'.join(lacking)} patches (no usable image in {where}); city left out: "
                     "add images or remove the city")
             continue
-        test = [r for r in city_rows if r["split"] == "test"]
-        if test:
-            rng = np.random.default_rng(_stable_seed(seed, iata))
-            k = min(test_b_per_city, len(test))
-            for i in sorted(rng.choice(len(test), size=k, replace=False)):
-                r = dict(test[i])
-                r["split"] = "test_b"
-                r["path"] = "test_b/" + r["path"].split("/", 1)[1]
-                city_rows.append(r)
         rows += city_rows
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    return df.astype({"y": int, "x": int, "size": int}), problems
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).astype({"y": int, "x": int, "size": int})
+    return add_test_b(df, test_b_per_city, seed), problems
 
 
-def _cut_source(job: tuple) -> tuple[int, str | None]:
-    """Write the missing patches of one source image; returns (files written, problem or None).
-
-    An image that cannot be decoded (truncated, corrupt) writes nothing and returns its problem."""
-    src, out_dir, rows, quality = job
-    out_dir = Path(out_dir)
-    todo = [r for r in rows if not (out_dir / r[0]).exists()]
-    if not todo:
-        return 0, None
-    cut = [r for r in todo if r[1] != "test_b"]
-    if cut:
-        try:
-            with Image.open(src) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-            return 0, f"{src}: unreadable image ({reason}); replace or delete it"
-        for path, _, y, x, size in cut:
-            with atomic_path(out_dir / path) as tmp:
-                Image.fromarray(arr[y:y + size, x:x + size]).save(tmp, quality=quality)
-    for path, _, _, _, _ in todo:
-        if not path.startswith("test_b/"):
+def add_test_b(plan: pd.DataFrame, per_city: int, seed: int) -> pd.DataFrame:
+    """``plan`` with its test_b rows (a seeded sample of ``per_city`` test rows of each city, all of
+    them when fewer) put after each city's rows; test_b rows already in ``plan`` are replaced."""
+    plan = plan[plan["split"] != "test_b"]
+    out = []
+    for iata, rows in plan.groupby("iata", sort=False):
+        out.append(rows)
+        test = rows[rows["split"] == "test"]
+        if per_city <= 0 or test.empty:
             continue
-        target = out_dir / path
-        original = out_dir / ("test/" + path.split("/", 1)[1])
-        with atomic_path(target) as tmp:
-            try:
-                os.link(original, tmp)
-            except OSError:
-                shutil.copyfile(original, tmp)
-    return len(todo), None
+        rng = np.random.default_rng(_stable_seed(seed, iata))
+        pick = test.iloc[sorted(rng.choice(len(test), size=min(per_city, len(test)), replace=False))].copy()
+        pick["split"] = "test_b"
+        pick["path"] = "test_b/" + pick["path"].str.split("/", n=1).str[1]
+        out.append(pick)
+    if not out:
+        return plan.reset_index(drop=True)
+    return pd.concat(out, ignore_index=True)
+
+
+def incomplete_cities(plan: pd.DataFrame) -> dict[str, list[str]]:
+    """``{city folder: [splits it has no patch of]}`` among train, val and test."""
+    have = plan.groupby("city")["split"].agg(set)
+    return {c: [s for s in ("train", "val", "test") if s not in splits] for c, splits in have.items()
+            if not {"train", "val", "test"} <= splits}
+
+
+def resolution_spread(sources: pd.DataFrame) -> tuple[float, dict[str, float]]:
+    """(largest / smallest median ground resolution over cities, {iata: median m/px}) of the
+    georeferenced images of a sources table (columns iata, res_m); (1.0, {}) when fewer than two."""
+    known = sources.dropna(subset=["res_m"])
+    per_city = known.groupby("iata")["res_m"].median().round(4).to_dict()
+    if len(per_city) < 2:
+        return 1.0, per_city
+    return max(per_city.values()) / min(per_city.values()), per_city
 
 
 def write_patches(plan: pd.DataFrame, raw_dir: str | Path, out_dir: str | Path, quality: int = 95,
-                  workers: int = 1, progress: bool = True, failed: dict | None = None) -> int:
-    """Cut and save every patch of ``plan`` that does not exist yet; returns the number written.
+                  workers: int = 1, progress: bool = True, failed: dict | None = None,
+                  image: dict | None = None) -> int:
+    """Cut and save every patch of ``plan`` that does not exist yet, test_b as links to test; returns
+    the number written (``cutting.cut`` without leaving blank patches out). A source image that cannot
+    be decoded gives no patch: ``failed[source] = problem line`` (DataError when ``failed`` is None)."""
+    from . import cutting
 
-    Parallel over source images (each decoded once, each patch encoded once); files are written
-    under a temporary name and renamed; existing files are left untouched. A source image that cannot
-    be decoded gives no patch: ``failed[source] = problem line`` (ValueError when ``failed`` is None).
-    """
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    jobs = [(str(raw_dir / src), str(out_dir),
-             list(g[["path", "split", "y", "x", "size"]].itertuples(index=False, name=None)), quality)
-            for src, g in plan.groupby("source", sort=True)]
-    sources = [src for src, _ in plan.groupby("source", sort=True)]
-    bar = tqdm(total=len(jobs), desc="patches", unit="img", disable=not progress)
-    written, problems = 0, {}
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and len(jobs) > 1:
-            pool = stack.enter_context(mp.get_context().Pool(min(workers, len(jobs))))
-            results = pool.imap(_cut_source, jobs)  # in job order, so each result meets its source
-        else:
-            results = map(_cut_source, jobs)
-        for source, (n, problem) in zip(sources, results):
-            written += n
-            if problem:
-                problems[source] = problem
-            bar.update()
-    bar.close()
-    if problems and failed is None:
-        raise DataError(problems[min(problems)])
+    res = cutting.cut(plan, raw_dir, out_dir, image or rasters.DEFAULTS, max_nodata=1.0, quality=quality,
+                      workers=workers, progress=progress, drop_constant=False)
+    if res.failed and failed is None:
+        raise DataError(res.failed[min(res.failed)])
     if failed is not None:
-        failed.update(sorted(problems.items()))
-    return written
+        failed.update(sorted(res.failed.items()))
+    kept = plan[~plan["source"].isin(res.failed)]
+    return res.written + cutting.link_test_b(kept, out_dir)
 
 
-RUN_KEYS = ("patch.size", "patch.stride", "patch.jpeg_quality", "split.test_b_per_city", "seed")  # what makes a patch
+RUN_KEYS = ("image", "patch", "split.test_b_per_city", "seed")  # what makes a patch and decides the split
+
+
+SOURCES = "sources.csv"  # per source image: dtype, bands used, scaling limits, ground resolution, patches kept
 
 
 STAMP = "preprocessing.stamp.json"  # the run stamp (urbanlens.core.runs) beside the patches
@@ -242,6 +229,19 @@ def clear_patches(out_dir: str | Path) -> None:
         if (out_dir / split).is_dir():
             shutil.rmtree(out_dir / split)
     (out_dir / "manifest.csv").unlink(missing_ok=True)
+    (out_dir / SOURCES).unlink(missing_ok=True)
+
+
+def prune(out_dir: str | Path, manifest: pd.DataFrame) -> int:
+    """Remove the patch files under the split folders of ``out_dir`` that ``manifest`` does not list
+    (left from an earlier split or left out as blank now); returns how many."""
+    out_dir, keep, n = Path(out_dir), set(manifest["path"]), 0
+    for split in SPLITS:
+        for f in sorted((out_dir / split).rglob("*.jpg")) if (out_dir / split).is_dir() else []:
+            if f.relative_to(out_dir).as_posix() not in keep:
+                f.unlink()
+                n += 1
+    return n
 
 
 def patches_dir(data_dir: str | Path) -> Path:

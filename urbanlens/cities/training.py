@@ -14,6 +14,7 @@ from torch import nn
 from ..core import runs
 from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import unwrap
+from .patches import SOURCES as PATCHES_SOURCES
 from .patches import STAMP as PATCHES_STAMP
 from .patches import patches_dir
 
@@ -70,10 +71,37 @@ STAMP = "train_classification.stamp.json"  # the run stamp (urbanlens.core.runs)
 
 
 def run_inputs(data_dir: str | Path) -> dict:
-    """Fingerprint of the data a classifier trains on: the patch manifest and the patches' own stamp
-    (both hashed whatever their size, so re-cutting the same patches is the same data)."""
+    """Fingerprint of the data a classifier trains on: the patch manifest, the per-image table and the
+    patches' own stamp (hashed whatever their size, so re-cutting the same patches is the same data)."""
     folder = patches_dir(data_dir)
-    return runs.fingerprint(data_dir, [folder / "manifest.csv", folder / PATCHES_STAMP], hash_up_to=1 << 40)
+    return runs.fingerprint(data_dir, [folder / "manifest.csv", folder / PATCHES_SOURCES, folder / PATCHES_STAMP],
+                            hash_up_to=1 << 40)
+
+
+def patch_settings(data_dir: str | Path) -> dict:
+    """The settings the patches were cut with (their stamp's), as ``{"patches:<key>": value}``: recorded
+    in the training stamp so that a change of them is named, not just seen."""
+    path = patches_dir(data_dir) / PATCHES_STAMP
+    try:
+        stamp = runs.read_stamp(path, "preprocessing.py")
+    except FileNotFoundError:
+        return {}
+    return {f"patches:{k}": v for k, v in stamp["settings"].items()}
+
+
+def data_changes(changes: list[str]) -> list[str]:
+    """The changes (of ``runs.compare``) that say the patches are not those trained on."""
+    return [c for c in changes if c.startswith(("input ", "patches:"))]
+
+
+def check_same_patches(stamp: str | Path, data_dir: str | Path, checkpoint: str | Path) -> None:
+    """``StaleRun`` when the patches under ``data_dir`` changed since the model in ``checkpoint`` was
+    trained (``stamp``: the training run's), naming what changed."""
+    changed = data_changes(runs.compare(stamp, {}, (), run_inputs(data_dir), patch_settings(data_dir)))
+    if changed:
+        runs.refuse(checkpoint, "was trained on other patches than those now in "
+                    f"{patches_dir(data_dir)}", changed, "re-run train_classification.py (--set overwrite=true) on "
+                    "these patches, or cut the ones it was trained on again (preprocessing.py with its settings)")
 
 
 def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -95,7 +95,7 @@ _RULES = {
     **{k: (">= 0", lambda v: v >= 0) for k in _AT_LEAST_0},
     **{k: ("> 0", lambda v: v > 0) for k in ("train.lr", "ses_train.lr", "world.feature_scale",
                                               "france.city_size_m", "france.tile_size_m", "france.resolution_m")},
-    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in ("france.nodata_fraction", "ses.max_nodata",
+    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in ("france.nodata_fraction", "ses.max_nodata", "patch.max_nodata",
                                                          "saliency.threshold", "ses_model.dropout",
                                                          "ses_model.stochastic_depth", "ses_model.bn_momentum")},
     **{k: ("in (0, 1)", lambda v: 0 < v < 1) for k in ("ses_train.val_share", "ses_train.plateau_factor")},
@@ -106,6 +106,7 @@ _RULES = {
     **{k: ("a class from 0 to 4", lambda v: 0 <= v <= 4) for k in ("cams.poor_class", "cams.rich_class")},
     "ses.ortho_product": ("RVB or IRC", lambda v: v in ("RVB", "IRC")),
     "ses.imputed": ("keep or drop", lambda v: v in ("keep", "drop")),
+    "image.scale": ("auto, percentile, fixed or none", lambda v: v in ("auto", "percentile", "fixed", "none")),
 }
 
 
