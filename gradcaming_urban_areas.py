@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from urbanlens.core import backbones, cam, config, entry, files, runtime, shards
+from urbanlens.core import backbones, cam, config, entry, files, loops, runtime, shards
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data, extraction, findings, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
@@ -65,7 +65,7 @@ def main() -> None:
             continue
         ckpt_path = city_dir / f"fold_{files.read_json(city_dir / 'metrics.json')['best_fold']}" / "best.pt"
         model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=device)
-        model.to(device)
+        model = loops.to_device(model, device, True, cc.amp)  # NHWC on CUDA and under CPU bf16
         layer = backbones.last_conv_layer(model)
         size = ckpt["config"]["ses_model"]["input_size"]
         ids, missing = data.city_cells(cells, city, ses_dir)
@@ -80,8 +80,9 @@ def main() -> None:
         fresh_after = ses_maps.maps_fresh_after(city_dir, cfg, ckpt_path)  # maps of another model or settings are redone
 
         def compute(rows):  # [B, 2, H, W]: guided Grad-CAM of the poorest and the richest class
-            x = torch.stack([data.load_cell_image(ses_dir / p, size) for p in rows["path"]]).to(device)
-            return np.stack([cam.guided_gradcam(model, layer, x, k, cc.clip_percentile)
+            x = torch.stack([data.load_cell_image(ses_dir / p, size) for p in rows["path"]])
+            x = loops.batch_to_device(x, device, True, cc.amp)
+            return np.stack([cam.guided_gradcam(model, layer, x, k, cc.clip_percentile, cc.amp)
                              for k in (cc.poor_class, cc.rich_class)], axis=1)
 
         def nodata(rows):  # [B, H, W]: map pixels whose centre lies on a nodata (all-zero) pixel of the cell image

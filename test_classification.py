@@ -37,7 +37,7 @@ def main() -> None:
     best_pt = out / "checkpoints" / "best.pt"
     state = runtime.load_checkpoint(best_pt)
     model, trained, classes = classifier_from_checkpoint(state, best_pt)
-    model = loops.to_device(model, device, cfg.train.channels_last)
+    model = loops.to_device(model, device, cfg.train.channels_last, cfg.train.amp)
 
     # Predictions on the test split.
     patches_dir = data_dir(cfg, "cities", "patches")
