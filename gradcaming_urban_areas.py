@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyogrio
 
-from urbanlens.core import backbones, config, entry, files, runtime, shards
+from urbanlens.core import backbones, config, entry, files, loops, runtime, shards
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data, findings, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
@@ -62,7 +62,7 @@ def main() -> None:
             continue
         ckpt_path = city_dir / f"fold_{files.read_json(city_dir / 'metrics.json')['best_fold']}" / "best.pt"
         model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=device)
-        model.to(device)
+        model = loops.to_device(model, device, True, cc.amp)  # NHWC on CUDA and under CPU bf16
         layer = backbones.last_conv_layer(model)
         size = ckpt["config"]["ses_model"]["input_size"]
         ids, missing = data.city_cells(cells, city, ses_dir)

@@ -5,6 +5,7 @@
 #   bash run.sh cities [--config F] [--set k=v ...]   city identification stages in order
 #   bash run.sh ses    [--config F] [--set k=v ...]   socioeconomic-status stages in order
 #   bash run.sh bench                run the benchmarks in bench/
+#   bash run.sh gpu-check [--cpu-dry-run]   check a GPU machine in one go (bench/gpu_check.py)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -83,7 +84,8 @@ case "$cmd" in
   test)    $PY -m pytest "$@" ;;
   cities)  run_cities "$@" ;;
   ses)     run_ses "$@" ;;
-  bench)   for b in bench/*.py; do echo "== $b"; $PY "$b" "$@"; done ;;
+  bench)   for b in bench/*.py; do [ "$b" = bench/gpu_check.py ] && continue; echo "== $b"; $PY "$b" "$@"; done ;;
+  gpu-check) $PY bench/gpu_check.py "$@" ;;
   setup)   echo "[setup] environment ready: $PY" ;;
-  *) echo "usage: bash run.sh [demo|test|cities|ses|bench|setup] [--config F] [--set k=v ...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh [demo|test|cities|ses|bench|gpu-check|setup] [--config F] [--set k=v ...]" >&2; exit 2 ;;
 esac

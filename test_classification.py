@@ -39,7 +39,7 @@ def main() -> None:
     best_pt = out / "checkpoints" / "best.pt"
     state = runtime.load_checkpoint(best_pt)
     model, trained, classes = classifier_from_checkpoint(state, best_pt)
-    model = loops.to_device(model, device, cfg.train.channels_last)
+    model = loops.to_device(model, device, cfg.train.channels_last, cfg.train.amp)
 
     # Predictions on the test split, of the patches the model was trained with.
     cities_training.check_same_patches(out / cities_training.STAMP, cfg.paths.data, best_pt)

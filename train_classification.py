@@ -43,7 +43,7 @@ def main() -> None:
     main = runtime.is_main_process()
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed)
-    amp, nhwc = cfg.train.amp, cfg.train.channels_last  # mixed precision and NHWC apply on CUDA only
+    amp, nhwc = cfg.train.amp, cfg.train.channels_last  # meaning on this device: loops.autocast_dtype, uses_channels_last
 
     # Data: the patches of the site-based split, classes = sorted IATA codes.
     patches_dir = data_dir(cfg, "cities", "patches")
@@ -63,7 +63,7 @@ def main() -> None:
 
     # Model and optimiser.
     model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
-    model = loops.to_device(model, device, nhwc)
+    model = loops.to_device(model, device, nhwc, amp)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scheduler = cities_training.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
     scaler = loops.grad_scaler(device, amp)

@@ -317,7 +317,7 @@ def gpu_part(args) -> float | None:
     fp32_model = fresh().to(device)
     with torch.no_grad():  # same results: the first batch's loss under both paths (batch statistics)
         x, y = batches[0]
-        with loops.autocast(device, True):
+        with loops.autocast(device, "auto"):
             l_amp = F.cross_entropy(amp_model(x.contiguous(memory_format=torch.channels_last)).float(), y).item()
         l_fp32 = F.cross_entropy(fp32_model(x), y).item()
     rel = abs(l_amp - l_fp32) / abs(l_fp32)
@@ -325,7 +325,7 @@ def gpu_part(args) -> float | None:
     assert rel < 1e-2, f"mixed-precision loss differs from fp32 by {rel:.1e}"
     opt_a = torch.optim.Adam(amp_model.parameters(), lr=cfg.train.lr)
     opt_f = torch.optim.Adam(fp32_model.parameters(), lr=cfg.train.lr)
-    scaler = loops.grad_scaler(device, True)
+    scaler = loops.grad_scaler(device, "auto")
 
     def timed(fn):
         def run():
@@ -333,7 +333,7 @@ def gpu_part(args) -> float | None:
             torch.cuda.synchronize()
         return median(time_runs(run, args.repeats))
 
-    amp_s = timed(lambda: loops.train_epoch(amp_model, batches, opt_a, F.cross_entropy, device, scaler, True, True))
+    amp_s = timed(lambda: loops.train_epoch(amp_model, batches, opt_a, F.cross_entropy, device, scaler, "auto", True))
     fp32_s = timed(lambda: plain_fp32_steps(fp32_model, opt_f, batches, device))
     n = batch * args.gpu_steps
     print(f"[training] gpu: {torch.cuda.get_device_name(0)}; {cfg.model.backbone} at {size} px, batch {batch}, "

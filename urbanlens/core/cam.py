@@ -28,7 +28,7 @@ from zennit.core import Hook
 from zennit.torchvision import ResNetCanonizer
 
 from .errors import ConfigError
-from .loops import unwrap
+from .loops import Amp, autocast, unwrap
 
 METHODS = ("gradcam", "gradcampp", "relevancecam")
 
@@ -135,15 +135,17 @@ def relevance_weighted(acts: torch.Tensor, relevance: torch.Tensor) -> torch.Ten
     return _weighted_sum(relevance.sum(dim=(2, 3)), acts)
 
 
-def activations_and_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets
+def activations_and_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, amp: Amp = "off"
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations of ``layer`` and the gradient of ``output[b, targets[b]]`` with respect to them."""
+    """Activations of ``layer`` and the gradient of ``output[b, targets[b]]`` with respect to them, in
+    float32 (the forward pass under ``loops.autocast(x.device, amp)``)."""
     model = unwrap(model)
     with _explaining(model), LayerHooks(model, layer) as hooks:
-        out = model(_input(x))
+        with autocast(x.device, amp):
+            out = model(_input(x))
         t = _as_targets(targets, out.shape[0], out.device)
-        torch.autograd.grad(_target_score(out, t), hooks.output)
-    return hooks.activations, hooks.gradients
+        torch.autograd.grad(_target_score(out.float(), t), hooks.output)
+    return hooks.activations.float(), hooks.gradients.float()
 
 
 def lrp_composite(model: nn.Module):
@@ -171,15 +173,16 @@ def relevancecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, c
     return relevance_weighted(hooks.activations, hooks.gradients)
 
 
-def raw_maps(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, method: str = "gradcam"
-             ) -> torch.Tensor:
-    """Low-resolution maps [B, h, w] of ``method`` (one of ``METHODS``), before upsampling/normalising."""
+def raw_maps(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, method: str = "gradcam",
+             amp: Amp = "off") -> torch.Tensor:
+    """Low-resolution maps [B, h, w] of ``method`` (one of ``METHODS``), before upsampling/normalising;
+    ``amp`` (the gradient methods only) as in ``activations_and_gradients``."""
     if method == "relevancecam":
         return relevancecam(model, layer, x, targets)
     functions: dict[str, Callable] = {"gradcam": gradcam, "gradcampp": gradcampp}
     if method not in functions:
         raise ConfigError(f"unknown CAM method '{method}'; choose one of {', '.join(METHODS)}")
-    return functions[method](*activations_and_gradients(model, layer, x, targets))
+    return functions[method](*activations_and_gradients(model, layer, x, targets, amp))
 
 
 def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -218,7 +221,7 @@ class SiLUGuided(Hook):
         return (grad_input[0] * keep,)
 
 
-def guided_backprop(model: nn.Module, x: torch.Tensor, targets) -> np.ndarray:
+def guided_backprop(model: nn.Module, x: torch.Tensor, targets, amp: Amp = "off") -> np.ndarray:
     """Guided-backprop saliency [B, H, W] (float32): per pixel, the largest absolute input gradient over
     the colour channels, of ``output[b, targets[b]]``.
 
@@ -226,16 +229,18 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, targets) -> np.ndarray:
     forward input and the incoming gradient are positive. At every SiLU (EfficientNet), the analogous rule:
     the gradient times SiLU'(x) passes only where x > 0 and the incoming gradient is positive. Other
     nonlinearities (e.g. the sigmoid gates of squeeze-excitation) keep their ordinary gradient. Implemented
-    with zennit hooks registered for the call and removed afterwards.
+    with zennit hooks registered for the call and removed afterwards. ``amp``: the forward pass under
+    ``loops.autocast(x.device, amp)``; the gradient arrives at the float32 input.
     """
     model = unwrap(model)
     composite = GuidedBackprop(layer_map=[(nn.SiLU, SiLUGuided())])
     with _explaining(model), composite.context(model) as guided:
         xin = _input(x)
-        out = guided(xin)
+        with autocast(x.device, amp):
+            out = guided(xin)
         t = _as_targets(targets, out.shape[0], out.device)
-        (grad,) = torch.autograd.grad(_target_score(out, t), xin)
-    return grad.abs().amax(dim=1).cpu().numpy().astype(np.float32)
+        (grad,) = torch.autograd.grad(_target_score(out.float(), t), xin)
+    return grad.float().abs().amax(dim=1).cpu().numpy().astype(np.float32)
 
 
 def clip_scale(maps: np.ndarray, percentile: float = 99.0) -> np.ndarray:
@@ -248,9 +253,10 @@ def clip_scale(maps: np.ndarray, percentile: float = 99.0) -> np.ndarray:
 
 
 def guided_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets,
-                   clip_percentile: float = 99.0) -> np.ndarray:
+                   clip_percentile: float = 99.0, amp: Amp = "off") -> np.ndarray:
     """Guided Grad-CAM of the SES study, float32 [B, H, W] in [0, 1]: Grad-CAM upsampled to the input size
     (not normalised) times the guided-backprop saliency, clipped at its per-image ``clip_percentile``
-    percentile and divided by that value."""
-    cam = upsample(raw_maps(model, layer, x, targets, "gradcam"), x.shape[-2:]).cpu().numpy()
-    return clip_scale(cam * guided_backprop(model, x, targets), clip_percentile)
+    percentile and divided by that value. ``amp``: both passes under ``loops.autocast(x.device, amp)``
+    (bf16 maps agree with float32 ones to the tolerance tests/test_amp.py states)."""
+    cam = upsample(raw_maps(model, layer, x, targets, "gradcam", amp), x.shape[-2:]).cpu().numpy()
+    return clip_scale(cam * guided_backprop(model, x, targets, amp), clip_percentile)

@@ -51,8 +51,26 @@ def _nearest(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # mixed precision: train.amp, ses_train.amp, cams.amp
+AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
+
+# Values older configs (and the run stamps they wrote) hold for keys whose type has since changed:
+# the amp keys were booleans (true: float16 on CUDA, off on CPU; false: off).
+_LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
+ADDED = {"cams.amp": "off"}  # keys added since run stamps were first written: the value runs before them had
+
+
+def current_value(key: str, value: Any) -> Any:
+    """``value`` of the dotted ``key`` as it reads today (an old boolean amp -> 'auto' / 'off')."""
+    legacy = _LEGACY.get(key)
+    if legacy is not None and isinstance(value, bool):
+        return legacy[value]
+    return value
+
+
 def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
     """Coerce ``value`` to the type of ``default``; raise ConfigError when it cannot be."""
+    value = current_value(key, value)
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -107,6 +125,7 @@ _RULES = {
     "ses.ortho_product": ("RVB or IRC", lambda v: v in ("RVB", "IRC")),
     "ses.imputed": ("keep or drop", lambda v: v in ("keep", "drop")),
     "image.scale": ("auto, percentile, fixed or none", lambda v: v in ("auto", "percentile", "fixed", "none")),
+    **{k: ("one of " + ", ".join(AMP_CHOICES), lambda v: v in AMP_CHOICES) for k in AMP_KEYS},
 }
 
 

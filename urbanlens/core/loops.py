@@ -4,7 +4,8 @@ the optimisation step and epoch, evaluation and prediction.
 What differs between the pipelines comes in as arguments: the loss (``F.cross_entropy`` on the city
 classifier's logits, ``F.nll_loss`` on the income model's binomial log-probabilities), the sampler, an
 augmentation applied on the device, the learning-rate scheduler stepped after every batch.
-``amp`` is always the config value: ``autocast_dtype`` alone decides what it means on a device.
+``amp`` is always the config value (auto | bf16 | fp16 | off): ``autocast_dtype`` alone decides what it
+means on a device, ``uses_channels_last`` whether NHWC applies.
 """
 from __future__ import annotations
 
@@ -20,40 +21,72 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from . import runtime
+from .config import AMP_CHOICES
+from .errors import ConfigError
 
 LossFn = Callable[..., torch.Tensor]  # loss_fn(outputs, targets, reduction="mean" | "sum"), as torch's losses
 
 
 # ------------------------------------------------------------------ mixed precision and memory layout
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The dtype autocast runs in for the config value ``amp`` on ``device``: float16 on CUDA when
-    ``amp``, None (full float32, no autocast) otherwise, on CPU in particular."""
-    return torch.float16 if amp and device.type == "cuda" else None
+Amp = str | bool  # a choice of AMP_CHOICES; the booleans of older configs read True -> auto, False -> off
 
 
-def autocast(device: torch.device, amp: bool):
+def amp_choice(amp: Amp) -> str:
+    """``amp`` as one of ``AMP_CHOICES`` (True -> 'auto', False -> 'off'); ConfigError for anything else."""
+    if isinstance(amp, bool):
+        return "auto" if amp else "off"
+    if amp not in AMP_CHOICES:
+        raise ConfigError(f"amp: '{amp}' is not a mixed-precision choice; use one of {', '.join(AMP_CHOICES)}")
+    return amp
+
+
+def autocast_dtype(device: torch.device, amp: Amp) -> torch.dtype | None:
+    """The dtype autocast runs in for the config value ``amp`` on ``device``; None = full float32, no autocast.
+
+    ``auto``: float16 on CUDA, None on CPU; ``bf16``: bfloat16 on any device; ``fp16``: float16, on CUDA
+    only (on CPU a ConfigError naming bf16); ``off``: None."""
+    amp = amp_choice(amp)
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"amp fp16 on {device.type}: float16 autocast is for CUDA devices; "
+                          "set the amp key (train.amp, ses_train.amp, cams.amp) to bf16 or off on this device")
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def autocast(device: torch.device, amp: Amp):
     """The autocast context of ``autocast_dtype(device, amp)``; a no-op context when that is None."""
     dtype = autocast_dtype(device, amp)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
-    """A loss scaler, enabled exactly when the forward pass runs in float16 (disabled it is a pass-through)."""
+def grad_scaler(device: torch.device, amp: Amp) -> torch.amp.GradScaler:
+    """A loss scaler, enabled exactly when the forward pass runs in float16 (disabled it is a pass-through;
+    bfloat16 has float32's range and needs none)."""
     return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, amp) == torch.float16)
 
 
-def to_device(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
-    """Move ``model`` to ``device``; NHWC memory layout on CUDA when ``channels_last``."""
+def uses_channels_last(device: torch.device, channels_last: bool, amp: Amp = "off") -> bool:
+    """Whether NHWC memory layout applies: when ``channels_last`` is asked for, on CUDA always, on another
+    device only under autocast (``amp`` bf16 on CPU: the layout its bfloat16 kernels run fastest in; float32
+    CPU runs keep NCHW)."""
+    return channels_last and (device.type == "cuda" or autocast_dtype(device, amp) is not None)
+
+
+def to_device(model: nn.Module, device: torch.device, channels_last: bool = False, amp: Amp = "off") -> nn.Module:
+    """Move ``model`` to ``device``; NHWC memory layout when ``uses_channels_last(device, channels_last, amp)``."""
     model = model.to(device)
-    if channels_last and device.type == "cuda":
+    if uses_channels_last(device, channels_last, amp):
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def batch_to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """An input batch on ``device``, NHWC on CUDA when ``channels_last`` (as ``to_device`` lays out the model)."""
+def batch_to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False,
+                    amp: Amp = "off") -> torch.Tensor:
+    """An input batch on ``device``, NHWC when ``uses_channels_last(device, channels_last, amp)`` (as
+    ``to_device`` lays out the model)."""
     x = x.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda":
+    if uses_channels_last(device, channels_last, amp):
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -124,11 +157,11 @@ def _means(loss_sum: float, correct: float, n: float, device: torch.device) -> d
 # ------------------------------------------------------------------ training
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                loss_fn: LossFn, device: torch.device, scaler: torch.amp.GradScaler | None = None,
-               amp: bool = False, channels_last: bool = False) -> tuple[float, int]:
+               amp: Amp = "off", channels_last: bool = False) -> tuple[float, int]:
     """One optimisation step on a batch: inputs placed on ``device`` (``batch_to_device``), forward and
     ``loss_fn(outputs, y)`` under ``autocast``, backward and optimizer step through ``scaler`` (plain
     when None). Returns the batch's mean loss and its number of correct argmax predictions."""
-    x, y = batch_to_device(x, device, channels_last), y.to(device, non_blocking=True)
+    x, y = batch_to_device(x, device, channels_last, amp), y.to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp):
         out = model(x)
@@ -144,7 +177,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
+                device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: Amp = "off",
                 channels_last: bool = False, scheduler=None,
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, min_batch: int = 1,
                 desc: str | None = "train") -> dict:
@@ -173,14 +206,14 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss
 
 # ------------------------------------------------------------------ evaluation and prediction
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn: LossFn, device: torch.device, amp: bool = False,
+def evaluate(model: nn.Module, loader, loss_fn: LossFn, device: torch.device, amp: Amp = "off",
              channels_last: bool = False, desc: str | None = "val") -> dict:
     """Mean ``loss_fn`` ``loss`` (computed in float32) and argmax ``acc`` over a loader, model in eval mode;
     summed over DDP ranks, so each rank passes its ``shard`` of the data. Also ``n``."""
     model.eval()
     loss_sum = correct = n = 0.0
     for x, y in _progress(loader, desc):
-        x, y = batch_to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        x, y = batch_to_device(x, device, channels_last, amp), y.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
         loss_sum += loss_fn(out.float(), y, reduction="sum").item()
@@ -190,7 +223,7 @@ def evaluate(model: nn.Module, loader, loss_fn: LossFn, device: torch.device, am
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, amp: bool = False, channels_last: bool = False,
+def predict(model: nn.Module, loader, device: torch.device, amp: Amp = "off", channels_last: bool = False,
             embeddings: bool = False, desc: str | None = "predict") -> tuple[np.ndarray, ...]:
     """(outputs N x C, labels N) of every item of ``loader`` in order, model in eval mode, in float32;
     with ``embeddings`` (a torchvision classifier) (logits, penultimate-layer embeddings N x D, labels)."""
@@ -199,7 +232,7 @@ def predict(model: nn.Module, loader, device: torch.device, amp: bool = False, c
     model.eval()
     parts = []
     for x, y in _progress(loader, desc):
-        x = batch_to_device(x, device, channels_last)
+        x = batch_to_device(x, device, channels_last, amp)
         with autocast(device, amp):
             out = logits_and_embeddings(model, x) if embeddings else (model(x),)
         parts.append([o.float().cpu() for o in out] + [y])

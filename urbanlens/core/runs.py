@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
+from .config import ADDED, current_value
 from .errors import StaleRun
 from .files import write_json
 
@@ -169,6 +170,8 @@ def differences(stamp: Mapping, cfg, keys: Sequence[str], inputs: Mapping[str, d
     order, then ``extra``) whose values differ, then ``input <name> <kind>`` for each input change of
     ``kinds`` (inputs are compared only when ``inputs`` is given). [] = the same run."""
     old, now = dict(stamp.get("settings", {})), settings(cfg, keys, extra)
+    # a stamp's old amp boolean reads as today's choice; a key added since, as the runs before it had it
+    old = {**ADDED, **{k: current_value(k, v) for k, v in old.items()}}
     own = lambda k: k in now or any(k == p or k.startswith(p + ".") for p in (*keys, *(extra or {})))  # noqa: E731
     names = list(now) + sorted(k for k in old if k not in now and own(k))
     changed = [k for k in names if old.get(k) != now.get(k)]

@@ -36,7 +36,7 @@ def cell_loader(dataset, batch_size: int, device, shuffle: bool = False, seed: i
                              distributed=distributed, persistent_workers=True)
 
 
-def predict(model: nn.Module, dataset, device, batch_size: int = 32, amp: bool = True) -> np.ndarray:
+def predict(model: nn.Module, dataset, device, batch_size: int = 32, amp: loops.Amp = "auto") -> np.ndarray:
     """Log-probabilities [N, 5] of every item of ``dataset`` (in order), model in eval mode."""
     if len(dataset) == 0:
         return np.zeros((0, N_CLASSES), np.float32)
@@ -46,7 +46,7 @@ def predict(model: nn.Module, dataset, device, batch_size: int = 32, amp: bool =
 
 
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, loader, device, amp: bool = False) -> None:
+def recompute_bn_stats(model: nn.Module, loader, device, amp: loops.Amp = "off") -> None:
     """Replace every batch-norm layer's running mean and variance by their exact average over ``loader``
     at the current weights (the other layers stay in eval mode, so dropout and stochastic depth are off).
     Evaluation then sees the statistics of the weights it evaluates, not a lagging running average."""
@@ -61,7 +61,7 @@ def recompute_bn_stats(model: nn.Module, loader, device, amp: bool = False) -> N
         m.train()
     for x, _ in loader:
         with loops.autocast(device, amp):
-            model(loops.batch_to_device(x, device, channels_last=True))
+            model(loops.batch_to_device(x, device, True, amp))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
@@ -109,8 +109,8 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
     """
     distributed = loops.is_distributed()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    amp = tcfg.amp  # the config value: loops.autocast_dtype decides (float16 on CUDA, off on CPU)
-    loops.to_device(model, device, channels_last=True)
+    amp = tcfg.amp  # the config value: loops.autocast_dtype decides what it means on this device
+    loops.to_device(model, device, True, amp)
     net = loops.wrap_distributed(model, device)
     gen = torch.Generator().manual_seed(seed)
     val_loader = cell_loader(loops.shard(val_set, rank, world), tcfg.batch_size, device, seed=seed, workers=workers)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..core import cam, files, shards
+from ..core import cam, files, loops, shards
 from . import data, extraction, maps, zonal
 from . import figures as ses_figures
 
@@ -21,8 +21,9 @@ def map_functions(model, layer, image_root, size: int, cams_cfg, device):
     image_root = Path(image_root)
 
     def compute(rows):
-        x = torch.stack([data.load_cell_image(image_root / p, size) for p in rows["path"]]).to(device)
-        return np.stack([cam.guided_gradcam(model, layer, x, k, cams_cfg.clip_percentile)
+        x = torch.stack([data.load_cell_image(image_root / p, size) for p in rows["path"]])
+        x = loops.batch_to_device(x, device, True, cams_cfg.amp)  # NHWC on CUDA and under CPU bf16
+        return np.stack([cam.guided_gradcam(model, layer, x, k, cams_cfg.clip_percentile, cams_cfg.amp)
                          for k in (cams_cfg.poor_class, cams_cfg.rich_class)], axis=1)
 
     def nodata(rows):

@@ -1,0 +1,224 @@
+"""One-command check of a GPU machine: both demo pipelines on CUDA, DDP over NCCL, AMP vs float32 and the
+training / mapping speed at the papers' sizes, with peak GPU memory.
+
+    bash run.sh gpu-check            (python bench/gpu_check.py)      about 5-8 minutes on one GPU
+    python bench/gpu_check.py --cpu-dry-run [--parts ddp,speed]       the same code paths, tiny, on CPU
+
+Parts (``--parts``, comma-separated, default all):
+  pipelines  every stage of both demo pipelines (configs/cities_demo.yaml, ses_demo.yaml) as the scripts
+             run them, on a temporary data and results folder, with --set device=cuda, train.amp and
+             ses_train.amp ``auto`` (float16 + loss scaling), cams.amp ``bf16``, NHWC layout
+  ddp        one training step of a small ResNet in two processes under DistributedDataParallel (NCCL;
+             run only where two GPUs are visible): the two replicas' weights agree afterwards
+  speed      the project's step (loops.train_step: autocast, grad scaler, channels_last) and a plain
+             float32 NCHW step, images per second and peak GPU memory: ResNet-50 at 224 px, batch 128
+             (the city classifier); EfficientNet-B0 at 800 px, batch 10 (the income model); guided Grad-CAM
+             of both classes per cell at 800 px (cams.batch_size cells a batch), float32 vs bf16. The first
+             batch's loss under AMP agrees with float32 within 1 %.
+Prints one table; exits non-zero when a part fails. Without CUDA it says so in one line and exits 1,
+unless ``--cpu-dry-run``: tiny sizes, bfloat16 autocast on the CPU, DDP over gloo, pipelines shortened.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torchvision  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from urbanlens.core import backbones, cam, config, loops  # noqa: E402
+from urbanlens.ses import model as ses_model  # noqa: E402
+
+STAGES = {"cities": ["-m urbanlens.cities.world", "preprocessing.py", "train_classification.py",
+                     "test_classification.py", "saliency.py"],
+          "ses": ["-m urbanlens.ses.world", "generate_fr_ua_aerial_data.py", "efficientnet_training.py",
+                  "gradcaming_urban_areas.py"]}
+TINY = {"cities": ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=96",
+                   "patch.size=48", "patch.stride=48", "split.test_b_per_city=2", "model.input_size=32",
+                   "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2", "test.bootstrap=20",
+                   "saliency.per_city=1"],
+        "ses": ["france.city_size_m=1000", "france.cities=[Paris]", "ses.cities=[Paris]", "ses.cell_px=32",
+                "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.batch_size=4", "cams.panels=1"]}
+
+
+# ------------------------------------------------------------------ parts
+def pipeline_commands(which: str, work: Path, device: str, tiny: bool) -> list[list[str]]:
+    """The stage commands of one demo pipeline on ``work``'s data and results folders."""
+    amp = "bf16" if device == "cpu" else "auto"  # CPU autocast is bfloat16 only
+    sets = [f"device={device}", f"paths.data={work / 'data'}", f"paths.results={work / 'results'}",
+            f"train.amp={amp}", "train.channels_last=true", f"ses_train.amp={amp}", "cams.amp=bf16",
+            *(TINY[which] if tiny else [])]
+    args = ["--config", f"configs/{which}_demo.yaml", *[a for s in sets for a in ("--set", s)]]
+    return [[sys.executable, *stage.split(), *args] for stage in STAGES[which]]
+
+
+def run_pipelines(work: Path, device: str, tiny: bool) -> list[tuple]:
+    rows = []
+    for which in STAGES:
+        start, failed = time.perf_counter(), None
+        for cmd in pipeline_commands(which, work, device, tiny):
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                failed = f"{cmd[1] if cmd[1] != '-m' else cmd[2]}: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+                break
+        rows.append((f"{which} demo pipeline", "amp", f"{time.perf_counter() - start:.0f} s", "", failed or "ok"))
+    return rows
+
+
+def _ddp_worker(rank: int, world: int, backend: str, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    torch.set_num_threads(1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    amp = "auto" if device.type == "cuda" else "bf16"
+    model = loops.to_device(torchvision.models.resnet18(num_classes=4), device, True, amp)
+    model = loops.wrap_distributed(model, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(rank)  # each rank its own batch
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 4, (4,), generator=g)
+    loops.train_step(model, opt, x, y, F.cross_entropy, device, loops.grad_scaler(device, amp), amp, True)
+    flat = torch.cat([p.detach().float().flatten() for p in loops.unwrap(model).parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        out.put(float((gathered[0] - gathered[1]).abs().max()))
+    dist.destroy_process_group()
+
+
+def run_ddp(device: str) -> list[tuple]:
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        return [("DDP step, 2 processes", "", "", "", f"skipped: {torch.cuda.device_count()} GPU visible")]
+    backend = "nccl" if device == "cuda" else "gloo"
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_ddp_worker, args=(2, backend, 29500 + os.getpid() % 1000, out), nprocs=2,
+                       start_method="spawn")
+    gap = out.get()
+    amp = "auto" if device == "cuda" else "bf16"
+    return [(f"DDP step, 2 processes ({backend})", amp, "", "", "ok" if gap == 0 else f"replicas differ by {gap:.1e}")]
+
+
+def _timed(fn, device: torch.device, steps: int) -> tuple[float, float]:
+    """Seconds per call of ``fn`` (after one warm-up call) and peak GPU memory in MB (0 on CPU)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+
+
+def _step_rows(name, build, size, batch, loss_fn, n_out, device, amp, steps) -> list[tuple]:
+    """The project's step under ``amp`` vs plain float32 NCHW, same initial weights and batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, n_out, (batch,), generator=g).to(device)
+    torch.manual_seed(0)
+    init = build().state_dict()
+    rows, first = [], {}
+    for label, a, nhwc in ((f"{amp} + channels_last", amp, True), ("fp32 NCHW", "off", False)):
+        model = build()
+        model.load_state_dict(init)
+        model = loops.to_device(model, device, nhwc, a)
+        with torch.no_grad():
+            with loops.autocast(device, a):
+                first[a] = loss_fn(model(loops.batch_to_device(x, device, nhwc, a)).float(), y).item()
+        opt, scaler = torch.optim.Adam(model.parameters(), lr=1e-4), loops.grad_scaler(device, a)
+        seconds, peak = _timed(lambda: loops.train_step(model, opt, x, y, loss_fn, device, scaler, a, nhwc),
+                               device, steps)
+        rows.append((name, label, f"{batch / seconds:.1f} img/s", f"{peak:.0f}", ""))
+        del model, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rel = abs(first[amp] - first["off"]) / abs(first["off"])
+    if loops.autocast_dtype(device, amp) == torch.float16:  # judged for float16 (CUDA) only
+        verdict = ("ok" if rel < 1e-2 else "FAIL") + f": first loss within {rel:.1e} of fp32 (limit 1e-2)"
+    else:  # bfloat16 keeps 8 significant bits: on untrained deep nets the loss moves by several %
+        verdict = f"ok: first loss within {rel:.1e} of fp32 (bf16, not judged)"
+    rows[0] = rows[0][:4] + (verdict,)
+    return rows
+
+
+def _cam_rows(size, batch, device, steps) -> list[tuple]:
+    cfg = config.load_config(None, ["ses_model.pretrained=false", f"ses_model.input_size={size}"])
+    torch.manual_seed(0)
+    model = ses_model.build_ses_model(cfg)
+    layer = backbones.last_conv_layer(model)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for a in ("off", "bf16"):
+        m = loops.to_device(model, device, True, a)
+        xb = loops.batch_to_device(x, device, True, a)
+        seconds, peak = _timed(lambda: [cam.guided_gradcam(m, layer, xb, k, 99.0, a) for k in (0, 4)], device, steps)
+        rows.append((f"guided Grad-CAM {size} px, both classes", a, f"{batch / seconds:.2f} cell/s", f"{peak:.0f}", ""))
+    return rows
+
+
+def run_speed(device: torch.device, tiny: bool) -> list[tuple]:
+    amp = "auto" if device.type == "cuda" else "bf16"
+    r, e, c = ((32, 4), (32, 2), (32, 2)) if tiny else ((224, 128), (800, 10), (800, 8))
+    steps = 1 if tiny else 5
+    resnet = lambda: torchvision.models.get_model("resnet18" if tiny else "resnet50", num_classes=8)  # noqa: E731
+    ses_cfg = config.load_config(None, ["ses_model.pretrained=false", f"ses_model.input_size={e[0]}"])
+    effnet = lambda: ses_model.build_ses_model(ses_cfg)  # noqa: E731
+    return (_step_rows(f"ResNet-{18 if tiny else 50} {r[0]} px, batch {r[1]}", resnet, *r, F.cross_entropy, 8, device, amp, steps)
+            + _step_rows(f"EfficientNet-B0 {e[0]} px, batch {e[1]}", effnet, *e, F.nll_loss, 5, device, amp, steps)
+            + _cam_rows(*c, device, steps))
+
+
+# ------------------------------------------------------------------ report
+def print_table(rows: list[tuple]) -> None:
+    head = ("check", "precision", "speed / time", "peak GPU MB", "result")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on the CPU: the code paths, no speeds")
+    ap.add_argument("--parts", default="pipelines,ddp,speed", help="comma-separated: pipelines, ddp, speed")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.cpu_dry_run:
+        print(f"gpu-check: no CUDA device visible to torch {torch.__version__} (built for CUDA {torch.version.cuda}); "
+              "run it on a GPU machine, or pass --cpu-dry-run", file=sys.stderr)
+        return 1
+    device = torch.device("cpu" if args.cpu_dry_run else "cuda")
+    if args.cpu_dry_run:
+        torch.set_num_threads(1)  # tiny work: one thread is faster than a contended pool
+    name = "CPU (dry run, tiny sizes)" if args.cpu_dry_run else torch.cuda.get_device_name(0)
+    print(f"gpu-check on {name}, torch {torch.__version__}")
+    parts, rows, start = args.parts.split(","), [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="urbanlens-gpu-check-") as work:
+        for part, run in (("pipelines", lambda: run_pipelines(Path(work), device.type, args.cpu_dry_run)),
+                          ("ddp", lambda: run_ddp(device.type)), ("speed", lambda: run_speed(device, args.cpu_dry_run))):
+            if part in parts:
+                try:
+                    rows += run()
+                except Exception as e:  # a failed part is a row of the table; the others still run
+                    rows.append((part, "", "", "", f"FAIL: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+    print_table(rows)
+    print(f"gpu-check: {time.perf_counter() - start:.0f} s")
+    return 1 if any(r[4] and not r[4].startswith(("ok", "skipped")) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
