@@ -1,9 +1,11 @@
-"""Per-city income-quintile model from aerial cell images, with stratified k-fold cross-validation.
+"""Per-city income-quintile model from aerial cell images, with random, spatial or leave-one-city-out folds.
 
 For each city of the config, its non-void census cells are labelled with the city's income quintiles
 (0 = poorest fifth, 4 = richest). EfficientNet-B0 reads a min-max-scaled cell image and outputs one
 sigmoid unit p, read as a binomial over the five ordered classes, trained with categorical cross-entropy.
-Stratified k folds; in each, a stratified share of the training cells validates: Adam, reduce-on-plateau
+Folds by ses_train.cv: stratified (random cells, the paper's), spatial (whole blocks of block_m metres,
+training cells within buffer_m of a test cell dropped) or city (each city tested by a model trained on
+the others). In each fold a share of the training cells validates: Adam, reduce-on-plateau
 and early stopping on the validation loss, restarted from the best weights at lr / 2^restart. The
 held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
 Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
