@@ -27,10 +27,9 @@ def test_blocks_are_whole_and_parts_disjoint():
         parts = [set(s[p]) for p in ("train", "val", "test")]
         assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
         assert len(s["val"]) > 0 and len(parts[0] | parts[1] | parts[2]) == len(ids)  # no buffer: all used
-        for part in ("train", "val", "test"):  # a block lies in one part of a fold
-            inside = set(blocks[s[part]])
-            others = set(blocks[np.setdiff1d(np.arange(len(ids)), s[part])])
-            assert not inside & others, part
+        assert set(blocks[s["test"]]).isdisjoint(blocks[np.r_[s["train"], s["val"]]])
+        inside = set(blocks[s["test"]])  # a test block is tested whole
+        assert not inside & set(blocks[np.setdiff1d(np.arange(len(ids)), s["test"])])
 
 
 def test_buffer_keeps_training_away_from_test_cells():

@@ -75,10 +75,13 @@ def within(cell_ids, of_ids, distance_m: float) -> np.ndarray:
 
 def spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: float, buffer_m: float,
                   seed: int, where: str = "cells") -> tuple[list[dict], np.ndarray]:
-    """Block k-fold: each fold's test cells are whole blocks; validation cells are whole blocks drawn
-    from the training blocks (about ``val_share`` of them, assigned like the folds); training and
-    validation cells within ``buffer_m`` of a test cell are dropped. Returns (splits, block of each cell).
+    """Block k-fold: each fold's test cells are whole blocks; a stratified ``val_share`` of the cells
+    of the training blocks validates (it only chooses the epoch, so it may neighbour training cells);
+    training and validation cells within ``buffer_m`` of a test cell are dropped. Returns (splits,
+    block of each cell).
     """
+    from sklearn.model_selection import train_test_split
+
     cell_ids = np.asarray(list(cell_ids), dtype=object)
     labels = np.asarray(labels, dtype=int)
     blocks = block_ids(cell_ids, block_m)
@@ -92,12 +95,11 @@ def spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: float
         test = np.flatnonzero(fold == k)
         rest = np.flatnonzero(fold != k)
         val = np.array([], dtype=int)
-        if val_share > 0:  # whole blocks: about 1 / val_share parts of the training blocks, one validates
-            parts = max(2, round(1 / val_share))
-            n_blocks = len(np.unique(blocks[rest]))
-            if n_blocks >= 2:
-                sub = assign_blocks(blocks[rest], labels[rest], min(parts, n_blocks), seed + k + 1)
-                val, rest = rest[sub == 0], rest[sub != 0]
+        if val_share > 0:  # stratified cells of the training blocks (validation only picks the epoch)
+            n_val = max(math.ceil(val_share * len(rest)), len(np.unique(labels[rest])))
+            counts = np.bincount(labels[rest], minlength=N_CLASSES)
+            strat = labels[rest] if counts[counts > 0].min() >= 2 else None
+            rest, val = train_test_split(rest, test_size=n_val, stratify=strat, random_state=seed + k + 1)
         near = within(cell_ids, cell_ids[test], buffer_m)
         train, val = rest[~near[rest]], val[~near[val]]
         if len(train) == 0:
