@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from urbanlens.core import config, entry, files, runs, runtime
-from urbanlens.core.errors import DataError
+from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting, metrics, results, skips
 from urbanlens.ses import folds as ses_folds
@@ -37,6 +37,9 @@ def main() -> None:
     main = runtime.is_main_process()
     device = runtime.select_device(cfg.device)
     tc = cfg.ses_train
+    if tc.cv == "city" and len(cfg.ses.cities) < 2:
+        raise ConfigError("config", f"ses_train.cv=city leaves one city out, but ses.cities lists "
+                          f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses_train.cv=spatial")
     ses_dir = config.results_dir(cfg, "ses")
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")
     ses_model.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
