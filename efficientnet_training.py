@@ -25,10 +25,9 @@ from tqdm import tqdm
 from urbanlens.core import config, entry, files, runs, runtime
 from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.ses import data as ses_data
-from urbanlens.ses import fitting, metrics, results, skips
+from urbanlens.ses import fitting, metrics, results, skips, spatial_folds
 from urbanlens.ses import folds as ses_folds
 from urbanlens.ses import model as ses_model
-from urbanlens.ses import spatial_folds
 
 
 def main() -> None:

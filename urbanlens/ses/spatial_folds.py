@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 
 from ..core.errors import DataError
 from .grid import parse_inspire_id
@@ -68,7 +67,7 @@ def within(cell_ids, of_ids, distance_m: float) -> np.ndarray:
     from scipy.spatial import cKDTree
 
     # two equal squares of side s at origins p, q are within d edge to edge iff |p - q|_inf <= s + d
-    side = parse_inspire_id(list(cell_ids)[0])[2]
+    side = parse_inspire_id(next(iter(cell_ids)))[2]
     hits = cKDTree(b).query(a, k=1, p=np.inf, distance_upper_bound=side + distance_m + 1e-6)[0]
     return np.isfinite(hits)
 

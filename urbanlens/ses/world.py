@@ -49,6 +49,7 @@ from ..core import runs
 from ..core.config import cli, data_dir
 from ..core.errors import ConfigError
 from ..core.files import atomic_path, read_json, save_run_config, write_json
+from . import world_leakage
 from .grid import L93, LAEA
 from .world_plan import (
     BASE_INCOME,
@@ -66,7 +67,6 @@ from .world_plan import (
     city_rng,
     plan_city,
 )
-from . import world_leakage
 from .world_textures import LABELS, TEXTURES, render_pixels
 
 GENERATOR_VERSION = 1
