@@ -1,9 +1,11 @@
-"""Per-city income-quintile model from aerial cell images, with stratified k-fold cross-validation.
+"""Per-city income-quintile model from aerial cell images, with random, spatial or leave-one-city-out folds.
 
 For each city of the config, its non-void census cells are labelled with the city's income quintiles
 (0 = poorest fifth, 4 = richest). EfficientNet-B0 reads a min-max-scaled cell image and outputs one
 sigmoid unit p, read as a binomial over the five ordered classes, trained with categorical cross-entropy.
-Stratified k folds; in each, a stratified share of the training cells validates: Adam, reduce-on-plateau
+Folds by ses_train.cv: stratified (random cells, the paper's), spatial (whole blocks of block_m metres,
+training cells within buffer_m of a test cell dropped) or city (each city tested by a model trained on
+the others). In each fold a share of the training cells validates: Adam, reduce-on-plateau
 and early stopping on the validation loss, restarted from the best weights at lr / 2^restart. The
 held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
 Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
@@ -15,14 +17,15 @@ interrupted one from its last epoch, ending where an uninterrupted run ends.
 """
 import sys
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from urbanlens.core import config, entry, files, runs, runtime
-from urbanlens.core.errors import DataError
+from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.ses import data as ses_data
-from urbanlens.ses import fitting, metrics, results, skips
+from urbanlens.ses import fitting, metrics, results, skips, spatial_folds
 from urbanlens.ses import folds as ses_folds
 from urbanlens.ses import model as ses_model
 
@@ -33,6 +36,9 @@ def main() -> None:
     main = runtime.is_main_process()
     device = runtime.select_device(cfg.device)
     tc = cfg.ses_train
+    if tc.cv == "city" and len(cfg.ses.cities) < 2:
+        raise ConfigError("config", f"ses_train.cv=city leaves one city out, but ses.cities lists "
+                          f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses_train.cv=spatial")
     ses_dir = config.results_dir(cfg, "ses")
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")
     ses_model.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
@@ -41,6 +47,11 @@ def main() -> None:
     def sync():  # every rank waits for the main one to finish writing
         if world > 1:
             torch.distributed.barrier()
+
+
+    def cell_data(df, labels):  # the cells' images, decoded once when they fit in ses_train.cache_mb
+        return ses_data.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
+                                    cache=ses_data.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
 
 
     def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on
@@ -59,10 +70,10 @@ def main() -> None:
         raise DataError(ses_dir / "cells.gpkg", "no city has usable cells: " + "; ".join(
             f"{c}: {r}" for c, r in empty.items()), "check ses.cities, ses.max_nodata and the orthophotos, "
             "then re-run generate_fr_ua_aerial_data.py")
-    rows, skipped = [], []
+    # 1. each city's non-void cells and its own income quintiles
+    prepared, rows, skipped = {}, [], []
     for city in cfg.ses.cities:
         city_dir = ses_dir / city
-        # 1. the city's non-void cells and its income quintiles
         df, missing = ses_data.city_cells(cells, city, ses_dir)
         if missing:
             bad_input(f"{missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this one first)",
@@ -77,12 +88,23 @@ def main() -> None:
         if main:
             skips.clear_skip(city_dir)
         labels = ses_data.income_quintiles(df["income"])
-        edges = ses_data.quintile_edges(df["income"], labels)
-        splits = ses_folds.stratified_folds(labels, tc.folds, tc.val_share, cfg.seed,
-                                            where=f"{ses_dir / 'cells.gpkg'}: {city}")
+        prepared[city] = (df.assign(city=city), labels, ses_data.quintile_edges(df["income"], labels))
+    if tc.cv == "city":  # leave one city out: one pool of every city's cells, each with its own quintiles
+        if len(prepared) < 2:
+            raise DataError(ses_dir / "cells.gpkg", f"ses_train.cv=city needs at least 2 cities with cells, got "
+                            f"{sorted(prepared)}", "list more cities in ses.cities or use ses_train.cv=spatial")
+        pool = pd.concat([d for d, _, _ in prepared.values()], ignore_index=True)
+        pool_labels = np.concatenate([lab for _, lab, _ in prepared.values()])
+        pool_data = cell_data(pool, pool_labels)
+
+    for city, (df, labels, edges) in prepared.items():
+        city_dir = ses_dir / city
+        fit_df, fit_labels = (pool, pool_labels) if tc.cv == "city" else (df, labels)
+        splits, blocks = spatial_folds.make_splits(tc, cfg.seed, fit_df["cell_id"], fit_labels, fit_df["city"],
+                                                   city, where=f"{ses_dir / 'cells.gpkg'}: {city}")
 
         # 2. finished folds are reused only when they were trained with this config (or overwrite=true)
-        stamp, inputs = city_dir / results.STAMP, results.run_inputs(ses_dir, city, df)
+        stamp, inputs = city_dir / results.STAMP, results.run_inputs(ses_dir, city, fit_df)
         retrain = runs.compare(stamp, cfg, results.RUN_KEYS, inputs) if runs.has_outputs(city_dir, [stamp.name]) else []
         if retrain and not cfg.overwrite:
             runs.refuse(city_dir, "holds models trained with another config or other cells", retrain,
@@ -94,9 +116,8 @@ def main() -> None:
                     done.unlink()
             files.save_run_config(cfg, city_dir, "train_config.yaml")
             runs.write_stamp(stamp, "efficientnet_training.py", cfg, results.RUN_KEYS, inputs)
-            files.write_csv(ses_folds.folds_frame(df["cell_id"], splits), city_dir / "folds.csv")
-        data = ses_data.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
-                               cache=ses_data.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
+            files.write_csv(ses_folds.folds_frame(fit_df["cell_id"], splits, tc.cv, blocks), city_dir / "folds.csv")
+        data = pool_data if tc.cv == "city" else cell_data(df, labels)
 
         # 3. each fold: train with early stopping and restarts, keep the best weights, score held-out cells
         for k, split in enumerate(splits):
@@ -118,11 +139,11 @@ def main() -> None:
                               checkpoint=last_pt, resume=resume)
             test = split["test"]
             log_probs = fitting.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
-            m = metrics.ses_metrics(labels[test], log_probs)
+            m = metrics.ses_metrics(fit_labels[test], log_probs)
             if main:
                 results.write_fold_outputs(fold_dir, cfg, model, fit, m,
-                                       metrics.predictions_frame(df["cell_id"].iloc[test], k, labels[test], log_probs),
-                                       city=city, fold=k, quintile_edges=edges, n_train=len(split["train"]),
+                                       metrics.predictions_frame(fit_df["cell_id"].iloc[test], k, fit_labels[test], log_probs),
+                                       city=city, fold=k, cv=tc.cv, quintile_edges=edges, n_train=len(split["train"]),
                                        n_val=len(split["val"]), n_test=len(test))
                 last_pt.unlink(missing_ok=True)  # the fold is done (metrics.json written): its state is not needed
             sync()
@@ -130,7 +151,7 @@ def main() -> None:
         # 4. cross-fold summary (mean, std, best fold) and every cell's held-out prediction
         if main:
             summary, preds = results.city_summary(city_dir, len(splits), city=city, n_cells=len(df),
-                                              quintile_edges=edges)
+                                                  cv=tc.cv, quintile_edges=edges, seed=cfg.seed)
             files.write_csv(preds, city_dir / "predictions.csv")
             files.write_json(city_dir / "metrics.json", summary)
             mean, std = summary["mean"], summary["std"]

@@ -26,7 +26,8 @@ CITIES = [f"seed={SEED}", "world.image_size=384", "world.images_per_site=1", "sp
           "model.input_size=32", "train.epochs=2", "train.max_steps_per_epoch=2", "workers=1"]
 SES = [f"seed={SEED}", "france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000",
        "ses.cell_px=64", "ses_model.input_size=64", "ses_model.pretrained=false", "ses_train.epochs=2",
-       "ses_train.restarts=0", "ses_train.batch_size=8", "workers=1"]
+       "ses_train.restarts=0", "ses_train.batch_size=8", "workers=1",
+       "ses_train.block_m=400"]  # the demo's spatial folds, blocks scaled to the 1 km city
 
 
 def stage(args, config, sets, data, results):

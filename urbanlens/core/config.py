@@ -105,13 +105,14 @@ _AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "p
 
 _AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
                "ses_train.plateau_patience", "ses_train.restarts", "ses_train.cache_mb", "cams.panels",
-               "world.twin_distance", "world.site_jitter", "france.noise", "test.stability_top_k")
+               "world.twin_distance", "world.site_jitter", "france.noise", "test.stability_top_k",
+               "ses_train.buffer_m", "france.leakage")
 
 
 _RULES = {
     **{k: (">= 1", lambda v: v >= 1) for k in _AT_LEAST_1},
     **{k: (">= 0", lambda v: v >= 0) for k in _AT_LEAST_0},
-    **{k: ("> 0", lambda v: v > 0) for k in ("train.lr", "ses_train.lr", "world.feature_scale",
+    **{k: ("> 0", lambda v: v > 0) for k in ("train.lr", "ses_train.lr", "world.feature_scale", "ses_train.block_m",
                                               "france.city_size_m", "france.tile_size_m", "france.resolution_m")},
     **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in ("france.nodata_fraction", "ses.max_nodata", "patch.max_nodata",
                                                          "saliency.threshold", "ses_model.dropout",
@@ -126,6 +127,7 @@ _RULES = {
     "ses.imputed": ("keep or drop", lambda v: v in ("keep", "drop")),
     "image.scale": ("auto, percentile, fixed or none", lambda v: v in ("auto", "percentile", "fixed", "none")),
     **{k: ("one of " + ", ".join(AMP_CHOICES), lambda v: v in AMP_CHOICES) for k in AMP_KEYS},
+    "ses_train.cv": ("one of stratified, spatial, city", lambda v: v in ("stratified", "spatial", "city")),
 }
 
 

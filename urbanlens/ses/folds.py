@@ -40,11 +40,19 @@ def stratified_folds(labels, folds: int, val_share: float, seed: int, where: str
     return out
 
 
-def folds_frame(cell_ids, splits: list[dict]) -> pd.DataFrame:
-    """The split manifest of a city: one row per (fold, cell) with ``part`` train, val or test,
+def folds_frame(cell_ids, splits: list[dict], scheme: str = "stratified", blocks=None) -> pd.DataFrame:
+    """The split manifest of a city: one row per (fold, cell) with ``part`` train, val or test (or
+    ``buffer``: left out of that fold, too close to its test cells), the ``scheme`` and each cell's
+    ``block`` (its spatial block, its city under leave-one-city-out, empty for stratified folds),
     sorted by fold then cell id."""
     cell_ids = np.asarray(list(cell_ids), dtype=object)
-    rows = [pd.DataFrame({"fold": k, "cell_id": cell_ids[split[part]], "part": part})
-            for k, split in enumerate(splits) for part in ("train", "val", "test")]
-    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["fold", "cell_id", "part"])
-    return df.sort_values(["fold", "cell_id"], kind="stable").reset_index(drop=True)
+    blocks = np.full(len(cell_ids), "", dtype=object) if blocks is None else np.asarray(blocks, dtype=object)
+    rows = []
+    for k, split in enumerate(splits):
+        part = np.full(len(cell_ids), "buffer", dtype=object)
+        for name in ("train", "val", "test"):
+            part[split[name]] = name
+        rows.append(pd.DataFrame({"fold": k, "cell_id": cell_ids, "part": part, "scheme": scheme, "block": blocks}))
+    columns = ["fold", "cell_id", "part", "scheme", "block"]
+    df = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
+    return df.sort_values(["fold", "cell_id"], kind="stable").reset_index(drop=True)[columns]

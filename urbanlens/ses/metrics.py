@@ -11,6 +11,15 @@ from .model import CLASS_NAMES, N_CLASSES, expected_class
 METRICS = ("accuracy", "macro_f1", "kappa_quadratic", "auc_poor_rich", "spearman")
 
 
+INTERVAL_METRICS = ("auc_poor_rich", "kappa_quadratic", "spearman")   # given with intervals in metrics.json
+
+
+LEVEL = 0.95
+
+
+RESAMPLES = 1000
+
+
 def ses_metrics(y_true, log_probs) -> dict:
     """Scores of predicted quintile distributions against true quintiles.
 
@@ -66,6 +75,50 @@ def summarize_folds(fold_metrics: list[dict], val_losses: list[float]) -> dict:
         mean[k] = float(v.mean()) if v.size else float("nan")
         std[k] = float(v.std(ddof=1)) if v.size > 1 else (0.0 if v.size else float("nan"))
     return {"best_fold": int(np.argmin(val_losses)), "mean": mean, "std": std}
+
+
+def fold_interval(values, level: float = LEVEL) -> dict:
+    """Mean of per-fold values and its Student-t interval (scipy.stats.t, n - 1 degrees of freedom,
+    standard error sd / sqrt(n)); NaN bounds with fewer than two finite values."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    mean = float(v.mean()) if v.size else float("nan")
+    if v.size < 2:
+        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "folds": int(v.size)}
+    lo, hi = stats.t.interval(level, v.size - 1, loc=mean, scale=stats.sem(v))
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "folds": int(v.size)}
+
+
+def _interval_scores(y, lp) -> tuple[float, float, float]:
+    m = ses_metrics(y, lp)
+    return tuple(m[k] for k in INTERVAL_METRICS)
+
+
+def cell_bootstrap(y_true, log_probs, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> dict:
+    """Percentile intervals of ``INTERVAL_METRICS`` over the pooled held-out cells: ``resamples`` draws
+    of as many cells with replacement (seeded); a draw where a score is undefined (say, no richest cell)
+    is left out of that score's percentiles, and ``resamples_used`` says how many counted."""
+    y = np.asarray(y_true).astype(int)
+    lp = np.asarray(log_probs, dtype=np.float64)
+    point = _interval_scores(y, lp)
+    rng = np.random.default_rng(seed)
+    draws = np.array([_interval_scores(y[i], lp[i]) for i in rng.integers(0, len(y), (resamples, len(y)))]) \
+        if len(y) else np.full((0, len(INTERVAL_METRICS)), np.nan)
+    out = {}
+    for j, k in enumerate(INTERVAL_METRICS):
+        d = draws[np.isfinite(draws[:, j]), j] if len(draws) else np.array([])
+        lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)]) if d.size else (np.nan, np.nan)
+        out[k] = {"value": point[j], "lo": float(lo), "hi": float(hi), "resamples_used": int(d.size)}
+    return out
+
+
+def intervals(per_fold: list[dict], y_true, log_probs, seed: int = 0) -> dict:
+    """Both intervals of AUC, kappa and Spearman: over folds (mean +- t) and over pooled held-out cells
+    (percentile bootstrap)."""
+    return {"level": LEVEL,
+            "over_folds": {k: fold_interval([f[k] for f in per_fold]) for k in INTERVAL_METRICS},
+            "cell_bootstrap": {"resamples": RESAMPLES,
+                               **cell_bootstrap(y_true, log_probs, seed=seed)}}
 
 
 def predictions_frame(cell_ids, fold: int, y_true, log_probs) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import pandas as pd
 from ..core import files, runs, runtime
 from .figures import confusion_figure
 from .fitting import FitResult
-from .metrics import scalar_metrics, ses_metrics, summarize_folds
+from .metrics import intervals, scalar_metrics, ses_metrics, summarize_folds
 from .model import CLASS_NAMES, N_CLASSES
 
 RUN_KEYS = ("seed", "ses.cell_px", "ses.max_nodata", "ses_model", "ses_train")  # what decides a city's models
@@ -48,17 +48,18 @@ def write_fold_outputs(fold_dir, cfg, model, fit: FitResult, m: dict, prediction
         "seconds": round(sum(r["seconds"] for r in fit.log), 1)})
 
 
-def city_summary(city_dir, folds: int, **info) -> tuple[dict, pd.DataFrame]:
+def city_summary(city_dir, folds: int, seed: int = 0, **info) -> tuple[dict, pd.DataFrame]:
     """Cross-fold summary of a city from its fold folders: ``info``, mean/std per metric, ``best_fold``,
-    the metrics of all held-out predictions pooled, and each fold's metrics; plus those predictions."""
-
-
+    the metrics of all held-out predictions pooled, ``intervals`` of AUC, kappa and Spearman (over
+    folds and by a cell bootstrap seeded by ``seed``) and each fold's metrics; plus those predictions."""
     city_dir = Path(city_dir)
     per_fold = [files.read_json(city_dir / f"fold_{k}" / "metrics.json") for k in range(folds)]
     preds = pd.concat([pd.read_csv(city_dir / f"fold_{k}" / "predictions.csv") for k in range(folds)])
     preds = preds.sort_values("cell_id").reset_index(drop=True)
     p = preds[[f"p_{k}" for k in range(N_CLASSES)]].to_numpy()
-    pooled = scalar_metrics(ses_metrics(preds["true_class"], np.log(np.clip(p, 1e-300, None))))
+    log_p = np.log(np.clip(p, 1e-300, None))
+    pooled = scalar_metrics(ses_metrics(preds["true_class"], log_p))
     summary = {**info, "folds": folds, **summarize_folds(per_fold, [f["val_loss"] for f in per_fold]),
-               "pooled": pooled, "per_fold": per_fold}
+               "pooled": pooled, "intervals": intervals(per_fold, preds["true_class"], log_p, seed),
+               "per_fold": per_fold}
     return summary, preds

@@ -49,6 +49,7 @@ from ..core import runs
 from ..core.config import cli, data_dir
 from ..core.errors import ConfigError
 from ..core.files import atomic_path, read_json, save_run_config, write_json
+from . import world_leakage
 from .grid import L93, LAEA
 from .world_plan import (
     BASE_INCOME,
@@ -90,6 +91,8 @@ class TileJob:
     shapes: list           # (geometry EPSG:3035, label) of the land use near the tile
     nodata: list           # geometries (EPSG:2154) left as nodata
     driver: str
+    leakage: float = 0.0   # france.leakage: strength of the planted district cast (world_leakage)
+    seed: int = 0
 
 
 def render_tile(job: TileJob, max_pixels: int = 1_000_000) -> str:
@@ -115,7 +118,8 @@ def render_tile(job: TileJob, max_pixels: int = 1_000_000) -> str:
                         np.full((h, width), LABELS.index(OUTSIDE), np.uint8)
                     cols, rr = np.meshgrid(np.arange(width) + 0.5, np.arange(h) + 0.5)
                     x, y = strip_3035 @ (cols.ravel(), rr.ravel())
-                    rgb = render_pixels(labels.ravel(), np.asarray(x), np.asarray(y)).reshape(h, width, 3)
+                    rgb = world_leakage.tint(render_pixels(labels.ravel(), np.asarray(x), np.asarray(y)),
+                                             np.asarray(x), np.asarray(y), job.leakage, job.seed).reshape(h, width, 3)
                     if job.nodata:
                         hole = rasterize([(g, 1) for g in job.nodata], out_shape=(h, width),
                                          transform=native @ Affine.translation(0, r0), fill=0, dtype="uint8")
@@ -253,7 +257,8 @@ def tile_jobs(city: City, delivery: Path, fr, seed: int, driver: str, ext: str) 
         footprint = shapely.Polygon(np.c_[to_3035.transform(*shapely.box(*b).segmentize(50).exterior.coords.xy)])
         near = [labelled[i] for i in sorted(tree.query(footprint.buffer(10)))]
         hole = [h for h in holes if h.intersects(shapely.box(*b))]
-        jobs.append(TileJob(str(delivery / "1_DONNEES_LIVRAISON" / nom), b, float(fr.resolution_m), near, hole, driver))
+        jobs.append(TileJob(str(delivery / "1_DONNEES_LIVRAISON" / nom), b, float(fr.resolution_m), near, hole, driver,
+                            float(fr.leakage), seed))
         names.append(nom)
     index = gpd.GeoDataFrame({"NOM": names}, geometry=[shapely.box(*b) for b in tiles], crs=L93)
     index.attrs["nodata_zones"] = [list(h.bounds) for h in holes]
@@ -276,7 +281,7 @@ def build_world(cfg, progress: bool = True) -> dict:
         write_gpkg_layers(ua_path, [(city.stem[:-5], landuse), (f"{city.stem[:-5]}_Boundary", boundary)])
         files.append(ua_path)
         # census cells and planted income
-        census, truth = census_for_city(city, float(fr.noise), seed)
+        census, truth = census_for_city(city, float(fr.noise), seed, float(fr.leakage))
         truth.insert(1, "city", name)
         census_parts.append(census)
         truth_parts.append(truth)
@@ -307,6 +312,9 @@ def build_world(cfg, progress: bool = True) -> dict:
                         "field: Gaussian white noise on the 200 m grid smoothed with sigma noise_sigma_cells, "
                         "scaled to unit variance; ind_snv = income * ind",
         "base_income": BASE_INCOME, "noise": float(fr.noise), "noise_sigma_cells": NOISE_SIGMA_CELLS,
+        "leakage": {"strength": float(fr.leakage), "district_m": world_leakage.DISTRICT_M,
+                    "model": "log income += strength * shift; colour += strength * tint_levels * cast; "
+                             "(cast, shift) bilinear between random district centres", "tint_levels": world_leakage.TINT_LEVELS},
         "population_density_per_ha": DENSITY, "household_size": HOUSEHOLD_SIZE,
         "cell_size_m": CELL_M, "params": world_params(cfg), "seed": seed, "cities": cities_info,
         "composition_r2": _composition_r2(pd.concat(truth_parts, ignore_index=True)),

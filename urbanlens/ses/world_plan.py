@@ -13,6 +13,7 @@ from pyproj import Transformer
 from scipy.ndimage import gaussian_filter
 
 from .grid import LAEA, inspire_id
+from .world_leakage import income_shift
 
 # Urban Atlas 2018 nomenclature (spelling of the Copernicus product, double space included)
 UA_CLASSES = {
@@ -226,8 +227,9 @@ def class_shares(cells: np.ndarray, landuse: gpd.GeoDataFrame) -> pd.DataFrame:
     return shares.reindex(range(len(cells)), fill_value=0.0) / shapely.area(cells)[:, None]
 
 
-def census_for_city(city: City, noise: float, seed: int) -> tuple[gpd.GeoDataFrame, pd.DataFrame]:
-    """The populated 200 m cells of a city: (census rows, per-cell truth)."""
+def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0) -> tuple[gpd.GeoDataFrame, pd.DataFrame]:
+    """The populated 200 m cells of a city: (census rows, per-cell truth); ``leakage`` > 0 shifts log
+    income by the planted district field at the cell centres (world_leakage)."""
     rng = city_rng(seed, city.name, "census")
     x0, y0 = city.origin
     n = int(math.ceil(city.size / CELL_M))
@@ -238,7 +240,8 @@ def census_for_city(city: City, noise: float, seed: int) -> tuple[gpd.GeoDataFra
     field = gaussian_filter(rng.standard_normal((n, n)), NOISE_SIGMA_CELLS, mode="reflect")
     field = (field / field.std()).ravel()
     effect = sum(shares.get(c, 0.0) * e for c, e in CLASS_EFFECTS.items())
-    income = BASE_INCOME * np.exp(np.asarray(effect) + noise * field)
+    income = BASE_INCOME * np.exp(np.asarray(effect) + noise * field
+                                  + income_shift(ex + CELL_M / 2, ny + CELL_M / 2, leakage, seed))
     hectares = CELL_M * CELL_M / 1e4
     people = sum(shares.get(c, 0.0) * d for c, d in DENSITY.items()) * hectares
     people = np.round(np.asarray(people) * rng.uniform(0.85, 1.15, len(cells)), 1)

@@ -223,21 +223,49 @@ SUMMARY_COLUMNS = ["ua_code", "ua_class", "pieces", "area", "poor_score_mean", "
                    "poor_score_hi", "rich_score_mean", "rich_score_lo", "rich_score_hi", "rich_minus_poor"]
 
 
-def landuse_summary(stats: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """Per Urban Atlas class: pieces, total area, mean and t-interval of poor_score and rich_score.
+CELL_RESAMPLES = 1000
 
-    ``stats`` holds one row per piece with ua_code, ua_class, area, poor_score, rich_score (the columns
-    of polygon_stats.gpkg). The mean is over pieces (each piece one observation); pieces without a
-    finite score are left out of that score's mean. ``rich_minus_poor`` = rich_score_mean -
-    poor_score_mean. Sorted by rich_minus_poor, largest first.
+
+def cell_bootstrap_mean(scores, cells, level: float = 0.95, resamples: int = CELL_RESAMPLES,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """Mean over pieces and a percentile interval from resampling whole cells: the pieces of one cell
+    share its activation map, so they are not independent observations. Each draw takes as many cells
+    as there are, with replacement, and averages all their pieces (seeded; NaN bounds with fewer than
+    two cells). Pieces without a finite score are left out."""
+    scores, cells = np.asarray(scores, float), np.asarray(cells, dtype=object)
+    ok = np.isfinite(scores)
+    scores, cells = scores[ok], cells[ok]
+    if scores.size == 0:
+        return np.nan, np.nan, np.nan
+    mean = float(scores.mean())
+    _, inverse = np.unique(cells.astype(str), return_inverse=True)
+    sums, counts = np.bincount(inverse, weights=scores), np.bincount(inverse).astype(float)
+    if len(sums) < 2:
+        return mean, np.nan, np.nan
+    draws = np.random.default_rng(seed).integers(0, len(sums), (resamples, len(sums)))
+    boot = sums[draws].sum(1) / counts[draws].sum(1)
+    lo, hi = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
+    return mean, float(min(lo, mean)), float(max(hi, mean))
+
+
+def landuse_summary(stats: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per Urban Atlas class: pieces, total area, mean and interval of poor_score and rich_score.
+
+    ``stats`` holds one row per piece with ua_code, ua_class, area, poor_score, rich_score and cell_id
+    (the columns of polygon_stats.gpkg). The mean is over pieces; its interval is a percentile
+    bootstrap over cells (``cell_bootstrap_mean``; without a cell_id column every piece counts as its
+    own cell). ``rich_minus_poor`` = rich_score_mean - poor_score_mean. Sorted by rich_minus_poor,
+    largest first.
     """
+    if "cell_id" not in stats.columns:
+        stats = stats.assign(cell_id=np.arange(len(stats)).astype(str))
     rows = []
     for code, g in stats.groupby("ua_code", sort=True):
         row = {"ua_code": code, "ua_class": g["ua_class"].iloc[0], "pieces": len(g),
                "area": float(g["area"].sum())}
         for name in ("poor", "rich"):
             row[f"{name}_score_mean"], row[f"{name}_score_lo"], row[f"{name}_score_hi"] = \
-                mean_interval(g[f"{name}_score"], level)
+                cell_bootstrap_mean(g[f"{name}_score"], g["cell_id"], level)
         row["rich_minus_poor"] = row["rich_score_mean"] - row["poor_score_mean"]
         rows.append(row)
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

@@ -1,0 +1,139 @@
+"""Folds that respect space: square blocks of the EPSG:3035 grid, and leave-one-city-out.
+
+Random folds of 200 m cells put near-twins of every test cell (its neighbours, with similar images and
+incomes) into training, and so overstate skill (Ploton et al. 2020). Here whole blocks go to folds, and
+training cells within ``buffer_m`` of a test cell can be dropped as well.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..core.errors import DataError
+from .grid import parse_inspire_id
+from .model import N_CLASSES
+
+SCHEMES = ("stratified", "spatial", "city")
+
+
+def cell_origins(cell_ids) -> np.ndarray:
+    """[n, 2] lower-left corners (easting, northing, EPSG:3035 metres) of INSPIRE cells."""
+    return np.array([parse_inspire_id(c)[:2] for c in cell_ids], dtype=np.int64).reshape(-1, 2)
+
+
+def block_ids(cell_ids, block_m: float) -> np.ndarray:
+    """The block of each cell: ``'E<x>N<y>'`` of the lower-left corner of the ``block_m`` square of the
+    EPSG:3035 grid holding the cell's lower-left corner."""
+    xy = cell_origins(cell_ids)
+    b = np.floor(xy / float(block_m)).astype(np.int64) * int(block_m)
+    return np.array([f"E{x}N{y}" for x, y in b], dtype=object)
+
+
+def assign_blocks(blocks, labels, folds: int, seed: int) -> np.ndarray:
+    """Fold of each cell, whole blocks per fold, balanced over classes as far as blocks allow.
+
+    Greedy: blocks in decreasing size (seeded random order among equal sizes), each to the fold whose
+    class counts are furthest below their target (count of the class / folds), weighted by the block's
+    own class mix; ties go to the fold with fewest cells, then the lowest index.
+    """
+    blocks, labels = np.asarray(blocks, dtype=object), np.asarray(labels, dtype=int)
+    names, inverse = np.unique(blocks, return_inverse=True)
+    if len(names) < folds:
+        raise DataError("spatial folds", f"{len(names)} blocks for {folds} folds",
+                        "lower ses_train.block_m or ses_train.folds")
+    mix = np.zeros((len(names), N_CLASSES))
+    np.add.at(mix, (inverse, labels), 1)
+    target = mix.sum(0) / folds
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(len(names)), -mix.sum(1)))
+    have = np.zeros((folds, N_CLASSES))
+    block_fold = np.empty(len(names), dtype=int)
+    for b in order:
+        deficit = ((target - have) * mix[b]).sum(1)  # how far below target, in the block's classes
+        best = np.lexsort((np.arange(folds), have.sum(1), -deficit))[0]
+        block_fold[b] = best
+        have[best] += mix[b]
+    return block_fold[inverse]
+
+
+def within(cell_ids, of_ids, distance_m: float) -> np.ndarray:
+    """Whether each cell of ``cell_ids`` lies within ``distance_m`` of any cell of ``of_ids``, measured
+    edge to edge along the grid's axes (the larger of the east and north gaps; touching cells are at 0);
+    all False for distance 0. All cells have the grid's one size."""
+    a, b = cell_origins(cell_ids), cell_origins(of_ids)
+    if distance_m <= 0 or len(a) == 0 or len(b) == 0:
+        return np.zeros(len(a), bool)
+    from scipy.spatial import cKDTree
+
+    # two equal squares of side s at origins p, q are within d edge to edge iff |p - q|_inf <= s + d
+    side = parse_inspire_id(next(iter(cell_ids)))[2]
+    hits = cKDTree(b).query(a, k=1, p=np.inf, distance_upper_bound=side + distance_m + 1e-6)[0]
+    return np.isfinite(hits)
+
+
+def spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: float, buffer_m: float,
+                  seed: int, where: str = "cells") -> tuple[list[dict], np.ndarray]:
+    """Block k-fold: each fold's test cells are whole blocks; a stratified ``val_share`` of the cells
+    of the training blocks validates (it only chooses the epoch, so it may neighbour training cells);
+    training and validation cells within ``buffer_m`` of a test cell are dropped. Returns (splits,
+    block of each cell).
+    """
+    from sklearn.model_selection import train_test_split
+
+    cell_ids = np.asarray(list(cell_ids), dtype=object)
+    labels = np.asarray(labels, dtype=int)
+    blocks = block_ids(cell_ids, block_m)
+    try:
+        fold = assign_blocks(blocks, labels, folds, seed)
+    except DataError as e:
+        raise DataError(where, f"{len(np.unique(blocks))} blocks of {block_m:g} m for {folds} folds",
+                        "lower ses_train.block_m or ses_train.folds") from e
+    out = []
+    for k in range(folds):
+        test = np.flatnonzero(fold == k)
+        rest = np.flatnonzero(fold != k)
+        val = np.array([], dtype=int)
+        if val_share > 0:  # stratified cells of the training blocks (validation only picks the epoch)
+            n_val = max(math.ceil(val_share * len(rest)), len(np.unique(labels[rest])))
+            counts = np.bincount(labels[rest], minlength=N_CLASSES)
+            strat = labels[rest] if counts[counts > 0].min() >= 2 else None
+            rest, val = train_test_split(rest, test_size=n_val, stratify=strat, random_state=seed + k + 1)
+        near = within(cell_ids, cell_ids[test], buffer_m)
+        train, val = rest[~near[rest]], val[~near[val]]
+        if len(train) == 0:
+            raise DataError(where, f"fold {k} keeps no training cell with ses_train.buffer_m={buffer_m:g}",
+                            "lower ses_train.buffer_m or ses_train.folds")
+        out.append({"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)})
+    return out, blocks
+
+
+def leave_city_out(cities, labels, held_out: str, val_share: float, seed: int, where: str = "cells") -> dict:
+    """One split over the cells of all cities: test = the cells of ``held_out``, a stratified
+    ``val_share`` of the other cities' cells validates, the rest trains."""
+    from sklearn.model_selection import train_test_split
+
+    cities, labels = np.asarray(cities, dtype=object), np.asarray(labels, dtype=int)
+    if len(set(cities)) < 2:
+        raise DataError(where, f"ses_train.cv=city needs at least 2 cities with cells, got {sorted(set(cities))}",
+                        "list more cities in ses.cities or use ses_train.cv=spatial")
+    test, train = np.flatnonzero(cities == held_out), np.flatnonzero(cities != held_out)
+    val = np.array([], dtype=int)
+    if val_share > 0:
+        n_val = max(math.ceil(val_share * len(train)), len(np.unique(labels[train])))
+        train, val = train_test_split(train, test_size=n_val, stratify=labels[train], random_state=seed)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def make_splits(tc, seed: int, cell_ids, labels, cities, city: str, where: str) -> tuple[list[dict], np.ndarray]:
+    """The folds of ``city`` under ``tc.cv`` (the ``ses_train`` section), and each cell's block.
+
+    ``cell_ids``, ``labels`` and ``cities``: the city's own cells, or under ``cv: city`` the cells of
+    every city (each labelled by its own city's quintiles)."""
+    from .folds import stratified_folds
+
+    if tc.cv == "stratified":
+        return stratified_folds(labels, tc.folds, tc.val_share, seed, where=where), None
+    if tc.cv == "spatial":
+        return spatial_folds(cell_ids, labels, tc.folds, tc.val_share, tc.block_m, tc.buffer_m, seed, where)
+    return [leave_city_out(cities, labels, city, tc.val_share, seed, where)], np.asarray(cities, dtype=object)

@@ -1,0 +1,57 @@
+"""A planted leakage for the synthetic French world: districts that look and earn alike.
+
+With ``france.leakage`` = s > 0, every district (a square of ``DISTRICT_M`` on the EPSG:3035 grid)
+gets a random colour cast (RGB, N(0, 1) each, times ``TINT_LEVELS`` * s grey levels) and a random
+shift of log income (N(0, 1) times s), drawn together from the seed and the district. Both are
+interpolated bilinearly between district centres, so the field is continuous and one set of weights
+gives a place's cast and its shift. Within a district a model can learn "this cast, this income";
+in a district it never saw, the cast tells nothing. Random folds of cells reward that; spatial folds
+whose blocks match the districts do not.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+DISTRICT_M = 1000.0
+
+
+TINT_LEVELS = 30.0
+
+
+def _node_values(seed: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """[n, 4] (R, G, B cast, income shift) at lattice nodes (i, j), each node its own stream."""
+    out = np.empty((len(i), 4))
+    for k, (a, b) in enumerate(zip(i, j)):
+        out[k] = np.random.default_rng([int(seed), 7_777, int(a) + 2**20, int(b) + 2**20]).standard_normal(4)
+    return out
+
+
+def district_field(x, y, seed: int) -> np.ndarray:
+    """[n, 4] unit-scale field (cast R, G, B, income shift) at EPSG:3035 points (x, y)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    u, v = x / DISTRICT_M - 0.5, y / DISTRICT_M - 0.5   # node (i, j) sits at the centre of district (i, j)
+    i0, j0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
+    fu, fv = (u - i0)[:, None], (v - j0)[:, None]
+    if len(x) == 0:
+        return np.zeros((0, 4))
+    ia, ja = np.arange(i0.min(), i0.max() + 2), np.arange(j0.min(), j0.max() + 2)
+    ii, jj = np.meshgrid(ia, ja, indexing="ij")
+    grid = _node_values(seed, ii.ravel(), jj.ravel()).reshape(len(ia), len(ja), 4)
+    a, b = i0 - ia[0], j0 - ja[0]
+    return ((1 - fu) * (1 - fv) * grid[a, b] + fu * (1 - fv) * grid[a + 1, b] + (1 - fu) * fv * grid[a, b + 1]
+            + fu * fv * grid[a + 1, b + 1])
+
+
+def tint(rgb: np.ndarray, x, y, strength: float, seed: int) -> np.ndarray:
+    """``rgb`` [n, 3] (uint8) with the district cast added; unchanged for strength 0."""
+    if strength <= 0:
+        return rgb
+    cast = district_field(x, y, seed)[:, :3] * TINT_LEVELS * strength
+    return np.clip(np.rint(rgb + cast), 1, 255).astype(np.uint8)   # 0 stays reserved for nodata
+
+
+def income_shift(x, y, strength: float, seed: int) -> np.ndarray:
+    """Shift of log income at (x, y) (cell centres); zeros for strength 0."""
+    if strength <= 0:
+        return np.zeros(len(np.asarray(x)))
+    return district_field(x, y, seed)[:, 3] * strength
