@@ -263,3 +263,24 @@ def test_nodata_fraction_counts_pixels_zero_in_every_band():
     img[1, 0, 0] = 0            # zero in one band only: valid
     assert extraction.nodata_fraction(img) == pytest.approx(5 / 20)
     assert extraction.nodata_fraction(np.zeros((3, 3), np.uint8)) == 1.0
+
+
+@pytest.mark.parametrize("reader, what, fix", [
+    ("census", "census grid", "ses.census_file"),
+    ("cells", "cell index", "generate_fr_ua_aerial_data.py"),
+    ("tiles", "tile index", "dalles.shp"),
+])
+def test_a_file_that_is_not_what_its_name_says_is_one_data_error(tmp_path, reader, what, fix):
+    from urbanlens.ses import data as ses_data
+
+    if reader == "tiles":
+        (tmp_path / "dalles.shp").write_bytes(b"not a shapefile")
+        call = lambda: ses_tiles.read_tile_index(tmp_path)  # noqa: E731
+    else:
+        path = tmp_path / ("census.gpkg" if reader == "census" else "cells.gpkg")
+        path.write_bytes(b"half a download")
+        call = (lambda: ses_census.read_census(path)) if reader == "census" else (lambda: ses_data.read_cells(path))
+    with pytest.raises(errors.DataError) as err:
+        call()
+    msg = str(err.value)
+    assert f"not a readable {what}" in msg and fix in msg and "\n" not in msg

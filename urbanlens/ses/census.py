@@ -13,7 +13,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
 from ..core.errors import DataError
-from .columns import _key, _pick_columns
+from .columns import _key, _pick_columns, opening
 from .grid import LAEA, cell_boxes
 
 CENSUS_COLUMNS = {
@@ -70,7 +70,9 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     if not path.exists():
         raise DataError(path, "census grid not found",
                         "run data_setup.sh (or data_setup.sh --synthetic ses) or set ses.census_file")
-    infos = [pyogrio.read_info(path, layer=name) for name, _ in pyogrio.list_layers(path)]
+    with opening(path, "census grid", "use INSEE's carreaux_200m_met.gpkg (or the 2015 shapefile) as downloaded, "
+                 "or set ses.census_file"):
+        infos = [pyogrio.read_info(path, layer=name) for name, _ in pyogrio.list_layers(path)]
     ids = {_key(s) for s in CENSUS_COLUMNS["cell_id"]}
     info = next((i for i in infos if ids & {_key(f) for f in i["fields"]}), infos[0])
     layer, fields, file_crs = info["layer_name"], list(info["fields"]), info["crs"]

@@ -1,7 +1,11 @@
-"""Column spellings of the real products, matched in any letter case."""
+"""What the readers of the real products share: column spellings matched in any letter case, and
+vector files that GDAL cannot open reported as one line naming the file and the fix."""
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
+
+import pyogrio.errors
 
 from ..core.errors import DataError
 
@@ -26,3 +30,14 @@ def _pick_columns(fields: Sequence[str], wanted: Mapping[str, Sequence[str]], pa
         raise DataError(path, f"{what} lacks columns: {'; '.join(missing)}",
                         f"columns present are {', '.join(fields)}; rename them or use {source} original file")
     return found
+
+
+@contextlib.contextmanager
+def opening(path, what: str, fix: str):
+    """Reads inside turn a file GDAL cannot open or read (not a vector file, truncated, damaged) into a
+    DataError naming ``path``, ``what`` it should be and the ``fix``."""
+    try:
+        yield
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FieldError) as e:
+        reason = str(e).split(";")[0].replace(f"'{path}' ", "").replace(str(path), "").strip(" .:")
+        raise DataError(path, f"not a readable {what} ({reason})", fix) from None

@@ -15,7 +15,7 @@ from pyproj import Transformer
 from rasterio.crs import CRS
 
 from ..core.errors import DataError
-from .columns import _pick_columns
+from .columns import _pick_columns, opening
 from .grid import L93
 
 _L93_PARAMS = {"lat_0": 46.5, "lon_0": 3.0, "x_0": 700000.0, "y_0": 6600000.0}
@@ -147,7 +147,8 @@ def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoData
             files.setdefault(p.name.lower(), []).append(p)
     frames = []
     for shp in indexes:
-        gdf = gpd.read_file(shp, engine="pyogrio")
+        with opening(shp, "tile index", "unpack IGN's delivery again (dalles.shp with its .shx, .dbf and .prj)"):
+            gdf = gpd.read_file(shp, engine="pyogrio")
         nom = _pick_columns(list(gdf.columns), {"NOM": ("NOM",)}, shp, "tile index", "IGN's")["NOM"]
         gdf = gdf.rename(columns={nom: "NOM"})[["NOM", "geometry"]]
         if gdf.crs is None or is_lambert93(gdf.crs):
