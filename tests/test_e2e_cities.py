@@ -5,13 +5,13 @@ test_classification.py evaluates, and missing ImageNet weights give one clear li
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from script_runner import run_script
 
 from urbanlens.cities import similarity
 
@@ -22,15 +22,8 @@ SMALL = ["world.image_size=384", "world.images_per_site=1", "split.test_b_per_ci
 
 
 def run_stage(args, root, extra=(), results="results", launcher=(sys.executable,), check=True):
-    cmd = [*launcher, *args, "--config", "configs/cities_demo.yaml",
-           "--set", f"paths.data={root / 'data'}", "--set", f"paths.results={root / results}",
-           *[a for s in (*SMALL, *extra) for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TQDM_DISABLE": "1",
-           "TORCH_HOME": str(root / "torch_home")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TORCH_HOME": str(root / "torch_home")}
+    return run_script(args, root / "data", root / results, (*SMALL, *extra), launcher=launcher, env=env, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,6 @@ with rasterio keeping dtype, bands, interleaving and georeference); the first si
 40 px wide strip of its nodata value 0 on the left, the first site of Rotterdam a strip of a declared
 nodata value -9999. Then preprocessing, one short training and the test run as a user runs them."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import pytest
 import rasterio
 from PIL import Image
 from rasterio.windows import Window
+from script_runner import run_script
 
 from urbanlens.cities import rasters
 from urbanlens.core import errors
@@ -57,13 +55,8 @@ def make_raw(data: Path, atlanta_value=0) -> Path:
 
 
 def stage(script, data, results, *extra, check=True):
-    cmd = [sys.executable, script, "--config", "configs/cities_demo.yaml", "--set", f"paths.data={data}",
-           "--set", f"paths.results={results}", *[a for s in (*SMALL, *extra) for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"{script}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return proc
+    return run_script([script], data, results, (*SMALL, *extra), env={"OMP_NUM_THREADS": "1"}, check=check,
+                      timeout=600)
 
 
 @pytest.fixture(scope="module")
