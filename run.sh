@@ -81,7 +81,7 @@ case "$cmd" in
     run_ses --config configs/ses_demo.yaml "$@"
     echo "[demo] ses pipeline took $((SECONDS - start)) s"
     ;;
-  test)    $PY -m pytest "$@" ;;
+  test)    $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;  # one file per worker, files in parallel
   cities)  run_cities "$@" ;;
   ses)     run_ses "$@" ;;
   bench)   for b in bench/*.py; do [ "$b" = bench/gpu_check.py ] && continue; echo "== $b"; $PY "$b" "$@"; done ;;
