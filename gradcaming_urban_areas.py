@@ -102,7 +102,7 @@ def main() -> None:
         preds = findings.read_predictions(city_dir)
         finding = city_findings[city] = findings.city_finding(preds, stats, seed=cfg.seed)
         pooled_preds.append(preds)
-        summary = findings.annotate(zonal.landuse_summary(stats), finding)
+        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed), finding)
         files.write_csv(summary, city_dir / "landuse_summary.csv")
 
         # 4. figures: income maps, sampled cell panels, scores per class
@@ -117,7 +117,7 @@ def main() -> None:
     if pooled:
         stats = pd.concat(pooled, ignore_index=True)
         finding = findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed)
-        summary = findings.annotate(zonal.landuse_summary(stats), finding)
+        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed), finding)
         files.write_csv(summary, ses_dir / "landuse_summary.csv")
         files.save_figure(ses_figures.landuse_scores_figure(summary, "all cities: activation per land-use class"),
                        ses_dir / "landuse_scores.png")

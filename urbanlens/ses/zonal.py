@@ -248,12 +248,12 @@ def cell_bootstrap_mean(scores, cells, level: float = 0.95, resamples: int = CEL
     return mean, float(min(lo, mean)), float(max(hi, mean))
 
 
-def landuse_summary(stats: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+def landuse_summary(stats: pd.DataFrame, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Per Urban Atlas class: pieces, total area, mean and interval of poor_score and rich_score.
 
     ``stats`` holds one row per piece with ua_code, ua_class, area, poor_score, rich_score and cell_id
     (the columns of polygon_stats.gpkg). The mean is over pieces; its interval is a percentile
-    bootstrap over cells (``cell_bootstrap_mean``; without a cell_id column every piece counts as its
+    bootstrap over cells (``cell_bootstrap_mean``, seeded by ``seed``; without a cell_id column every piece counts as its
     own cell). ``rich_minus_poor`` = rich_score_mean - poor_score_mean. Sorted by rich_minus_poor,
     largest first.
     """
@@ -265,7 +265,7 @@ def landuse_summary(stats: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
                "area": float(g["area"].sum())}
         for name in ("poor", "rich"):
             row[f"{name}_score_mean"], row[f"{name}_score_lo"], row[f"{name}_score_hi"] = \
-                cell_bootstrap_mean(g[f"{name}_score"], g["cell_id"], level)
+                cell_bootstrap_mean(g[f"{name}_score"], g["cell_id"], level, seed=seed)
         row["rich_minus_poor"] = row["rich_score_mean"] - row["poor_score_mean"]
         rows.append(row)
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
