@@ -24,6 +24,11 @@ def test_field_is_continuous_and_varies_between_districts():
     centres = wl.district_field(3.70e6 + 500 + 1000 * np.arange(10), np.full(10, 2.8e6 + 500), seed=3)
     assert centres.std(0).min() > 0.3                       # districts differ in every component
     np.testing.assert_array_equal(f, wl.district_field(x, np.full_like(x, 2.8e6 + 300), seed=3))
+    # flat inside a district beyond its seams, so every 200 m cell centre carries its district's values
+    inside = (x % wl.DISTRICT_M >= wl.SEAM_M) & (x % wl.DISTRICT_M <= wl.DISTRICT_M - wl.SEAM_M)
+    district = np.floor(x / wl.DISTRICT_M)
+    for d in np.unique(district[inside]):
+        assert np.ptp(f[inside & (district == d)], axis=0).max() == 0
     assert not np.allclose(f, wl.district_field(x, np.full_like(x, 2.8e6 + 300), seed=4))
 
 

@@ -314,7 +314,9 @@ def build_world(cfg, progress: bool = True) -> dict:
         "base_income": BASE_INCOME, "noise": float(fr.noise), "noise_sigma_cells": NOISE_SIGMA_CELLS,
         "leakage": {"strength": float(fr.leakage), "district_m": world_leakage.DISTRICT_M,
                     "model": "log income += strength * shift; colour += strength * tint_levels * cast; "
-                             "(cast, shift) bilinear between random district centres", "tint_levels": world_leakage.TINT_LEVELS},
+                             "(cast, shift) random per district, flat inside it, smoothstep across a seam of seam_m "
+                             "either side of each border", "seam_m": world_leakage.SEAM_M,
+                    "tint_levels": world_leakage.TINT_LEVELS},
         "population_density_per_ha": DENSITY, "household_size": HOUSEHOLD_SIZE,
         "cell_size_m": CELL_M, "params": world_params(cfg), "seed": seed, "cities": cities_info,
         "composition_r2": _composition_r2(pd.concat(truth_parts, ignore_index=True)),
