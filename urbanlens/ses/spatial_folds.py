@@ -11,10 +11,9 @@ import math
 import numpy as np
 
 from ..core.errors import DataError
+from ..core.schema import CV_SCHEMES as SCHEMES
 from .grid import parse_inspire_id
 from .model import N_CLASSES
-
-SCHEMES = ("stratified", "spatial", "city")
 
 
 def cell_origins(cell_ids) -> np.ndarray:
