@@ -111,7 +111,7 @@ SCHEMA: dict[str, Key] = {
     "saliency.method": choice(*CAM_METHODS), "saliency.per_city": COUNT, "saliency.threshold": SHARE,
     "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT,
     # socioeconomic status
-    "france.cities": NAMES, "france.city_size_m": POSITIVE, "france.tile_size_m": POSITIVE,
+    "france.cities": NAMES, "france.city_size_m": COUNT, "france.tile_size_m": COUNT,
     "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT,
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
@@ -190,7 +190,8 @@ def check(key: str, value: Any, default: Any, source: str) -> Any:
     if value is None:
         if spec.nullable:
             return None
-        raise ConfigError(f"{source}: '{key}' must be {_type_name(spec)}, not null; give a value (default {default!r})")
+        must = f"one of {', '.join(spec.choices)}" if spec.choices else _type_name(spec)
+        raise ConfigError(f"{source}: '{key}' must be {must}, not null; give a value (default {default!r})")
     if spec.choices:
         if not matches(spec.choices, value):
             near = difflib.get_close_matches(str(value), spec.choices, n=1)
