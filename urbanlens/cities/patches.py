@@ -27,7 +27,6 @@ from ..core.errors import DataError
 from ..core.schema import SPLITS
 from . import rasters
 
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 

@@ -34,7 +34,6 @@ from rasterio.errors import NotGeoreferencedWarning
 from ..core.errors import ConfigError, DataError
 from ..core.schema import SCALES
 
-
 PERCENTILES = (2.0, 98.0)
 
 
