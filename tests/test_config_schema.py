@@ -148,7 +148,7 @@ def test_malformed_yaml_in_set_names_the_override(override):
 def test_config_files_that_cannot_be_used(tmp_path):
     cases = {"folder": (tmp_path / "adir", "is a folder"), "empty": (tmp_path / "empty.yaml", "empty"),
              "comments": (tmp_path / "comments.yaml", "empty"), "latin1": (tmp_path / "latin1.yaml", "not UTF-8"),
-             "twice": (tmp_path / "twice.yaml", "'train' written twice")}
+             "twice": (tmp_path / "twice.yaml", "'train' written twice, line 3")}
     cases["folder"][0].mkdir()
     cases["empty"][0].write_text("")
     cases["comments"][0].write_text("# nothing set\n")
@@ -169,7 +169,8 @@ def test_config_files_that_cannot_be_used(tmp_path):
 def test_a_script_prints_one_error_line_and_exits_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "preprocessing.py", "--config", "configs/cities_demo.yaml",
-                        "--set", "train.lr=.nan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+                        "--set", "train.lr=.nan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                       check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --set train.lr=.nan: 'train.lr' must be a finite number")

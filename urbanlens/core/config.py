@@ -101,15 +101,21 @@ class _Loader(yaml.SafeLoader):
     last silently, dropping the settings of the first)."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
-        if twice is not None:
-            raise yaml.constructor.ConstructorError(None, None, f"key '{twice}' written twice", node.start_mark)
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' written twice",
+                                                        key_node.start_mark)
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).split("\n")[0:1]) or type(e).__name__
+def _first_line(e: yaml.YAMLError) -> str:
+    """The problem yaml reports, with its line number (a ``--set`` value is line 1)."""
+    text = (getattr(e, "problem", None) or str(e).splitlines()[0] if str(e) else "") or type(e).__name__
+    mark = getattr(e, "problem_mark", None)
+    return f"{text}, line {mark.line + 1}" if mark is not None else text
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -142,7 +148,8 @@ def _read_yaml(path: Path) -> dict:
     try:
         user = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)}); fix the syntax") from None
+        fix = "write each key once (YAML keeps only the last)" if "written twice" in str(e) else "fix the syntax"
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)}); {fix}") from None
     if user is None:
         raise ConfigError(f"{path}: the config file is empty (or only comments); write the sections it "
                           "overrides, e.g. copy configs/cities_demo.yaml, or leave out --config")

@@ -137,8 +137,10 @@ def matches(choices: tuple[str, ...], value: Any) -> bool:
 
 
 def _type_name(spec: Key) -> str:
-    name = {list: "list", bool: "bool", int: "int", float: "float", str: "str"}[spec.type]
-    return f"{name} or null" if spec.nullable else name
+    return f"{spec.type.__name__} or null" if spec.nullable else spec.type.__name__
+
+
+_WRONG = object()  # what _coerce returns for a value of another type
 
 
 def _coerce(spec: Key, value: Any) -> Any:
@@ -159,14 +161,12 @@ def _coerce(spec: Key, value: Any) -> Any:
     return value if isinstance(value, spec.type) else _WRONG
 
 
-_WRONG = object()
-
-
 def _list_problem(spec: Key, value: list) -> str | None:
     """What the list ``value`` (of kind ``spec.items``) must be and is not, or None."""
     if spec.items == "bands":
         if len(value) not in (1, 3) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in value):
-            return f"a list of 1 or 3 band numbers from 1 (R, G, B, e.g. [3, 2, 1], or [1] for grey) or null, got {value!r}"
+            return ("a list of 1 or 3 band numbers from 1 (R, G, B, e.g. [3, 2, 1], or [1] for grey) or null, "
+                    f"got {value!r}")
         return None
     if not value:
         return "a non-empty list of names, got []"
@@ -176,8 +176,9 @@ def _list_problem(spec: Key, value: list) -> str | None:
     twice = sorted({v for v in value if value.count(v) > 1})
     if twice:
         n = value.count(twice[0])
-        return (f"a list naming each city once, got {value!r}: '{twice[0]}' is listed {'twice' if n == 2 else f'{n} times'}; "
-                "remove the repeat (its cells would go into both training and test)")
+        times = "twice" if n == 2 else f"{n} times"
+        return (f"a list naming each city once, got {value!r}: '{twice[0]}' is listed {times}; remove the repeat "
+                "(its cells would go into both training and test)")
     return None
 
 
