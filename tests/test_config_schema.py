@@ -145,7 +145,7 @@ def test_malformed_yaml_in_set_names_the_override(override):
     assert str(e.value).startswith(f"--set {override}: the value is not valid YAML") and "\n" not in str(e.value)
 
 
-def test_config_files_that_cannot_be_used(tmp_path):
+def test_config_files_that_cannot_be_used(tmp_path, monkeypatch):
     cases = {"folder": (tmp_path / "adir", "is a folder"), "empty": (tmp_path / "empty.yaml", "empty"),
              "comments": (tmp_path / "comments.yaml", "empty"), "latin1": (tmp_path / "latin1.yaml", "not UTF-8"),
              "twice": (tmp_path / "twice.yaml", "'train' written twice, line 3")}
@@ -158,12 +158,15 @@ def test_config_files_that_cannot_be_used(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_config(path)
         assert str(e.value).startswith(f"{path}: ") and words in str(e.value) and "\n" not in str(e.value)
-    if os.geteuid() != 0:  # root reads files whatever their permissions
-        locked = tmp_path / "locked.yaml"
-        locked.write_text("seed: 1\n")
-        locked.chmod(0)
-        with pytest.raises(ConfigError, match=f"^{locked}: cannot be read"):
-            load_config(locked)
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("seed: 1\n")
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: refuse it the way the OS refuses other users
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ConfigError, match=f"^{locked}: cannot be read \\(Permission denied\\); check its permissions"):
+        load_config(locked)
 
 
 def test_a_script_prints_one_error_line_and_exits_2():
