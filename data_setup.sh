@@ -2,6 +2,7 @@
 # Data layout and downloads.
 #   bash data_setup.sh [--config F]                      create data/ folders, fetch what is public, say what to fetch by hand
 #   bash data_setup.sh --synthetic [cities|ses|all] [--config F] [--set k=v ...]   build synthetic worlds
+#     (without --config: cities from configs/cities_demo.yaml, ses from configs/ses_demo.yaml)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-}
@@ -14,16 +15,14 @@ if [ "${1:-}" = "--synthetic" ]; then
   shift
   which=all
   case "${1:-}" in cities|ses|all) which=$1; shift ;; esac
-  [[ " ${*-} " == *" --config "* ]] || set -- --config configs/cities_demo.yaml "$@"
-  [ "$which" = ses ] || $PY -m urbanlens.cities.world "$@"
-  if [ "$which" != cities ]; then
-    if [ "$which" = all ] && [[ " $* " == *"cities_demo.yaml"* ]]; then
-      # the default demo: each pipeline has its own demo config
-      $PY -m urbanlens.ses.world --config configs/ses_demo.yaml
-    else
-      $PY -m urbanlens.ses.world "$@"
-    fi
-  fi
+  # without --config each world is built from its own pipeline's demo config; with --config both use it
+  cities_args=(--config configs/cities_demo.yaml "$@")
+  ses_args=(--config configs/ses_demo.yaml "$@")
+  for arg in "$@"; do
+    case "$arg" in --config|--config=*) cities_args=("$@"); ses_args=("$@") ;; esac
+  done
+  [ "$which" = ses ] || $PY -m urbanlens.cities.world "${cities_args[@]}"
+  [ "$which" = cities ] || $PY -m urbanlens.ses.world "${ses_args[@]}"
   exit 0
 fi
 

@@ -60,8 +60,14 @@ run_ses() {
   [[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/ses_demo.yaml "${args[@]}")
   local data; data=$(cfg_get paths.data "${args[@]}")
   if [ ! -d "$data/UA_data" ] || [ -z "$(ls -A "$data/UA_data" 2>/dev/null)" ]; then
-    echo "[ses] no Urban Atlas data under $data/UA_data: building the synthetic French world there"
-    bash data_setup.sh --synthetic ses "${args[@]}"
+    # a synthetic world only in the demo configs' own data folder; real data is never stood in for
+    if [ "$(realpath -m "$data")" = "$(realpath -m data/demo)" ]; then
+      echo "[ses] no Urban Atlas data under $data/UA_data: building the synthetic French world there"
+      bash data_setup.sh --synthetic ses "${args[@]}"
+    else
+      echo "error: $data/UA_data: no Urban Atlas data; place the Copernicus Urban Atlas zips (or one folder per city) there, the INSEE census grid under $data/census_data and the IGN orthophoto deliveries under $data/aerial_data ('bash data_setup.sh' with the same --config says where to get each), or build a synthetic world with 'bash data_setup.sh --synthetic ses' and the same --config" >&2
+      exit 1
+    fi
   fi
   $PY generate_fr_ua_aerial_data.py "${args[@]}"
   $PY efficientnet_training.py "${args[@]}"

@@ -180,3 +180,12 @@ def test_unwrap_of_data_parallel_and_plain_models():
     model = tiny()
     assert loops.unwrap(nn.DataParallel(model)) is model
     assert loops.wrap_distributed(model, CPU) is model  # no process group: the model itself
+
+
+def test_a_gpu_index_the_machine_lacks_is_a_device_error(monkeypatch):
+    from urbanlens.core.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as far as select_device can tell
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"device 'cuda:1' but this machine has 1 CUDA GPU"):
+        runtime.select_device("cuda:1")

@@ -24,10 +24,8 @@ import pandas as pd
 
 from ..core import runs
 from ..core.errors import DataError
+from ..core.schema import SPLITS
 from . import rasters
-
-SPLITS = ("train", "val", "test", "test_b")
-
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 

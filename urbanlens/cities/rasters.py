@@ -32,9 +32,7 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning
 
 from ..core.errors import ConfigError, DataError
-
-SCALES = ("auto", "percentile", "fixed", "none")
-
+from ..core.schema import SCALES
 
 PERCENTILES = (2.0, 98.0)
 

@@ -14,14 +14,12 @@ from torch import nn
 from ..core import runs
 from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import unwrap
+from ..core.schema import SCHEDULES
 from .patches import SOURCES as PATCHES_SOURCES
 from .patches import STAMP as PATCHES_STAMP
 from .patches import patches_dir
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
-
-
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
 WARMUP_SHARE = 0.15  # warmup_cosine: share of the steps spent rising linearly to the full learning rate

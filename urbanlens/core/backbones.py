@@ -11,8 +11,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError, WeightsUnavailable
 from .loops import unwrap
-
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0")
+from .schema import BACKBONES
 
 
 def weights_url(name: str) -> str:

@@ -29,8 +29,7 @@ from zennit.torchvision import ResNetCanonizer
 
 from .errors import ConfigError
 from .loops import Amp, autocast, unwrap
-
-METHODS = ("gradcam", "gradcampp", "relevancecam")
+from .schema import CAM_METHODS as METHODS
 
 
 class LayerHooks:

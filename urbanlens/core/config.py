@@ -1,20 +1,24 @@
 """YAML experiment configs with typed ``--set a.b=value`` overrides.
 
-Every config is merged over ``urbanlens/core/defaults.yaml``; that file is the schema. A key that is not in
-the defaults, or a value whose type differs from the default's, is an error naming the key and the
-nearest valid one. Paths are resolved relative to the current directory.
+Every config is merged over ``urbanlens/core/defaults.yaml``. A key that is not in the defaults is an
+error naming the key and the nearest valid one; a value its schema entry (``schema.py``: type, null,
+range, choices) does not allow is an error naming the key and what it must be. A key written twice in
+one YAML mapping is an error too. Paths are resolved relative to the current directory.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import difflib
+import functools
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from . import schema
 from .errors import ConfigError
+from .schema import AMP_CHOICES, AMP_KEYS  # noqa: F401  (imported from here by loops and runs)
 
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
 
@@ -51,9 +55,6 @@ def _nearest(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # mixed precision: train.amp, ses_train.amp, cams.amp
-AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
-
 # Values older configs (and the run stamps they wrote) hold for keys whose type has since changed:
 # the amp keys were booleans (true: float16 on CUDA, off on CPU; false: off).
 _LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
@@ -68,73 +69,10 @@ def current_value(key: str, value: Any) -> Any:
     return value
 
 
-def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
-    """Coerce ``value`` to the type of ``default``; raise ConfigError when it cannot be."""
-    value = current_value(key, value)
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, type(value)):
-        return value
-    raise ConfigError(
-        f"{source}: '{key}' must be {type(default).__name__} (default {default!r}), got {value!r}"
-    )
-
-
-# Values outside these ranges make no sense (an epoch count of -1, a batch of 0, a share above 1): stop
-# at once, naming the key, rather than run with them or fail deep inside a stage.
-_AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "patch.size", "patch.stride",
-               "model.input_size", "train.epochs", "train.batch_size", "test.batch_size", "test.bootstrap",
-               "saliency.per_city",
-               "saliency.batch_size", "ses.cell_size_m", "ses.cell_px", "ses_model.input_size", "ses_train.epochs",
-               "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size")
-
-
-_AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
-               "ses_train.plateau_patience", "ses_train.restarts", "ses_train.cache_mb", "cams.panels",
-               "world.twin_distance", "world.site_jitter", "france.noise", "test.stability_top_k",
-               "ses_train.buffer_m", "france.leakage")
-
-
-_RULES = {
-    **{k: (">= 1", lambda v: v >= 1) for k in _AT_LEAST_1},
-    **{k: (">= 0", lambda v: v >= 0) for k in _AT_LEAST_0},
-    **{k: ("> 0", lambda v: v > 0) for k in ("train.lr", "ses_train.lr", "world.feature_scale", "ses_train.block_m",
-                                              "france.city_size_m", "france.tile_size_m", "france.resolution_m")},
-    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in ("france.nodata_fraction", "ses.max_nodata", "patch.max_nodata",
-                                                         "saliency.threshold", "ses_model.dropout",
-                                                         "ses_model.stochastic_depth", "ses_model.bn_momentum")},
-    **{k: ("in (0, 1)", lambda v: 0 < v < 1) for k in ("ses_train.val_share", "ses_train.plateau_factor")},
-    **{k: ("from 1 to 100", lambda v: 1 <= v <= 100) for k in ("world.jpeg_quality", "patch.jpeg_quality")},
-    "world.n_sites": (">= 2 (train sites, then one test/val site)", lambda v: v >= 2),
-    "ses_train.folds": (">= 2", lambda v: v >= 2),
-    "cams.clip_percentile": ("in (0, 100]", lambda v: 0 < v <= 100),
-    **{k: ("a class from 0 to 4", lambda v: 0 <= v <= 4) for k in ("cams.poor_class", "cams.rich_class")},
-    "ses.ortho_product": ("RVB or IRC", lambda v: v in ("RVB", "IRC")),
-    "ses.imputed": ("keep or drop", lambda v: v in ("keep", "drop")),
-    "image.scale": ("auto, percentile, fixed or none", lambda v: v in ("auto", "percentile", "fixed", "none")),
-    **{k: ("one of " + ", ".join(AMP_CHOICES), lambda v: v in AMP_CHOICES) for k in AMP_KEYS},
-    "ses_train.cv": ("one of stratified, spatial, city", lambda v: v in ("stratified", "spatial", "city")),
-}
-
-
-def _check_range(key: str, value: Any, source: str) -> Any:
-    rule = _RULES.get(key)
-    if rule is not None and value is not None and not rule[1](value):
-        raise ConfigError(f"{source}: '{key}' must be {rule[0]}, got {value!r}")
+def _default(key: str) -> Any:
+    value: Any = _ROOT
+    for k in key.split("."):
+        value = value[k]
     return value
 
 
@@ -152,10 +90,32 @@ def _merge(base: dict, new: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: '{key}' must be a section (mapping), got {v!r}")
             _merge(base[k], v, source, key + ".")
         else:
-            base[k] = _check_range(key, _check_type(key, v, base[k], source), source)
+            base[k] = schema.check(key, current_value(key, v), _default(key), source)
 
 
 _ROOT: dict = {}
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key written twice in one mapping is an error (yaml keeps the
+    last silently, dropping the settings of the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' written twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _first_line(e: yaml.YAMLError) -> str:
+    """The problem yaml reports, with its line number (a ``--set`` value is line 1)."""
+    text = (getattr(e, "problem", None) or str(e).splitlines()[0] if str(e) else "") or type(e).__name__
+    mark = getattr(e, "problem_mark", None)
+    return f"{text}, line {mark.line + 1}" if mark is not None else text
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -163,28 +123,68 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set '{text}': expected key=value, for example --set train.epochs=5")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({_first_line(e)}); write a plain value, a "
+                          "complete list such as [Paris, Lyon], or quote text holding ':', '[' or '{'") from None
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then each ``key=value`` override, all type-checked."""
-    global _ROOT
-    with open(DEFAULTS) as f:
+def _read_yaml(path: Path) -> dict:
+    """The mapping a user's config file holds; ConfigError naming the file and the fix otherwise."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file; pass a YAML file, e.g. configs/cities_demo.yaml")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML, e.g. configs/cities_demo.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded); save the config as UTF-8 "
+                          "YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); check its permissions "
+                          "(chmod u+r) or pass another config") from None
+    try:
+        user = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        fix = "write each key once (YAML keeps only the last)" if "written twice" in str(e) else "fix the syntax"
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)}); {fix}") from None
+    if user is None:
+        raise ConfigError(f"{path}: the config file is empty (or only comments); write the sections it "
+                          "overrides, e.g. copy configs/cities_demo.yaml, or leave out --config")
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return user
+
+
+def _check_defaults(cfg: dict, prefix: str = "") -> None:
+    """Every leaf of defaults.yaml has a schema entry and satisfies it."""
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            _check_defaults(v, f"{prefix}{k}.")
+        else:
+            schema.check(f"{prefix}{k}", v, v, str(DEFAULTS))
+
+
+@functools.lru_cache(maxsize=2)
+def _defaults(path: Path, mtime_ns: int) -> dict:
+    """defaults.yaml, parsed and checked once per version of the file (callers copy it)."""
+    with open(path, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
-    _ROOT = copy.deepcopy(cfg)
+    _check_defaults(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``key=value`` override, all checked against
+    the schema (urbanlens/core/schema.py)."""
+    global _ROOT
+    _ROOT = _defaults(DEFAULTS, DEFAULTS.stat().st_mtime_ns)
+    cfg = copy.deepcopy(_ROOT)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found; pass an existing YAML, e.g. configs/cities_demo.yaml")
-        try:
-            with open(path) as f:
-                user = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _merge(cfg, user, str(path))
+        _merge(cfg, _read_yaml(path), str(path))
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value

@@ -26,6 +26,9 @@ def select_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError("config asks for device 'cuda' but no CUDA GPU is visible; "
                  "use --set device=cpu (or device=auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"config asks for device '{name}' but this machine has {torch.cuda.device_count()} "
+                          "CUDA GPU(s), numbered from 0; use --set device=cuda (the first) or another index")
     if name == "cpu":
         torch.set_flush_denormal(True)  # near-zero floats (untrained or tiny gradients) are 10x slower otherwise
     if name.startswith("cuda") and dist.is_available() and dist.is_initialized():

@@ -13,6 +13,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
 from ..core.errors import DataError
+from ..core.schema import IMPUTED_POLICIES
 from .columns import _key, _pick_columns, opening
 from .grid import LAEA, cell_boxes
 
@@ -23,7 +24,6 @@ CENSUS_COLUMNS = {
 }
 # INSEE's flag of cells whose values it imputed (2019 ``i_est_200``, 2015 ``I_est_cr``); optional
 IMPUTED_COLUMN = ("i_est_200", "I_est_cr")
-IMPUTED_POLICIES = ("keep", "drop")
 
 
 def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> None:

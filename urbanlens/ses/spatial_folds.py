@@ -10,11 +10,10 @@ import math
 
 import numpy as np
 
-from ..core.errors import DataError
+from ..core.errors import ConfigError, DataError
+from ..core.schema import CV_SCHEMES as SCHEMES
 from .grid import parse_inspire_id
 from .model import N_CLASSES
-
-SCHEMES = ("stratified", "spatial", "city")
 
 
 def cell_origins(cell_ids) -> np.ndarray:
@@ -136,4 +135,6 @@ def make_splits(tc, seed: int, cell_ids, labels, cities, city: str, where: str) 
         return stratified_folds(labels, tc.folds, tc.val_share, seed, where=where), None
     if tc.cv == "spatial":
         return spatial_folds(cell_ids, labels, tc.folds, tc.val_share, tc.block_m, tc.buffer_m, seed, where)
+    if tc.cv != "city":  # a section built without load_config: never fall through to another scheme
+        raise ConfigError("config", f"ses_train.cv is {tc.cv!r}", f"use one of {', '.join(SCHEMES)}")
     return [leave_city_out(cities, labels, city, tc.val_share, seed, where)], np.asarray(cities, dtype=object)

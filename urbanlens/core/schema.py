@@ -1,0 +1,217 @@
+"""The schema of every config key: its type, whether it may be null, its range or its allowed choices.
+
+``SCHEMA`` holds one ``Key`` per leaf of ``defaults.yaml``; ``check`` applies it to one value when a
+config is loaded, so a wrong value stops the run at once with one line naming the key, instead of
+running with it or failing deep inside a stage. The choice lists below are the ones the consuming code
+uses (it imports them from here), so the config and the code cannot disagree about them.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+# ------------------------------------------------------------------------------------------- choices
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # mixed precision: train.amp, ses_train.amp, cams.amp
+AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: the GPU of index N, e.g. cuda:1
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0")  # what backbones.py builds
+SCHEDULES = ("constant", "cosine", "warmup_cosine")  # train.schedule (cities/training.py)
+CAM_METHODS = ("gradcam", "gradcampp", "relevancecam")  # saliency.method (core/cam.py)
+SPLITS = ("train", "val", "test", "test_b")  # the split folders preprocessing.py writes
+SCALES = ("auto", "percentile", "fixed", "none")  # image.scale (cities/rasters.py)
+ORTHO_PRODUCTS = ("RVB", "IRC")  # ses.ortho_product: IGN BD ORTHO natural or infrared colour
+IMPUTED_POLICIES = ("keep", "drop")  # ses.imputed: cells INSEE imputed
+CV_SCHEMES = ("stratified", "spatial", "city")  # ses_train.cv (ses/spatial_folds.py)
+
+SEED_MAX = 2**32 - 1  # numpy's seeds
+
+
+@dataclass(frozen=True)
+class Key:
+    """What one config value may be. ``type`` is that of its non-null values; a range is
+    ``lo <= v <= hi`` (strict where ``lo_open``/``hi_open``); ``words`` says it where the bounds do not;
+    ``choices`` are the allowed strings (``cuda:N`` stands for any ``cuda:<index>``); ``items`` is the
+    kind of list: ``names`` (non-empty, distinct strings) or ``bands`` (1 or 3 band numbers from 1)."""
+
+    type: type
+    nullable: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    words: str = ""
+    choices: tuple[str, ...] = ()
+    items: str = ""
+    empty: bool = False  # strings: may be ''
+
+    @property
+    def range_words(self) -> str:
+        if self.words:
+            return self.words
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        return f"{'<' if self.hi_open else '<='} {hi}" if self.hi is not None else ""
+
+    def in_range(self, v: float) -> bool:
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+
+def _num(x: float | None) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else str(x)
+
+
+FLAG = Key(bool)
+TEXT = Key(str)
+COUNT = Key(int, lo=1)  # at least 1
+NUMBER = Key(int, lo=0)  # at least 0
+POSITIVE = Key(float, lo=0, lo_open=True)
+AMOUNT = Key(float, lo=0)  # at least 0
+SHARE = Key(float, lo=0, hi=1)
+OPEN_SHARE = Key(float, lo=0, hi=1, lo_open=True, hi_open=True)
+PROBABILITY = Key(float, lo=0, hi=1, hi_open=True)  # a drop probability: 1 would drop everything
+QUALITY = Key(int, lo=1, hi=100, words="from 1 to 100")
+CLASS = Key(int, lo=0, hi=4, words="a class from 0 to 4")
+NAMES = Key(list, items="names")
+WEIGHTS = Key(str, nullable=True, empty=True)  # '' or null: torch's cache
+
+
+def choice(*names: str) -> Key:
+    return Key(str, choices=names)
+
+
+SCHEMA: dict[str, Key] = {
+    "seed": Key(int, lo=0, hi=SEED_MAX, words="from 0 to 2**32 - 1"),
+    "device": choice(*DEVICES), "workers": NUMBER, "strict": FLAG, "overwrite": FLAG,
+    "paths.data": TEXT, "paths.results": TEXT,
+    # city identification
+    "world.n_cities": COUNT, "world.n_sites": Key(int, lo=2, words=">= 2 (train sites, then one test/val site)"),
+    "world.images_per_site": COUNT, "world.image_size": COUNT, "world.twin_distance": AMOUNT,
+    "world.site_jitter": AMOUNT, "world.feature_scale": POSITIVE, "world.jpeg_quality": QUALITY,
+    "image.bands": Key(list, nullable=True, items="bands"), "image.scale": choice(*SCALES),
+    "image.scale_min": Key(float, nullable=True), "image.scale_max": Key(float, nullable=True),
+    "patch.size": COUNT, "patch.stride": COUNT, "patch.jpeg_quality": QUALITY, "patch.max_nodata": SHARE,
+    "patch.ground_m": Key(float, nullable=True, lo=0, lo_open=True),
+    "split.test_b_per_city": NUMBER,
+    "model.backbone": choice(*BACKBONES), "model.pretrained": FLAG, "model.weights_path": WEIGHTS,
+    "model.input_size": COUNT,
+    "train.epochs": COUNT, "train.batch_size": COUNT, "train.lr": POSITIVE, "train.schedule": choice(*SCHEDULES),
+    "train.balanced": FLAG, "train.amp": choice(*AMP_CHOICES), "train.channels_last": FLAG,
+    "train.max_steps_per_epoch": NUMBER,
+    "test.split": choice(*SPLITS), "test.batch_size": COUNT, "test.bootstrap": COUNT, "test.stability_top_k": NUMBER,
+    "saliency.method": choice(*CAM_METHODS), "saliency.per_city": COUNT, "saliency.threshold": SHARE,
+    "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT,
+    # socioeconomic status
+    "france.cities": NAMES, "france.city_size_m": COUNT, "france.tile_size_m": COUNT,
+    "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT,
+    "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
+    "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
+    "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER,
+    "ses_model.backbone": choice(*BACKBONES), "ses_model.pretrained": FLAG, "ses_model.weights_path": WEIGHTS,
+    "ses_model.input_size": COUNT, "ses_model.dropout": PROBABILITY, "ses_model.stochastic_depth": PROBABILITY,
+    "ses_model.bn_momentum": SHARE,
+    "ses_train.cv": choice(*CV_SCHEMES), "ses_train.block_m": POSITIVE, "ses_train.buffer_m": AMOUNT,
+    "ses_train.folds": Key(int, lo=2), "ses_train.val_share": OPEN_SHARE, "ses_train.epochs": COUNT,
+    "ses_train.batch_size": COUNT, "ses_train.lr": POSITIVE, "ses_train.plateau_factor": OPEN_SHARE,
+    "ses_train.plateau_patience": NUMBER, "ses_train.early_stop_patience": COUNT, "ses_train.restarts": NUMBER,
+    "ses_train.amp": choice(*AMP_CHOICES), "ses_train.cache_mb": NUMBER, "ses_train.precise_bn": FLAG,
+    "ses_train.rot90": FLAG,
+    "cams.batch_size": COUNT, "cams.clip_percentile": Key(float, lo=0, hi=100, lo_open=True), "cams.poor_class": CLASS,
+    "cams.rich_class": CLASS, "cams.panels": NUMBER, "cams.amp": choice(*AMP_CHOICES),
+}
+
+
+def matches(choices: tuple[str, ...], value: Any) -> bool:
+    """``value`` is one of ``choices`` (``x:N`` matches ``x:0``, ``x:1``, ...)."""
+    return isinstance(value, str) and any(
+        value == c or (c.endswith(":N") and re.fullmatch(re.escape(c[:-1]) + r"\d+", value)) for c in choices)
+
+
+def _type_name(spec: Key) -> str:
+    return f"{spec.type.__name__} or null" if spec.nullable else spec.type.__name__
+
+
+_WRONG = object()  # what _coerce returns for a value of another type
+
+
+def _coerce(spec: Key, value: Any) -> Any:
+    """``value`` as ``spec.type``, or ``_WRONG`` when it is not one."""
+    if spec.type is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if isinstance(value, bool):
+        return _WRONG
+    if spec.type is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _WRONG
+        return _WRONG
+    return value if isinstance(value, spec.type) else _WRONG
+
+
+def _list_problem(spec: Key, value: list) -> str | None:
+    """What the list ``value`` (of kind ``spec.items``) must be and is not, or None."""
+    if spec.items == "bands":
+        if len(value) not in (1, 3) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in value):
+            return ("a list of 1 or 3 band numbers from 1 (R, G, B, e.g. [3, 2, 1], or [1] for grey) or null, "
+                    f"got {value!r}")
+        return None
+    if not value:
+        return "a non-empty list of names, got []"
+    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+    if bad:
+        return f"a list of non-empty names, got {value!r} (holding {bad[0]!r})"
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        n = value.count(twice[0])
+        times = "twice" if n == 2 else f"{n} times"
+        return (f"a list naming each city once, got {value!r}: '{twice[0]}' is listed {times}; remove the repeat "
+                "(its cells would go into both training and test)")
+    return None
+
+
+def check(key: str, value: Any, default: Any, source: str) -> Any:
+    """``value`` of the dotted ``key`` checked against ``SCHEMA[key]`` (an int for a float key becomes a
+    float); ConfigError naming ``source`` and the key otherwise."""
+    spec = SCHEMA.get(key)
+    if spec is None:  # a key of defaults.yaml the schema does not know: a gap in this file
+        raise ConfigError(f"{source}: '{key}' has no schema entry; add it to SCHEMA in urbanlens/core/schema.py")
+    if value is None:
+        if spec.nullable:
+            return None
+        must = f"one of {', '.join(spec.choices)}" if spec.choices else _type_name(spec)
+        raise ConfigError(f"{source}: '{key}' must be {must}, not null; give a value (default {default!r})")
+    if spec.choices:
+        if not matches(spec.choices, value):
+            near = difflib.get_close_matches(str(value), spec.choices, n=1)
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(spec.choices)}, got {value!r}"
+                              + (f" (did you mean '{near[0]}'?)" if near else ""))
+        return value
+    coerced = _coerce(spec, value)
+    if coerced is _WRONG:
+        raise ConfigError(f"{source}: '{key}' must be {_type_name(spec)} (default {default!r}), got {value!r}")
+    if spec.type is float and not math.isfinite(coerced):
+        raise ConfigError(f"{source}: '{key}' must be a finite number{' or null' if spec.nullable else ''}, got "
+                          f"{value!r}; give a number (default {default!r})")
+    if spec.type is str and not spec.empty and not coerced.strip():
+        raise ConfigError(f"{source}: '{key}' must be a non-empty string, got {value!r}; give a name or path "
+                          f"(default {default!r})")
+    if spec.type is list:
+        problem = _list_problem(spec, coerced)
+        if problem:
+            raise ConfigError(f"{source}: '{key}' must be {problem}")
+    if spec.type in (int, float) and not spec.in_range(coerced):
+        raise ConfigError(f"{source}: '{key}' must be {spec.range_words}, got {value!r}")
+    return coerced
