@@ -100,7 +100,8 @@ _AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "p
                "model.input_size", "train.epochs", "train.batch_size", "test.batch_size", "test.bootstrap",
                "saliency.per_city",
                "saliency.batch_size", "ses.cell_size_m", "ses.cell_px", "ses_model.input_size", "ses_train.epochs",
-               "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size")
+               "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size",
+               "newplace.held_out", "newplace.bootstrap", "newplace.panel_patches")
 
 
 _AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
