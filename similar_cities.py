@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pandas as pd
+from scipy.special import softmax
 
 from urbanlens.cities import data, figures, newplace, patches, rasters
 from urbanlens.cities import training as cities_training
@@ -91,7 +92,12 @@ def main() -> None:
     # 3. Embeddings: the new patches, and the known cities' test patches.
     logits, emb, _ = embed(model, newplace.JpegPatches(new.jpegs, transform, size), cfg, device, "new patches")
     known = data.split_dataset(manifest, cfg.test.split, patches_dir, classes, transform, size)
-    _, known_emb, known_labels = embed(model, known, cfg, device, f"known {cfg.test.split} patches")
+    known_labels, cache = known.labels, results / "new" / newplace.KNOWN
+    key = newplace.known_key(best_pt, cfg.test.split, known.files, device.type, cfg.train.amp)
+    known_emb = newplace.read_known(cache, key)
+    if known_emb is None:  # made once per model and split, shared by every new city
+        _, known_emb, _ = embed(model, known, cfg, device, f"known {cfg.test.split} patches")
+        newplace.write_known(cache, key, known_emb)
 
     # 4. Ranking of the known cities, with intervals over the new city's source images.
     folders = manifest.drop_duplicates("iata").set_index("iata")["city"]
@@ -106,7 +112,7 @@ def main() -> None:
                 out / "similar_cities.png")
 
     # 5. Per patch: predicted city, nearest city by embedding; the nearest-patches panel.
-    probs = newplace.probabilities(logits)
+    probs = softmax(logits, axis=1)
     near, near_sim = newplace.nearest_city(emb, known_emb, known_labels, len(classes))
     per_patch = new.frame.assign(predicted=[classes[i] for i in pred], probability=probs.max(axis=1),
                                  nearest_city=[classes[i] for i in near], nearest_similarity=near_sim)
@@ -131,7 +137,7 @@ def main() -> None:
     first = table.iloc[0]
     print(f"[similar] {name}: {len(new.frame)} patches of {len(new.sources)} images"
           + (f" ({new.left_out} blank left out)" if new.left_out else "")
-          + f"; most similar: " + ", ".join(f"{r.iata} {r.similarity:.3f} [{r.similarity_lo:.3f}, {r.similarity_hi:.3f}]"
+          + "; most similar: " + ", ".join(f"{r.iata} {r.similarity:.3f} [{r.similarity_lo:.3f}, {r.similarity_hi:.3f}]"
                                             for r in top.itertuples())
           + f"; {first.share_predicted:.0%} of patches predicted {first.iata}, first in {first.first_share:.0%} "
           f"of resamples; results in {out}" + ("" if geo is None else " (patches.gpkg for QGIS)"))

@@ -31,7 +31,7 @@ def similar(root, images, *sets, name=None, monkeypatch):
     argv = ["similar_cities.py", "--config", str(ROOT / "configs" / "cities_demo.yaml"), "--images", str(images),
             *(["--name", name] if name else []),
             *[a for s in ("paths.data=" + str(root / "data"), "paths.results=" + str(root / "results"),
-                          "world.image_size=384", "newplace.bootstrap=200", "workers=0", *sets)
+                          "newplace.bootstrap=200", "workers=0", *sets)
               for a in ("--set", s)]]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("TQDM_DISABLE", "1")

@@ -23,14 +23,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import rasterio
-import torch
 from PIL import Image
 from rasterio.transform import Affine
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..core import runs
+from ..core.errors import DataError
 from . import data, rasters
 from .cutting import blank_reason
 from .intervals import resamples
@@ -87,7 +86,7 @@ def cut_new(folder: str | Path, opts: dict, size: int, stride: int, max_nodata: 
             with rasters._open(img) as ds:
                 georef = _georef(ds, info["out_width"], info["out_height"])
         except Exception as e:  # rasterio and Pillow raise several kinds for broken files
-            out.problems.append(str(e) if type(e).__name__ == "DataError"
+            out.problems.append(str(e) if isinstance(e, DataError)
                                 else f"{img}: unreadable image ({type(e).__name__}); replace or delete it")
             continue
         if opts["ground_m"] is not None and info["res_m"] is None:
@@ -233,6 +232,8 @@ def pick_patches(groups: Sequence, k: int, seed: int) -> list[int]:
 def footprints(frame: pd.DataFrame, georef: dict):
     """A GeoDataFrame of the patches of georeferenced images (each patch's footprint, columns of
     ``frame``), in the CRS of the first such image (others reprojected); None when none is georeferenced."""
+    if not georef:
+        return None
     import geopandas as gpd
     from shapely.geometry import Polygon
 
@@ -248,6 +249,31 @@ def footprints(frame: pd.DataFrame, georef: dict):
     return gpd.GeoDataFrame(pd.concat([p.to_crs(crs) for p in parts]), crs=crs)
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Softmax of the logits, row-wise."""
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
+KNOWN = "known_embeddings.npz"  # in <results>/cities/new: the known test patches' embeddings, reused
+
+
+def known_key(checkpoint: str | Path, split: str, files: Sequence[str], *extra) -> str:
+    """What the known embeddings depend on: the checkpoint file (path, size, time), the split and its
+    files, and ``extra`` (device, precision)."""
+    import hashlib
+    import json
+
+    st = Path(checkpoint).stat()
+    text = json.dumps([str(checkpoint), st.st_size, st.st_mtime_ns, split, list(map(str, files)), *map(str, extra)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_known(path: str | Path, key: str) -> np.ndarray | None:
+    """The cached embeddings at ``path`` when they were made under ``key``, else None."""
+    try:
+        with np.load(path) as f:
+            return f["embeddings"] if str(f["key"]) == key else None
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def write_known(path: str | Path, key: str, embeddings: np.ndarray) -> None:
+    from ..core.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        np.savez(tmp, key=np.array(key), embeddings=embeddings.astype(np.float32))
