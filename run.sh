@@ -55,6 +55,16 @@ run_cities() {
   echo "[cities] results in $(cfg_get paths.results "${args[@]}")/cities"
 }
 
+run_new_city() {  # demo: a held-out synthetic city, a new twin of one demo city -> which demo city it resembles
+  local args=("$@")
+  local data; data=$(cfg_get paths.data "${args[@]}")
+  $PY -m urbanlens.cities.world --held-out "${args[@]}"
+  local city
+  for city in "$data"/cities/new/*/; do
+    $PY similar_cities.py "${args[@]}" --images "${city%/}"
+  done
+}
+
 run_ses() {
   local args=("$@")
   [[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/ses_demo.yaml "${args[@]}")
@@ -82,6 +92,7 @@ case "$cmd" in
   demo)
     start=$SECONDS
     run_cities --config configs/cities_demo.yaml "$@"
+    run_new_city --config configs/cities_demo.yaml "$@"
     echo "[demo] cities pipeline took $((SECONDS - start)) s"
     start=$SECONDS
     run_ses --config configs/ses_demo.yaml "$@"

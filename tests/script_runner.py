@@ -20,3 +20,15 @@ def run_script(args, data, results, sets=(), config="configs/cities_demo.yaml", 
     if check:
         assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+# the city demo config, smaller: 8 cities (4 twin pairs), one 384 px image per site, 32 px model input
+CITIES_SMALL = ["world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=100",
+                "model.input_size=32", "train.epochs=6", "workers=1"]
+
+
+def run_cities_stage(args, root, extra=(), results="results", launcher=(sys.executable,), check=True):
+    """A city stage on the small world under ``root`` (``root/data``, ``root/<results>``)."""
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TORCH_HOME": str(Path(root) / "torch_home")}
+    return run_script(args, Path(root) / "data", Path(root) / results, (*CITIES_SMALL, *extra), launcher=launcher,
+                      env=env, check=check)

@@ -4,41 +4,28 @@ Also: --resume gives the run an uninterrupted one gives, torchrun (DDP, gloo on 
 test_classification.py evaluates, and missing ImageNet weights give one clear line and exit 2."""
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from script_runner import run_script
+from script_runner import run_cities_stage
 
 from urbanlens.cities import similarity
 
 ROOT = Path(__file__).resolve().parents[1]
-# the demo config, smaller: 8 cities (4 twin pairs), one 384 px image per site, 32 px model input
-SMALL = ["world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=100",
-         "model.input_size=32", "train.epochs=6", "workers=1"]
-
-
-def run_stage(args, root, extra=(), results="results", launcher=(sys.executable,), check=True):
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TORCH_HOME": str(root / "torch_home")}
-    return run_script(args, root / "data", root / results, (*SMALL, *extra), launcher=launcher, env=env, check=check)
+run_stage = run_cities_stage
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cities_world")
-    run_stage(["-m", "urbanlens.cities.world"], root)
-    run_stage(["preprocessing.py"], root)
-    return root
+def world(cities_world):
+    return cities_world
 
 
 @pytest.fixture(scope="module")
-def trained(world):
-    run_stage(["train_classification.py"], world)
-    run_stage(["test_classification.py"], world)
-    return world, world / "results" / "cities"
+def trained(cities_world):
+    return cities_world, cities_world / "results" / "cities"
 
 
 def test_outputs_are_complete_and_consistent(trained):

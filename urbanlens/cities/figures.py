@@ -88,3 +88,38 @@ def saliency_figure(image: np.ndarray, cam: np.ndarray, threshold: float = 0.5, 
     if title:
         fig.suptitle(title)
     return fig
+
+
+def similar_cities_figure(table, title: str = ""):
+    """Two panels over the known cities of a ``newplace.rank_cities`` table, most similar at the top:
+    cosine similarity of the mean embeddings and the share of the new city's patches predicted as each,
+    both with their 95 % intervals over the new city's source images."""
+    n = len(table)
+    y = np.arange(n)[::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(9, max(2.5, 0.32 * n + 1.2)), sharey=True, layout="constrained")
+    for ax, col, lo, hi, label in ((axes[0], "similarity", "similarity_lo", "similarity_hi", "cosine similarity of mean embeddings"),
+                                   (axes[1], "share_predicted", "share_lo", "share_hi", "share of patches predicted as")):
+        v = table[col].to_numpy()
+        err = np.vstack([v - table[lo].to_numpy(), table[hi].to_numpy() - v]).clip(0)
+        ax.barh(y, v, xerr=err, color=["tab:orange"] + ["tab:blue"] * (n - 1), capsize=2)
+        ax.set_xlabel(label)
+    axes[0].set_yticks(y, table["iata"].tolist())
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def nearest_patches_figure(new_images: Sequence[np.ndarray], nearest: Sequence[Sequence[np.ndarray]],
+                           cities: Sequence[str], title: str = ""):
+    """One row per new patch: the patch, then its nearest test patch (by embedding) of each of ``cities``."""
+    rows, cols = len(new_images), 1 + len(cities)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 0.4), squeeze=False, layout="constrained")
+    for i, (img, near) in enumerate(zip(new_images, nearest)):
+        for j, shown in enumerate([img, *near]):
+            axes[i, j].imshow(shown)
+            axes[i, j].set_axis_off()
+            if i == 0:
+                axes[i, j].set_title("new" if j == 0 else f"nearest {cities[j - 1]}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig

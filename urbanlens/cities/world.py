@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..core import runs
 from ..core.config import cli, data_dir
 from ..core.errors import ConfigError, StaleRun
-from ..core.files import atomic_path, save_run_config, write_json
+from ..core.files import atomic_path, read_json, save_run_config, write_json
 from .world_render import STYLE_KEYS, render_image
 
 MARGIN = 0.1  # pair centres stay this far inside the unit cube so twin offsets rarely need clipping
@@ -212,6 +212,77 @@ def generate_world(cfg) -> Path:
     return root
 
 
+NEW_DIR = "new"  # <paths.data>/cities/new/<Name>/<site>/<image>.jpg: held-out cities, outside raw/
+
+
+NEW_RUN_KEYS = ("seed", "world", "newplace.held_out")  # what the held-out twins are made from
+
+
+NEW_STAMP = "held_out.stamp.json"
+
+
+def held_out_picks(n_cities: int, n: int) -> list[int]:
+    """Indices of the known cities that get a held-out twin: one city of each pair first (0, 2, 4, ...),
+    then the others, ``n`` in all (at most every city)."""
+    order = list(range(0, n_cities, 2)) + list(range(1, n_cities, 2))
+    return order[:min(n, n_cities)]
+
+
+def held_out_styles(styles: list[dict], n: int, seed: int) -> list[dict]:
+    """A new city for each picked known city: the known city's style under a new name (``twin_of`` its
+    IATA code); its sites stray from it by ``world.site_jitter`` like any city's, drawn from other seeds."""
+    rng = np.random.default_rng([seed, 7101])
+    names = {s["name"] for s in styles}
+    out = []
+    for ci in held_out_picks(len(styles), n):
+        name = _city_name(rng)
+        while name in names:
+            name = _city_name(rng)
+        names.add(name)
+        out.append({**styles[ci], "name": name, "iata": None, "twin": None, "twin_of": styles[ci]["iata"],
+                    "index": ci})
+    return out
+
+
+def _held_out_jobs(cfg, root: Path, twins: list[dict]) -> list[tuple]:
+    w = cfg.world
+    jobs = []
+    for t in twins:
+        ci = t["index"]
+        for si in range(w.n_sites):
+            site = site_style(t, np.random.default_rng([cfg.seed, 7102, ci, si]), w.site_jitter)
+            for ii in range(w.images_per_site):
+                path = root / NEW_DIR / t["name"] / f"site_{si + 1:02d}" / f"img_{ii + 1:02d}.jpg"
+                jobs.append((site, [cfg.seed, 7103, ci, si, ii], w.image_size, w.feature_scale,
+                             w.jpeg_quality, str(path)))
+    return jobs
+
+
+def generate_held_out(cfg) -> Path:
+    """Write ``newplace.held_out`` cities the classifier never sees, each a new twin of a known city
+    (same renderer, same sizes, its own sites and seeds), as ``<paths.data>/cities/new/<Name>/<site>/
+    <image>.jpg``, and ``new/truth.json`` (``held_out``: name, folder, twin_of). Skips when built with
+    the same settings; rebuilds when the world or ``newplace.held_out`` changed."""
+    root = data_dir(cfg, "cities")
+    new, truth_path = root / NEW_DIR, root / NEW_DIR / "truth.json"
+    changed = runs.compare(new / NEW_STAMP, cfg, NEW_RUN_KEYS)
+    if not changed and truth_path.is_file():
+        print(f"held-out cities exist: {truth_path}")
+        return new
+    if new.is_dir() and (new / NEW_STAMP).is_file():
+        shutil.rmtree(new)
+    elif new.is_dir() and any(new.iterdir()):
+        raise StaleRun(new, "holds images the generator did not make", "move them away or point paths.data elsewhere")
+    runs.write_stamp(new / NEW_STAMP, "python -m urbanlens.cities.world --held-out", cfg, NEW_RUN_KEYS)
+    twins = held_out_styles(city_styles(cfg.world.n_cities, cfg.seed, cfg.world.twin_distance),
+                            cfg.newplace.held_out, cfg.seed)
+    for job in tqdm(_held_out_jobs(cfg, root, twins), desc="held-out cities", unit="img"):
+        _render_job(job)
+    write_json(truth_path, {"held_out": [{"name": t["name"], "folder": f"{NEW_DIR}/{t['name']}",
+                                          "twin_of": t["twin_of"]} for t in twins], "seed": cfg.seed})
+    return new
+
+
 def _remove_world(root: Path) -> None:
     for name in ("raw", "patches", "truth.json", STAMP, ".world_building.json", "world_config.yaml"):
         p = root / name
@@ -224,8 +295,12 @@ def _remove_world(root: Path) -> None:
 def main() -> None:
     import time
 
-    cfg, _ = cli("Build the synthetic cities world (satellite-like views with planted twin cities).",
-                 "configs/cities_demo.yaml")
+    def options(parser):
+        parser.add_argument("--held-out", action="store_true", help="also write newplace.held_out cities the "
+                            "classifier never sees, each a new twin of a known city, under <data>/cities/new")
+
+    cfg, args = cli("Build the synthetic cities world (satellite-like views with planted twin cities).",
+                    "configs/cities_demo.yaml", options)
     t0 = time.time()
     root = generate_world(cfg)
     save_run_config(cfg, root, "world_config.yaml")
@@ -233,6 +308,10 @@ def main() -> None:
     n = w.n_cities * w.n_sites * w.images_per_site
     print(f"[world] {w.n_cities} cities x {w.n_sites} sites x {w.images_per_site} images "
           f"({n} of {w.image_size} px) in {root} ({time.time() - t0:.1f} s)")
+    if args.held_out:
+        new = generate_held_out(cfg)
+        twins = read_json(new / "truth.json")["held_out"]
+        print(f"[world] held-out cities in {new}: " + ", ".join(f"{t['name']} (twin of {t['twin_of']})" for t in twins))
 
 
 if __name__ == "__main__":

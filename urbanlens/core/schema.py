@@ -108,6 +108,7 @@ SCHEMA: dict[str, Key] = {
     "train.balanced": FLAG, "train.amp": choice(*AMP_CHOICES), "train.channels_last": FLAG,
     "train.max_steps_per_epoch": NUMBER,
     "test.split": choice(*SPLITS), "test.batch_size": COUNT, "test.bootstrap": COUNT, "test.stability_top_k": NUMBER,
+    "newplace.held_out": COUNT, "newplace.bootstrap": COUNT, "newplace.panel_patches": COUNT,
     "saliency.method": choice(*CAM_METHODS), "saliency.per_city": COUNT, "saliency.threshold": SHARE,
     "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT,
     # socioeconomic status
