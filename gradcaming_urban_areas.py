@@ -26,9 +26,8 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pyogrio
 
-from urbanlens.core import backbones, config, entry, files, loops, runtime, shards
+from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, shards
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data, findings, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
@@ -42,6 +41,7 @@ def main() -> None:
     device = runtime.select_device(cfg.device)
     cc = cfg.cams
     ses_dir = config.results_dir(cfg, "ses")
+    entry.keep(locks.hold(ses_dir, "gradcaming_urban_areas.py", cfg))  # shared by the --shard jobs of one run
     cells = data.read_cells(ses_dir / "cells.gpkg").to_crs(ses_maps.CAM_CRS)
     rng = np.random.default_rng(cfg.seed)
 
@@ -60,7 +60,8 @@ def main() -> None:
             print(f"[cams] warning: no model for {city}: training skipped it because {reason}; left out",
                   file=sys.stderr)
             continue
-        ckpt_path = city_dir / f"fold_{files.read_json(city_dir / 'metrics.json')['best_fold']}" / "best.pt"
+        best = outputs.read_json(city_dir / "metrics.json", "efficientnet_training.py", ["best_fold"])["best_fold"]
+        ckpt_path = city_dir / f"fold_{best}" / "best.pt"
         model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=device)
         model = loops.to_device(model, device, True, cc.amp)  # NHWC on CUDA and under CPU bf16
         layer = backbones.last_conv_layer(model)
@@ -96,7 +97,7 @@ def main() -> None:
             continue
 
         # 3. scores per land-use class
-        stats = pyogrio.read_dataframe(stats_path, layer="polygon_stats", read_geometry=False)
+        stats = outputs.read_gpkg(stats_path, "polygon_stats", "gradcaming_urban_areas.py", ignore_geometry=True)
         pooled.append(stats)
         # the ranking carries the model's held-out skill, and says when it means nothing
         preds = findings.read_predictions(city_dir)
