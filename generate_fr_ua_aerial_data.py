@@ -111,6 +111,8 @@ def main() -> None:
     with atomic_path(index_path) as tmp:
         index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
     save_run_config(cfg, out, name="extract_config.yaml")
+    if not args.shard:  # an index without a usable cell is a stop, not a success (one shard may hold none)
+        extraction.check_usable(cells, cfg.ses.max_nodata, index_path)
     done = int(status["extracted"].sum())
     how = f"merged from {args.merge} shards" if args.merge else f"{done} extracted, {len(cells) - done} already there"
     print(f"[{tag}] {len(cells)} cells ({how}), {int((~cells['non_void']).sum())} void "

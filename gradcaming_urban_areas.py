@@ -72,6 +72,9 @@ def main() -> None:
                   "one first), skipped; delete broken images and re-run generate_fr_ua_aerial_data.py to extract "
                   "them again", file=sys.stderr)
         city_cells = cells[cells["city"] == city].set_index("cell_id").loc[ids["cell_id"]].reset_index()
+        if city_cells.empty:  # nothing to map is a stop, not an empty success
+            raise DataError(ses_dir / "cells.gpkg", f"no cell image of {city} to map",
+                            "re-run generate_fr_ua_aerial_data.py")
         landuse, _ = urban_atlas.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city)
         landuse = landuse.to_crs(ses_maps.CAM_CRS)
         files.save_run_config(cfg, city_dir, "cams_config.yaml")
@@ -117,6 +120,9 @@ def main() -> None:
 
     if pooled:
         stats = pd.concat(pooled, ignore_index=True)
+        if stats.empty:
+            raise DataError(ses_dir, "no Urban Atlas polygon overlaps a mapped cell",
+                            f"check ses.ua_dir ({cfg.ses.ua_dir}) and ses.cities")
         finding = findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed)
         summary = findings.annotate(zonal.landuse_summary(stats), finding)
         files.write_csv(summary, ses_dir / "landuse_summary.csv")

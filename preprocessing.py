@@ -32,7 +32,7 @@ def main() -> None:
     t0 = time.time()
     raw = data_dir(cfg, "cities", "raw")
     out = patches_dir(cfg.paths.data)
-    entry.keep(locks.hold(out, "preprocessing.py", cfg))  # one run at a time writes these patches
+    entry.keep(locks.hold(out, "preprocessing.py", cfg, elsewhere="paths.data"))  # one run at a time writes these patches
     opts = rasters.options(cfg)
     if not raw.is_dir() or not any(raw.iterdir()):
         raise DataError(raw, "no city images", f"place them as {raw}/{LAYOUT} (for a synthetic world: "

@@ -120,9 +120,10 @@ def _release(lock_dir: Path, path: Path) -> None:
         lock_dir.rmdir()  # only when no holder is left
 
 
-def acquire(folder, stage: str, cfg, say=None) -> Path:
+def acquire(folder, stage: str, cfg, say=None, elsewhere: str = "paths.results") -> Path:
     """Register this run as a holder of ``folder``'s lock and return its holder file; ``RunLocked`` when
-    a live run with other settings holds it (this run's file is removed again)."""
+    a live run with other settings holds it (this run's file is removed again). ``elsewhere``: the
+    config key that moves this run to another folder; ``say`` prints the take-over line (stderr)."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     lock_dir = Path(folder) / LOCK_DIR
     host = socket.gethostname()
@@ -143,18 +144,18 @@ def acquire(folder, stage: str, cfg, say=None) -> Path:
         _release(lock_dir, mine)
         if local:
             raise RunLocked(folder, f"in use by {describe(other)} with other settings",
-                            "wait for it to finish (or stop it), or use another paths.results")
+                            f"wait for it to finish (or stop it), or use another {elsewhere}")
         raise RunLocked(folder, f"in use by {describe(other)} with other settings, on another host",
                         f"wait for it to finish; if that run is gone, delete {path} and re-run")
     return mine
 
 
 @contextlib.contextmanager
-def hold(folder, stage: str, cfg, say=None) -> Iterator[Path]:
+def hold(folder, stage: str, cfg, say=None, elsewhere: str = "paths.results") -> Iterator[Path]:
     """Hold ``folder``'s lock for the block (see the module's description); released however it ends."""
     folder = Path(folder)
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if left empty
-    mine = acquire(folder, stage, cfg, say)
+    mine = acquire(folder, stage, cfg, say, elsewhere)
     try:
         yield mine
     finally:
