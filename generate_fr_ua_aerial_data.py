@@ -99,7 +99,7 @@ def main() -> None:
         known = {}
         if index_path.is_file():
             old = outputs.read_gpkg(index_path, "cells", "generate_fr_ua_aerial_data.py", ["path", "nodata"],
-                                    columns=["path", "nodata"], ignore_geometry=True)
+                                    extraction.INDEX_FIX, columns=["path", "nodata"], ignore_geometry=True)
             known = dict(zip(old["path"], old["nodata"]))
         status = extraction.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
         cells["nodata"] = status["nodata"].round(6)

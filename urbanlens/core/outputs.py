@@ -4,7 +4,7 @@ A file that is missing, empty, truncated, not of its format (a ``.json`` that is
 that is text) or without the columns or keys the reader needs is one ``DamagedOutput`` line naming the
 file and the stage that writes it again, e.g.
 ``results/demo/cities/metrics.json: empty or damaged (written by test_classification.py); re-run
-test_classification.py with --set overwrite=true``; what the operating system refuses (permission) is a
+test_classification.py, which writes it again``; what the operating system refuses (permission) is a
 ``FileSystemError`` naming the file. Checkpoints are read by ``urbanlens.core.runtime.load_checkpoint``.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from .files import os_problem
 
 
 def rerun(writer: str) -> str:
-    """The fix for a damaged output of ``writer`` (a script name, possibly with its options)."""
-    return f"re-run {writer} with --set overwrite=true"
+    """The fix for a damaged output of ``writer`` (a script name): every reader here reads a file its
+    writer writes again on each run, so a plain re-run replaces it (finished work elsewhere is kept)."""
+    return f"re-run {writer}, which writes it again"
 
 
 def damaged(path, writer: str, problem: str = "empty or damaged", fix: str | None = None) -> DamagedOutput:
@@ -46,11 +47,18 @@ def reading(path, writer: str, errors: tuple[type[BaseException], ...], fix: str
         refused = os_problem(e, path)
         if refused is not None:
             raise refused from None
-        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        detail = _detail(e, path)
         problem = f"not a readable {what}" if what else "empty or damaged"
         raise damaged(path, writer, f"{problem} ({detail})", fix) from None
     except OSError as e:
         raise (os_problem(e, path) or damaged(path, writer, f"unreadable ({e.strerror or e})", fix)) from None
+
+
+def _detail(error: BaseException, path) -> str:
+    """The library's reason, short and on one line, without the path (said already) or a ``;``."""
+    text = str(error).replace(f"'{path}'", "").replace(str(path), "").split(";")[0].splitlines()
+    text = text[0].strip(" .:") if text else ""
+    return text[:100] or type(error).__name__
 
 
 def _check_columns(path, writer: str, have: Iterable[str], need: Iterable[str], fix: str | None) -> None:

@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..core import outputs
 from ..core.errors import DataError
+from .extraction import INDEX_FIX
 from .model import N_CLASSES
 
 
@@ -110,7 +111,7 @@ def read_cells(path) -> "pd.DataFrame":
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: cell index not found; run generate_fr_ua_aerial_data.py first")
-    cells = outputs.read_gpkg(path, "cells", "generate_fr_ua_aerial_data.py", CELL_COLUMNS,
+    cells = outputs.read_gpkg(path, "cells", "generate_fr_ua_aerial_data.py", CELL_COLUMNS, INDEX_FIX,
                               what="cell index (layer 'cells')")
     return cells
 

@@ -41,6 +41,9 @@ RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "se
 STAMP = "generate_fr_ua_aerial_data.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/ses
 
 
+INDEX_FIX = "delete it and re-run generate_fr_ua_aerial_data.py (the cell images it extracted are kept)"
+
+
 def run_inputs(cfg) -> dict:
     """Fingerprint of every file extraction may read: census, Urban Atlas and orthophotos with their index."""
     root = Path(cfg.paths.data)
