@@ -242,3 +242,25 @@ def test_an_extraction_without_a_usable_cell_is_a_stop(tmp_path):
         extraction.check_usable(cells.iloc[:0], 0.01, index)
     _one_line(err, "no census cell lies inside the Urban Atlas boundary", "ses.cities")
     extraction.check_usable(cells.assign(non_void=[False, True, False]), 0.01, index)  # one usable cell is enough
+
+
+def test_a_writer_without_errno_on_a_full_disk(tmp_path, monkeypatch):
+    """GDAL and rasterio say "write failed" without an errno: the free space tells."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+
+    def gdal_write(tmp):
+        tmp.write_bytes(b"part")
+        raise RuntimeError("TIFFAppendToStrip:Write error")
+
+    with pytest.raises(RuntimeError):  # room left: the writer's own error
+        with files.atomic_path(tmp_path / "cell.tif") as tmp:
+            gdal_write(tmp)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 4096))
+    with pytest.raises(FileSystemError) as err:
+        with files.atomic_path(tmp_path / "cell.tif") as tmp:
+            gdal_write(tmp)
+    _one_line(err, tmp_path / "cell.tif", "no space left")
+    assert not _temps(tmp_path) and not (tmp_path / "cell.tif").exists()

@@ -82,6 +82,9 @@ _OS_PROBLEMS = {
 }
 
 
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is put down to a full disk
+
+
 def os_problem(error: BaseException, path: str | Path | None = None) -> FileSystemError | None:
     """The ``FileSystemError`` (one line: path, what the system refused, the fix) for an ``OSError`` the
     user can fix (permission, read-only, disk full, folder vs file), naming ``path`` or the error's own
@@ -130,13 +133,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
-        _remove(tmp)
         problem = os_problem(e, path)
         if problem is None and not isinstance(e, (KeyboardInterrupt, SystemExit, FileSystemError)):
-            _writable(folder)  # a writer whose error carries no errno (GDAL) into a folder that became read-only
+            problem = _full(folder, path)  # a writer whose error carries no errno (GDAL, rasterio)
+        _remove(tmp)
+        if problem is None and not isinstance(e, (KeyboardInterrupt, SystemExit, FileSystemError)):
+            _writable(folder)  # ... into a folder that became read-only
         if problem is not None:
             raise problem from None
         raise
+
+
+def _full(folder: str, path: Path) -> FileSystemError | None:
+    """The disk-full error when the disk under ``folder`` has (nearly) no room left, else None."""
+    import shutil
+
+    try:
+        if shutil.disk_usage(folder).free >= FULL_BELOW:
+            return None
+    except OSError:
+        return None
+    return os_problem(OSError(errno.ENOSPC, "No space left on device"), path)
 
 
 def _remove(tmp: Path) -> None:
