@@ -199,6 +199,10 @@ def test_cell_index_without_its_columns(tmp_path):
     with pytest.raises(DamagedOutput) as err:
         ses_data.read_cells(path)
     _one_line(err, path, "'income'", "missing", "generate_fr_ua_aerial_data.py")
+    # the extraction's re-run reads only the columns it needs of its own index
+    part = outputs.read_gpkg(path, "cells", "generate_fr_ua_aerial_data.py", ["cell_id"], columns=["cell_id"],
+                             ignore_geometry=True)
+    assert part["cell_id"].tolist() == ["a"]
 
 
 @pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "wrong dict", "folder"])

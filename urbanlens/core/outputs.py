@@ -92,10 +92,10 @@ def read_csv(path, writer: str, columns: Iterable[str] = (), fix: str | None = N
     return frame
 
 
-def read_gpkg(path, layer: str, writer: str, columns: Iterable[str] = (), fix: str | None = None,
+def read_gpkg(path, layer: str, writer: str, need: Iterable[str] = (), fix: str | None = None,
               what: str | None = None, **kwargs):
     """Layer ``layer`` of the GeoPackage at ``path`` (``kwargs`` go to ``geopandas.read_file``: columns,
-    ignore_geometry, ...), holding ``columns``."""
+    ignore_geometry, ...), holding the columns ``need``."""
     import geopandas as gpd
     import pyogrio
 
@@ -105,7 +105,7 @@ def read_gpkg(path, layer: str, writer: str, columns: Iterable[str] = (), fix: s
     gdal = (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FieldError)
     with reading(path, writer, gdal, fix, what or f"GeoPackage (layer '{layer}')"):
         frame = gpd.read_file(path, layer=layer, engine="pyogrio", **kwargs)
-    _check_columns(path, writer, frame.columns, columns, fix)
+    _check_columns(path, writer, frame.columns, need, fix)
     return frame
 
 
