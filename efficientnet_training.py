@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.core import config, entry, files, runs, runtime
+from urbanlens.core import config, entry, files, locks, runs, runtime
 from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting, metrics, results, skips, spatial_folds
@@ -40,6 +40,7 @@ def main() -> None:
         raise ConfigError("config", f"ses_train.cv=city leaves one city out, but ses.cities lists "
                           f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses_train.cv=spatial")
     ses_dir = config.results_dir(cfg, "ses")
+    entry.keep(locks.hold(ses_dir, "efficientnet_training.py", cfg))  # shared by the ranks of one torchrun
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")
     ses_model.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
 

@@ -24,7 +24,7 @@ import time
 import geopandas as gpd
 import pandas as pd
 
-from urbanlens.core import entry, runs, shards
+from urbanlens.core import entry, locks, outputs, runs, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import atomic_path, save_run_config
@@ -39,6 +39,7 @@ def main() -> None:
     start = time.time()
     out = results_dir(cfg, "ses")
     index_path = out / "cells.gpkg"
+    entry.keep(locks.hold(out, "generate_fr_ua_aerial_data.py", cfg))  # shared by the --shard jobs of one run
 
     # A results folder extracted from other data or at another size is not mixed with this run.
     stamp, inputs = out / extraction.STAMP, extraction.run_inputs(cfg)
@@ -89,14 +90,16 @@ def main() -> None:
         index_path, tag = shards.shard_path(index_path, i, n), f"extract {i}/{n}"
 
     if args.merge:  # 3'. the N shards' partial indexes, checked and put in the order of an unsharded run
-        index = shards.merge_in_order([gpd.read_file(p, layer="cells") for p in parts], cells["cell_id"],
+        partial = [outputs.read_gpkg(p, "cells", "generate_fr_ua_aerial_data.py --shard") for p in parts]
+        index = shards.merge_in_order(partial, cells["cell_id"],
                                       names=[p.name for p in parts])
         cells = gpd.GeoDataFrame(index, geometry="geometry", crs=ses_grid.LAEA)
         status = pd.DataFrame({"extracted": [False] * len(cells)})
     else:  # 3. read every cell from its tile(s), reprojected to EPSG:3035, and save it (resumable)
         known = {}
         if index_path.is_file():
-            old = gpd.read_file(index_path, layer="cells", columns=["path", "nodata"], ignore_geometry=True)
+            old = outputs.read_gpkg(index_path, "cells", "generate_fr_ua_aerial_data.py", ["path", "nodata"],
+                                    extraction.INDEX_FIX, columns=["path", "nodata"], ignore_geometry=True)
             known = dict(zip(old["path"], old["nodata"]))
         status = extraction.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
         cells["nodata"] = status["nodata"].round(6)
@@ -108,6 +111,8 @@ def main() -> None:
     with atomic_path(index_path) as tmp:
         index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
     save_run_config(cfg, out, name="extract_config.yaml")
+    if not args.shard:  # an index without a usable cell is a stop, not a success (one shard may hold none)
+        extraction.check_usable(cells, cfg.ses.max_nodata, index_path)
     done = int(status["extracted"].sum())
     how = f"merged from {args.merge} shards" if args.merge else f"{done} extracted, {len(cells) - done} already there"
     print(f"[{tag}] {len(cells)} cells ({how}), {int((~cells['non_void']).sum())} void "

@@ -26,9 +26,8 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pyogrio
 
-from urbanlens.core import backbones, config, entry, files, loops, runtime, shards
+from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, shards
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data, findings, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
@@ -42,6 +41,7 @@ def main() -> None:
     device = runtime.select_device(cfg.device)
     cc = cfg.cams
     ses_dir = config.results_dir(cfg, "ses")
+    entry.keep(locks.hold(ses_dir, "gradcaming_urban_areas.py", cfg))  # shared by the --shard jobs of one run
     cells = data.read_cells(ses_dir / "cells.gpkg").to_crs(ses_maps.CAM_CRS)
     rng = np.random.default_rng(cfg.seed)
 
@@ -60,7 +60,8 @@ def main() -> None:
             print(f"[cams] warning: no model for {city}: training skipped it because {reason}; left out",
                   file=sys.stderr)
             continue
-        ckpt_path = city_dir / f"fold_{files.read_json(city_dir / 'metrics.json')['best_fold']}" / "best.pt"
+        best = outputs.read_json(city_dir / "metrics.json", "efficientnet_training.py", ["best_fold"])["best_fold"]
+        ckpt_path = city_dir / f"fold_{best}" / "best.pt"
         model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=device)
         model = loops.to_device(model, device, True, cc.amp)  # NHWC on CUDA and under CPU bf16
         layer = backbones.last_conv_layer(model)
@@ -71,6 +72,9 @@ def main() -> None:
                   "one first), skipped; delete broken images and re-run generate_fr_ua_aerial_data.py to extract "
                   "them again", file=sys.stderr)
         city_cells = cells[cells["city"] == city].set_index("cell_id").loc[ids["cell_id"]].reset_index()
+        if city_cells.empty:  # nothing to map is a stop, not an empty success
+            raise DataError(ses_dir / "cells.gpkg", f"no cell image of {city} to map",
+                            "re-run generate_fr_ua_aerial_data.py")
         landuse, _ = urban_atlas.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city)
         landuse = landuse.to_crs(ses_maps.CAM_CRS)
         files.save_run_config(cfg, city_dir, "cams_config.yaml")
@@ -96,7 +100,7 @@ def main() -> None:
             continue
 
         # 3. scores per land-use class
-        stats = pyogrio.read_dataframe(stats_path, layer="polygon_stats", read_geometry=False)
+        stats = outputs.read_gpkg(stats_path, "polygon_stats", "gradcaming_urban_areas.py", ignore_geometry=True)
         pooled.append(stats)
         # the ranking carries the model's held-out skill, and says when it means nothing
         preds = findings.read_predictions(city_dir)
@@ -116,6 +120,9 @@ def main() -> None:
 
     if pooled:
         stats = pd.concat(pooled, ignore_index=True)
+        if stats.empty:
+            raise DataError(ses_dir, "no Urban Atlas polygon overlaps a mapped cell",
+                            f"check ses.ua_dir ({cfg.ses.ua_dir}) and ses.cities")
         finding = findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed)
         summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed), finding)
         files.write_csv(summary, ses_dir / "landuse_summary.csv")

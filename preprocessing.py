@@ -15,7 +15,7 @@ import time
 
 from urbanlens.cities import cutting, patches, rasters
 from urbanlens.cities.patches import SPLITS, patches_dir, plan_split
-from urbanlens.core import entry, runs
+from urbanlens.core import entry, locks, runs
 from urbanlens.core.config import cli, data_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_run_config, write_csv
@@ -32,6 +32,7 @@ def main() -> None:
     t0 = time.time()
     raw = data_dir(cfg, "cities", "raw")
     out = patches_dir(cfg.paths.data)
+    entry.keep(locks.hold(out, "preprocessing.py", cfg, elsewhere="paths.data"))  # one run at a time writes these patches
     opts = rasters.options(cfg)
     if not raw.is_dir() or not any(raw.iterdir()):
         raise DataError(raw, "no city images", f"place them as {raw}/{LAYOUT} (for a synthetic world: "

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from urbanlens.cities import data, patches
 from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches
-from urbanlens.core import entry, runtime
+from urbanlens.core import entry, locks, runtime
 from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
 from urbanlens.core.cam import class_activation_maps
 from urbanlens.core.config import cli, data_dir, results_dir
@@ -28,10 +28,11 @@ def main() -> None:
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     out = results_dir(cfg, "cities", "saliency")
+    entry.keep(locks.hold(out.parent, "saliency.py", cfg))
 
     # The model as trained: architecture, input size and class order (IATA codes) come from the checkpoint.
     best_pt = results_dir(cfg, "cities", "checkpoints", "best.pt")
-    model, trained, classes = classifier_from_checkpoint(runtime.load_checkpoint(best_pt), best_pt)
+    model, trained, classes = classifier_from_checkpoint(runtime.load_checkpoint(best_pt, writer="train_classification.py"), best_pt)
     model = model.to(device).eval()
     layer = last_conv_layer(model)
     preprocess = data.transforms(trained["input_size"], train=False)

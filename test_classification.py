@@ -23,7 +23,7 @@ from scipy.special import softmax
 from urbanlens.cities import data, figures, intervals, patches, similarity
 from urbanlens.cities import metrics as cities_metrics
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, loops, runtime
+from urbanlens.core import entry, locks, loops, runtime
 from urbanlens.core.backbones import classifier_from_checkpoint
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.files import save_figure, save_run_config, write_csv, write_json
@@ -34,10 +34,11 @@ def main() -> None:
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     out = results_dir(cfg, "cities")
+    entry.keep(locks.hold(out, "test_classification.py", cfg))
 
     # The model as trained: architecture, input size and class order come from the checkpoint.
     best_pt = out / "checkpoints" / "best.pt"
-    state = runtime.load_checkpoint(best_pt)
+    state = runtime.load_checkpoint(best_pt, writer="train_classification.py")
     model, trained, classes = classifier_from_checkpoint(state, best_pt)
     model = loops.to_device(model, device, cfg.train.channels_last, cfg.train.amp)
 

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, loops, runs, runtime
+from urbanlens.core import entry, locks, loops, runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.files import save_run_config
@@ -69,9 +69,10 @@ def main() -> None:
     scaler = loops.grad_scaler(device, amp)
 
     out = results_dir(cfg, "cities")
+    entry.keep(locks.hold(out, "train_classification.py", cfg))  # shared by the ranks of one torchrun
     last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
     done, best_acc = 0, -1.0
-    state = runtime.load_checkpoint(last_pt) if last_pt.is_file() else None
+    state = runtime.load_checkpoint(last_pt, writer="train_classification.py") if last_pt.exists() else None
     stamp, inputs = out / cities_training.STAMP, cities_training.run_inputs(cfg.paths.data)
     cut_with = cities_training.patch_settings(cfg.paths.data)
     changed = runs.compare(stamp, cfg, cities_training.RUN_KEYS, inputs, cut_with) if state is not None else []

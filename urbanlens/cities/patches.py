@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import runs
+from ..core import outputs, runs
 from ..core.errors import DataError
 from ..core.schema import SPLITS
 from . import rasters
@@ -248,14 +248,15 @@ def patches_dir(data_dir: str | Path) -> Path:
 
 
 def read_manifest(data_dir: str | Path) -> pd.DataFrame:
-    """The patch manifest under ``<data_dir>/cities/patches``; exits with a clear line if missing."""
+    """The patch manifest under ``<data_dir>/cities/patches``; a missing, damaged or empty one is one
+    line naming it and preprocessing.py."""
     path = patches_dir(data_dir) / "manifest.csv"
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no patch manifest; run preprocessing.py first")
-    df = pd.read_csv(path, dtype={"city": str, "iata": str, "site": str, "source": str, "split": str})
-    missing = set(MANIFEST_COLUMNS) - set(df.columns)
-    if missing:
-        raise DataError(f"{path}: missing columns {sorted(missing)}; re-run preprocessing.py")
+    df = outputs.read_csv(path, "preprocessing.py", MANIFEST_COLUMNS,
+                          dtype={"city": str, "iata": str, "site": str, "source": str, "split": str})
+    if df.empty:
+        raise outputs.damaged(path, "preprocessing.py", "lists no patch")
     return df
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core import runs
+from ..core import outputs, runs
 from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import unwrap
 from ..core.schema import SCHEDULES
@@ -121,7 +121,9 @@ def read_log(path: str | Path, upto_epoch: int) -> list[dict]:
     path = Path(path)
     if upto_epoch <= 0 or not path.is_file():
         return []
-    log = pd.read_csv(path)
+    log = outputs.read_csv(path, "train_classification.py", ["epoch"],
+                           fix="delete it (it then logs the epochs from now on) or re-run train_classification.py "
+                           "with --set overwrite=true")
     return log[log["epoch"] <= upto_epoch].to_dict("records")
 
 

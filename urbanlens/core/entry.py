@@ -1,28 +1,59 @@
 """The one entry wrapper of the top-level scripts: library errors become one ``error:`` line and an
-exit status; Ctrl-C and SIGTERM end with one line saying how to resume. Nothing else ends a process."""
+exit status; Ctrl-C and SIGTERM end with one line saying how to resume. Nothing else ends a process.
+
+``keep(cm)`` enters a context manager (e.g. a results folder's lock, ``urbanlens.core.locks.hold``)
+for the rest of ``main()``: it is exited when ``main`` returns, raises or is interrupted, without
+indenting the script's body under a ``with``."""
 from __future__ import annotations
 
+import atexit
+import contextlib
 import signal
 import sys
-from typing import Callable
+from typing import Callable, ContextManager, TypeVar
 
 from .errors import UrbanlensError
+from .files import os_problem
 
 INTERRUPTED = "interrupted; re-run the same command to resume"
+
+T = TypeVar("T")
+_stack: contextlib.ExitStack | None = None  # the running main()'s, inside run()
 
 
 def _terminate(signum, frame):  # SIGTERM (a scheduler's kill, ``timeout``) ends like Ctrl-C
     raise KeyboardInterrupt
 
 
+def keep(cm: ContextManager[T]) -> T:
+    """Enter ``cm`` until the running ``main()`` ends (outside ``run``: until the process exits)."""
+    if _stack is None:
+        stack = contextlib.ExitStack()
+        atexit.register(stack.close)
+        return stack.enter_context(cm)
+    return _stack.enter_context(cm)
+
+
 def run(main: Callable[[], object]) -> None:
-    """Call ``main()``; exit 0 when it returns, else with one line on stderr and a non-zero status."""
+    """Call ``main()``; exit 0 when it returns, else with one line on stderr and a non-zero status.
+    An OSError the user can fix (permission, read-only, disk full, folder vs file) that no library
+    call turned into a typed error is printed the same way."""
+    global _stack
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        main()
+        with contextlib.ExitStack() as _stack:
+            main()
     except UrbanlensError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        problem = os_problem(e)
+        if problem is None or not e.filename:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(problem.exit_code)
+    finally:
+        _stack = None

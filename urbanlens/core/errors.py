@@ -47,3 +47,16 @@ class CheckpointError(UrbanlensError):
 
 class DeviceError(UrbanlensError):
     """A device asked for in the config that this machine does not have."""
+
+
+class FileSystemError(DataError):
+    """A file or folder the operating system refuses: no permission, read-only, disk full, a folder
+    where a file is expected or the other way round."""
+
+
+class DamagedOutput(DataError):
+    """A file one stage wrote and another reads back that is empty, truncated or not what its name says."""
+
+
+class RunLocked(UrbanlensError):
+    """A results folder another run is writing now (``urbanlens.core.locks``)."""

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, NoReturn, Sequence
 from .config import ADDED, current_value
 from .errors import StaleRun
 from .files import write_json
+from .locks import LOCK_DIR
 
 HASH_UP_TO = 1 << 20  # input files up to this size (bytes) are also fingerprinted by content
 
@@ -207,7 +208,8 @@ def refuse(where, made: str, changes: Sequence[str], fix: str) -> NoReturn:
 
 
 def has_outputs(folder: str | Path, besides: Iterable[str] = ()) -> bool:
-    """True when ``folder`` holds anything but the names in ``besides`` (e.g. its stamp)."""
-    folder, besides = Path(folder), set(besides)
+    """True when ``folder`` holds anything but the names in ``besides`` (e.g. its stamp) and the lock of
+    the runs writing it now."""
+    folder, besides = Path(folder), {*besides, LOCK_DIR}
     return folder.is_dir() and any(p.name not in besides for p in folder.iterdir())
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CheckpointError, DeviceError
-from .files import atomic_path
+from .files import atomic_path, os_problem
 
 
 def seed_everything(seed: int) -> None:
@@ -70,19 +70,26 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg, optimizer=Non
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A ``save_checkpoint`` file; a missing, unreadable or foreign file exits with one line."""
+def load_checkpoint(path: str | Path, map_location="cpu", writer: str = "") -> dict:
+    """A ``save_checkpoint`` file; a missing, unreadable or foreign file is one ``CheckpointError`` line
+    naming it and the training stage (``writer``, a script name) that writes it again."""
     path = Path(path)
+    stage = f"the training stage ({writer})" if writer else "the training stage"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; run the training stage first")
+        if path.is_dir():
+            raise CheckpointError(path, "is a folder, not a checkpoint", f"remove it and run {stage} again")
+        raise CheckpointError(f"checkpoint {path} not found; run {stage} first")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated file, not a torch file, pickled classes gone...
+        refused = os_problem(e, path)
+        if refused is not None:
+            raise refused from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                 "delete it and run the training stage again")
+                 f"delete it and run {stage} again")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict with its config); "
-                 "use the best.pt / last.pt the training stage writes")
+                 f"use the best.pt / last.pt {stage} writes")
     return state
 
 

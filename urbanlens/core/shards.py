@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from . import outputs
 from .errors import DataError
 
 SHARD_HELP = ("run only shard I of N (numbered from 1: 1/4 .. 4/4, e.g. $SLURM_ARRAY_TASK_ID/4); the cells "
@@ -166,11 +167,9 @@ def append_layers(paths: Sequence, dst, layer: str, empty) -> int:
     """Copy the ``layer`` of each GeoPackage in ``paths``, in order, into a new GeoPackage ``dst`` one file
     at a time (memory holds one shard); ``empty`` (a GeoDataFrame with the columns) is written when no
     file has rows. Returns the number of rows written."""
-    import geopandas as gpd
-
     rows = 0
     for path in paths:
-        part = gpd.read_file(path, layer=layer)
+        part = outputs.read_gpkg(path, layer, "this stage's --shard job", fix="re-run that shard's job, then merge again")
         if len(part):
             part.to_file(dst, layer=layer, driver="GPKG", mode="a" if rows else "w", promote_to_multi=True)
             rows += len(part)

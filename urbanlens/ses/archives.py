@@ -33,6 +33,14 @@ def _stamp(archive: Path) -> dict:
     return {"archive": archive.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _recorded(stamp_file: Path) -> dict | None:
+    """What an unpacked folder's stamp records; None when absent or damaged (then it is unpacked again)."""
+    try:
+        return json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _zip_names(archive: Path) -> list[str]:
     try:
         with zipfile.ZipFile(archive) as z:
@@ -54,7 +62,7 @@ def unpack_inner_zip(archive: str | Path, member: str) -> Path:
     archive = Path(archive)
     target = cache_dir(archive) / Path(member).stem
     stamp_file = target / ".unpacked.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == {**_stamp(archive), "member": member}:
+    if _recorded(stamp_file) == {**_stamp(archive), "member": member}:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

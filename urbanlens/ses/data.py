@@ -11,8 +11,9 @@ from PIL import Image
 from scipy import stats
 from torchvision.transforms.v2 import functional as TF
 
+from ..core import outputs
 from ..core.errors import DataError
-from .columns import opening
+from .extraction import INDEX_FIX
 from .model import N_CLASSES
 
 
@@ -107,17 +108,11 @@ CELL_COLUMNS = ("cell_id", "city", "income", "path", "non_void")
 
 def read_cells(path) -> "pd.DataFrame":
     """The cell index (layer ``cells``) written by the extraction stage; DataError naming the fix."""
-    import geopandas as gpd
-
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: cell index not found; run generate_fr_ua_aerial_data.py first")
-    with opening(path, "cell index (layer 'cells')", "re-run generate_fr_ua_aerial_data.py to rebuild it"):
-        cells = gpd.read_file(path, layer="cells")
-    missing = [c for c in CELL_COLUMNS if c not in cells.columns]
-    if missing:
-        raise DataError(f"{path}: columns {missing} missing from layer 'cells'; "
-                         "re-run generate_fr_ua_aerial_data.py to rebuild the index")
+    cells = outputs.read_gpkg(path, "cells", "generate_fr_ua_aerial_data.py", CELL_COLUMNS, INDEX_FIX,
+                              what="cell index (layer 'cells')")
     return cells
 
 

@@ -41,6 +41,9 @@ RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "se
 STAMP = "generate_fr_ua_aerial_data.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/ses
 
 
+INDEX_FIX = "delete it and re-run generate_fr_ua_aerial_data.py (the cell images it extracted are kept)"
+
+
 def run_inputs(cfg) -> dict:
     """Fingerprint of every file extraction may read: census, Urban Atlas and orthophotos with their index."""
     root = Path(cfg.paths.data)
@@ -253,3 +256,17 @@ def extract_cells(cells: pd.DataFrame, root: str | Path, px: int, workers: int =
                 bar.update(futures[fut])
     bar.close()
     return pd.DataFrame({"nodata": pd.Series(nodata), "extracted": pd.Series(extracted)}).reindex(cells.index)
+
+
+def check_usable(cells: pd.DataFrame, max_nodata: float, index_path) -> None:
+    """``DataError`` when the extraction leaves no cell to train on: no census cell inside any city's
+    Urban Atlas boundary, or every cell void (more than ``max_nodata`` nodata), so that training is
+    never started on an index that cannot give it anything."""
+    cities = ", ".join(sorted(map(str, cells["city"].unique()))) if len(cells) else "the cities of ses.cities"
+    if len(cells) == 0:
+        raise DataError(index_path, f"no census cell lies inside the Urban Atlas boundary of {cities}",
+                        "check ses.cities, ses.census_file and ses.ua_dir (same cities, same area)")
+    if not cells["non_void"].astype(bool).any():
+        raise DataError(index_path, f"all {len(cells)} cells of {cities} are void (more than {max_nodata:.0%} "
+                        "nodata)", "check that the orthophoto tiles cover the cities (ses.aerial_dir, "
+                        "ses.ortho_product) or raise ses.max_nodata")

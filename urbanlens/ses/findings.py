@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..core import outputs
 from .model import N_CLASSES
 
 SKILL_COLUMNS = ["model_auc", "model_auc_lo", "model_auc_hi", "model_auc_cells", "meaningful", "caveat"]
@@ -84,7 +85,7 @@ def assess(auc: float, lo: float, hi: float, cells: int, polygon_stats: pd.DataF
 
 def read_predictions(city_dir) -> pd.DataFrame | None:
     path = Path(city_dir) / "predictions.csv"
-    return pd.read_csv(path) if path.is_file() else None
+    return outputs.read_csv(path, "efficientnet_training.py") if path.exists() else None
 
 
 def city_finding(predictions: pd.DataFrame | None, polygon_stats: pd.DataFrame, seed: int = 0) -> Finding:

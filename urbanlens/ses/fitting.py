@@ -76,7 +76,7 @@ def load_fit_state(path, tcfg, seed: int) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    state = runtime.load_checkpoint(path)
+    state = runtime.load_checkpoint(path, writer="efficientnet_training.py")
     same = (state.get("fit_state_version") == FIT_STATE_VERSION and state.get("seed") == seed
             and state.get("config") == (tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg)))
     return state if same else None

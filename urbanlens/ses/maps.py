@@ -9,7 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from ..core import runs
+from ..core import outputs, runs
 from .zonal import STATS, ZonalError, piece_stats
 
 CAM_CRS = "EPSG:3035"
@@ -71,11 +71,12 @@ def write_maps_tif(path, maps: np.ndarray, bounds, crs: str = CAM_CRS, names=("p
 def read_maps_tif(path):
     """(maps [M, H, W] float32, transform, crs) of a GeoTIFF written by write_maps_tif; pixels equal
     to the file's nodata value (or masked by its mask band) are NaN."""
-    import rasterio
-
-    with rasterio.open(path) as src:
-        maps = src.read(masked=True).astype(np.float32, copy=False)
-        return np.ma.filled(maps, np.nan), src.transform, src.crs
+    maps, transform, crs = outputs.read_geotiff(path, "gradcaming_urban_areas.py",
+                                                fix="delete it and re-run gradcaming_urban_areas.py (its map is made again)")
+    if maps.ndim != 3 or maps.shape[0] < 2:
+        raise outputs.damaged(path, "gradcaming_urban_areas.py", f"{maps.shape[0]} band(s), not the poor and rich maps",
+                              "delete it and re-run gradcaming_urban_areas.py (its map is made again)")
+    return np.ma.filled(maps.astype(np.float32, copy=False), np.nan), transform, crs
 
 
 def resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -95,7 +95,7 @@ def load_ses_model(path, map_location="cpu") -> tuple[SESModel, dict]:
     training stage, with no download; also return the checkpoint (config, fold, quintile_edges, ...)."""
     from ..core.config import load_config
 
-    ckpt = runtime.load_checkpoint(path, map_location=map_location)
+    ckpt = runtime.load_checkpoint(path, map_location=map_location, writer="efficientnet_training.py")
     cfg = load_config(None)  # defaults, so checkpoints from before a key existed still load
     cfg.ses_model.update({k: v for k, v in ckpt["config"].get("ses_model", {}).items() if k in cfg.ses_model})
     cfg.ses_model["pretrained"] = False

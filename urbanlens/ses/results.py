@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import files, runs, runtime
+from ..core import files, outputs, runs, runtime
 from .figures import confusion_figure
 from .fitting import FitResult
 from .metrics import intervals, scalar_metrics, ses_metrics, summarize_folds
@@ -53,8 +53,11 @@ def city_summary(city_dir, folds: int, seed: int = 0, **info) -> tuple[dict, pd.
     the metrics of all held-out predictions pooled, ``intervals`` of AUC, kappa and Spearman (over
     folds and by a cell bootstrap seeded by ``seed``) and each fold's metrics; plus those predictions."""
     city_dir = Path(city_dir)
-    per_fold = [files.read_json(city_dir / f"fold_{k}" / "metrics.json") for k in range(folds)]
-    preds = pd.concat([pd.read_csv(city_dir / f"fold_{k}" / "predictions.csv") for k in range(folds)])
+    fix = "delete that fold's folder and re-run efficientnet_training.py (it trains that fold again)"
+    per_fold = [outputs.read_json(city_dir / f"fold_{k}" / "metrics.json", "efficientnet_training.py", ["val_loss"], fix)
+                for k in range(folds)]
+    preds = pd.concat([outputs.read_csv(city_dir / f"fold_{k}" / "predictions.csv", "efficientnet_training.py",
+                                        ["cell_id", "true_class"], fix) for k in range(folds)])
     preds = preds.sort_values("cell_id").reset_index(drop=True)
     p = preds[[f"p_{k}" for k in range(N_CLASSES)]].to_numpy()
     log_p = np.log(np.clip(p, 1e-300, None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core import files
+from ..core import files, outputs
 
 SKIPPED = "skipped.json"
 
@@ -21,4 +21,4 @@ def clear_skip(city_dir) -> None:
 def skip_reason(city_dir) -> str | None:
     """Why training left the city out, or None when it did not (or nothing was recorded)."""
     path = Path(city_dir) / SKIPPED
-    return files.read_json(path).get("reason") if path.is_file() else None
+    return outputs.read_json(path, "efficientnet_training.py", ["reason"])["reason"] if path.exists() else None
