@@ -261,6 +261,11 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     return df
 
 
-def class_names(manifest: pd.DataFrame) -> list[str]:
-    """The class order every stage uses: sorted IATA codes."""
-    return sorted(manifest["iata"].unique())
+def class_names(manifest: pd.DataFrame, where: str | Path = "patch manifest") -> list[str]:
+    """The class order every stage uses: sorted IATA codes; DataError when there are fewer than two (a
+    classifier of one city learns nothing, yet would score 100 %)."""
+    classes = sorted(manifest["iata"].unique())
+    if len(classes) < 2:
+        raise DataError(where, f"patches of {len(classes)} city ({', '.join(classes) or 'none'}); telling cities "
+                        "apart needs 2 or more", "add city folders under cities/raw and re-run preprocessing.py")
+    return classes

@@ -47,3 +47,8 @@ class CheckpointError(UrbanlensError):
 
 class DeviceError(UrbanlensError):
     """A device asked for in the config that this machine does not have."""
+
+
+class TrainingDiverged(UrbanlensError):
+    """Training that produced a non-finite or exploding loss, or non-finite weights: stopped before the
+    model is saved or scored (the learning rate too high, or non-finite inputs)."""
