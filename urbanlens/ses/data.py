@@ -118,6 +118,10 @@ def read_cells(path) -> "pd.DataFrame":
     if missing:
         raise DataError(f"{path}: columns {missing} missing from layer 'cells'; "
                          "re-run generate_fr_ua_aerial_data.py to rebuild the index")
+    twice = cells["cell_id"][cells["cell_id"].duplicated()].unique()
+    if len(twice):  # the same cell on both sides of a fold: scores of memory, not of reading income
+        raise DataError(path, f"{len(twice)} cell id(s) listed more than once ({', '.join(map(str, twice[:3]))})",
+                        "rebuild the index: generate_fr_ua_aerial_data.py --set overwrite=true")
     return cells
 
 
