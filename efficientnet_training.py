@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from urbanlens.core import config, entry, files, locks, runs, runtime
-from urbanlens.core.errors import ConfigError, DataError
+from urbanlens.core.errors import ConfigError, DataError, TrainingDiverged
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting, metrics, results, skips, spatial_folds
 from urbanlens.ses import folds as ses_folds
@@ -135,9 +135,12 @@ def main() -> None:
                 print(f"[ses-train] {city} fold {k}: resuming after epoch {resume['epoch_total']} from {last_pt}")
             with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{city} fold {k}", unit="ep", leave=False,
                       initial=len(resume["log"]) if resume else 0, **({} if main else {"disable": True})) as bar:
-                fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
-                              seed=seed, workers=cfg.workers, progress=lambda row: fitting.show_epoch(bar, row),
-                              checkpoint=last_pt, resume=resume)
+                try:
+                    fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
+                                  seed=seed, workers=cfg.workers, progress=lambda row: fitting.show_epoch(bar, row),
+                                  checkpoint=last_pt, resume=resume)
+                except TrainingDiverged as e:  # nothing of this fold is scored; say which fold it was
+                    raise TrainingDiverged(f"{city} fold {k}, {e}") from None
             test = split["test"]
             log_probs = fitting.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
             m = metrics.ses_metrics(fit_labels[test], log_probs)

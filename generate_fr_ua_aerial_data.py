@@ -27,7 +27,7 @@ import pandas as pd
 from urbanlens.core import entry, locks, outputs, runs, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
-from urbanlens.core.files import atomic_path, save_run_config
+from urbanlens.core.files import atomic_path, save_run_config, write_json
 from urbanlens.ses import census as ses_census
 from urbanlens.ses import extraction, urban_atlas
 from urbanlens.ses import grid as ses_grid
@@ -66,21 +66,25 @@ def main() -> None:
     imagery = "imagery" if product == "RVB" else f"imagery-{product}"
 
     # 2. per city: cells inside the Urban Atlas boundary, with income, and the tiles they overlap
-    frames, imputed_count = [], {"keep": 0, "drop": 0}
+    frames, imputed_count, taken, counts = [], {"keep": 0, "drop": 0}, set(), {}
     for city in cfg.ses.cities:
         boundary = urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
         census = ses_census.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
-        cells = extraction.cells_in_boundary(census, boundary)
+        cells, n_taken = extraction.drop_taken(extraction.cells_in_boundary(census, boundary), taken)
+        taken.update(cells["cell_id"])  # a cell inside two overlapping boundaries: the first city's only
         cells, n_imputed = ses_census.apply_imputed(cells, cfg.ses.imputed)  # INSEE's i_est_200 = 1
         cells = extraction.sample_cells(cells, cfg.ses.max_cells, cfg.seed).copy()
         cells["city"], cells["ortho_product"], cells["imputed_policy"] = city, product, cfg.ses.imputed
         cells["path"] = [f"{imagery}/{city}/{extraction.cell_filename(c)}" for c in cells["cell_id"]]
         cells["tiles"] = ses_tiles.tiles_for_cells(cells, tiles)
         imputed_count[cfg.ses.imputed] += n_imputed
+        counts[city] = {"without_income": census.attrs["dropped"], "malformed_ids": len(census.attrs["malformed"]),
+                        "duplicate_rows": census.attrs["duplicates"], "in_an_earlier_city": n_taken}
         print(f"[extract] {city}: {len(cells)} cells inside the Urban Atlas boundary "
               f"({census.attrs['dropped']} census cells without income dropped, {n_imputed} imputed by INSEE "
               f"{'kept' if cfg.ses.imputed == 'keep' else 'dropped'}, "
-              f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile)")
+              f"{int((cells['tiles'].str.len() == 0).sum())} cells outside every tile"
+              + extraction.census_drops(census.attrs, n_taken) + ")")
         frames.append(cells)
     cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=ses_grid.LAEA)
     tag = "extract"
@@ -103,6 +107,7 @@ def main() -> None:
             known = dict(zip(old["path"], old["nodata"]))
         status = extraction.extract_cells(cells, out, px=cfg.ses.cell_px, workers=cfg.workers, known=known)
         cells["nodata"] = status["nodata"].round(6)
+        extraction.report_failed(status["failed"].dropna().tolist(), cfg.strict)  # unreadable tiles
         cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
 
     # 4. the cell index (a shard's partial one under --shard), then the config beside it
@@ -111,10 +116,13 @@ def main() -> None:
     with atomic_path(index_path) as tmp:
         index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
     save_run_config(cfg, out, name="extract_config.yaml")
+    write_json(out / "extract_counts.json", counts)  # census rows dropped per city, and why
     if not args.shard:  # an index without a usable cell is a stop, not a success (one shard may hold none)
         extraction.check_usable(cells, cfg.ses.max_nodata, index_path)
     done = int(status["extracted"].sum())
-    how = f"merged from {args.merge} shards" if args.merge else f"{done} extracted, {len(cells) - done} already there"
+    failed = int(status["failed"].notna().sum()) if "failed" in status else 0
+    how = f"merged from {args.merge} shards" if args.merge else \
+        f"{done} extracted, {len(cells) - done - failed} already there" + (f", {failed} unreadable" if failed else "")
     print(f"[{tag}] {len(cells)} cells ({how}), {int((~cells['non_void']).sum())} void "
           f"(> {cfg.ses.max_nodata:.0%} nodata), {product} orthophotos, INSEE-imputed cells: "
           f"{imputed_count['keep']} kept, {imputed_count['drop']} dropped (ses.imputed={cfg.ses.imputed}) "

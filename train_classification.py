@@ -29,6 +29,7 @@ from urbanlens.cities import training as cities_training
 from urbanlens.core import entry, locks, loops, runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_run_config
 
 
@@ -48,11 +49,14 @@ def main() -> None:
     # Data: the patches of the site-based split, classes = sorted IATA codes.
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
-    classes = patches.class_names(manifest)
+    classes = patches.class_names(manifest, patches_dir / "manifest.csv")  # two cities or more
     size = cfg.model.input_size
     train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                        size)
     val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
+    if len(train_set) < 2:  # batch norm in training mode needs two images a batch
+        raise DataError(patches_dir / "manifest.csv", f"{len(train_set)} training patch; training needs 2 or more",
+                        "add images to the cities' train sites (all but the last) and re-run preprocessing.py")
     batch = max(1, cfg.train.batch_size // world)
     draws = len(train_set)
     if cfg.train.max_steps_per_epoch > 0:
@@ -111,8 +115,10 @@ def main() -> None:
         cities_sampling.begin_epoch(sampler, cfg.seed, epoch, rank)
         lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
         tr = loops.train_epoch(model, train_loader, optimizer, F.cross_entropy, device, scaler, amp, nhwc, scheduler,
-                               desc=f"epoch {epoch}/{cfg.train.epochs}")
-        va = loops.evaluate(model, val_loader, F.cross_entropy, device, amp, nhwc)
+                               min_batch=2, desc=f"epoch {epoch}/{cfg.train.epochs}", epoch=epoch,
+                               max_loss=loops.loss_limit(len(classes)), lr_key="train.lr")  # diverged: no save
+        va = loops.check_validation(loops.evaluate(model, val_loader, F.cross_entropy, device, amp, nhwc), epoch,
+                                    lr_used, "train.lr")
         if main:
             log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                         "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})

@@ -486,7 +486,8 @@ def test_training_without_usable_cells_fails_and_the_map_stage_names_the_cause(s
 def test_a_city_without_cells_is_skipped_and_named_when_another_trains(ses, ses_world):
     root, _, clean = ses
     shutil.copytree(ses_world / "results", root / "results")
-    ghost = clean.iloc[:3].assign(city="Lyon", non_void=False)   # Lyon: three void cells only
+    ghost = clean.iloc[:3].assign(city="Lyon", non_void=False,   # Lyon: three void cells only (own ids:
+                                  cell_id=[f"CRS3035RES200mN2000000E{4000000 + 200 * i}" for i in range(3)])  # one city each)
     _cells_index(root, lambda c: pd.concat([c, ghost], ignore_index=True))
     cities = ["ses.cities=[Paris, Lyon]"]
     proc = ok(run(["efficientnet_training.py"], root, cities, ses=True))

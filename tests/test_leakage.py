@@ -10,7 +10,6 @@ import json
 import shutil
 
 import pytest
-
 from script_runner import run_script
 
 CONFIG = "configs/ses_demo.yaml"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,17 @@ def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _refuse_twins(names: list[str], folder: Path, what: str) -> None:
+    """DataError naming two of ``names`` that are the same but for case (on a case-insensitive disk,
+    or once patch names are made, they would be one)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        twin = seen.setdefault(name.casefold(), name)
+        if twin != name:
+            raise DataError(folder, f"{what} '{twin}' and '{name}' differ only by case",
+                            "merge them into one or rename one")
+
+
 def _stable_seed(seed: int, text: str) -> list[int]:
     return [seed, zlib.crc32(text.encode())]
 
@@ -93,6 +105,7 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
                              "give each city its own code")
         codes[iata] = city_dir.name
         sites = _subdirs(city_dir)
+        _refuse_twins([s.name for s in sites], city_dir, "site folders")
         if len(sites) < 2:
             problem(f"{city_dir}: {len(sites)} site folder(s), the split needs 2 or more (train sites, then "
                     "one test/val site); city left out: add a site folder or remove the city")
@@ -100,7 +113,11 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
         city_rows = []
         for si, site_dir in enumerate(sites):
             last = si == len(sites) - 1
-            for img in _images(site_dir):
+            images = _images(site_dir)
+            stems = Counter(p.stem.casefold() for p in images)
+            for img in images:
+                # a.tif beside a.png: the suffix goes into the patch names, or one would overwrite the other
+                label = img.name if stems[img.stem.casefold()] > 1 else img.stem
                 try:
                     head = rasters.header(img, ground_m)
                 except Exception as e:  # rasterio raises RasterioIOError and others for broken files
@@ -124,7 +141,7 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
                     continue
                 for split, x0, w in parts:
                     for y, x in patch_grid(height, w, size, stride):
-                        name = f"{site_dir.name}__{img.stem}__y{y}_x{x + x0}.jpg"
+                        name = f"{site_dir.name}__{label}__y{y}_x{x + x0}.jpg"
                         city_rows.append({"path": f"{split}/{city_dir.name}/{name}", "city": city_dir.name,
                                           "iata": iata, "site": site_dir.name, "source": source,
                                           "split": split, "y": y, "x": x + x0, "size": size})
@@ -260,6 +277,11 @@ def read_manifest(data_dir: str | Path) -> pd.DataFrame:
     return df
 
 
-def class_names(manifest: pd.DataFrame) -> list[str]:
-    """The class order every stage uses: sorted IATA codes."""
-    return sorted(manifest["iata"].unique())
+def class_names(manifest: pd.DataFrame, where: str | Path = "patch manifest") -> list[str]:
+    """The class order every stage uses: sorted IATA codes; DataError when there are fewer than two (a
+    classifier of one city learns nothing, yet would score 100 %)."""
+    classes = sorted(manifest["iata"].unique())
+    if len(classes) < 2:
+        raise DataError(where, f"patches of {len(classes)} city ({', '.join(classes) or 'none'}); telling cities "
+                        "apart needs 2 or more", "add city folders under cities/raw and re-run preprocessing.py")
+    return classes

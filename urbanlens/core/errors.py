@@ -60,3 +60,8 @@ class DamagedOutput(DataError):
 
 class RunLocked(UrbanlensError):
     """A results folder another run is writing now (``urbanlens.core.locks``)."""
+
+
+class TrainingDiverged(UrbanlensError):
+    """Training that produced a non-finite or exploding loss, or non-finite weights: stopped before the
+    model is saved or scored (the learning rate too high, or non-finite inputs)."""

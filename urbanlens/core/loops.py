@@ -10,6 +10,7 @@ means on a device, ``uses_channels_last`` whether NHWC applies.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import numpy as np
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from . import runtime
 from .config import AMP_CHOICES
-from .errors import ConfigError
+from .errors import ConfigError, DataError, TrainingDiverged
 
 LossFn = Callable[..., torch.Tensor]  # loss_fn(outputs, targets, reduction="mean" | "sum"), as torch's losses
 
@@ -176,31 +177,103 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss.item(), int((out.detach().argmax(1) == y).sum().item())
 
 
+# ------------------------------------------------------------------ divergence
+DIVERGED_FACTOR = 1000.0  # a mean batch loss above this many times chance level (ln C) is divergence
+
+
+SCALER_PATIENCE = 8  # under a float16 loss scaler: consecutive non-finite losses tolerated (steps skipped)
+
+
+def loss_limit(n_classes: int) -> float:
+    """The mean batch loss above which training has diverged: ``DIVERGED_FACTOR`` x ln(``n_classes``), the
+    cross-entropy of a uniform guess. A healthy run stays within a few times ln C; weights blown up by a
+    learning rate far too high give losses of 1e10 and more while staying finite."""
+    return DIVERGED_FACTOR * math.log(max(n_classes, 2))
+
+
+def diverged(problem: str, epoch: int | None, step: int | None = None, lr: float | None = None,
+             lr_key: str = "the learning rate") -> TrainingDiverged:
+    """The error that stops a diverged run: where (epoch and step), what, and the two likely causes."""
+    where = "training" + (f" epoch {epoch}" if epoch is not None else "") + (f", step {step}" if step else "")
+    rate = f" at learning rate {lr:g}" if lr is not None else ""
+    return TrainingDiverged(where, f"{problem}{rate}; training stopped, this model is neither saved nor scored",
+                            f"lower {lr_key} (e.g. ten times), or check the inputs for NaN or infinite values")
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer (batch-norm statistics) of ``model`` is finite."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
+
+
+def check_validation(metrics: dict, epoch: int | None, lr: float | None = None,
+                     lr_key: str = "the learning rate") -> dict:
+    """``metrics`` of ``evaluate`` when its loss is finite, else ``diverged``: a NaN loss compares False
+    with everything, so it must never reach the choice of the best epoch."""
+    if not math.isfinite(metrics["loss"]):
+        raise diverged(f"validation loss is {metrics['loss']} although training losses were finite "
+                       "(outputs overflow on the validation images)", epoch, lr=lr, lr_key=lr_key)
+    return metrics
+
+
+def _loss_problem(loss: float, max_loss: float, in_a_row: int) -> str:
+    if math.isfinite(loss):
+        return f"training loss is {loss:g}, above {max_loss:.0f} ({DIVERGED_FACTOR:g} x chance level)"
+    return f"training loss is {loss}" + (f" in {in_a_row} steps in a row (the float16 loss scaler skipped "
+                                         "them without recovering)" if in_a_row > 1 else "")
+
+
+# ------------------------------------------------------------------ the epoch
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                 device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: Amp = "off",
                 channels_last: bool = False, scheduler=None,
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, min_batch: int = 1,
-                desc: str | None = "train") -> dict:
+                desc: str | None = "train", epoch: int | None = None, max_loss: float = math.inf,
+                lr_key: str = "the learning rate") -> dict:
     """One pass of ``train_step`` over ``loader`` (any iterable of (inputs, targets) batches), model in
     training mode. ``augment`` maps each input batch once it is on the device; ``scheduler`` is stepped
-    after every batch; a batch of fewer than ``min_batch`` items is skipped unless it is the first (a
-    lone sample breaks batch norm in training mode). Returns mean ``loss`` and ``acc`` over all ranks, and
-    ``n``; a bar named ``desc`` shows the running means (none when None)."""
+    after every batch; a batch of fewer than ``min_batch`` items is skipped (a lone sample breaks batch
+    norm in training mode), and an epoch of such batches only is a DataError. Returns mean ``loss`` and
+    ``acc`` over all ranks, and ``n``; a bar named ``desc`` shows the running means (none when None).
+
+    Divergence (``TrainingDiverged``, naming ``epoch``, the step and ``lr_key``): a non-finite batch loss,
+    one above ``max_loss`` (``loss_limit``), or non-finite weights at the end of the epoch. Under an
+    enabled loss scaler (float16) a non-finite loss is the scaler's business: it skips that step (its
+    gradients are not finite) and lowers its scale; only more than ``SCALER_PATIENCE`` in a row stop."""
     model.train()
+    scaling = scaler is not None and scaler.is_enabled()
     loss_sum = correct = n = 0.0
+    skipped = in_a_row = 0
     bar = _progress(loader, desc)
-    for x, y in bar:
-        if len(y) < min_batch and n > 0:
+    for step, (x, y) in enumerate(bar, start=1):
+        if len(y) < min_batch:
+            skipped += len(y)
             continue
         if augment is not None:
             x = augment(x.to(device, non_blocking=True))
+        lr = optimizer.param_groups[0]["lr"]
         loss, hits = train_step(model, optimizer, x, y, loss_fn, device, scaler, amp, channels_last)
         if scheduler is not None:
             scheduler.step()
+        if not math.isfinite(loss) or loss > max_loss:
+            in_a_row += 1
+            if math.isfinite(loss) or not scaling or in_a_row > SCALER_PATIENCE:
+                raise diverged(_loss_problem(loss, max_loss, in_a_row), epoch, step, lr, lr_key)
+            continue  # the scaler skipped this step
+        in_a_row = 0
         loss_sum += loss * len(y)
         correct += hits
         n += len(y)
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", refresh=False)  # drawn at tqdm's pace
+    if n == 0 and in_a_row:
+        raise diverged(_loss_problem(math.nan, max_loss, in_a_row) + ", every step of the epoch", epoch,
+                       lr=optimizer.param_groups[0]["lr"], lr_key=lr_key)
+    if n == 0 and skipped:
+        raise DataError("training set", f"{skipped} item(s) per step, but batch norm in training mode needs "
+                        f"batches of {min_batch} or more", "add training images (cells) or raise the batch size")
+    if not finite_weights(unwrap(model)):
+        raise diverged("weights are no longer finite after the epoch's last step", epoch,
+                       lr=optimizer.param_groups[0]["lr"], lr_key=lr_key)
     return _means(loss_sum, correct, n, device)
 
 

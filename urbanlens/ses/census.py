@@ -15,7 +15,7 @@ from rasterio.warp import transform_bounds
 from ..core.errors import DataError
 from ..core.schema import IMPUTED_POLICIES
 from .columns import _key, _pick_columns, opening
-from .grid import LAEA, cell_boxes
+from .grid import LAEA, cell_boxes, valid_ids
 
 CENSUS_COLUMNS = {
     "cell_id": ("idcar_200m", "IdINSPIRE"),   # 2019 GPKG / 2015 shapefile
@@ -34,10 +34,8 @@ def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> 
     if not isinstance(df, gpd.GeoDataFrame):
         return
     df = df[df.geometry.notna() & ~df.geometry.is_empty]
-    try:
-        boxes = cell_boxes(df[id_col])
-    except ValueError:
-        return  # the full read names the bad id
+    df = df[valid_ids(df[id_col])]  # malformed ids are dropped (and counted) by the full read
+    boxes = cell_boxes(df[id_col])
     if len(df) == 0:
         return
     points = df.geometry.representative_point()
@@ -55,6 +53,25 @@ def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> 
                     "(INSEE grids are EPSG:3035), e.g. ogr2ogr -a_srs EPSG:3035 fixed.gpkg <file>")
 
 
+def _clean_ids(df: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[str], int]:
+    """``df`` without rows whose id is not an INSPIRE id (returned, in file order) and without repeated
+    rows (counted); DataError naming the ids that repeat with other values: which row holds the cell's
+    income cannot be told, and a cell listed twice would sit in a fold's training and test part."""
+    ok = valid_ids(df["cell_id"])
+    malformed = df.loc[~ok, "cell_id"].tolist()
+    if malformed and not ok.any():
+        raise DataError(path, f"none of its {len(malformed)} cell ids is an INSPIRE id (first: {malformed[0]!r})",
+                        "the id column (idcar_200m or IdINSPIRE) must hold ids CRS3035RES200mN<y>E<x>")
+    df = df[ok]
+    unique = df.drop_duplicates()
+    clash = unique["cell_id"][unique["cell_id"].duplicated()].unique()
+    if len(clash):
+        shown = ", ".join(clash[:3]) + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+        raise DataError(path, f"{len(clash)} cell id(s) listed more than once with different values ({shown})",
+                        "keep one row per cell (e.g. the file of one year and one delivery) and re-run")
+    return unique.reset_index(drop=True), malformed, len(df) - len(unique)
+
+
 def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.GeoDataFrame:
     """INSEE Filosofi 200 m grid -> GeoDataFrame[cell_id, ind, ind_snv, income, imputed, geometry], EPSG:3035.
 
@@ -63,6 +80,8 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     ``ind_snv / ind``; cells without a positive finite income are dropped and counted in
     ``attrs['dropped']``. ``imputed`` is INSEE's flag of imputed cells (``i_est_200 = 1``; 2015:
     ``I_est_cr``); a file without the flag gives False everywhere and ``attrs['imputed_flag'] = False``.
+    Rows whose id is not an INSPIRE id are dropped (listed in ``attrs['malformed']``); repeated identical
+    rows are dropped and counted (``attrs['duplicates']``); an id repeated with other values is a DataError.
     ``bbox`` (EPSG:3035 xmin, ymin, xmax, ymax) reads only the cells there. The geometry may be in any
     CRS (INSEE ships EPSG:2154); the other columns are not read.
     """
@@ -77,6 +96,9 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     info = next((i for i in infos if ids & {_key(f) for f in i["fields"]}), infos[0])
     layer, fields, file_crs = info["layer_name"], list(info["fields"]), info["crs"]
     cols = _pick_columns(fields, CENSUS_COLUMNS, path, "census grid", "INSEE's")
+    if info.get("features") == 0:
+        raise DataError(path, f"census layer '{layer}' holds no cell", "download the grid again (INSEE's "
+                        "carreaux_200m_met.gpkg) or set ses.census_file to the file with the cells")
     flag = next((f for f in fields if _key(f) in {_key(c) for c in IMPUTED_COLUMN}), None)
     _check_census_crs(path, layer, cols["cell_id"])
     read_bbox = None
@@ -94,6 +116,7 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     with np.errstate(divide="ignore", invalid="ignore"):
         df["income"] = df["ind_snv"] / df["ind"]
     df["imputed"] = imputed
+    df, malformed, duplicates = _clean_ids(df, path)
     keep = np.isfinite(df["income"]) & (df["income"] > 0) & (df["ind"] > 0)
     df = df[keep].reset_index(drop=True)
     try:
@@ -102,6 +125,7 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
         raise DataError(path, str(e), "the id column must hold INSPIRE ids CRS3035RES200mN<y>E<x>") from None
     out = gpd.GeoDataFrame(df, geometry=geometry, crs=LAEA)
     out.attrs["dropped"] = int((~keep).sum())
+    out.attrs["malformed"], out.attrs["duplicates"] = malformed, duplicates
     out.attrs["imputed_flag"] = flag is not None
     return out
 

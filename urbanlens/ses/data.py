@@ -113,6 +113,10 @@ def read_cells(path) -> "pd.DataFrame":
         raise DataError(f"{path}: cell index not found; run generate_fr_ua_aerial_data.py first")
     cells = outputs.read_gpkg(path, "cells", "generate_fr_ua_aerial_data.py", CELL_COLUMNS, INDEX_FIX,
                               what="cell index (layer 'cells')")
+    twice = cells["cell_id"][cells["cell_id"].duplicated()].unique()
+    if len(twice):  # the same cell on both sides of a fold: scores of memory, not of reading income
+        raise DataError(path, f"{len(twice)} cell id(s) listed more than once ({', '.join(map(str, twice[:3]))})",
+                        "rebuild the index: generate_fr_ua_aerial_data.py --set overwrite=true")
     return cells
 
 

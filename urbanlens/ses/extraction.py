@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -90,8 +91,11 @@ def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=L
         if any(s.crs != srcs[0].crs for s in srcs[1:]):  # one CRS, other tags (untagged, RGF93 v2b): retag
             srcs = [s if s.crs == src_crs else stack.enter_context(
                 rasterio.open(f"vrt://{s.name}?a_srs={src_crs.to_string()}")) for s in srcs]
-        if srcs[0].count < 3:
-            raise DataError(srcs[0].name, f"{srcs[0].count} band(s), RGB expected", "use the RVB orthophotos")
+        for s in srcs:  # every tile of the cell: a neighbour with fewer bands would break the mosaic
+            if s.count < 3:
+                raise DataError(s.name, f"{s.count} band(s), RGB expected" + (
+                    f" (its neighbour {srcs[0].name} has {srcs[0].count})" if s is not srcs[0] else ""),
+                    "use the RVB orthophotos (3 bands) for every tile")
         first = srcs[0].transform
         rx, ry = abs(first.a), abs(first.e)
         to_src = _transformer(dst_crs.to_wkt(), src_crs.to_wkt())
@@ -163,6 +167,24 @@ def cells_in_boundary(cells: gpd.GeoDataFrame, boundary: gpd.GeoDataFrame) -> gp
     return cells[inside]
 
 
+def drop_taken(cells: gpd.GeoDataFrame, taken: set) -> tuple[gpd.GeoDataFrame, int]:
+    """``cells`` without those already ``taken`` by a city before (Urban Atlas areas overlap, so a cell can
+    lie inside two cities' boundaries: it belongs to the first of ``ses.cities``, never to two, or it
+    would train one model and test another, or sit on both sides of a leave-one-city-out fold).
+    Returns (cells, how many were dropped)."""
+    mine = ~cells["cell_id"].isin(taken).to_numpy()
+    return cells[mine], int((~mine).sum())
+
+
+def census_drops(attrs: dict, n_taken: int) -> str:
+    """The census rows left out beyond those without income, in words (``read_census``'s attrs), or ''."""
+    bad = attrs.get("malformed", [])
+    parts = [f"{len(bad)} rows with a malformed cell id dropped (e.g. {bad[0]!r})" if bad else "",
+             f"{attrs['duplicates']} repeated rows dropped" if attrs.get("duplicates") else "",
+             f"{n_taken} cells inside an earlier city's boundary left to it" if n_taken else ""]
+    return "".join(f", {p}" for p in parts if p)
+
+
 def sample_cells(cells: gpd.GeoDataFrame, max_cells: int, seed: int) -> gpd.GeoDataFrame:
     """At most ``max_cells`` cells (0 = all), a seeded random sample kept in cell-id order."""
     if max_cells <= 0 or len(cells) <= max_cells:
@@ -198,20 +220,54 @@ def _close_tiles() -> None:
         _OPEN_TILES.popitem()[1].close()
 
 
+_UNREADABLE = (rasterio.errors.RasterioError, OSError)  # what GDAL raises for truncated or garbage files
+
+
+def _broken_tile(paths: Sequence[str], bounds, px: int) -> str:
+    """The first of a cell's tiles that cannot be read over the cell on its own (GDAL's messages do not
+    always name the file)."""
+    for path in paths:
+        try:
+            read_cell([_open_tile(path)], bounds, px)
+        except _UNREADABLE:
+            return path
+    return ", ".join(paths)
+
+
 def _extract_group(jobs: list[tuple], px: int, resampling: str) -> list[tuple]:
-    """Read and save a group of cells that share tiles."""
+    """Read and save a group of cells that share tiles: (key, nodata share, problem or None) per cell. A
+    cell whose tile GDAL cannot open or decode (truncated, garbage) is not written: nodata share 1 (void)
+    and the problem, naming the tile."""
     done = []
     for key, bounds, paths, out in jobs:
-        img = read_cell([_open_tile(p) for p in paths], bounds, px, resampling=resampling)
+        try:
+            img = read_cell([_open_tile(p) for p in paths], bounds, px, resampling=resampling)
+        except _UNREADABLE as e:
+            done.append((key, 1.0, f"{_broken_tile(paths, bounds, px)}: unreadable orthophoto tile "
+                         f"({str(e).splitlines()[0][:200]})"))
+            continue
         write_png(out, img)
-        done.append((key, nodata_fraction(img)))
+        done.append((key, nodata_fraction(img), None))
     return done
+
+
+def report_failed(problems: list[str], strict: bool) -> None:
+    """Cells that could not be read (``extract_cells``' ``failed``): a DataError under ``strict``, else
+    one warning on stderr counting them and naming the first problem (they are void in the index)."""
+    if not problems:
+        return
+    if strict:
+        raise DataError(f"{problems[0]}; replace the tile (strict=true; strict=false leaves its cells out as void)")
+    tiles = sorted({p.split(": unreadable", 1)[0] for p in problems})
+    print(f"[extract] warning: {len(problems)} cells left out as void, {len(tiles)} orthophoto tile(s) unreadable "
+          f"(first: {problems[0]}); replace them and re-run to extract those cells", file=sys.stderr)
 
 
 def extract_cells(cells: pd.DataFrame, root: str | Path, px: int, workers: int = 1,
                   resampling: str = "average", known: Mapping[str, float] | None = None,
                   group_size: int = 16, progress: bool = True) -> pd.DataFrame:
-    """Write each cell's image ``root / cells.path`` and return DataFrame[nodata, extracted] by cell index.
+    """Write each cell's image ``root / cells.path`` and return DataFrame[nodata, extracted, failed] by cell
+    index; ``failed``: why a cell could not be read (an unreadable tile: the cell is then void), else NaN.
 
     ``cells`` needs ``geometry`` (EPSG:3035 squares), ``tiles`` (tuple of tile paths) and ``path``
     (relative to ``root``). A PNG already there with the right size is kept (resume): its nodata share
@@ -220,7 +276,7 @@ def extract_cells(cells: pd.DataFrame, root: str | Path, px: int, workers: int =
     """
     root = Path(root)
     known = dict(known or {})
-    nodata, extracted, todo = {}, {}, []
+    nodata, extracted, failed, todo = {}, {}, {}, []
     for key, row in cells.iterrows():
         out = root / row["path"]
         if out.is_file():
@@ -243,19 +299,20 @@ def extract_cells(cells: pd.DataFrame, root: str | Path, px: int, workers: int =
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo)
     if workers <= 1 or len(groups) <= 1:
         for group in groups:
-            for key, frac in _extract_group(group, px, resampling):
-                nodata[key], extracted[key] = frac, True
+            for key, frac, problem in _extract_group(group, px, resampling):
+                nodata[key], extracted[key], failed[key] = frac, problem is None, problem
             bar.update(len(group))
         _close_tiles()
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(_extract_group, g, px, resampling): len(g) for g in groups}
             for fut in as_completed(futures):
-                for key, frac in fut.result():
-                    nodata[key], extracted[key] = frac, True
+                for key, frac, problem in fut.result():
+                    nodata[key], extracted[key], failed[key] = frac, problem is None, problem
                 bar.update(futures[fut])
     bar.close()
-    return pd.DataFrame({"nodata": pd.Series(nodata), "extracted": pd.Series(extracted)}).reindex(cells.index)
+    return pd.DataFrame({"nodata": pd.Series(nodata, dtype=float), "extracted": pd.Series(extracted, dtype=bool),
+                         "failed": pd.Series(failed, dtype=object)}).reindex(cells.index)
 
 
 def check_usable(cells: pd.DataFrame, max_nodata: float, index_path) -> None:

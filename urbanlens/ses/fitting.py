@@ -149,15 +149,17 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
             if distributed:
                 train_loader.sampler.set_epoch(epoch_total)
             tr = loops.train_epoch(net, train_loader, opt, F.nll_loss, device, scaler, amp, channels_last=True,
-                                   augment=flips, min_batch=2, desc=None)
+                                   augment=flips, min_batch=2, desc=None, epoch=epoch_total + 1,
+                                   max_loss=loops.loss_limit(N_CLASSES), lr_key="ses_train.lr")  # diverged: no save
             if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
                 for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike
                     torch.distributed.broadcast(buf, src=0)
             if tcfg.precise_bn:
                 recompute_bn_stats(model, cell_loader(train_set, tcfg.batch_size, device, seed=seed, workers=workers),
                                    device, amp)
-            va = loops.evaluate(model, val_loader, F.nll_loss, device, amp, channels_last=True, desc=None) \
-                if len(val_set) else tr
+            va = loops.check_validation(loops.evaluate(model, val_loader, F.nll_loss, device, amp, channels_last=True,
+                                                       desc=None), epoch_total + 1, opt.param_groups[0]["lr"],
+                                        "ses_train.lr") if len(val_set) else tr
             val_loss, val_acc = va["loss"], va["acc"]
             lr = opt.param_groups[0]["lr"]
             sched.step(val_loss)

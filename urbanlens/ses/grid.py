@@ -39,6 +39,13 @@ def cell_box(cell_id: str) -> shapely.Polygon:
     return shapely.box(e, n, e + r, n + r)
 
 
+def valid_ids(cell_ids: Iterable[str]) -> np.ndarray:
+    """True where an id is an EPSG:3035 INSPIRE cell id (``CRS3035RES<res>mN<y>E<x>``, spaces around allowed)."""
+    ids = pd.Series(list(cell_ids), dtype=object).astype(str).str.strip()
+    parts = ids.str.extract(_INSPIRE)
+    return (parts[3].notna() & (parts[0] == "3035")).to_numpy()
+
+
 def cell_boxes(cell_ids: Iterable[str]) -> np.ndarray:
     """Vectorised ``cell_box``: an array of squares; ValueError naming the first id that does not parse."""
     ids = pd.Series(list(cell_ids), dtype=object).astype(str).str.strip()

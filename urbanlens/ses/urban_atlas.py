@@ -233,6 +233,9 @@ def _read_boundary(found: Path, layers, landuse: gpd.GeoDataFrame | None = None)
                      "land use is taken as the city's boundary")
         boundary = gpd.GeoDataFrame(geometry=[landuse.geometry.union_all()], crs=LAEA)
         boundary.attrs["source"] = f"union of {landuse.attrs['source']}"
+    if boundary.empty or boundary.geometry.is_empty.all():  # no area: no cell, and NaN bounds to read by
+        raise DataError(boundary.attrs["source"], "the city's boundary holds no polygon",
+                        "unpack the city's Urban Atlas again (its Boundary layer, or a land-use layer with polygons)")
     return boundary.reset_index(drop=True)
 
 
