@@ -142,7 +142,7 @@ def _step_rows(name, build, size, batch, loss_fn, n_out, device, amp, steps) -> 
             with loops.autocast(device, a):
                 first[a] = loss_fn(model(loops.batch_to_device(x, device, nhwc, a)).float(), y).item()
         opt, scaler = torch.optim.Adam(model.parameters(), lr=1e-4), loops.grad_scaler(device, a)
-        seconds, peak = _timed(lambda: loops.train_step(model, opt, x, y, loss_fn, device, scaler, a, nhwc),
+        seconds, peak = _timed(lambda m=model, o=opt: loops.train_step(m, o, x, y, loss_fn, device, scaler, a, nhwc),
                                device, steps)
         rows.append((name, label, f"{batch / seconds:.1f} img/s", f"{peak:.0f}", ""))
         del model, opt
