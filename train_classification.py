@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, loops, runs, runtime
+from urbanlens.core import batch_ops, entry, loops, runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.files import save_run_config
@@ -50,9 +50,16 @@ def main() -> None:
     manifest = patches.read_manifest(data_dir(cfg))
     classes = patches.class_names(manifest)
     size = cfg.model.input_size
-    train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
+    if cfg.store:  # decoded once at input_size into <patches>/store/ (again when the patches change);
+        for split in ("train", "val") if main else ():  # flips and normalisation per batch on the device
+            data.split_store(manifest, split, patches_dir, classes, size, f"[train] store {split}")
+        if world > 1:
+            torch.distributed.barrier()
+        train_set, val_set = (data.split_store(manifest, s, patches_dir, classes, size) for s in ("train", "val"))
+    else:  # each patch decoded, resized, flipped and normalised in the loader every epoch
+        train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                        size)
-    val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
+        val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
     batch = max(1, cfg.train.batch_size // world)
     draws = len(train_set)
     if cfg.train.max_steps_per_epoch > 0:
@@ -60,6 +67,8 @@ def main() -> None:
     sampler = cities_sampling.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, rank, world)
     train_loader = loops.make_loader(train_set, batch, cfg.workers, device, sampler)
     val_loader = loops.make_loader(loops.shard(val_set, rank, world), batch, cfg.workers, device)
+    if cfg.store:
+        val_loader = batch_ops.OnDevice(val_loader, data.eval_batches, device)
 
     # Model and optimiser.
     model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
@@ -109,8 +118,9 @@ def main() -> None:
         t0 = time.time()
         cities_sampling.begin_epoch(sampler, cfg.seed, epoch, rank)
         lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
+        augment = data.train_batches(cfg.seed, epoch, rank) if cfg.store else None
         tr = loops.train_epoch(model, train_loader, optimizer, F.cross_entropy, device, scaler, amp, nhwc, scheduler,
-                               desc=f"epoch {epoch}/{cfg.train.epochs}")
+                               augment=augment, desc=f"epoch {epoch}/{cfg.train.epochs}")
         va = loops.evaluate(model, val_loader, F.cross_entropy, device, amp, nhwc)
         if main:
             log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],

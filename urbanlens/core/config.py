@@ -57,7 +57,7 @@ AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
 # Values older configs (and the run stamps they wrote) hold for keys whose type has since changed:
 # the amp keys were booleans (true: float16 on CUDA, off on CPU; false: off).
 _LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
-ADDED = {"cams.amp": "off"}  # keys added since run stamps were first written: the value runs before them had
+ADDED = {"cams.amp": "off", "store": False}  # keys added since run stamps were first written: the value runs before them had
 
 
 def current_value(key: str, value: Any) -> Any:
