@@ -53,10 +53,10 @@ def main() -> None:
         paths, size = [ses_dir / p for p in df["path"]], cfg.ses_model.input_size  # or once when they fit in cache_mb
         if not cfg.store:
             return ses_data.CellDataset(paths, labels, size, cache=ses_data.fits_in_memory(len(df), size, tc.cache_mb))
-        where = ses_dir / "store" / f"{name}_{cfg.ses.cell_px}"  # built again when the cells change
-        built = ses_data.cell_store(paths, labels, cfg.ses.cell_px, size, where, f"{name} store") if main else None
+        where = ses_dir / "store" / name  # built again when the cells change
+        built = ses_data.cell_store(paths, labels, size, where, f"{name} store") if main else None
         sync()
-        return built if built is not None else ses_data.cell_store(paths, labels, cfg.ses.cell_px, size, where)
+        return built if built is not None else ses_data.cell_store(paths, labels, size, where)
 
 
     def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on

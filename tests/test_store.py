@@ -102,7 +102,7 @@ def test_cities_store_batches_equal_the_per_item_transforms(images, tmp_path):
 @pytest.mark.parametrize("size", [64, 96])
 def test_ses_store_batches_equal_load_cell_image(images, tmp_path, size):
     _, pngs = images
-    ds = ses_data.cell_store(pngs, [0, 1, 2, 3], 64, size, tmp_path / "cells", None)
+    ds = ses_data.cell_store(pngs, [0, 1, 2, 3], size, tmp_path / "cells", None)
     loader = fitting.cell_loader(ds.subset([0, 1, 2, 3]), 4, torch.device("cpu"))
     (x, y), = list(loader)
     ref = torch.stack([ses_data.load_cell_image(p, size) for p in pngs])

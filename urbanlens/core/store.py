@@ -77,7 +77,8 @@ def _fill(out: np.memmap, files, decode, desc: str | None) -> None:
         item = item.numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
         if item.shape != shape or item.dtype != np.uint8:
             raise DataError(f"{f}: decodes to {item.dtype} {tuple(item.shape)}, the store holds uint8 {shape}; "
-                            "make every image of the set the same size (re-run the stage that writes them)")
+                            "make every image of the set the same size (re-run the stage that writes them), "
+                            "or read them one by one with --set store=false")
         out[i] = item
     out.flush()
 

@@ -94,12 +94,16 @@ class CellDataset(torch.utils.data.Dataset):
 STORE_SETTINGS = {"decoder": "PIL RGB, uint8 at the cell's pixels", "version": 1}
 
 
-def cell_store(files, labels, cell_px: int, size: int, path, desc: str | None = None) -> store.StoreDataset:
+def cell_store(files, labels, size: int, path, desc: str | None = None) -> store.StoreDataset:
     """The cells' images as a uint8 store at ``path`` (built when missing or stale), items uint8
-    3 x cell_px x cell_px as extracted; on the device each batch is resized to ``size`` when that
-    differs and min-max scaled (``prepare``), giving ``load_cell_image``'s values (the same float
-    operations; resized batches agree within float rounding)."""
-    shape = (3, cell_px, cell_px)
+    3 x px x px as extracted (px: the first image's size; every cell must have it); on the device each
+    batch is resized to ``size`` when that differs and min-max scaled (``prepare``), giving
+    ``load_cell_image``'s values (the same float operations; resized batches agree within float rounding)."""
+    px = 0
+    if len(files):
+        with Image.open(files[0]) as im:
+            px = im.size[0]
+    shape = (3, px, px)
     store.ensure(path, files, lambda f: np.ascontiguousarray(read_cell_pixels(f).transpose(2, 0, 1)), shape,
                  STORE_SETTINGS, desc)
     return store.StoreDataset(path, len(files), shape, labels,
