@@ -49,13 +49,15 @@ def minmax_scale(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """uint8 (or float) [B, C, H, W] -> float32 in [0, 1] per image (the SES paper's scaling), after an
     antialiased resize to ``size`` x ``size`` when the images are of another size. A constant image
     becomes all zeros. Matches ``urbanlens.ses.data.load_cell_image`` item by item."""
-    img = x.to(torch.float32)
+    img = x.to(torch.float32, copy=True)  # a new tensor, scaled in place
     if size is not None and tuple(img.shape[-2:]) != (size, size):
         img = TF.resize(img, [size, size], antialias=True)
-    lo, hi = img.amin((1, 2, 3), keepdim=True), img.amax((1, 2, 3), keepdim=True)
+    lo, hi = img.flatten(1).aminmax(dim=1)
     span = hi - lo
-    out = (img - lo) / torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, out, torch.zeros_like(out))
+    flat = span == 0
+    img.sub_(lo.view(-1, 1, 1, 1)).div_(span.masked_fill(flat, 1).view(-1, 1, 1, 1))
+    img[flat] = 0
+    return img
 
 
 class OnDevice:
