@@ -49,6 +49,8 @@ def main() -> None:
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
     classes = patches.class_names(manifest)
+    model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
+    model = loops.to_device(model, device, nhwc, amp)  # (before the store: missing weights stop at once)
     size = cfg.model.input_size
     if cfg.store:  # decoded once at input_size into <patches>/store/ (again when the patches change);
         for split in ("train", "val") if main else ():  # flips and normalisation per batch on the device
@@ -70,9 +72,7 @@ def main() -> None:
     if cfg.store:
         val_loader = batch_ops.OnDevice(val_loader, data.eval_batches, device)
 
-    # Model and optimiser.
-    model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
-    model = loops.to_device(model, device, nhwc, amp)
+    # Optimiser.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scheduler = cities_training.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
     scaler = loops.grad_scaler(device, amp)

@@ -7,7 +7,8 @@ For each training script at its paper and demo sizes (configs/cities.yaml, citie
 ses_demo.yaml: backbone, input size, batch size, patch / cell pixels, workers), on synthetic files of
 the right pixel size (urbanlens.cities.world drawings; JPEG patches at patch.jpeg_quality, cell PNGs
 written by urbanlens.ses.extraction.write_png):
-  pipeline, N workers   the script's own Dataset and DataLoader with `workers` processes, iterated over
+  pipeline, N workers   the script's per-item Dataset (store=false; the store path is the loader case
+                        below) and DataLoader with `workers` processes, iterated over
                         --batches batches (worker start-up included, as in every epoch):
                           cities: cities_data.PatchDataset (JPEG draft decode, resize, flips, ImageNet
                                   normalisation) + sampling.EpochSampler + loops.make_loader

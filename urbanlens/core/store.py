@@ -126,7 +126,7 @@ class StoreDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, n: int, shape: Sequence[int], labels, indices=None, prepare=None):
         self.path, self.n, self.shape = Path(path), int(n), tuple(int(s) for s in shape)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
         self.indices = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(self.labels) != len(self.indices):
             raise ValueError(f"{len(self.indices)} items but {len(self.labels)} labels")
