@@ -72,7 +72,8 @@ def changes(path: str | Path, files: Sequence[str | Path], shape: Sequence[int],
 
 def _fill(out: np.memmap, files, decode, desc: str | None) -> None:
     shape = out.shape[1:]
-    for i, f in enumerate(tqdm(files, desc=desc, leave=False, disable=desc is None)):
+    bar = tqdm(files, desc=desc, leave=False, **({"disable": True} if desc is None else {}))  # TQDM_* apply
+    for i, f in enumerate(bar):
         item = decode(f)
         item = item.numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
         if item.shape != shape or item.dtype != np.uint8:
