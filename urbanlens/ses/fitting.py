@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import batch_ops, loops, runtime
+from ..core import batch_ops, loops, runtime, store
 from .model import N_CLASSES
 
 
@@ -28,10 +28,12 @@ class FitResult:
 def cell_loader(dataset, batch_size: int, device, shuffle: bool = False, seed: int = 0, workers: int = 0,
            distributed: bool = False):
     """``loops.make_loader`` over cells, with its own generator seeded by ``seed``; a dataset whose
-    images are decoded up front (``CellDataset`` cache) is read in process, without workers. A store's
-    uint8 batches (``data.cell_store``) are finished on the device by the dataset's ``prepare``."""
+    images are decoded up front (``CellDataset`` cache) or memory-mapped (``data.cell_store``: items are
+    byte copies, thousands a second) is read in process, without workers (no start-up every epoch). A
+    store's uint8 batches are finished on the device by the dataset's ``prepare``."""
     base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset  # a loops.shard
-    workers = 0 if getattr(base, "images", None) is not None else workers
+    in_memory = getattr(base, "images", None) is not None or isinstance(base, store.StoreDataset)
+    workers = 0 if in_memory else workers
     loader = loops.make_loader(dataset, batch_size, workers, device, shuffle=shuffle, seed=seed,
                                distributed=distributed, persistent_workers=True)
     return on_device(loader, base, device)
