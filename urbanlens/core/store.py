@@ -39,16 +39,17 @@ def paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".u8"), path.with_name(path.name + ".stamp.json")
 
 
-def sources_fingerprint(files: Sequence[str | Path]) -> dict[str, dict]:
-    """One entry ``{sources: {n, sha256}}`` over the files' names, sizes and modification times, in their
-    order (item i is file i, so an order change is a change). Stats only: nothing is read."""
+def sources_fingerprint(files: Sequence[str | Path], root: str | Path) -> dict[str, dict]:
+    """One entry ``{sources: {n, sha256}}`` over the files' names (relative to ``root``, the store's
+    folder: a data folder moved with its store keeps it), sizes and modification times, in their order
+    (item i is file i, so an order change is a change). Stats only: nothing is read."""
     rows = []
     for f in files:
         try:
             st = os.stat(f)
         except FileNotFoundError:
             raise DataError(f"{f}: source image missing; re-run the stage that writes it") from None
-        rows.append([str(f), st.st_size, st.st_mtime_ns])
+        rows.append([os.path.relpath(f, root), st.st_size, st.st_mtime_ns])
     digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
     return {"sources": {"size": len(rows), "sha256": digest}}
 
@@ -63,7 +64,7 @@ def changes(path: str | Path, files: Sequence[str | Path], shape: Sequence[int],
     data, stamp = paths(path)
     if not data.is_file():
         return [f"unknown: no {data.name}"]
-    changed = runs.compare(stamp, {}, (), sources_fingerprint(files), _extra(shape, settings))
+    changed = runs.compare(stamp, {}, (), sources_fingerprint(files, data.parent), _extra(shape, settings))
     expected = len(files) * int(np.prod(shape))
     if not changed and data.stat().st_size != expected:
         changed = [f"{data.name} holds {data.stat().st_size} bytes, not {expected}"]
@@ -96,7 +97,7 @@ def build(path: str | Path, files: Sequence[str | Path], decode: Callable[[str |
             tmp.write_bytes(b"")
         else:
             _fill(np.memmap(tmp, dtype=DTYPE, mode="w+", shape=(len(files), *shape)), files, decode, desc)
-    runs.write_stamp(stamp, STAGE, {}, (), sources_fingerprint(files), _extra(shape, settings))
+    runs.write_stamp(stamp, STAGE, {}, (), sources_fingerprint(files, data.parent), _extra(shape, settings))
     return open_store(path, len(files), shape)
 
 
