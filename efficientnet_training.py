@@ -50,9 +50,14 @@ def main() -> None:
             torch.distributed.barrier()
 
 
-    def cell_data(df, labels):  # the cells' images, decoded once when they fit in ses_train.cache_mb
-        return ses_data.CellDataset([ses_dir / p for p in df["path"]], labels, cfg.ses_model.input_size,
-                                    cache=ses_data.fits_in_memory(len(df), cfg.ses_model.input_size, tc.cache_mb))
+    def cell_data(df, labels, name):  # the cells' images: a uint8 store (store=true), else decoded per epoch
+        paths, size = [ses_dir / p for p in df["path"]], cfg.ses_model.input_size  # or once when they fit in cache_mb
+        if not cfg.store:
+            return ses_data.CellDataset(paths, labels, size, cache=ses_data.fits_in_memory(len(df), size, tc.cache_mb))
+        where = ses_dir / "store" / name  # built again when the cells change
+        built = ses_data.cell_store(paths, labels, size, where, f"{name} store") if main else None
+        sync()
+        return built if built is not None else ses_data.cell_store(paths, labels, size, where)
 
 
     def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on
@@ -96,7 +101,7 @@ def main() -> None:
                             f"{sorted(prepared)}", "list more cities in ses.cities or use ses_train.cv=spatial")
         pool = pd.concat([d for d, _, _ in prepared.values()], ignore_index=True)
         pool_labels = np.concatenate([lab for _, lab, _ in prepared.values()])
-        pool_data = cell_data(pool, pool_labels)
+        pool_data = cell_data(pool, pool_labels, "all_cities")
 
     for city, (df, labels, edges) in prepared.items():
         city_dir = ses_dir / city
@@ -118,7 +123,7 @@ def main() -> None:
             files.save_run_config(cfg, city_dir, "train_config.yaml")
             runs.write_stamp(stamp, "efficientnet_training.py", cfg, results.RUN_KEYS, inputs)
             files.write_csv(ses_folds.folds_frame(fit_df["cell_id"], splits, tc.cv, blocks), city_dir / "folds.csv")
-        data = pool_data if tc.cv == "city" else cell_data(df, labels)
+        data = pool_data if tc.cv == "city" else cell_data(df, labels, city)
 
         # 3. each fold: train with early stopping and restarts, keep the best weights, score held-out cells
         for k, split in enumerate(splits):

@@ -101,7 +101,7 @@ case "$cmd" in
   test)    $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;  # one file per worker, files in parallel
   cities)  run_cities "$@" ;;
   ses)     run_ses "$@" ;;
-  bench)   for b in bench/*.py; do [ "$b" = bench/gpu_check.py ] && continue; echo "== $b"; $PY "$b" "$@"; done ;;
+  bench)   for b in bench/*.py; do case "$b" in bench/gpu_check.py|bench/training_loader.py) continue ;; esac; echo "== $b"; $PY "$b" "$@"; done ;;
   gpu-check) $PY bench/gpu_check.py "$@" ;;
   setup)   echo "[setup] environment ready: $PY" ;;
   *) echo "usage: bash run.sh [demo|test|cities|ses|bench|gpu-check|setup] [--config F] [--set k=v ...]" >&2; exit 2 ;;

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, locks, loops, runs, runtime
+from urbanlens.core import batch_ops, entry, locks, loops, runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
@@ -50,10 +50,19 @@ def main() -> None:
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
     classes = patches.class_names(manifest, patches_dir / "manifest.csv")  # two cities or more
+    model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
+    model = loops.to_device(model, device, nhwc, amp)  # (before the store: missing weights stop at once)
     size = cfg.model.input_size
-    train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
+    if cfg.store:  # decoded once at input_size into <patches>/store/ (again when the patches change);
+        for split in ("train", "val") if main else ():  # flips and normalisation per batch on the device
+            data.split_store(manifest, split, patches_dir, classes, size, f"[train] store {split}")
+        if world > 1:
+            torch.distributed.barrier()
+        train_set, val_set = (data.split_store(manifest, s, patches_dir, classes, size) for s in ("train", "val"))
+    else:  # each patch decoded, resized, flipped and normalised in the loader every epoch
+        train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                        size)
-    val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
+        val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
     if len(train_set) < 2:  # batch norm in training mode needs two images a batch
         raise DataError(patches_dir / "manifest.csv", f"{len(train_set)} training patch; training needs 2 or more",
                         "add images to the cities' train sites (all but the last) and re-run preprocessing.py")
@@ -64,10 +73,10 @@ def main() -> None:
     sampler = cities_sampling.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, rank, world)
     train_loader = loops.make_loader(train_set, batch, cfg.workers, device, sampler)
     val_loader = loops.make_loader(loops.shard(val_set, rank, world), batch, cfg.workers, device)
+    if cfg.store:
+        val_loader = batch_ops.OnDevice(val_loader, data.eval_batches, device)
 
-    # Model and optimiser.
-    model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
-    model = loops.to_device(model, device, nhwc, amp)
+    # Optimiser.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scheduler = cities_training.lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * len(train_loader))
     scaler = loops.grad_scaler(device, amp)
@@ -114,8 +123,9 @@ def main() -> None:
         t0 = time.time()
         cities_sampling.begin_epoch(sampler, cfg.seed, epoch, rank)
         lr_used = optimizer.param_groups[0]["lr"]  # at the start of the epoch
+        augment = data.train_batches(cfg.seed, epoch, rank) if cfg.store else None
         tr = loops.train_epoch(model, train_loader, optimizer, F.cross_entropy, device, scaler, amp, nhwc, scheduler,
-                               min_batch=2, desc=f"epoch {epoch}/{cfg.train.epochs}", epoch=epoch,
+                               min_batch=2, augment=augment, desc=f"epoch {epoch}/{cfg.train.epochs}", epoch=epoch,
                                max_loss=loops.loss_limit(len(classes)), lr_key="train.lr")  # diverged: no save
         va = loops.check_validation(loops.evaluate(model, val_loader, F.cross_entropy, device, amp, nhwc), epoch,
                                     lr_used, "train.lr")

@@ -7,7 +7,8 @@ For each training script at its paper and demo sizes (configs/cities.yaml, citie
 ses_demo.yaml: backbone, input size, batch size, patch / cell pixels, workers), on synthetic files of
 the right pixel size (urbanlens.cities.world drawings; JPEG patches at patch.jpeg_quality, cell PNGs
 written by urbanlens.ses.extraction.write_png):
-  pipeline, N workers   the script's own Dataset and DataLoader with `workers` processes, iterated over
+  pipeline, N workers   the script's per-item Dataset (store=false; the store path is the loader case
+                        below) and DataLoader with `workers` processes, iterated over
                         --batches batches (worker start-up included, as in every epoch):
                           cities: cities_data.PatchDataset (JPEG draft decode, resize, flips, ImageNet
                                   normalisation) + sampling.EpochSampler + loops.make_loader
@@ -28,6 +29,8 @@ flips of the un-augmented transform of the same file; ses items are min-max scal
 flipped batch is a flip of the loaded one; cached and decoded SES items are equal.
 Tables give seconds per batch of the script's batch size (the step's from its time per image); the last
 lines are pipeline / step in images per second, the pipeline as the script runs it (workers, or the cache).
+Loader case (bench/training_loader.py): per-core rates of the trainers' uint8 store path at the paper
+sizes against the per-item path, with equality checks; prints training_loader_per_core_{cities_224,ses_800}.
 GPU part (only where CUDA is available): ResNet-50 at 224, the project's step (loops.train_epoch
 with loops.autocast mixed precision, loops.grad_scaler and channels_last) vs a plain fp32 NCHW loop; the two
 losses on the same first batch agree within 1 %.
@@ -41,6 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import training_loader  # noqa: E402
 from bench.common import header, median, single_thread, table, time_runs  # noqa: E402
 
 single_thread()
@@ -99,6 +103,16 @@ def write_cells(images, folder: Path, noise: float, seed: int) -> list[Path]:
         paths.append(folder / f"cell_{i:03d}.png")
         ses_extraction.write_png(paths[-1], noisy)
     return paths
+
+
+def paper_files(args, work: Path) -> tuple[list[Path], list[Path]]:
+    """Paper-size inputs of the loader case: JPEG patches (configs/cities.yaml) and cell PNGs (ses.yaml)."""
+    cc = load_config(str(ROOT / CONFIGS["cities", "paper"]), ["model.pretrained=false", "device=cpu"])
+    sc = load_config(str(ROOT / CONFIGS["ses", "paper"]), ["ses_model.pretrained=false", "device=cpu"])
+    patches = write_jpegs(draw_images(args.files, cc.patch.size, cc.world.feature_scale, args.seed),
+                          work / "loader_cities", cc.patch.jpeg_quality)
+    px = sc.ses.cell_px
+    return patches, write_cells(draw_images(args.cells, px, px / 96, args.seed), work / "loader_ses", args.noise, args.seed)
 
 
 def repeat(files, n: int) -> list[Path]:
@@ -362,6 +376,8 @@ def main():
     ap.add_argument("--gpu-steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-loader", action="store_true", help="skip the store loader case (bench/training_loader.py)")
+    training_loader.add_arguments(ap)
     args, _ = ap.parse_known_args()
     header("training", args)
 
@@ -372,6 +388,8 @@ def main():
             for size_name in args.sizes.split(","):
                 case = cities_case if script == "cities" else ses_case
                 ratios[f"{script}_{size_name}"] = report(case(size_name, args, work))
+        if not args.no_loader:
+            training_loader.run(*paper_files(args, work), args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     speedup = gpu_part(args)

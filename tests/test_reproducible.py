@@ -93,7 +93,9 @@ def test_city_split_manifest_and_patches_are_byte_identical(cities):
     assert (a / "manifest.csv").read_bytes() == (b / "manifest.csv").read_bytes()
     manifest = pd.read_csv(a / "manifest.csv")
     assert set(manifest["split"]) == {"train", "val", "test", "test_b"}
-    assert digests(a, skip=("config.yaml",)) == digests(b, skip=("config.yaml",))
+    cut = lambda d: {k: v for k, v in digests(d, skip=("config.yaml",)).items()  # noqa: E731
+                     if not k.startswith("store/")}  # the trainer's uint8 store: a cache, stamped with file times
+    assert cut(a) == cut(b)
 
 
 def test_city_training_twice_gives_equal_metrics_and_weights(cities):

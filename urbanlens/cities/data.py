@@ -11,18 +11,22 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ..core import store
+from ..core.batch_ops import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize, random_flips
 from ..core.errors import DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+STORE_SETTINGS = {"decoder": "PIL draft at input_size, torchvision Resize antialias on uint8", "version": 1}
 
 
-IMAGENET_STD = (0.229, 0.224, 0.225)
+def resize(input_size: int) -> v2.Resize:
+    """The resize of every patch to the model input (square, antialiased, on the uint8 image)."""
+    return v2.Resize((input_size, input_size), antialias=True)
 
 
 def transforms(input_size: int, train: bool) -> v2.Compose:
     """Resize to ``input_size`` (square), random horizontal and vertical flips when training, ImageNet
     normalisation. Input: a uint8 CxHxW tensor; output: float32."""
-    steps = [v2.Resize((input_size, input_size), antialias=True)]
+    steps = [resize(input_size)]
     if train:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -65,9 +69,9 @@ class PatchDataset(Dataset):
         return img, int(self.labels[i])
 
 
-def split_dataset(manifest: pd.DataFrame, split: str, patches_dir: str | Path, classes: Sequence[str],
-                  transform=None, decode_size: int | None = None) -> PatchDataset:
-    """The patches of one split of the manifest, labelled by their index in ``classes`` (IATA codes)."""
+def split_rows(manifest: pd.DataFrame, split: str, patches_dir: str | Path,
+               classes: Sequence[str]) -> tuple[list[Path], np.ndarray]:
+    """The patch files of one split of the manifest and their labels (index in ``classes``)."""
     source = Path(patches_dir) / "manifest.csv"
     rows = manifest[manifest["split"] == split]
     if rows.empty:
@@ -78,5 +82,42 @@ def split_dataset(manifest: pd.DataFrame, split: str, patches_dir: str | Path, c
     if unknown:
         raise DataError(f"{source}: cities {', '.join(unknown)} of split '{split}' are not among the model's "
                  f"classes ({', '.join(classes)}); train on the same patches or re-run train_classification.py")
-    files = [Path(patches_dir) / p for p in rows["path"]]
-    return PatchDataset(files, rows["iata"].map(index).to_numpy(), transform, decode_size)
+    return [Path(patches_dir) / p for p in rows["path"]], rows["iata"].map(index).to_numpy()
+
+
+def split_dataset(manifest: pd.DataFrame, split: str, patches_dir: str | Path, classes: Sequence[str],
+                  transform=None, decode_size: int | None = None) -> PatchDataset:
+    """The patches of one split of the manifest, labelled by their index in ``classes`` (IATA codes)."""
+    files, labels = split_rows(manifest, split, patches_dir, classes)
+    return PatchDataset(files, labels, transform, decode_size)
+
+
+def decode_for_store(path: str | Path, input_size: int) -> torch.Tensor:
+    """A patch as the training path reads it up to the augmentation: decoded (``read_image`` at
+    ``input_size``) and resized to ``input_size``, uint8 3 x input_size x input_size."""
+    return resize(input_size)(read_image(path, input_size))
+
+
+def split_store(manifest: pd.DataFrame, split: str, patches_dir: str | Path, classes: Sequence[str],
+                input_size: int, desc: str | None = None) -> store.StoreDataset:
+    """The patches of one split as a uint8 store ``<patches_dir>/store/<split>_<input_size>`` (built
+    when missing or stale), items uint8 3 x input_size x input_size; finish each batch on the device
+    with ``train_batches`` or ``eval_batches``."""
+    files, labels = split_rows(manifest, split, patches_dir, classes)
+    shape = (3, input_size, input_size)
+    path = Path(patches_dir) / "store" / f"{split}_{input_size}"
+    store.ensure(path, files, lambda f: decode_for_store(f, input_size), shape, STORE_SETTINGS, desc)
+    return store.StoreDataset(path, len(files), shape, labels)
+
+
+def train_batches(seed: int, epoch: int, rank: int = 0):
+    """A uint8 store batch on the device -> the training input: random horizontal and vertical flips
+    (drawn from a generator of (seed, epoch, rank), so a resumed epoch flips alike), ImageNet
+    normalisation. Equals ``transforms(size, train=True)`` item by item, up to which flips are drawn."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+    return lambda x: imagenet_normalize(random_flips(x, gen))
+
+
+def eval_batches(x: torch.Tensor) -> torch.Tensor:
+    """A uint8 store batch on the device -> the evaluation input (``transforms(size, train=False)``)."""
+    return imagenet_normalize(x)

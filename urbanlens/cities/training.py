@@ -62,7 +62,7 @@ def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: 
                      f"train without --resume or set --set model.{key}={trained.get(key)}")
 
 
-RUN_KEYS = ("seed", "paths.data", "patch", "split", "model", "train")  # what decides a trained classifier
+RUN_KEYS = ("seed", "paths.data", "patch", "split", "model", "train", "store")  # what decides a trained classifier
 
 
 STAMP = "train_classification.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/cities

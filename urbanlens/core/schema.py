@@ -91,7 +91,7 @@ def choice(*names: str) -> Key:
 
 SCHEMA: dict[str, Key] = {
     "seed": Key(int, lo=0, hi=SEED_MAX, words="from 0 to 2**32 - 1"),
-    "device": choice(*DEVICES), "workers": NUMBER, "strict": FLAG, "overwrite": FLAG,
+    "device": choice(*DEVICES), "workers": NUMBER, "strict": FLAG, "overwrite": FLAG, "store": FLAG,
     "paths.data": TEXT, "paths.results": TEXT,
     # city identification
     "world.n_cities": COUNT, "world.n_sites": Key(int, lo=2, words=">= 2 (train sites, then one test/val site)"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from PIL import Image
 from scipy import stats
 from torchvision.transforms.v2 import functional as TF
 
-from ..core import outputs
+from ..core import outputs, store
+from ..core.batch_ops import minmax_scale, random_flips  # noqa: F401 (random_flips: fitting's flips)
 from ..core.errors import DataError
 from .extraction import INDEX_FIX
 from .model import N_CLASSES
@@ -39,14 +41,19 @@ def quintile_edges(income, labels) -> list[float]:
             for k in range(N_CLASSES - 1)]
 
 
+def read_cell_pixels(path) -> np.ndarray:
+    """A cell image file as uint8 RGB H x W x 3; DataError naming the file when it does not read."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read as an image ({e})") from None
+
+
 def load_cell_image(path, size: int) -> torch.Tensor:
     """A cell PNG as float [3, size, size], resized (antialiased) and min-max scaled to [0, 1] over the
     whole image (the paper's per-image scaling). A constant image becomes all zeros."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read as an image ({e})") from None
+    arr = read_cell_pixels(path)
     img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))  # one copy
     if img.shape[-2:] != (size, size):
         img = TF.resize(img, [size, size], antialias=True)
@@ -84,23 +91,23 @@ class CellDataset(torch.utils.data.Dataset):
         return img, self.labels[i]
 
 
-def random_flips(x: torch.Tensor, generator: torch.Generator | None = None,
-                 rotate: bool = False) -> torch.Tensor:
-    """Flip each image of a batch [B, C, H, W] horizontally and vertically, each with probability 1/2.
+STORE_SETTINGS = {"decoder": "PIL RGB, uint8 at the cell's pixels", "version": 1}
 
-    ``rotate`` also swaps H and W with probability 1/2 (square images), which together with the two
-    flips draws uniformly from all eight right-angle rotations and reflections.
-    """
-    flips = torch.rand(3, x.shape[0], generator=generator) < 0.5
-    x = x.clone()  # only the chosen images are rewritten
-    h, v, t = (f.nonzero().flatten().to(x.device) for f in flips)
-    if len(h):
-        x[h] = x[h].flip(-1)
-    if len(v):
-        x[v] = x[v].flip(-2)
-    if rotate and len(t):
-        x[t] = x[t].transpose(-1, -2)
-    return x
+
+def cell_store(files, labels, size: int, path, desc: str | None = None) -> store.StoreDataset:
+    """The cells' images as a uint8 store at ``path`` (built when missing or stale), items uint8
+    3 x px x px as extracted (px: the first image's size; every cell must have it); on the device each
+    batch is resized to ``size`` when that differs and min-max scaled (``prepare``), giving
+    ``load_cell_image``'s values (the same float operations; resized batches agree within float rounding)."""
+    px = 0
+    if len(files):
+        with Image.open(files[0]) as im:
+            px = im.size[0]
+    shape = (3, px, px)
+    store.ensure(path, files, lambda f: np.ascontiguousarray(read_cell_pixels(f).transpose(2, 0, 1)), shape,
+                 STORE_SETTINGS, desc)
+    return store.StoreDataset(path, len(files), shape, labels,
+                              prepare=functools.partial(minmax_scale, size=size))
 
 
 CELL_COLUMNS = ("cell_id", "city", "income", "path", "non_void")

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import loops, runtime
-from .data import random_flips
+from ..core import batch_ops, loops, runtime, store
 from .model import N_CLASSES
 
 
@@ -29,18 +28,29 @@ class FitResult:
 def cell_loader(dataset, batch_size: int, device, shuffle: bool = False, seed: int = 0, workers: int = 0,
            distributed: bool = False):
     """``loops.make_loader`` over cells, with its own generator seeded by ``seed``; a dataset whose
-    images are decoded up front (``CellDataset`` cache) is read in process, without workers."""
+    images are decoded up front (``CellDataset`` cache) or memory-mapped (``data.cell_store``: items are
+    byte copies, thousands a second) is read in process, without workers (no start-up every epoch). A
+    store's uint8 batches are finished on the device by the dataset's ``prepare``."""
     base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset  # a loops.shard
-    workers = 0 if getattr(base, "images", None) is not None else workers
-    return loops.make_loader(dataset, batch_size, workers, device, shuffle=shuffle, seed=seed,
-                             distributed=distributed, persistent_workers=True)
+    in_memory = getattr(base, "images", None) is not None or isinstance(base, store.StoreDataset)
+    workers = 0 if in_memory else workers
+    loader = loops.make_loader(dataset, batch_size, workers, device, shuffle=shuffle, seed=seed,
+                               distributed=distributed, persistent_workers=True)
+    return on_device(loader, base, device)
+
+
+def on_device(loader, dataset, device):
+    """``loader`` with each batch finished on ``device`` by ``dataset.prepare`` when it has one."""
+    prepare = getattr(dataset, "prepare", None)
+    return loader if prepare is None else batch_ops.OnDevice(loader, prepare, device)
 
 
 def predict(model: nn.Module, dataset, device, batch_size: int = 32, amp: loops.Amp = "auto") -> np.ndarray:
     """Log-probabilities [N, 5] of every item of ``dataset`` (in order), model in eval mode."""
     if len(dataset) == 0:
         return np.zeros((0, N_CLASSES), np.float32)
-    log_probs, _ = loops.predict(model, loops.make_loader(dataset, batch_size, 0, device), device, amp,
+    loader = on_device(loops.make_loader(dataset, batch_size, 0, device), dataset, device)
+    log_probs, _ = loops.predict(model, loader, device, amp,
                                  channels_last=True, desc=None)
     return log_probs
 
@@ -114,7 +124,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
     net = loops.wrap_distributed(model, device)
     gen = torch.Generator().manual_seed(seed)
     val_loader = cell_loader(loops.shard(val_set, rank, world), tcfg.batch_size, device, seed=seed, workers=workers)
-    flips = functools.partial(random_flips, generator=gen, rotate=tcfg.rot90)  # on the device, before each step
+    flips = functools.partial(batch_ops.random_flips, generator=gen, rotate=tcfg.rot90)  # on the device, before each step
     best = FitResult(copy.deepcopy(model.state_dict()), math.inf, -1)
     epoch_total, first_restart = 0, 0
     if resume is not None:
