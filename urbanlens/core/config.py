@@ -57,7 +57,7 @@ AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
 # Values older configs (and the run stamps they wrote) hold for keys whose type has since changed:
 # the amp keys were booleans (true: float16 on CUDA, off on CPU; false: off).
 _LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
-ADDED = {"cams.amp": "off"}  # keys added since run stamps were first written: the value runs before them had
+ADDED = {"cams.amp": "off", "france.withhold_m": 0.0, "ses_train.checkpoint_every": 1}  # keys added since run stamps were first written: the value runs before them had
 
 
 def current_value(key: str, value: Any) -> Any:
@@ -100,13 +100,14 @@ _AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "p
                "model.input_size", "train.epochs", "train.batch_size", "test.batch_size", "test.bootstrap",
                "saliency.per_city",
                "saliency.batch_size", "ses.cell_size_m", "ses.cell_px", "ses_model.input_size", "ses_train.epochs",
-               "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size")
+               "ses_train.batch_size", "ses_train.early_stop_patience", "cams.batch_size",
+               "ses_train.checkpoint_every", "predict.batch_size")
 
 
 _AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
                "ses_train.plateau_patience", "ses_train.restarts", "ses_train.cache_mb", "cams.panels",
                "world.twin_distance", "world.site_jitter", "france.noise", "test.stability_top_k",
-               "ses_train.buffer_m", "france.leakage")
+               "ses_train.buffer_m", "france.leakage", "france.withhold_m")
 
 
 _RULES = {
