@@ -57,7 +57,7 @@ AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
 # Values older configs (and the run stamps they wrote) hold for keys whose type has since changed:
 # the amp keys were booleans (true: float16 on CUDA, off on CPU; false: off).
 _LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
-ADDED = {"cams.amp": "off", "france.withhold_m": 0.0, "ses_train.checkpoint_every": 1}  # keys added since run stamps were first written: the value runs before them had
+ADDED = {"cams.amp": "off", "france.withhold": 0.0, "ses_train.checkpoint_every": 1}  # keys added since run stamps were first written: the value runs before them had
 
 
 def current_value(key: str, value: Any) -> Any:
@@ -107,7 +107,7 @@ _AT_LEAST_1 = ("world.n_cities", "world.images_per_site", "world.image_size", "p
 _AT_LEAST_0 = ("workers", "split.test_b_per_city", "train.max_steps_per_epoch", "ses.max_cells",
                "ses_train.plateau_patience", "ses_train.restarts", "ses_train.cache_mb", "cams.panels",
                "world.twin_distance", "world.site_jitter", "france.noise", "test.stability_top_k",
-               "ses_train.buffer_m", "france.leakage", "france.withhold_m")
+               "ses_train.buffer_m", "france.leakage")
 
 
 _RULES = {
@@ -115,7 +115,7 @@ _RULES = {
     **{k: (">= 0", lambda v: v >= 0) for k in _AT_LEAST_0},
     **{k: ("> 0", lambda v: v > 0) for k in ("train.lr", "ses_train.lr", "world.feature_scale", "ses_train.block_m",
                                               "france.city_size_m", "france.tile_size_m", "france.resolution_m")},
-    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in ("france.nodata_fraction", "ses.max_nodata", "patch.max_nodata",
+    **{k: ("in [0, 1]", lambda v: 0 <= v <= 1) for k in ("france.nodata_fraction", "france.withhold", "ses.max_nodata", "patch.max_nodata",
                                                          "saliency.threshold", "ses_model.dropout",
                                                          "ses_model.stochastic_depth", "ses_model.bn_momentum")},
     **{k: ("in (0, 1)", lambda v: 0 < v < 1) for k in ("ses_train.val_share", "ses_train.plateau_factor")},

@@ -10,7 +10,7 @@ Under ``<paths.data>/`` it writes, for every city of ``france.cities``:
   like IGN's, with a ``dalles.shp`` tile index (column ``NOM``);
 - ``ses_truth.json``: the planted income model (``rich_codes``, ``poor_codes``, class effects) and all
   generator parameters;
-- ``france.withhold_m`` > 0: a strip that wide along each city's east edge is left out of the census (not
+- ``france.withhold`` > 0: that share of the populated cells, drawn at random, is left out of the census (not
   of the imagery), and ``ses_truth_cells.csv`` has every cell's planted income (``cell_id, city, income, withheld``).
 
 A city is a square of ``france.city_size_m`` in EPSG:3035: a street grid of irregular blocks, a dense
@@ -229,8 +229,8 @@ TRUTH_CELLS = "ses_truth_cells.csv"  # planted income of every populated cell, w
 
 
 def world_params(cfg) -> dict:
-    """The parameters of the world, as recorded in ses_truth.json (``withhold_m`` only when on: as before it)."""
-    france = {k: v for k, v in cfg.france.to_dict().items() if k != "withhold_m" or v > 0}
+    """The parameters of the world, as recorded in ses_truth.json (``withhold`` only when on: as before it)."""
+    france = {k: v for k, v in cfg.france.to_dict().items() if k != "withhold" or v > 0}
     return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": france,
             "census_file": cfg.ses.census_file, "ua_dir": cfg.ses.ua_dir, "aerial_dir": cfg.ses.aerial_dir,
             "aerial_format": aerial_driver()[0]}
@@ -290,7 +290,7 @@ def build_world(cfg, progress: bool = True) -> dict:
         # census cells and planted income
         census, truth = census_for_city(city, float(fr.noise), seed, float(fr.leakage))
         truth.insert(1, "city", name)
-        truth["withheld"] = withheld_cells(truth["cell_id"], city, float(fr.withhold_m))
+        truth["withheld"] = withheld_cells(city, len(truth), float(fr.withhold), seed)
         census_parts.append(census[~census["idcar_200m"].isin(truth.loc[truth["withheld"], "cell_id"])])
         truth_parts.append(truth)
         # orthophotos: one delivery per department, tiles rendered below, tile index now
@@ -305,13 +305,13 @@ def build_world(cfg, progress: bool = True) -> dict:
                              "size_m": city.size, "poor_sector_angle_rad": round(city.poor_angle, 6),
                              "ua_polygons": len(landuse), "census_cells": len(census_parts[-1]),
                              "tiles": len(tile_index), "nodata_zones_2154": tile_index.attrs["nodata_zones"],
-                             **({"withheld_cells": int(truth["withheld"].sum())} if fr.withhold_m > 0 else {})}
+                             **({"withheld_cells": int(truth["withheld"].sum())} if fr.withhold > 0 else {})}
     census_path = root / cfg.ses.census_file
     census = gpd.GeoDataFrame(pd.concat(census_parts, ignore_index=True), crs=LAEA)
     census = census.drop_duplicates("idcar_200m").sort_values("idcar_200m").reset_index(drop=True)
     write_gpkg_layers(census_path, [("carreaux_200m_met", census)])
     files.append(census_path)
-    if fr.withhold_m > 0:  # where the census is missing, the planted income is known here only
+    if fr.withhold > 0:  # where the census is missing, the planted income is known here only
         cells_truth = pd.concat(truth_parts, ignore_index=True)[["cell_id", "city", "income", "withheld"]]
         write_csv(cells_truth.assign(income=cells_truth["income"].round(2)), root / TRUTH_CELLS)
         files.append(root / TRUTH_CELLS)

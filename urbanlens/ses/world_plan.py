@@ -12,7 +12,7 @@ import shapely
 from pyproj import Transformer
 from scipy.ndimage import gaussian_filter
 
-from .grid import LAEA, inspire_id, parse_inspire_id
+from .grid import LAEA, inspire_id
 from .world_leakage import income_shift
 
 # Urban Atlas 2018 nomenclature (spelling of the Copernicus product, double space included)
@@ -258,9 +258,8 @@ def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0) -
     return census, truth[keep].reset_index(drop=True)
 
 
-def withheld_cells(cell_ids, city: City, withhold_m: float) -> np.ndarray:
-    """True for the cells whose centre lies in the strip ``withhold_m`` wide along the city's east edge."""
-    if withhold_m <= 0:
-        return np.zeros(len(cell_ids), dtype=bool)
-    east = np.array([parse_inspire_id(c)[0] for c in cell_ids], dtype=float) + CELL_M / 2
-    return east > city.origin[0] + city.size - withhold_m
+def withheld_cells(city: City, n_cells: int, share: float, seed: int) -> np.ndarray:
+    """True for a seeded random ``share`` of a city's ``n_cells`` populated cells: those the census withholds."""
+    if share <= 0:
+        return np.zeros(n_cells, dtype=bool)
+    return city_rng(seed, city.name, "withhold").random(n_cells) < share
