@@ -98,10 +98,13 @@ def _value(config: dict, key: str):
 
 
 def image_mismatch(trained: dict, cfg) -> list[str]:
-    """``'<key>: model <a>, images <b>'`` for each of IMAGE_KEYS where the model's config differs from ``cfg``."""
-    now = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    return [f"{k}: model {_value(trained, k)!r}, images {_value(now, k)!r}" for k in IMAGE_KEYS
-            if _value(trained, k) != _value(now, k)]
+    """``'<key>: model <a>, images <b>'`` for each of IMAGE_KEYS where the model's config differs from ``cfg``
+    (a key the model's config predates reads as its default)."""
+    from ..core.config import load_config
+
+    now, defaults = (c.to_dict() if hasattr(c, "to_dict") else dict(c) for c in (cfg, load_config(None)))
+    model = {k: _value(trained, k) if _value(trained, k) is not None else _value(defaults, k) for k in IMAGE_KEYS}
+    return [f"{k}: model {model[k]!r}, images {_value(now, k)!r}" for k in IMAGE_KEYS if model[k] != _value(now, k)]
 
 
 def load_fold_models(paths: Sequence, cfg, device) -> tuple[list, list[dict]]:
