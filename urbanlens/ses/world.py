@@ -229,9 +229,8 @@ TRUTH_CELLS = "ses_truth_cells.csv"  # planted income of every populated cell, w
 
 
 def world_params(cfg) -> dict:
-    """The parameters of the world, as recorded in ses_truth.json (``withhold`` only when on: as before it)."""
-    france = {k: v for k, v in cfg.france.to_dict().items() if k != "withhold" or v > 0}
-    return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": france,
+    """The parameters of the world, as recorded in ses_truth.json."""
+    return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": cfg.france.to_dict(),
             "census_file": cfg.ses.census_file, "ua_dir": cfg.ses.ua_dir, "aerial_dir": cfg.ses.aerial_dir,
             "aerial_format": aerial_driver()[0]}
 
