@@ -47,7 +47,7 @@ TINY = {"cities": ["world.n_cities=3", "world.n_sites=2", "world.images_per_site
                    "patch.size=48", "patch.stride=48", "split.test_b_per_city=2", "model.input_size=32",
                    "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2", "test.bootstrap=20",
                    "saliency.per_city=1"],
-        "ses": ["france.city_size_m=1000", "france.cities=[Paris]", "ses.cities=[Paris]", "ses.cell_px=32",
+        "ses": ["france.city_size_m=1000", "france.withhold=0", "france.cities=[Paris]", "ses.cities=[Paris]", "ses.cell_px=32",
                 "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.batch_size=4", "cams.panels=1"]}
 
 

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
           "patch.size=48", "patch.stride=48", "split.test_b_per_city=4", "workers=1", "model.input_size=32"]
 SES = ["france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "ses.cell_px=16", "workers=1",
+       "france.withhold=0",
        "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.cv=stratified"]
 CENSUS = "census_data/carreaux_200m_met.gpkg"
 UA = "UA_data/FR001L2_PARIS_UA2018_v013/Data/FR001L2_PARIS_UA2018_v013.gpkg"

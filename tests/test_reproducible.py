@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 7
 CITIES = [f"seed={SEED}", "world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=20",
           "model.input_size=32", "train.epochs=2", "train.max_steps_per_epoch=2", "workers=1"]
-SES = [f"seed={SEED}", "france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000",
+SES = [f"seed={SEED}", "france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "france.withhold=0",
        "ses.cell_px=64", "ses_model.input_size=64", "ses_model.pretrained=false", "ses_train.epochs=2",
        "ses_train.restarts=0", "ses_train.batch_size=8", "workers=1",
        "ses_train.block_m=400"]  # the demo's spatial folds, blocks scaled to the 1 km city

@@ -26,7 +26,8 @@ from urbanlens.ses import world as ses_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["france.cities=[Paris, Lyon]", "france.city_size_m=1000", "france.resolution_m=4.0",
-        "france.nodata_fraction=0.03", "ses.cities=[Paris, Lyon]", "ses.cell_px=32", "workers=1"]
+        "france.nodata_fraction=0.03", "ses.cities=[Paris, Lyon]", "ses.cell_px=32", "workers=1",
+        "france.withhold=0"]  # the whole census (the demo's withheld cells: tests/test_predict_income.py)
 
 
 def tiny_config(data, results=None, extra=()):

@@ -113,7 +113,7 @@ SCHEMA: dict[str, Key] = {
     "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT,
     # socioeconomic status
     "france.cities": NAMES, "france.city_size_m": COUNT, "france.tile_size_m": COUNT,
-    "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT,
+    "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT, "france.withhold": SHARE,
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
     "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER,
@@ -123,9 +123,10 @@ SCHEMA: dict[str, Key] = {
     "ses_train.cv": choice(*CV_SCHEMES), "ses_train.block_m": POSITIVE, "ses_train.buffer_m": AMOUNT,
     "ses_train.folds": Key(int, lo=2), "ses_train.val_share": OPEN_SHARE, "ses_train.epochs": COUNT,
     "ses_train.batch_size": COUNT, "ses_train.lr": POSITIVE, "ses_train.plateau_factor": OPEN_SHARE,
-    "ses_train.plateau_patience": NUMBER, "ses_train.early_stop_patience": COUNT, "ses_train.restarts": NUMBER,
+    "ses_train.plateau_patience": NUMBER, "ses_train.early_stop_patience": COUNT, "ses_train.restarts": NUMBER, "ses_train.checkpoint_every": COUNT,
     "ses_train.amp": choice(*AMP_CHOICES), "ses_train.cache_mb": NUMBER, "ses_train.precise_bn": FLAG,
     "ses_train.rot90": FLAG,
+    "predict.batch_size": COUNT,
     "cams.batch_size": COUNT, "cams.clip_percentile": Key(float, lo=0, hi=100, lo_open=True), "cams.poor_class": CLASS,
     "cams.rich_class": CLASS, "cams.panels": NUMBER, "cams.amp": choice(*AMP_CHOICES),
 }

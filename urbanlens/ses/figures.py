@@ -138,3 +138,52 @@ def landuse_scores_figure(summary: pd.DataFrame, title: str = ""):
     ax.set_title(f"{title}\n{note}" if title else note, fontsize=8,
                  color="black" if finding.meaningful else "firebrick")
     return fig
+
+
+def _cell_map(ax, cells, values, title: str, cmap: str = QUINTILE_CMAP, vmax: float = 4.0) -> None:
+    """Cells coloured by ``values`` (0..vmax; NaN grey) on EPSG:3035 axes."""
+    values = np.asarray(values, dtype=float)
+    colours = plt.get_cmap(cmap)(np.clip(values / vmax, 0, 1))
+    colours[~np.isfinite(values)] = (0.8, 0.8, 0.8, 1.0)
+    ax.add_collection(polygon_collection(cells.geometry, colours, edgecolor="none"))
+    ax.autoscale_view()
+    ax.set_title(title, fontsize=9)
+    ax.set_aspect("equal")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel("easting, EPSG:3035 (m)", fontsize=7)
+
+
+def predicted_map_figure(cells, city: str):
+    """The predicted income of every mapped cell (expected class 0..4; void cells grey, cells the census
+    knows outlined) | the spread of the fold models' expected classes."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharex=True, sharey=True, constrained_layout=True)
+    _cell_map(axes[0], cells, cells["expected_class"], "predicted income (expected class)")
+    census = cells[np.isfinite(cells["census_income"].to_numpy(float))]
+    axes[0].add_collection(polygon_collection(census.geometry, edgecolor="k", linewidth=0.3))
+    spread = cells["fold_spread"].to_numpy(float)
+    top = float(np.nanmax(spread)) if np.isfinite(spread).any() and np.nanmax(spread) > 0 else 1.0
+    _cell_map(axes[1], cells, spread, "spread over fold models (std of expected class)", "viridis", top)
+    axes[0].set_ylabel("northing, EPSG:3035 (m)", fontsize=7)
+    fig.colorbar(plt.cm.ScalarMappable(cmap=QUINTILE_CMAP, norm=plt.Normalize(0, 4)), ax=axes[0], shrink=0.7,
+                 label="expected class (0 poorest, 4 richest)")
+    fig.colorbar(plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, top)), ax=axes[1], shrink=0.7)
+    fig.suptitle(f"{city}: {len(cells)} cells, {len(census)} in the census (outlined)")
+    return fig
+
+
+def observed_vs_predicted_figure(cells, city: str, rho: float, p: float):
+    """For the cells the census knows: observed quintile map | predicted map | income vs expected class."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), constrained_layout=True)
+    _cell_map(axes[0], cells, cells["observed_class"], "census income quintile (training edges)")
+    _cell_map(axes[1], cells, cells["expected_class"], "predicted (expected class)")
+    axes[1].sharex(axes[0])
+    axes[1].sharey(axes[0])
+    axes[2].scatter(cells["census_income"], cells["expected_class"], s=8, alpha=0.6)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("census income (ind_snv / ind)")
+    axes[2].set_ylabel("predicted expected class")
+    axes[2].set_ylim(-0.1, 4.1)
+    axes[2].set_title(f"Spearman {rho:.2f} (one-sided p {p:.2g}), {len(cells)} cells", fontsize=9)
+    fig.suptitle(f"{city}: observed vs predicted income")
+    return fig

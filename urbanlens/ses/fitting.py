@@ -112,7 +112,8 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
     after tcfg.early_stop_patience epochs without a better validation loss, or tcfg.epochs epochs.
     ``progress(row)`` is called after every epoch. The model ends holding the best weights.
 
-    ``checkpoint``: a path where the whole training state is saved after every epoch (weights, optimizer,
+    ``checkpoint``: a path where the whole training state is saved after every
+    ``tcfg.checkpoint_every``-th epoch (weights, optimizer,
     plateau scheduler, grad scaler, early-stopping counter, restart index, RNG states, best weights so
     far and the log). ``resume``: such a state (``load_fit_state``); training continues after its
     epoch and, with the same seed on the same device, ends exactly as an uninterrupted fit does.
@@ -185,7 +186,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
                    "best": improved, "seconds": round(time.perf_counter() - t0, 3)}
             best.log.append(row)
             epoch_total += 1
-            if save:
+            if save and epoch_total % tcfg.get("checkpoint_every", 1) == 0:
                 _save_fit_state(checkpoint, model, opt, sched, scaler, gen, best, tcfg, seed, restart, epoch + 1,
                                 epoch_total, stale)
             if progress is not None:

@@ -9,7 +9,9 @@ Under ``<paths.data>/`` it writes, for every city of ``france.cities``:
 - ``aerial_data/<delivery>/``: 1 km orthophoto tiles in EPSG:2154 rendered from the land use, named
   like IGN's, with a ``dalles.shp`` tile index (column ``NOM``);
 - ``ses_truth.json``: the planted income model (``rich_codes``, ``poor_codes``, class effects) and all
-  generator parameters.
+  generator parameters;
+- ``france.withhold`` > 0: that share of the populated cells, drawn at random, is left out of the census (not
+  of the imagery), and ``ses_truth_cells.csv`` has every cell's planted income (``cell_id, city, income, withheld``).
 
 A city is a square of ``france.city_size_m`` in EPSG:3035: a street grid of irregular blocks, a dense
 centre, residential rings, an industrial sector crossed by a motorway, a railway, a river, parks and
@@ -48,7 +50,7 @@ from tqdm import tqdm
 from ..core import runs
 from ..core.config import cli, data_dir
 from ..core.errors import ConfigError
-from ..core.files import atomic_path, read_json, save_run_config, write_json
+from ..core.files import atomic_path, read_json, save_run_config, write_csv, write_json
 from . import world_leakage
 from .grid import L93, LAEA
 from .world_plan import (
@@ -66,6 +68,7 @@ from .world_plan import (
     census_for_city,
     city_rng,
     plan_city,
+    withheld_cells,
 )
 from .world_textures import LABELS, TEXTURES, render_pixels
 
@@ -222,6 +225,9 @@ def run_extra() -> dict:
     return {"generator_version": GENERATOR_VERSION, "aerial_format": aerial_driver()[0]}
 
 
+TRUTH_CELLS = "ses_truth_cells.csv"  # planted income of every populated cell, written when cells are withheld
+
+
 def world_params(cfg) -> dict:
     """The parameters of the world, as recorded in ses_truth.json."""
     return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": cfg.france.to_dict(),
@@ -283,7 +289,8 @@ def build_world(cfg, progress: bool = True) -> dict:
         # census cells and planted income
         census, truth = census_for_city(city, float(fr.noise), seed, float(fr.leakage))
         truth.insert(1, "city", name)
-        census_parts.append(census)
+        truth["withheld"] = withheld_cells(city, len(truth), float(fr.withhold), seed)
+        census_parts.append(census[~census["idcar_200m"].isin(truth.loc[truth["withheld"], "cell_id"])])
         truth_parts.append(truth)
         # orthophotos: one delivery per department, tiles rendered below, tile index now
         delivery = (root / cfg.ses.aerial_dir /
@@ -295,13 +302,18 @@ def build_world(cfg, progress: bool = True) -> dict:
         files += [index_path.with_suffix(s) for s in (".shp", ".shx", ".dbf", ".prj", ".cpg")]
         cities_info[name] = {"fua_code": city.fua, "department": city.dept, "origin_3035": list(city.origin),
                              "size_m": city.size, "poor_sector_angle_rad": round(city.poor_angle, 6),
-                             "ua_polygons": len(landuse), "census_cells": len(census), "tiles": len(tile_index),
-                             "nodata_zones_2154": tile_index.attrs["nodata_zones"]}
+                             "ua_polygons": len(landuse), "census_cells": len(census_parts[-1]),
+                             "tiles": len(tile_index), "nodata_zones_2154": tile_index.attrs["nodata_zones"],
+                             **({"withheld_cells": int(truth["withheld"].sum())} if fr.withhold > 0 else {})}
     census_path = root / cfg.ses.census_file
     census = gpd.GeoDataFrame(pd.concat(census_parts, ignore_index=True), crs=LAEA)
     census = census.drop_duplicates("idcar_200m").sort_values("idcar_200m").reset_index(drop=True)
     write_gpkg_layers(census_path, [("carreaux_200m_met", census)])
     files.append(census_path)
+    if fr.withhold > 0:  # where the census is missing, the planted income is known here only
+        cells_truth = pd.concat(truth_parts, ignore_index=True)[["cell_id", "city", "income", "withheld"]]
+        write_csv(cells_truth.assign(income=cells_truth["income"].round(2)), root / TRUTH_CELLS)
+        files.append(root / TRUTH_CELLS)
     render_all(jobs, int(cfg.workers), progress)
     files += [Path(j.path) for j in jobs]
     truth = {
@@ -359,7 +371,7 @@ def remove_world(cfg, truth: dict) -> None:
     root = data_dir(cfg)
     for rel in truth.get("files", []):
         (root / rel).unlink(missing_ok=True)
-    for name in ("ses_truth.json", STAMP, "world_config.yaml"):
+    for name in ("ses_truth.json", TRUTH_CELLS, STAMP, "world_config.yaml"):
         (root / name).unlink(missing_ok=True)
 
 

@@ -256,3 +256,10 @@ def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0) -
     truth = pd.DataFrame({"cell_id": ids, "income": income, "ind": people, "noise_field": field})
     truth = pd.concat([truth, shares.reset_index(drop=True).add_prefix("share_")], axis=1)
     return census, truth[keep].reset_index(drop=True)
+
+
+def withheld_cells(city: City, n_cells: int, share: float, seed: int) -> np.ndarray:
+    """True for a seeded random ``share`` of a city's ``n_cells`` populated cells: those the census withholds."""
+    if share <= 0:
+        return np.zeros(n_cells, dtype=bool)
+    return city_rng(seed, city.name, "withhold").random(n_cells) < share

@@ -1,0 +1,239 @@
+"""Income maps read from imagery alone: the 200 m cells of any area that orthophotos cover, scored by a
+city's fold models (mean over folds), and a GeoTIFF on the INSPIRE grid.
+
+The cells are those of the INSPIRE 200 m grid (EPSG:3035) whose centre lies inside the area, the rule
+extraction applies to a city's boundary, whether or not the census has them. Their images are cut as
+the extraction stage cuts them (urbanlens.ses.extraction). A model is used only on images made like
+those it was trained on: same orthophoto product (bands), same ground size of a cell and of a pixel.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+
+from ..core import files, runs
+from ..core.errors import CheckpointError, ConfigError, DataError
+from . import extraction, fitting
+from .columns import opening
+from .data import CellDataset
+from .grid import LAEA, cell_boxes, inspire_id, parse_inspire_id
+from .model import N_CLASSES, expected_class, load_ses_model
+
+# What the cell images of a prediction are made from (the scores are made anew by every run).
+RUN_KEYS = ("paths.data", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px", "ses.ortho_product")
+
+
+STAMP = "predict_income.stamp.json"  # the run stamp (urbanlens.core.runs) in <city>/predicted
+
+
+# What a model must share with the new images: the bands read and the ground size of cells and pixels.
+IMAGE_KEYS = ("ses.ortho_product", "ses.cell_size_m", "ses.cell_px")
+
+
+PROB_COLUMNS = [f"p_{k}" for k in range(N_CLASSES)]
+
+
+def read_area(path) -> shapely.Geometry:
+    """The union of the polygons of a vector file (any format GDAL reads), in EPSG:3035."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "area file not found", "pass a polygon file (GeoPackage, shapefile, GeoJSON) to --area")
+    with opening(path, "area", "pass a polygon file (GeoPackage, shapefile, GeoJSON) to --area"):
+        area = gpd.read_file(path)
+    if area.crs is None:
+        raise DataError(path, "the area has no CRS", "save it with its CRS (e.g. EPSG:3035 or EPSG:2154)")
+    polygons = area[area.geometry.notna() & area.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if polygons.empty:
+        raise DataError(path, "no polygon in the area file", "draw the area as one or more polygons")
+    return polygons.to_crs(LAEA).geometry.union_all()
+
+
+def grid_cells(area: shapely.Geometry, cell_m: int = 200) -> gpd.GeoDataFrame:
+    """Every cell of the INSPIRE grid whose centre lies inside ``area`` (EPSG:3035), in cell-id order."""
+    xmin, ymin, xmax, ymax = area.bounds
+    es = np.arange(math.floor(xmin / cell_m), math.ceil(xmax / cell_m)) * cell_m
+    ns = np.arange(math.floor(ymin / cell_m), math.ceil(ymax / cell_m)) * cell_m
+    e, n = (g.ravel() for g in np.meshgrid(es, ns))
+    shapely.prepare(area)
+    inside = shapely.contains_xy(area, e + cell_m / 2, n + cell_m / 2)
+    ids = sorted(inspire_id(x, y, cell_m) for x, y in zip(e[inside], n[inside]))
+    return gpd.GeoDataFrame({"cell_id": ids}, geometry=cell_boxes(ids), crs=LAEA)
+
+
+def covered(cells: gpd.GeoDataFrame, tiles: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """The cells that some orthophoto tile overlaps, with their ``tiles`` (tuple of paths)."""
+    from .tiles import tiles_for_cells
+
+    if cells.empty or tiles.empty:
+        return cells.assign(tiles=[()] * len(cells)).iloc[:0]
+    cells = cells.assign(tiles=tiles_for_cells(cells, tiles))
+    return cells[cells["tiles"].str.len() > 0].reset_index(drop=True)
+
+
+def fold_checkpoints(city_dir) -> list[Path]:
+    """The ``best.pt`` of every fold of a trained city (its metrics.json says how many)."""
+    city_dir = Path(city_dir)
+    summary = city_dir / "metrics.json"
+    if not summary.is_file():
+        raise CheckpointError(summary, "not found: the city has no trained models",
+                              f"run efficientnet_training.py with {city_dir.name} in ses.cities first")
+    paths = [city_dir / f"fold_{k}" / "best.pt" for k in range(int(files.read_json(summary)["folds"]))]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise CheckpointError(missing[0], f"{len(missing)} of {len(paths)} fold models missing",
+                              "re-run efficientnet_training.py (finished folds are kept)")
+    return paths
+
+
+def _value(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def image_mismatch(trained: dict, cfg) -> list[str]:
+    """``'<key>: model <a>, images <b>'`` for each of IMAGE_KEYS where the model's config differs from ``cfg``
+    (a key the model's config predates reads as its default)."""
+    from ..core.config import load_config
+
+    now, defaults = (c.to_dict() if hasattr(c, "to_dict") else dict(c) for c in (cfg, load_config(None)))
+    model = {k: _value(trained, k) if _value(trained, k) is not None else _value(defaults, k) for k in IMAGE_KEYS}
+    return [f"{k}: model {model[k]!r}, images {_value(now, k)!r}" for k in IMAGE_KEYS if model[k] != _value(now, k)]
+
+
+def load_fold_models(paths: Sequence, cfg, device) -> tuple[list, list[dict]]:
+    """The fold models (eval mode, on ``device``) and their checkpoints; ConfigError naming the difference
+    when a model was trained on images made otherwise than this config makes them."""
+    models, ckpts = [], []
+    for path in paths:
+        model, ckpt = load_ses_model(path, map_location=device)
+        changed = image_mismatch(ckpt["config"], cfg)
+        if changed:
+            raise ConfigError(path, "trained on other images than these (" + "; ".join(changed) + ")",
+                              "set those keys to the model's values (--set), or train a model on such images")
+        models.append(model)
+        ckpts.append(ckpt)
+    return models, ckpts
+
+
+def score(models: Sequence, image_paths: Sequence, size: int, device, batch_size: int, amp="off") -> np.ndarray:
+    """P(k) [folds, cells, 5] of each fold model on each cell image (resized to ``size``, min-max scaled)."""
+    from tqdm import tqdm
+
+    if not len(image_paths):
+        return np.zeros((len(models), 0, N_CLASSES))
+    data = CellDataset(list(image_paths), np.zeros(len(image_paths), np.int64), size)
+    return np.stack([np.exp(fitting.predict(m, data, device, batch_size=batch_size, amp=amp))
+                     for m in tqdm(models, desc=f"scoring {len(image_paths)} cells", unit="fold model")])
+
+
+def summarise(probs: np.ndarray) -> pd.DataFrame:
+    """Per cell: ``expected_class`` of the fold-mean P(k), ``p_0..p_4`` (fold means) and ``fold_spread``
+    (standard deviation over folds of each fold's expected class; 0 with one fold)."""
+    mean = probs.mean(axis=0)
+    per_fold = np.stack([expected_class(np.log(np.clip(p, 1e-300, None))) for p in probs])
+    out = pd.DataFrame(mean, columns=PROB_COLUMNS)
+    out.insert(0, "expected_class", mean @ np.arange(N_CLASSES))
+    out["fold_spread"] = per_fold.std(axis=0)
+    return out
+
+
+def observed_class(income, edges: Sequence[float]) -> np.ndarray:
+    """The training quintile an income falls in (``edges``: the highest income of classes 0..3, as the
+    checkpoint records them); NaN where the income is unknown."""
+    income = np.asarray(income, dtype=float)
+    cls = np.searchsorted(np.asarray(edges, dtype=float), income, side="left").astype(float)
+    cls[~np.isfinite(income)] = np.nan
+    return cls
+
+
+def grid_transform(cell_ids: Sequence[str]):
+    """(transform, width, height) of the north-up raster with one pixel per 200 m cell spanning the cells:
+    pixel centres are cell centres, pixel edges the cells' edges."""
+    from rasterio.transform import from_origin
+
+    e, n, res = (np.array(v) for v in zip(*[parse_inspire_id(c) for c in cell_ids]))
+    if len(set(res)) != 1:
+        raise ValueError(f"cells of several sizes: {sorted(set(res))}")
+    r = int(res[0])
+    return from_origin(e.min(), n.max() + r, r, r), int((e.max() - e.min()) // r + 1), int((n.max() - n.min()) // r + 1)
+
+
+def write_grid_tif(path, cell_ids: Sequence[str], bands: dict[str, np.ndarray]) -> None:
+    """A float32 GeoTIFF (EPSG:3035), one pixel per cell of ``cell_ids``, one band per entry of ``bands``
+    (described by its name); pixels of no cell or of NaN values are nodata (NaN). Atomic."""
+    import rasterio
+
+    transform, width, height = grid_transform(cell_ids)
+    e, n, res = (np.array(v) for v in zip(*[parse_inspire_id(c) for c in cell_ids]))
+    cols, rows = ((e - round(transform.c)) // res).astype(int), ((round(transform.f) - res - n) // res).astype(int)
+    grid = np.full((len(bands), height, width), np.nan, np.float32)
+    for b, values in enumerate(bands.values()):
+        grid[b, rows, cols] = np.asarray(values, dtype=np.float32)
+    profile = dict(driver="GTiff", width=width, height=height, count=len(bands), dtype="float32", crs=LAEA,
+                   transform=transform, nodata=float("nan"), compress="deflate", predictor=3)
+    with files.atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(grid)
+            for b, name in enumerate(bands, 1):
+                dst.set_band_description(b, name)
+
+
+def run_inputs(cfg, area_file=None) -> dict:
+    """Fingerprint of what the cell images are read from: the orthophotos, the Urban Atlas (the default
+    area) and the ``--area`` file."""
+    root = Path(cfg.paths.data)
+    names = [cfg.ses.aerial_dir, cfg.ses.ua_dir] + ([Path(area_file).resolve()] if area_file else [])
+    return runs.fingerprint(root, runs.files_under(root, *names))
+
+
+def image_paths(cell_ids: Sequence[str], cfg, ses_dir, city: str) -> list[str]:
+    """Where each cell's image goes, relative to ``<results>/ses``: the extraction stage's image when that
+    stage ran with this config on these data (its run stamp says so) and the image is there, else
+    ``<city>/predicted/imagery/``."""
+    ses_dir = Path(ses_dir)
+    same = not runs.compare(ses_dir / extraction.STAMP, cfg, extraction.RUN_KEYS, extraction.run_inputs(cfg))
+    imagery = "imagery" if cfg.ses.ortho_product == "RVB" else f"imagery-{cfg.ses.ortho_product}"
+    own = [f"{imagery}/{city}/{extraction.cell_filename(c)}" for c in cell_ids]
+    return [o if same and (ses_dir / o).is_file() else f"{city}/predicted/imagery/{extraction.cell_filename(c)}"
+            for c, o in zip(cell_ids, own)]
+
+
+def census_income(cells: gpd.GeoDataFrame, census_path) -> np.ndarray:
+    """The census income of each cell (NaN where the census has none, or no census file is there)."""
+    from .census import read_census
+
+    if not Path(census_path).exists() or cells.empty:
+        return np.full(len(cells), np.nan)
+    census = read_census(census_path, bbox=cells.total_bounds)
+    return cells["cell_id"].map(census.set_index("cell_id")["income"]).to_numpy(float)
+
+
+def clear(out) -> None:
+    """Remove a prediction's own cell images and tables (``out``: ``<city>/predicted``), so that none of
+    another run is reused."""
+    import shutil
+
+    out = Path(out)
+    if (out / "imagery").is_dir():
+        shutil.rmtree(out / "imagery")
+    for table in out.glob("cells*.gpkg"):
+        table.unlink()
+
+
+def spearman(x, y) -> tuple[float, float, int]:
+    """(rho, one-sided p for rho > 0, n) over the pairs where both are finite."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return float("nan"), float("nan"), int(ok.sum())
+    rho, p = spearmanr(x[ok], y[ok], alternative="greater")
+    return float(rho), float(p), int(ok.sum())
