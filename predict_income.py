@@ -27,7 +27,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import entry, files, runs, runtime, shards
+from urbanlens.core import entry, files, locks, runs, runtime, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.ses import extraction, prediction, urban_atlas
@@ -49,6 +49,7 @@ def main() -> None:
     device = runtime.select_device(cfg.device)
     ses_dir = results_dir(cfg, "ses")
     city, out = args.city, ses_dir / args.city / "predicted"
+    entry.keep(locks.hold(out, "predict_income.py", cfg))
     table_path = out / "cells.gpkg"
     if cfg.ses.cell_size_m != 200:
         raise ConfigError("config", f"ses.cell_size_m={cfg.ses.cell_size_m}", "the INSPIRE grid cells are 200 m")

@@ -27,8 +27,7 @@ from scipy.special import softmax
 
 from urbanlens.cities import data, figures, newplace, patches, rasters
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, loops, runs, runtime
-from urbanlens.core.backbones import classifier_from_checkpoint
+from urbanlens.core import entry, locks, loops, runs, runtime
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.core.files import atomic_path, save_figure, save_run_config, write_csv
@@ -59,13 +58,10 @@ def main() -> None:
     runtime.seed_everything(cfg.seed)
     results = results_dir(cfg, "cities")
     out = results / "new" / name
+    entry.keep(locks.hold(out, "similar_cities.py", cfg))
 
     # 1. The model as trained, and the known cities' test patches it was trained beside.
-    best_pt = results / "checkpoints" / "best.pt"
-    state = runtime.load_checkpoint(best_pt)
-    model, trained, classes = classifier_from_checkpoint(state, best_pt)
-    model = loops.to_device(model, device, cfg.train.channels_last, cfg.train.amp)
-    cities_training.check_same_patches(results / cities_training.STAMP, cfg.paths.data, best_pt)
+    model, trained, classes, best_pt, _ = cities_training.trained_classifier(cfg, results, device)
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
     size = trained["input_size"]

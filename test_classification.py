@@ -24,7 +24,6 @@ from urbanlens.cities import data, figures, intervals, patches, similarity
 from urbanlens.cities import metrics as cities_metrics
 from urbanlens.cities import training as cities_training
 from urbanlens.core import entry, locks, loops, runtime
-from urbanlens.core.backbones import classifier_from_checkpoint
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.files import save_figure, save_run_config, write_csv, write_json
 
@@ -37,13 +36,9 @@ def main() -> None:
     entry.keep(locks.hold(out, "test_classification.py", cfg))
 
     # The model as trained: architecture, input size and class order come from the checkpoint.
-    best_pt = out / "checkpoints" / "best.pt"
-    state = runtime.load_checkpoint(best_pt, writer="train_classification.py")
-    model, trained, classes = classifier_from_checkpoint(state, best_pt)
-    model = loops.to_device(model, device, cfg.train.channels_last, cfg.train.amp)
+    model, trained, classes, best_pt, epoch = cities_training.trained_classifier(cfg, out, device)
 
     # Predictions on the test split, of the patches the model was trained with.
-    cities_training.check_same_patches(out / cities_training.STAMP, cfg.paths.data, best_pt)
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
     size = trained["input_size"]
@@ -59,7 +54,7 @@ def main() -> None:
     sources = rows["source"].to_numpy()
     metrics = cities_metrics.classification_metrics(labels, logits, classes)
     metrics["per_site"] = cities_metrics.per_site_accuracy(labels, pred, rows["iata"], rows["site"])
-    metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=state.get("epoch"),
+    metrics.update(split=cfg.test.split, checkpoint=str(best_pt), checkpoint_epoch=epoch,
                    intervals=intervals.metric_intervals(labels, pred, sources, classes, cfg.test.bootstrap, cfg.seed))
     confusions = cities_metrics.confusion_frame(labels, pred, classes)
     lo, hi = metrics["intervals"]["accuracy"]

@@ -205,3 +205,23 @@ def test_preprocessing_bad_folder_is_one_clear_line(tmp_path):
 def test_read_manifest_missing_says_what_to_run(tmp_path):
     with pytest.raises(errors.DataError, match="preprocessing.py"):
         read_manifest(tmp_path)
+
+
+def test_jpeg2000_images_are_listed_and_read(tmp_path):
+    """A site of .jp2 files (how IGN and many portals deliver) is not skipped: listed and read as RGB."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from urbanlens.cities import patches as patches_mod
+    from urbanlens.cities import rasters
+    from urbanlens.core.config import load_config
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32)).astype("uint8")
+    path = tmp_path / "tile.jp2"
+    with rasterio.open(path, "w", driver="JP2OpenJPEG", width=32, height=32, count=3, dtype="uint8",
+                       crs="EPSG:2154", transform=from_origin(650000, 6860000, 0.5, 0.5), QUALITY=100,
+                       REVERSIBLE="YES") as dst:
+        dst.write(pixels)
+    assert patches_mod._images(tmp_path) == [path]
+    rgb, _, _ = rasters.convert(path, rasters.options(load_config("configs/cities_demo.yaml")))
+    np.testing.assert_array_equal(rgb, pixels.transpose(1, 2, 0))

@@ -28,7 +28,7 @@ from ..core.errors import DataError
 from ..core.schema import SPLITS
 from . import rasters
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2")
 
 
 MANIFEST_COLUMNS = ["path", "city", "iata", "site", "source", "split", "y", "x", "size"]

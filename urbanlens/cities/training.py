@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core import outputs, runs
+from ..core import loops, outputs, runs, runtime
+from ..core.backbones import classifier_from_checkpoint
 from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import unwrap
 from ..core.schema import SCHEDULES
@@ -132,3 +133,16 @@ def write_log(rows: list[dict], path: str | Path) -> Path:
     from ..core.files import write_csv
 
     return write_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), path)
+
+
+def trained_classifier(cfg, results: Path, device) -> tuple[nn.Module, dict, list[str], Path, int | None]:
+    """The classifier ``train_classification.py`` saved under ``results`` (``checkpoints/best.pt``), on
+    ``device``, after checking that the patches it was trained with are the ones there now: (model, its
+    training settings, class order, checkpoint path, epoch it was saved at). Architecture, input size and classes come from the
+    checkpoint."""
+    best_pt = Path(results) / "checkpoints" / "best.pt"
+    state = runtime.load_checkpoint(best_pt, writer="train_classification.py")
+    model, trained, classes = classifier_from_checkpoint(state, best_pt)
+    model = loops.to_device(model, device, cfg.train.channels_last, cfg.train.amp)
+    check_same_patches(Path(results) / STAMP, cfg.paths.data, best_pt)
+    return model, trained, classes, best_pt, state.get("epoch")
