@@ -34,19 +34,25 @@ cfg_get() {  # cfg_get KEY ARGS...  -> resolved config value
   $PY -m urbanlens.core.config "$key" "$@"
 }
 
+demo_world_or_stop() {  # KIND DATA SAY ERROR ARGS...: build KIND's synthetic world, only in the demo data folder
+  # a synthetic world only in the demo configs' own data folder; real data is never stood in for
+  local kind=$1 data=$2 say=$3 error=$4; shift 4
+  if [ "$(realpath -m "$data")" = "$(realpath -m data/demo)" ]; then
+    echo "[$kind] $say"
+    bash data_setup.sh --synthetic "$kind" "$@"
+  else
+    echo "error: $error" >&2
+    exit 1
+  fi
+}
+
 run_cities() {
   local args=("$@")
   [[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/cities_demo.yaml "${args[@]}")
   local data; data=$(cfg_get paths.data "${args[@]}")
   if [ ! -d "$data/cities/raw" ]; then
-    # a synthetic world only in the demo configs' own data folder; real data is never stood in for
-    if [ "$(realpath -m "$data")" = "$(realpath -m data/demo)" ]; then
-      echo "[cities] no raw images under $data/cities/raw: building the synthetic demo world there"
-      bash data_setup.sh --synthetic cities "${args[@]}"
-    else
-      echo "error: $data/cities/raw: no city images; place them as <City Name (IATA)>/<site>/<image> (.tif, .jp2, .png or .jpg, two or more sites per city), or build a synthetic world with 'bash data_setup.sh --synthetic cities' and the same --config" >&2
-      exit 1
-    fi
+    demo_world_or_stop cities "$data" "no raw images under $data/cities/raw: building the synthetic demo world there" \
+      "$data/cities/raw: no city images; place them as <City Name (IATA)>/<site>/<image> (.tif, .jp2, .png or .jpg, two or more sites per city), or build a synthetic world with 'bash data_setup.sh --synthetic cities' and the same --config" "${args[@]}"
   fi
   $PY preprocessing.py "${args[@]}"
   $PY train_classification.py "${args[@]}"
@@ -70,14 +76,8 @@ run_ses() {
   [[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/ses_demo.yaml "${args[@]}")
   local data; data=$(cfg_get paths.data "${args[@]}")
   if [ ! -d "$data/UA_data" ] || [ -z "$(ls -A "$data/UA_data" 2>/dev/null)" ]; then
-    # a synthetic world only in the demo configs' own data folder; real data is never stood in for
-    if [ "$(realpath -m "$data")" = "$(realpath -m data/demo)" ]; then
-      echo "[ses] no Urban Atlas data under $data/UA_data: building the synthetic French world there"
-      bash data_setup.sh --synthetic ses "${args[@]}"
-    else
-      echo "error: $data/UA_data: no Urban Atlas data; place the Copernicus Urban Atlas zips (or one folder per city) there, the INSEE census grid under $data/census_data and the IGN orthophoto deliveries under $data/aerial_data ('bash data_setup.sh' with the same --config says where to get each), or build a synthetic world with 'bash data_setup.sh --synthetic ses' and the same --config" >&2
-      exit 1
-    fi
+    demo_world_or_stop ses "$data" "no Urban Atlas data under $data/UA_data: building the synthetic French world there" \
+      "$data/UA_data: no Urban Atlas data; place the Copernicus Urban Atlas zips (or one folder per city) there, the INSEE census grid under $data/census_data and the IGN orthophoto deliveries under $data/aerial_data ('bash data_setup.sh' with the same --config says where to get each), or build a synthetic world with 'bash data_setup.sh --synthetic ses' and the same --config" "${args[@]}"
   fi
   $PY generate_fr_ua_aerial_data.py "${args[@]}"
   $PY efficientnet_training.py "${args[@]}"
