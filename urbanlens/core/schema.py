@@ -27,6 +27,7 @@ SCALES = ("auto", "percentile", "fixed", "none")  # image.scale (cities/rasters.
 ORTHO_PRODUCTS = ("RVB", "IRC")  # ses.ortho_product: IGN BD ORTHO natural or infrared colour
 IMPUTED_POLICIES = ("keep", "drop")  # ses.imputed: cells INSEE imputed
 CV_SCHEMES = ("stratified", "spatial", "city")  # ses_train.cv (ses/spatial_folds.py)
+BOOTSTRAP_UNITS = ("blocks", "cells")  # ses_train.bootstrap: what the held-out intervals resample
 
 SEED_MAX = 2**32 - 1  # numpy's seeds
 
@@ -116,11 +117,11 @@ SCHEMA: dict[str, Key] = {
     "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT, "france.withhold": SHARE,
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
-    "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER,
+    "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER, "ses.baseline": FLAG,
     "ses_model.backbone": choice(*BACKBONES), "ses_model.pretrained": FLAG, "ses_model.weights_path": WEIGHTS,
     "ses_model.input_size": COUNT, "ses_model.dropout": PROBABILITY, "ses_model.stochastic_depth": PROBABILITY,
     "ses_model.bn_momentum": SHARE,
-    "ses_train.cv": choice(*CV_SCHEMES), "ses_train.block_m": POSITIVE, "ses_train.buffer_m": AMOUNT,
+    "ses_train.cv": choice(*CV_SCHEMES), "ses_train.block_m": POSITIVE, "ses_train.buffer_m": AMOUNT, "ses_train.bootstrap": choice(*BOOTSTRAP_UNITS),
     "ses_train.folds": Key(int, lo=2), "ses_train.val_share": OPEN_SHARE, "ses_train.epochs": COUNT,
     "ses_train.batch_size": COUNT, "ses_train.lr": POSITIVE, "ses_train.plateau_factor": OPEN_SHARE,
     "ses_train.plateau_patience": NUMBER, "ses_train.early_stop_patience": COUNT, "ses_train.restarts": NUMBER, "ses_train.checkpoint_every": COUNT,
