@@ -98,13 +98,22 @@ def test_intervals_hold_the_estimate():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(5), 30)
     lp = np.log(np.eye(5)[np.clip(y + rng.integers(-1, 2, len(y)), 0, 4)] * 0.8 + 0.04)
-    iv = metrics.intervals([{"auc_poor_rich": 0.8, "kappa_quadratic": 0.6, "spearman": 0.7},
-                            {"auc_poor_rich": 0.9, "kappa_quadratic": 0.7, "spearman": 0.8}], y, lp)
-    f = iv["over_folds"]["auc_poor_rich"]
-    assert f["lo"] < 0.85 < f["hi"] and abs(f["mean"] - 0.85) < 1e-12
-    for k, b in iv["cell_bootstrap"].items():
-        if isinstance(b, dict):
-            assert b["lo"] <= b["value"] <= b["hi"] and b["hi"] - b["lo"] > 0, k
+    ids = [f"CRS3035RES200mN{2_800_000 + 200 * (i // 15)}E{3_700_000 + 200 * (i % 15)}" for i in range(len(y))]
+    units = metrics.bootstrap_units(ids, "blocks", 1000.0)
+    two = [{"auc_poor_rich": 0.8, "kappa_quadratic": 0.6, "spearman": 0.7},
+           {"auc_poor_rich": 0.9, "kappa_quadratic": 0.7, "spearman": 0.8}]
+    iv = metrics.intervals(two, y, lp, units, "blocks", 1000.0)
+    assert (iv["unit"], iv["units"], iv["block_m"]) == ("blocks", len(set(units)), 1000.0) and iv["units"] == 6
+    assert "note" not in iv and "cell_bootstrap" not in iv
+    # two folds: no interval over folds (a t-interval would be [-1.28, 2.82]-like), the values and why
+    f = iv["over_folds"]
+    assert f["values"]["auc_poor_rich"] == [0.8, 0.9] and "fewer than 5 folds" in f["note"] and "lo" not in f
+    for k, b in iv["bootstrap"].items():
+        assert b["lo"] <= b["value"] <= b["hi"] and b["hi"] - b["lo"] > 0, k
+    # from five folds an interval, clipped to the metric's range
+    wide = [{"auc_poor_rich": v, "kappa_quadratic": v, "spearman": v} for v in (0.2, 0.99, 0.5, 1.0, 0.1)]
+    f5 = metrics.intervals(wide, y, lp, units, "blocks", 1000.0)["over_folds"]["auc_poor_rich"]
+    assert 0.0 <= f5["lo"] < f5["mean"] < f5["hi"] <= 1.0 and f5["hi"] == 1.0
 
 
 def test_landuse_interval_resamples_cells():

@@ -33,7 +33,7 @@ def held_out_auc(root, leakage: float) -> dict:
         run_script(["efficientnet_training.py"], data, results, [*sets, f"ses_train.cv={cv}"], CONFIG)
         m = json.loads((results / "ses" / CITY / "metrics.json").read_text())
         assert m["cv"] == cv
-        auc = m["intervals"]["cell_bootstrap"]["auc_poor_rich"]
+        auc = m["intervals"]["bootstrap"]["auc_poor_rich"]
         out[cv] = (auc["value"], auc["lo"], auc["hi"])
     return out
 
