@@ -8,6 +8,9 @@ training cells within buffer_m of a test cell dropped) or city (each city tested
 the others). In each fold a share of the training cells validates: Adam, reduce-on-plateau
 and early stopping on the validation loss, restarted from the best weights at lr / 2^restart. The
 held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
+A simple baseline (colour/texture statistics and random convolutional features, ses.baseline) is fitted
+and scored on the same folds; metrics.json gives both with intervals from a bootstrap of spatial blocks
+(ses_train.bootstrap), the CNN's gain over the baseline and a permutation p-value of each AUC.
 Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
 (removed when the fold is done): a re-run of the same command skips finished folds and continues an
 interrupted one from its last epoch, ending where an uninterrupted run ends.
@@ -25,7 +28,7 @@ from tqdm import tqdm
 from urbanlens.core import config, entry, files, locks, runs, runtime
 from urbanlens.core.errors import ConfigError, DataError, TrainingDiverged
 from urbanlens.ses import data as ses_data
-from urbanlens.ses import fitting, metrics, results, skips, spatial_folds
+from urbanlens.ses import baselines, fitting, metrics, results, skips, spatial_folds
 from urbanlens.ses import folds as ses_folds
 from urbanlens.ses import model as ses_model
 
@@ -157,20 +160,32 @@ def main() -> None:
                 last_pt.unlink(missing_ok=True)  # the fold is done (metrics.json written): its state is not needed
             sync()
 
-        # 4. cross-fold summary (mean, std, best fold) and every cell's held-out prediction
+        # 4. the simple baseline on the same folds, then the cross-fold summary beside it (intervals over
+        # spatial blocks or cells, the gain over the baseline, the permutation null)
         if main:
-            summary, preds = results.city_summary(city_dir, len(splits), city=city, n_cells=len(df),
-                                                  cv=tc.cv, quintile_edges=edges, seed=cfg.seed)
+            base = None
+            if cfg.ses.baseline:
+                seeds = [ses_folds.fold_seed(cfg.seed, city, k) for k in range(len(splits))]
+                base, secs = baselines.city_baseline([ses_dir / p for p in fit_df["path"]], fit_df["cell_id"],
+                                                     fit_labels, splits, seeds)
+                files.write_csv(base, city_dir / "baseline_predictions.csv")
+                print(f"[ses-train] {city}: baseline fitted on {len(splits)} fold(s) in {secs:.1f} s")
+            else:
+                (city_dir / "baseline_predictions.csv").unlink(missing_ok=True)
+            summary, preds = results.city_summary(city_dir, len(splits), seed=cfg.seed, unit=tc.bootstrap,
+                                                  block_m=tc.block_m, baseline=base, city=city, n_cells=len(df),
+                                                  cv=tc.cv, quintile_edges=edges)
             files.write_csv(preds, city_dir / "predictions.csv")
             files.write_json(city_dir / "metrics.json", summary)
             mean, std = summary["mean"], summary["std"]
             rows.append({"city": city, "n_cells": len(df), "best_fold": summary["best_fold"],
                          **{f"{k}_mean": mean[k] for k in metrics.METRICS},
-                         **{f"{k}_std": std[k] for k in metrics.METRICS}})
+                         **{f"{k}_std": std[k] for k in metrics.METRICS},
+                         "baseline_auc_poor_rich": summary["baseline"].get("pooled", {}).get("auc_poor_rich", np.nan),
+                         "auc_p_value": summary["permutation"]["auc_poor_rich"]["p_value"]})
             print(f"[ses-train] {city}: {len(df)} cells, {len(splits)} folds; accuracy {mean['accuracy']:.3f}"
-                  f"±{std['accuracy']:.3f}, AUC poorest-vs-richest {mean['auc_poor_rich']:.3f}"
-                  f"±{std['auc_poor_rich']:.3f}, kappa {mean['kappa_quadratic']:.3f}; best fold "
-                  f"{summary['best_fold']} -> {city_dir}")
+                  f"±{std['accuracy']:.3f}; best fold {summary['best_fold']}; {results.closing_line(summary)}"
+                  f" -> {city_dir}")
 
     if skipped and len(skipped) == len(cfg.ses.cities):
         raise DataError(ses_dir / "cells.gpkg", f"no city has usable cells: {'; '.join(skipped)}",
