@@ -46,6 +46,7 @@ def main() -> None:
     rng = np.random.default_rng(cfg.seed)
 
     pooled, pooled_preds, city_findings = [], [], {}
+    units = {"unit": cfg.ses_train.bootstrap, "block_m": cfg.ses_train.block_m}  # what the intervals resample
     trained = [c for c in cfg.ses.cities if (ses_dir / c / "metrics.json").is_file()]
     for city in cfg.ses.cities:
         city_dir = ses_dir / city
@@ -104,9 +105,9 @@ def main() -> None:
         pooled.append(stats)
         # the ranking carries the model's held-out skill, and says when it means nothing
         preds = findings.read_predictions(city_dir)
-        finding = city_findings[city] = findings.city_finding(preds, stats, seed=cfg.seed)
+        finding = city_findings[city] = findings.city_finding(preds, stats, seed=cfg.seed, **units)
         pooled_preds.append(preds)
-        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed), finding)
+        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding)
         files.write_csv(summary, city_dir / "landuse_summary.csv")
 
         # 4. figures: income maps, sampled cell panels, scores per class
@@ -123,8 +124,8 @@ def main() -> None:
         if stats.empty:
             raise DataError(ses_dir, "no Urban Atlas polygon overlaps a mapped cell",
                             f"check ses.ua_dir ({cfg.ses.ua_dir}) and ses.cities")
-        finding = findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed)
-        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed), finding)
+        finding = findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed, **units)
+        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding)
         files.write_csv(summary, ses_dir / "landuse_summary.csv")
         files.save_figure(ses_figures.landuse_scores_figure(summary, "all cities: activation per land-use class"),
                        ses_dir / "landuse_scores.png")

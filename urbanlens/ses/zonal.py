@@ -228,10 +228,11 @@ CELL_RESAMPLES = 1000
 
 def cell_bootstrap_mean(scores, cells, level: float = 0.95, resamples: int = CELL_RESAMPLES,
                         seed: int = 0) -> tuple[float, float, float]:
-    """Mean over pieces and a percentile interval from resampling whole cells: the pieces of one cell
-    share its activation map, so they are not independent observations. Each draw takes as many cells
-    as there are, with replacement, and averages all their pieces (seeded; NaN bounds with fewer than
-    two cells). Pieces without a finite score are left out."""
+    """Mean over pieces and a percentile interval from resampling whole units: ``cells`` names each
+    piece's unit, its cell or the spatial block of its cell (the pieces of one cell share its activation
+    map, and neighbouring cells look and earn alike, so neither is an independent observation). Each
+    draw takes as many units as there are, with replacement, and averages all their pieces (seeded;
+    NaN bounds with fewer than two units). Pieces without a finite score are left out."""
     scores, cells = np.asarray(scores, float), np.asarray(cells, dtype=object)
     ok = np.isfinite(scores)
     scores, cells = scores[ok], cells[ok]
@@ -248,24 +249,32 @@ def cell_bootstrap_mean(scores, cells, level: float = 0.95, resamples: int = CEL
     return mean, float(min(lo, mean)), float(max(hi, mean))
 
 
-def landuse_summary(stats: pd.DataFrame, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def landuse_summary(stats: pd.DataFrame, level: float = 0.95, seed: int = 0, unit: str = "cells",
+                    block_m: float | None = None) -> pd.DataFrame:
     """Per Urban Atlas class: pieces, total area, mean and interval of poor_score and rich_score.
 
     ``stats`` holds one row per piece with ua_code, ua_class, area, poor_score, rich_score and cell_id
     (the columns of polygon_stats.gpkg). The mean is over pieces; its interval is a percentile
-    bootstrap over cells (``cell_bootstrap_mean``, seeded by ``seed``; without a cell_id column every piece counts as its
-    own cell). ``rich_minus_poor`` = rich_score_mean - poor_score_mean. Sorted by rich_minus_poor,
+    bootstrap (``cell_bootstrap_mean``, seeded by ``seed``) over ``unit``: the spatial ``block_m``
+    blocks of the EPSG:3035 grid holding the pieces' cells (``blocks``) or the cells themselves
+    (``cells``; without a cell_id column every piece counts as its own cell). ``rich_minus_poor`` = rich_score_mean - poor_score_mean. Sorted by rich_minus_poor,
     largest first.
     """
     if "cell_id" not in stats.columns:
-        stats = stats.assign(cell_id=np.arange(len(stats)).astype(str))
+        stats, unit = stats.assign(cell_id=np.arange(len(stats)).astype(str)), "cells"
+    if unit == "blocks":
+        from .spatial_folds import block_ids
+
+        stats = stats.assign(unit=block_ids(stats["cell_id"], block_m))
+    else:
+        stats = stats.assign(unit=stats["cell_id"])
     rows = []
     for code, g in stats.groupby("ua_code", sort=True):
         row = {"ua_code": code, "ua_class": g["ua_class"].iloc[0], "pieces": len(g),
                "area": float(g["area"].sum())}
         for name in ("poor", "rich"):
             row[f"{name}_score_mean"], row[f"{name}_score_lo"], row[f"{name}_score_hi"] = \
-                cell_bootstrap_mean(g[f"{name}_score"], g["cell_id"], level, seed=seed)
+                cell_bootstrap_mean(g[f"{name}_score"], g["unit"], level, seed=seed)
         row["rich_minus_poor"] = row["rich_score_mean"] - row["poor_score_mean"]
         rows.append(row)
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
