@@ -65,6 +65,41 @@ def test_model_beats_chance(world):
         assert m["pooled"]["auc_poor_rich"] > 0.55 and m["pooled"]["spearman"] > 0, (city, m["pooled"])
 
 
+def test_metrics_json_gives_baseline_intervals_gain_and_null(world):
+    """Each city's metrics.json: intervals by a bootstrap of spatial blocks (named, counted, inside the
+    metric's range), the baseline fitted on the same folds, the gain over it and the permutation null;
+    the closing line and training_summary.csv say the same."""
+    root, logs = world
+    ses = root / "results" / "ses"
+    table = pd.read_csv(ses / "training_summary.csv")
+    for city in CITIES:
+        m = json.loads((ses / city / "metrics.json").read_text())
+        iv = m["intervals"]
+        assert (iv["unit"], iv["block_m"], iv["level"]) == ("blocks", 1000.0, 0.95) and "cell_bootstrap" not in iv
+        assert iv["units"] >= 2 and ("note" in iv) == (iv["units"] < 5)
+        assert "values" in iv["over_folds"] and "note" in iv["over_folds"]      # 2 folds: no interval over folds
+        for entry in (iv, m["baseline"]["intervals"]):
+            b = entry["bootstrap"]["auc_poor_rich"]
+            assert 0.0 <= b["lo"] <= b["hi"] <= 1.0 and b["resamples_used"] > 0.9 * iv["resamples"]
+        assert m["baseline"]["name"] and set(m["baseline"]["pooled"]) >= {"auc_poor_rich", "kappa_quadratic", "spearman"}
+        gain = m["gain_over_baseline"]["auc_poor_rich"]
+        assert gain["value"] == pytest.approx(m["pooled"]["auc_poor_rich"] - m["baseline"]["pooled"]["auc_poor_rich"])
+        assert gain["lo"] <= gain["value"] <= gain["hi"]
+        perm = m["permutation"]
+        for k in ("auc_poor_rich", "baseline_auc_poor_rich"):
+            assert 0 < perm[k]["p_value"] <= 1 and perm[k]["chance"] == (perm[k]["p_value"] > 0.05)
+        cnn = pd.read_csv(ses / city / "predictions.csv")
+        base = pd.read_csv(ses / city / "baseline_predictions.csv")
+        assert list(base.columns) == list(cnn.columns)
+        assert base.set_index("cell_id")["fold"].sort_index().equals(cnn.set_index("cell_id")["fold"].sort_index())
+        row = table.set_index("city").loc[city]
+        assert row["baseline_auc_poor_rich"] == pytest.approx(m["baseline"]["pooled"]["auc_poor_rich"])
+        assert row["auc_p_value"] == pytest.approx(perm["auc_poor_rich"]["p_value"])
+        line = next(x for x in logs[2].splitlines() if x.startswith(f"[ses-train] {city}:") and "folds;" in x)
+        assert "baseline" in line and "gain" in line and f"{iv['units']} blocks" in line and "permutation p" in line
+        assert ("not distinguishable from chance" in line) == perm["auc_poor_rich"]["chance"]
+
+
 def test_planted_classes_on_the_right_side(world):
     """Every land-use class planted as raising income reads richer (larger rich_minus_poor) than every
     class planted as lowering it."""
