@@ -46,11 +46,52 @@ def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int =
         f1.append(f1_score(y, p, labels=idx, average="macro", zero_division=0))
         rec.append(recall_score(y, p, labels=idx, average=None, zero_division=0))
     rec = np.asarray(rec)
-    n_images = {c: int(pd.unique(np.asarray(groups, dtype=object)[labels == i]).size) for i, c in enumerate(classes)}
     return {"level": level, "n_boot": n_boot, "resampled": "source images, within each city",
             "accuracy": _interval(acc, level), "macro_f1": _interval(f1, level),
             "per_city_recall": {c: _interval(rec[:, i], level) for i, c in enumerate(classes)},
-            "source_images_per_city": n_images}
+            **units(labels, groups, classes)}
+
+
+MIN_UNITS = 5  # an interval resting on fewer resampling units than this in a city says so
+UNIT = "source images"
+
+
+def units(labels, groups, classes: Sequence[str]) -> dict:
+    """What the bootstrap resamples and how many there are: ``unit``, ``units_per_city``,
+    ``units_total`` and, when a city has fewer than ``MIN_UNITS``, a ``note`` saying which."""
+    labels, groups = np.asarray(labels), np.asarray(groups, dtype=object)
+    per_city = {c: int(pd.unique(groups[labels == i]).size) for i, c in enumerate(classes)}
+    out = {"unit": UNIT, "units_per_city": per_city, "units_total": int(sum(per_city.values()))}
+    few = {c: n for c, n in per_city.items() if n < MIN_UNITS}
+    if few:
+        lo, hi = min(few.values()), max(few.values())
+        each = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        out["note"] = (f"fewer than {MIN_UNITS} {UNIT} per city ({each} in {len(few)} of {len(per_city)} cities): "
+                       "intervals too wide to trust")
+    return out
+
+
+def paired_gain(labels, pred, pred_ref, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95) -> dict:
+    """``{"accuracy": {"value", "lo", "hi"}, "macro_f1": {...}}``: how much ``pred`` beats ``pred_ref``
+    on the same patches, with a percentile interval over the resamples of ``metric_intervals`` (same
+    seed: the same resampled source images), each resample scoring both."""
+    labels, pred, pred_ref = np.asarray(labels), np.asarray(pred), np.asarray(pred_ref)
+    idx = list(range(len(classes)))
+
+    def scores(r):
+        y, a, b = labels[r], pred[r], pred_ref[r]
+        return np.array([(y == a).mean() - (y == b).mean(),
+                         f1_score(y, a, labels=idx, average="macro", zero_division=0)
+                         - f1_score(y, b, labels=idx, average="macro", zero_division=0)])
+
+    value = scores(np.arange(len(labels)))
+    boot = np.array([scores(r) for r in resamples(labels, groups, n_boot, seed)])
+    out = {}
+    for k, name in enumerate(("accuracy", "macro_f1")):
+        lo, hi = _interval(boot[:, k], level)
+        out[name] = {"value": float(value[k]), "lo": lo, "hi": hi}
+    return out
 
 
 def pair_stability(labels, pred, embeddings, groups, classes: Sequence[str], k: int, n_boot: int = 200,
