@@ -457,3 +457,14 @@ def test_headline_says_chance_and_too_few_units():
     assert "4 source images (2 per city): fewer than 5" in line
     assert report.with_note("title", metrics).splitlines() == [
         "title", "accuracy not distinguishable from chance; fewer than 5 source images per city"]
+
+
+def test_a_training_stamp_from_before_split_val_is_the_paper_scheme_and_site_retrains():
+    from urbanlens.core import runs
+
+    cfg = load_config("configs/cities_demo.yaml")
+    old = runs.make_stamp("train_classification.py", cfg, training.RUN_KEYS)
+    del old["settings"]["split.val"]                     # a run from before the key
+    assert runs.differences(old, cfg, training.RUN_KEYS) == []
+    site = load_config("configs/cities_demo.yaml", ["split.val=site"])
+    assert runs.differences(old, site, training.RUN_KEYS) == ["split.val"]
