@@ -67,10 +67,11 @@ def main() -> None:
     rows = manifest[manifest["split"] == cfg.test.split]
     sources = rows["source"].to_numpy()
     n_boot, n_perm = cfg.test.bootstrap, cfg.test.permutations
+    boot = intervals.bootstrap_scores(labels, pred, sources, classes, n_boot, cfg.seed)
     metrics = cities_metrics.classification_metrics(labels, logits, classes)
     metrics["per_site"] = cities_metrics.per_site_accuracy(labels, pred, rows["iata"], rows["site"])
     metrics.update(split=cfg.test.split, validation=scheme, checkpoint=str(best_pt), checkpoint_epoch=epoch,
-                   intervals=intervals.metric_intervals(labels, pred, sources, classes, n_boot, cfg.seed))
+                   intervals=intervals.metric_intervals(labels, pred, sources, classes, n_boot, cfg.seed, scores=boot))
     permutation = {"permutations": n_perm, "accuracy": null.accuracy_p_value(labels, pred, n_perm, cfg.seed)}
 
     # The simple baseline on the same patches: fitted on the training patches the model trained on.
@@ -80,12 +81,13 @@ def main() -> None:
                                                     classes, cfg.test.baseline_max_train, cfg.seed)
         base_pred = base_lp.argmax(axis=1)
         base = cities_metrics.classification_metrics(labels, base_lp, classes)
+        base_boot = intervals.bootstrap_scores(labels, base_pred, sources, classes, n_boot, cfg.seed)  # same resamples
         metrics["baseline"] = {"name": fitted["name"], "accuracy": base["accuracy"], "macro_f1": base["macro_f1"],
                                "train_patches": fitted["train_patches"], "seconds": fitted["seconds"],
                                "intervals": intervals.metric_intervals(labels, base_pred, sources, classes, n_boot,
-                                                                       cfg.seed)}
+                                                                       cfg.seed, scores=base_boot)}
         metrics["gain_over_baseline"] = intervals.paired_gain(labels, pred, base_pred, sources, classes, n_boot,
-                                                              cfg.seed)
+                                                              cfg.seed, scores=boot, scores_ref=base_boot)
         permutation["baseline_accuracy"] = null.accuracy_p_value(labels, base_pred, n_perm, cfg.seed)
         write_csv(prediction_frame(rows, classes, labels, base_pred, np.exp(base_lp).max(axis=1)),
                   out / "baseline_predictions.csv")

@@ -34,9 +34,9 @@ def _interval(values, level: float) -> list[float]:
     return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
 
 
-def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict:
-    """Percentile intervals of accuracy, macro F1 and per-city recall over source-image resamples."""
+def bootstrap_scores(labels, pred, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
+    """``{"accuracy": [n_boot], "macro_f1": [n_boot], "recall": [n_boot, classes]}`` over the source-image
+    resamples of ``resamples(labels, groups, n_boot, seed)`` (the same seed gives the same resamples)."""
     labels, pred = np.asarray(labels), np.asarray(pred)
     idx = list(range(len(classes)))
     acc, f1, rec = [], [], []
@@ -45,10 +45,17 @@ def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int =
         acc.append(float((y == p).mean()))
         f1.append(f1_score(y, p, labels=idx, average="macro", zero_division=0))
         rec.append(recall_score(y, p, labels=idx, average=None, zero_division=0))
-    rec = np.asarray(rec)
+    return {"accuracy": np.asarray(acc), "macro_f1": np.asarray(f1), "recall": np.asarray(rec).reshape(n_boot, len(idx))}
+
+
+def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95, scores: dict | None = None) -> dict:
+    """Percentile intervals of accuracy, macro F1 and per-city recall over source-image resamples
+    (``scores``: ``bootstrap_scores`` of the same arguments, when already computed)."""
+    b = scores if scores is not None else bootstrap_scores(labels, pred, groups, classes, n_boot, seed)
     return {"level": level, "n_boot": n_boot, "resampled": "source images, within each city",
-            "accuracy": _interval(acc, level), "macro_f1": _interval(f1, level),
-            "per_city_recall": {c: _interval(rec[:, i], level) for i, c in enumerate(classes)},
+            "accuracy": _interval(b["accuracy"], level), "macro_f1": _interval(b["macro_f1"], level),
+            "per_city_recall": {c: _interval(b["recall"][:, i], level) for i, c in enumerate(classes)},
             **units(labels, groups, classes)}
 
 
@@ -72,46 +79,19 @@ def units(labels, groups, classes: Sequence[str]) -> dict:
 
 
 def paired_gain(labels, pred, pred_ref, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
-                level: float = 0.95) -> dict:
+                level: float = 0.95, scores: dict | None = None, scores_ref: dict | None = None) -> dict:
     """``{"accuracy": {"value", "lo", "hi"}, "macro_f1": {...}}``: how much ``pred`` beats ``pred_ref``
-    on the same patches, with a percentile interval over the resamples of ``metric_intervals`` (same
-    seed: the same resampled source images), each resample scoring both."""
+    on the same patches, with a percentile interval of the difference over the same resampled source
+    images (each resample scores both; ``scores``/``scores_ref``: their ``bootstrap_scores``, when known)."""
     labels, pred, pred_ref = np.asarray(labels), np.asarray(pred), np.asarray(pred_ref)
     idx = list(range(len(classes)))
-
-    def scores(r):
-        y, a, b = labels[r], pred[r], pred_ref[r]
-        return np.array([(y == a).mean() - (y == b).mean(),
-                         f1_score(y, a, labels=idx, average="macro", zero_division=0)
-                         - f1_score(y, b, labels=idx, average="macro", zero_division=0)])
-
-    value = scores(np.arange(len(labels)))
-    boot = np.array([scores(r) for r in resamples(labels, groups, n_boot, seed)])
+    a = scores if scores is not None else bootstrap_scores(labels, pred, groups, classes, n_boot, seed)
+    b = scores_ref if scores_ref is not None else bootstrap_scores(labels, pred_ref, groups, classes, n_boot, seed)
+    value = {"accuracy": float((labels == pred).mean() - (labels == pred_ref).mean()),
+             "macro_f1": float(f1_score(labels, pred, labels=idx, average="macro", zero_division=0)
+                               - f1_score(labels, pred_ref, labels=idx, average="macro", zero_division=0))}
     out = {}
-    for k, name in enumerate(("accuracy", "macro_f1")):
-        lo, hi = _interval(boot[:, k], level)
-        out[name] = {"value": float(value[k]), "lo": lo, "hi": hi}
-    return out
-
-
-def pair_stability(labels, pred, embeddings, groups, classes: Sequence[str], k: int, n_boot: int = 200,
-                   seed: int = 0) -> pd.DataFrame:
-    """For each method and pair, the share of resamples in which the pair is among the ``k`` most similar."""
-    labels, pred, embeddings = np.asarray(labels), np.asarray(pred), np.asarray(embeddings)
-    n = len(classes)
-    counts = {}
-    for r in resamples(labels, groups, n_boot, seed):
-        cm = confusion_matrix(labels[r], pred[r], labels=list(range(n)))
-        sims = {"confusion": confusion_similarity(cm), "embedding": embedding_similarity(embeddings[r], labels[r], n)}
-        for method, sim in sims.items():
-            for a, b in similar_pairs(sim, classes, method).head(k)[["city_a", "city_b"]].itertuples(index=False):
-                counts[(method, a, b)] = counts.get((method, a, b), 0) + 1
-    return pd.DataFrame([(m, a, b, c / n_boot) for (m, a, b), c in counts.items()],
-                        columns=["method", "city_a", "city_b", "stability"])
-
-
-def with_stability(pairs: pd.DataFrame, stability: pd.DataFrame) -> pd.DataFrame:
-    """``pairs`` (similar_pairs rows) with a ``stability`` column (0 for pairs never in the top k)."""
-    out = pairs.merge(stability, on=["method", "city_a", "city_b"], how="left")
-    out["stability"] = out["stability"].fillna(0.0)
+    for name in ("accuracy", "macro_f1"):
+        lo, hi = _interval(a[name] - b[name], level)
+        out[name] = {"value": value[name], "lo": lo, "hi": hi}
     return out
