@@ -59,6 +59,29 @@ def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int =
             **units(labels, groups, classes)}
 
 
+def pair_stability(labels, pred, embeddings, groups, classes: Sequence[str], k: int, n_boot: int = 200,
+                   seed: int = 0) -> pd.DataFrame:
+    """For each method and pair, the share of resamples in which the pair is among the ``k`` most similar."""
+    labels, pred, embeddings = np.asarray(labels), np.asarray(pred), np.asarray(embeddings)
+    n = len(classes)
+    counts = {}
+    for r in resamples(labels, groups, n_boot, seed):
+        cm = confusion_matrix(labels[r], pred[r], labels=list(range(n)))
+        sims = {"confusion": confusion_similarity(cm), "embedding": embedding_similarity(embeddings[r], labels[r], n)}
+        for method, sim in sims.items():
+            for a, b in similar_pairs(sim, classes, method).head(k)[["city_a", "city_b"]].itertuples(index=False):
+                counts[(method, a, b)] = counts.get((method, a, b), 0) + 1
+    return pd.DataFrame([(m, a, b, c / n_boot) for (m, a, b), c in counts.items()],
+                        columns=["method", "city_a", "city_b", "stability"])
+
+
+def with_stability(pairs: pd.DataFrame, stability: pd.DataFrame) -> pd.DataFrame:
+    """``pairs`` (similar_pairs rows) with a ``stability`` column (0 for pairs never in the top k)."""
+    out = pairs.merge(stability, on=["method", "city_a", "city_b"], how="left")
+    out["stability"] = out["stability"].fillna(0.0)
+    return out
+
+
 MIN_UNITS = 5  # an interval resting on fewer resampling units than this in a city says so
 UNIT = "source images"
 
