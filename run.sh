@@ -61,6 +61,15 @@ run_cities() {
   echo "[cities] results in $(cfg_get paths.results "${args[@]}")/cities"
 }
 
+run_site_validation() {  # demo: the classifier trained again, validated on a held-out train site instead of the test site's other half
+  local args=("$@")
+  local results; results=$(cfg_get paths.results "${args[@]}")
+  local site=(--set split.val=site --set "paths.results=$results/val_site")
+  $PY train_classification.py "${args[@]}" "${site[@]}"
+  $PY test_classification.py "${args[@]}" "${site[@]}"
+  echo "[cities] split.val=site results in $results/val_site/cities"
+}
+
 run_new_city() {  # demo: a held-out synthetic city, a new twin of one demo city -> which demo city it resembles
   local args=("$@")
   local data; data=$(cfg_get paths.data "${args[@]}")
@@ -92,6 +101,7 @@ case "$cmd" in
   demo)
     start=$SECONDS
     run_cities --config configs/cities_demo.yaml "$@"
+    run_site_validation --config configs/cities_demo.yaml "$@"
     run_new_city --config configs/cities_demo.yaml "$@"
     echo "[demo] cities pipeline took $((SECONDS - start)) s"
     start=$SECONDS

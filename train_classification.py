@@ -4,7 +4,9 @@ A torchvision backbone (paper: ResNet-50 from ImageNet weights) with a new final
 inputs resized to model.input_size with random horizontal and vertical flips and ImageNet normalisation,
 Adam (learning rate per train.schedule; the paper's is constant), cross-entropy, class-balanced sampling
 (train.balanced). Each epoch writes <results>/cities/checkpoints/last.pt and a
-row of <results>/cities/train_log.csv; best.pt keeps the epoch of highest validation accuracy.
+row of <results>/cities/train_log.csv; best.pt keeps the epoch of highest validation accuracy. The
+validation patches are the paper's (right halves of the test site's images) or, with split.val=site, those
+of a train site held out of training (urbanlens/cities/validation.py).
 Patches changed since last.pt was trained (re-cut, other image or patch settings) are refused, also
 with --resume: overwrite=true trains anew on them.
 Re-running the same command continues from last.pt (an interrupted run loses at most the epoch it was
@@ -26,6 +28,7 @@ from torch.nn import functional as F
 from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
+from urbanlens.cities import validation
 from urbanlens.core import batch_ops, entry, locks, loops, runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
@@ -50,15 +53,18 @@ def main() -> None:
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
     classes = patches.class_names(manifest, patches_dir / "manifest.csv")  # two cities or more
+    manifest = validation.training_splits(manifest, cfg.split.val)  # which patches train and which validate
     model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
     model = loops.to_device(model, device, nhwc, amp)  # (before the store: missing weights stop at once)
     size = cfg.model.input_size
     if cfg.store:  # decoded once at input_size into <patches>/store/ (again when the patches change);
         for split in ("train", "val") if main else ():  # flips and normalisation per batch on the device
-            data.split_store(manifest, split, patches_dir, classes, size, f"[train] store {split}")
+            data.split_store(manifest, split, patches_dir, classes, size, f"[train] store {split}",
+                             validation.store_name(split, cfg.split.val))
         if world > 1:
             torch.distributed.barrier()
-        train_set, val_set = (data.split_store(manifest, s, patches_dir, classes, size) for s in ("train", "val"))
+        train_set, val_set = (data.split_store(manifest, s, patches_dir, classes, size,
+                                               name=validation.store_name(s, cfg.split.val)) for s in ("train", "val"))
     else:  # each patch decoded, resized, flipped and normalised in the loader every epoch
         train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                        size)
@@ -113,7 +119,8 @@ def main() -> None:
     if main:
         save_run_config(cfg, out, "train_config.yaml")
         runs.write_stamp(stamp, "train_classification.py", cfg, cities_training.RUN_KEYS, inputs, cut_with)
-        print(f"[train] {len(train_set)} train / {len(val_set)} val patches, {len(classes)} cities, "
+        print(f"[train] {len(train_set)} train / {len(val_set)} val patches (split.val={cfg.split.val}), "
+              f"{len(classes)} cities, "
               f"{cfg.model.backbone} on {device} x{world}, {len(train_loader)} steps per epoch")
 
     # Epochs: the sampling and augmentation of epoch e depend only on (seed, e), so a resumed run draws

@@ -315,11 +315,11 @@ def test_intervals_cover_the_point_estimate_and_widen_with_fewer_images():
     a = intervals.metric_intervals(labels, pred, many, ["A", "B", "C", "D"], n_boot=300)
     b = intervals.metric_intervals(labels, pred, few, ["A", "B", "C", "D"], n_boot=300)
     assert a["accuracy"][0] <= acc <= a["accuracy"][1] and a["macro_f1"][0] < a["macro_f1"][1]
-    assert set(a["per_city_recall"]) == {"A", "B", "C", "D"} and a["source_images_per_city"]["A"] == 10
+    assert set(a["per_city_recall"]) == {"A", "B", "C", "D"} and a["units_per_city"]["A"] == 10
     constant = np.repeat(["one"], 160)
     c = intervals.metric_intervals(labels, pred, np.char.add(labels.astype(str), constant), ["A", "B", "C", "D"], n_boot=50)
     assert c["accuracy"][0] == c["accuracy"][1] == acc    # one image per city: nothing to resample
-    assert b["source_images_per_city"]["A"] == 2
+    assert b["units_per_city"]["A"] == 2
 
 
 def test_pair_stability_is_high_for_a_planted_pair_and_low_for_noise():
@@ -339,3 +339,132 @@ def test_pair_stability_is_high_for_a_planted_pair_and_low_for_noise():
     for method in ("confusion", "embedding"):
         rows = st[st["method"] == method].set_index(["city_a", "city_b"])["stability"]
         assert rows.loc[("A", "B")] > 0.95 and rows.drop(("A", "B")).sum() < 0.05
+
+
+# ---------------------------------------------------------------- honest numbers: units, gain, null, validation
+def test_units_are_counted_per_city_and_too_few_are_flagged():
+    from urbanlens.cities import intervals
+
+    labels = np.repeat([0, 1, 2], 12)
+    groups = np.array([f"{c}_{i // k}" for c, i, k in zip(labels, range(36), [2] * 12 + [6] * 12 + [2] * 12)])
+    u = intervals.units(labels, groups, ["A", "B", "C"])
+    assert u["unit"] == "source images" and u["units_per_city"] == {"A": 6, "B": 2, "C": 6}
+    assert u["units_total"] == 14
+    assert "fewer than 5" in u["note"] and "1 of 3 cities" in u["note"]
+    many = np.array([f"{c}_{i}" for c, i in zip(labels, range(36))])  # 12 images a city: no note
+    assert "note" not in intervals.units(labels, many, ["A", "B", "C"])
+
+
+def test_paired_gain_is_the_difference_and_its_interval_excludes_zero_only_when_it_should():
+    from urbanlens.cities import intervals
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(4), 60)
+    groups = np.array([f"{c}_{i // 6}" for c, i in zip(labels, range(240))])   # 10 images a city
+    good = np.where(rng.random(240) < 0.9, labels, (labels + 1) % 4)
+    weak = np.where(rng.random(240) < 0.5, labels, (labels + 2) % 4)
+    g = intervals.paired_gain(labels, good, weak, groups, list("ABCD"), n_boot=100, seed=0)
+    assert g["accuracy"]["value"] == pytest.approx((good == labels).mean() - (weak == labels).mean())
+    assert 0 < g["accuracy"]["lo"] <= g["accuracy"]["value"] <= g["accuracy"]["hi"]
+    assert g["macro_f1"]["lo"] > 0
+    same = intervals.paired_gain(labels, good, good, groups, list("ABCD"), n_boot=20, seed=0)
+    assert same["accuracy"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}    # paired: identical models differ by 0
+    twin = np.where(rng.random(240) < 0.9, labels, (labels + 1) % 4)   # as good, other errors
+    t = intervals.paired_gain(labels, good, twin, groups, list("ABCD"), n_boot=100, seed=0)["accuracy"]
+    assert t["lo"] < 0 < t["hi"]
+
+
+def test_permutation_p_value_is_small_for_signal_and_uniform_under_noise():
+    from urbanlens.cities import null
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(8), 25)
+    weak = np.where(rng.random(200) < 0.3, labels, rng.integers(0, 8, 200))   # 30 % + chance: a real signal
+    planted = null.accuracy_p_value(labels, weak, permutations=500, seed=0)
+    assert planted["p_value"] < 0.01 and not planted["chance"]
+    ps = np.array([null.accuracy_p_value(labels, np.random.default_rng(s).integers(0, 8, 200), 200, seed=s)["p_value"]
+                   for s in range(40)])                                      # no signal: p about uniform
+    assert (ps <= 0.05).mean() <= 0.15 and 0.3 < ps.mean() < 0.7 and ps.max() > 0.8
+    assert null.accuracy_p_value(labels, labels, permutations=99)["p_value"] == pytest.approx(0.01)  # floor 1/(n+1)
+
+
+def _site_manifest(sites_per_city=3):
+    rows = []
+    for iata in ("AAA", "BBB"):
+        sites = [f"s{i}" for i in range(sites_per_city)]
+        for site in sites:
+            parts = ["train"] if site != sites[-1] else ["test", "val", "test_b"]
+            for split in parts:
+                for k in range(4):
+                    rows.append({"path": f"{split}/{iata}/{site}__img__y0_x{k}.jpg", "city": iata, "iata": iata,
+                                 "site": site, "source": f"{iata}/{site}/img.png", "split": split, "y": 0, "x": k,
+                                 "size": 8})
+    return pd.DataFrame(rows)
+
+
+def test_site_validation_holds_out_a_train_site_and_nothing_of_the_test_site():
+    from urbanlens.cities import validation
+
+    manifest = _site_manifest(4)
+    assert validation.training_splits(manifest, "paper") is manifest
+    out = validation.training_splits(manifest, "site")
+    for iata in ("AAA", "BBB"):
+        rows = out[out["iata"] == iata]
+        test_sites = set(rows.loc[rows["split"].isin(["test", "test_b"]), "site"])
+        val_sites = set(rows.loc[rows["split"] == "val", "site"])
+        train_sites = set(rows.loc[rows["split"] == "train", "site"])
+        assert test_sites == {"s3"} and val_sites == {"s2"} and train_sites == {"s0", "s1"}
+        assert not val_sites & test_sites and not val_sites & train_sites
+    same = ["path", "split"]  # the test patches are those of the paper's split
+    for split in ("test", "test_b"):
+        assert out.loc[out["split"] == split, same].reset_index(drop=True).equals(
+            manifest.loc[manifest["split"] == split, same].reset_index(drop=True))
+    assert validation.store_name("val", "site") != validation.store_name("val", "paper")
+
+
+def test_site_validation_refuses_a_city_with_two_sites_in_one_line():
+    from urbanlens.cities import validation
+
+    with pytest.raises(errors.DataError) as e:
+        validation.training_splits(_site_manifest(2), "site")
+    assert "AAA has 2 sites" in str(e.value) and "split.val=paper" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_baseline_training_sample_is_capped_and_stratified_by_city():
+    from urbanlens.cities import baseline as cities_baseline
+
+    rows = pd.DataFrame({"iata": ["AAA"] * 900 + ["BBB"] * 100, "path": [f"p{i}" for i in range(1000)]})
+    sample = cities_baseline.training_sample(rows, 200, seed=0)
+    assert len(sample) == 200 and sample["iata"].value_counts().to_dict() == {"AAA": 180, "BBB": 20}
+    assert sample.index.is_monotonic_increasing
+    assert sample.equals(cities_baseline.training_sample(rows, 200, seed=0))
+    assert cities_baseline.training_sample(rows, 5000, seed=0) is rows
+
+
+def test_headline_says_chance_and_too_few_units():
+    from urbanlens.cities import report
+
+    metrics = {"accuracy": 0.2, "intervals": {"accuracy": [0.1, 0.3], "level": 0.95, "unit": "source images",
+                                              "units_per_city": {"A": 2, "B": 2}, "units_total": 4,
+                                              "note": "fewer than 5 source images per city"},
+               "baseline": {"accuracy": 0.5, "intervals": {"accuracy": [0.4, 0.6]}},
+               "gain_over_baseline": {"accuracy": {"value": -0.3, "lo": -0.4, "hi": -0.2}},
+               "permutation": {"accuracy": {"p_value": 0.4, "chance": True},
+                               "baseline_accuracy": {"p_value": 0.001, "chance": False}}}
+    line = report.headline(metrics)
+    assert "accuracy 0.200 [0.100, 0.300] vs baseline 0.500 [0.400, 0.600], gain -0.300 [-0.400, -0.200]" in line
+    assert "p=0.4, not distinguishable from chance (baseline p=0.001)" in line
+    assert "4 source images (2 per city): fewer than 5" in line
+    assert report.with_note("title", metrics).splitlines() == [
+        "title", "accuracy not distinguishable from chance; fewer than 5 source images per city"]
+
+
+def test_a_training_stamp_from_before_split_val_is_the_paper_scheme_and_site_retrains():
+    from urbanlens.core import runs
+
+    cfg = load_config("configs/cities_demo.yaml")
+    old = runs.make_stamp("train_classification.py", cfg, training.RUN_KEYS)
+    del old["settings"]["split.val"]                     # a run from before the key
+    assert runs.differences(old, cfg, training.RUN_KEYS) == []
+    site = load_config("configs/cities_demo.yaml", ["split.val=site"])
+    assert runs.differences(old, site, training.RUN_KEYS) == ["split.val"]

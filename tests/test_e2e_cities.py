@@ -62,6 +62,53 @@ def test_accuracy_is_well_above_chance(trained):
     metrics = json.loads((out / "metrics.json").read_text())
     chance = 1 / len(metrics["per_city"])
     assert metrics["accuracy"] >= 0.6 > 4 * chance, metrics["accuracy"]
+    perm = metrics["permutation"]
+    assert perm["accuracy"]["p_value"] <= 2 / perm["permutations"] and not perm["accuracy"]["chance"]
+
+
+def test_metrics_carry_baseline_gain_units_and_validation(trained):
+    root, out = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = pd.read_csv(root / "data" / "cities" / "patches" / "manifest.csv")
+    test_b = manifest[manifest["split"] == "test_b"]
+    iv = metrics["intervals"]
+    assert iv["unit"] == "source images" and iv["units_total"] == test_b["source"].nunique()
+    assert iv["units_per_city"] == test_b.groupby("iata")["source"].nunique().to_dict()
+    assert "fewer than 5 source images" in iv["note"]    # the small world has one test image a city
+    assert metrics["validation"] == "paper"
+    base = metrics["baseline"]
+    assert base["train_patches"] == (manifest["split"] == "train").sum() and 0 <= base["accuracy"] <= 1
+    assert set(base["intervals"]) >= {"accuracy", "macro_f1", "unit", "units_total"}
+    gain = metrics["gain_over_baseline"]
+    for k in ("accuracy", "macro_f1"):
+        assert gain[k]["value"] == pytest.approx(metrics[k] - base[k])
+        assert gain[k]["lo"] <= gain[k]["hi"]
+    assert "p_value" in metrics["permutation"]["baseline_accuracy"]
+    preds = {n: pd.read_csv(out / n) for n in ("predictions.csv", "baseline_predictions.csv")}
+    assert preds["predictions.csv"]["path"].tolist() == preds["baseline_predictions.csv"]["path"].tolist() \
+        == test_b["path"].tolist()
+    assert (preds["baseline_predictions.csv"].eval("true == predicted")).mean() == pytest.approx(base["accuracy"])
+
+
+def test_site_validation_trains_tests_and_is_recorded(world):
+    """split.val=site: the validation patches come from a train site; the test stage records the scheme
+    and refuses a config that says another one."""
+    short = ["split.val=site", "train.epochs=1", "train.max_steps_per_epoch=2", "test.baseline=false",
+             "test.bootstrap=20", "test.permutations=20"]
+    proc = run_stage(["train_classification.py"], world, short, results="siteval")
+    manifest = pd.read_csv(world / "data" / "cities" / "patches" / "manifest.csv")
+    train = manifest[manifest["split"] == "train"]
+    held = train.groupby("iata")["site"].max()            # each city's last train site validates
+    n_val = int((train["site"] == train["iata"].map(held)).sum())
+    assert "split.val=site" in proc.stdout and train.groupby("iata")["site"].nunique().min() == 2
+    assert f"[train] {len(train) - n_val} train / {n_val} val patches" in proc.stdout
+    run_stage(["test_classification.py"], world, short, results="siteval")
+    out = world / "siteval" / "cities"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["validation"] == "site" and "baseline" not in metrics
+    assert not (out / "baseline_predictions.csv").exists()
+    refused = run_stage(["test_classification.py"], world, [*short, "split.val=paper"], results="siteval", check=False)
+    assert refused.returncode == 2 and "trained with split.val=site" in refused.stderr
 
 
 def test_most_planted_twins_are_found(trained):

@@ -34,9 +34,9 @@ def _interval(values, level: float) -> list[float]:
     return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
 
 
-def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict:
-    """Percentile intervals of accuracy, macro F1 and per-city recall over source-image resamples."""
+def bootstrap_scores(labels, pred, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
+    """``{"accuracy": [n_boot], "macro_f1": [n_boot], "recall": [n_boot, classes]}`` over the source-image
+    resamples of ``resamples(labels, groups, n_boot, seed)`` (the same seed gives the same resamples)."""
     labels, pred = np.asarray(labels), np.asarray(pred)
     idx = list(range(len(classes)))
     acc, f1, rec = [], [], []
@@ -45,12 +45,18 @@ def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int =
         acc.append(float((y == p).mean()))
         f1.append(f1_score(y, p, labels=idx, average="macro", zero_division=0))
         rec.append(recall_score(y, p, labels=idx, average=None, zero_division=0))
-    rec = np.asarray(rec)
-    n_images = {c: int(pd.unique(np.asarray(groups, dtype=object)[labels == i]).size) for i, c in enumerate(classes)}
+    return {"accuracy": np.asarray(acc), "macro_f1": np.asarray(f1), "recall": np.asarray(rec).reshape(n_boot, len(idx))}
+
+
+def metric_intervals(labels, pred, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95, scores: dict | None = None) -> dict:
+    """Percentile intervals of accuracy, macro F1 and per-city recall over source-image resamples
+    (``scores``: ``bootstrap_scores`` of the same arguments, when already computed)."""
+    b = scores if scores is not None else bootstrap_scores(labels, pred, groups, classes, n_boot, seed)
     return {"level": level, "n_boot": n_boot, "resampled": "source images, within each city",
-            "accuracy": _interval(acc, level), "macro_f1": _interval(f1, level),
-            "per_city_recall": {c: _interval(rec[:, i], level) for i, c in enumerate(classes)},
-            "source_images_per_city": n_images}
+            "accuracy": _interval(b["accuracy"], level), "macro_f1": _interval(b["macro_f1"], level),
+            "per_city_recall": {c: _interval(b["recall"][:, i], level) for i, c in enumerate(classes)},
+            **units(labels, groups, classes)}
 
 
 def pair_stability(labels, pred, embeddings, groups, classes: Sequence[str], k: int, n_boot: int = 200,
@@ -73,4 +79,42 @@ def with_stability(pairs: pd.DataFrame, stability: pd.DataFrame) -> pd.DataFrame
     """``pairs`` (similar_pairs rows) with a ``stability`` column (0 for pairs never in the top k)."""
     out = pairs.merge(stability, on=["method", "city_a", "city_b"], how="left")
     out["stability"] = out["stability"].fillna(0.0)
+    return out
+
+
+MIN_UNITS = 5  # an interval resting on fewer resampling units than this in a city says so
+UNIT = "source images"
+
+
+def units(labels, groups, classes: Sequence[str]) -> dict:
+    """What the bootstrap resamples and how many there are: ``unit``, ``units_per_city``,
+    ``units_total`` and, when a city has fewer than ``MIN_UNITS``, a ``note`` saying which."""
+    labels, groups = np.asarray(labels), np.asarray(groups, dtype=object)
+    per_city = {c: int(pd.unique(groups[labels == i]).size) for i, c in enumerate(classes)}
+    out = {"unit": UNIT, "units_per_city": per_city, "units_total": int(sum(per_city.values()))}
+    few = {c: n for c, n in per_city.items() if n < MIN_UNITS}
+    if few:
+        lo, hi = min(few.values()), max(few.values())
+        each = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        out["note"] = (f"fewer than {MIN_UNITS} {UNIT} per city ({each} in {len(few)} of {len(per_city)} cities): "
+                       "intervals too wide to trust")
+    return out
+
+
+def paired_gain(labels, pred, pred_ref, groups, classes: Sequence[str], n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95, scores: dict | None = None, scores_ref: dict | None = None) -> dict:
+    """``{"accuracy": {"value", "lo", "hi"}, "macro_f1": {...}}``: how much ``pred`` beats ``pred_ref``
+    on the same patches, with a percentile interval of the difference over the same resampled source
+    images (each resample scores both; ``scores``/``scores_ref``: their ``bootstrap_scores``, when known)."""
+    labels, pred, pred_ref = np.asarray(labels), np.asarray(pred), np.asarray(pred_ref)
+    idx = list(range(len(classes)))
+    a = scores if scores is not None else bootstrap_scores(labels, pred, groups, classes, n_boot, seed)
+    b = scores_ref if scores_ref is not None else bootstrap_scores(labels, pred_ref, groups, classes, n_boot, seed)
+    value = {"accuracy": float((labels == pred).mean() - (labels == pred_ref).mean()),
+             "macro_f1": float(f1_score(labels, pred, labels=idx, average="macro", zero_division=0)
+                               - f1_score(labels, pred_ref, labels=idx, average="macro", zero_division=0))}
+    out = {}
+    for name in ("accuracy", "macro_f1"):
+        lo, hi = _interval(a[name] - b[name], level)
+        out[name] = {"value": value[name], "lo": lo, "hi": hi}
     return out

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..core import loops, outputs, runs, runtime
 from ..core.backbones import classifier_from_checkpoint
+from ..core.config import ADDED
 from ..core.errors import CheckpointError, ConfigError
 from ..core.loops import unwrap
 from ..core.schema import SCHEDULES
@@ -86,6 +87,16 @@ def patch_settings(data_dir: str | Path) -> dict:
     except FileNotFoundError:
         return {}
     return {f"patches:{k}": v for k, v in stamp["settings"].items()}
+
+
+def trained_validation(results: str | Path) -> str | None:
+    """The validation scheme (``split.val``) the classifier under ``results`` was trained with, from its
+    run stamp (``paper`` for runs from before the key); None when there is no stamp."""
+    try:
+        stamp = runs.read_stamp(Path(results) / STAMP, "train_classification.py")
+    except FileNotFoundError:
+        return None
+    return stamp["settings"].get("split.val", ADDED["split.val"])
 
 
 def data_changes(changes: list[str]) -> list[str]:

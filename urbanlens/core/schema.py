@@ -28,6 +28,7 @@ ORTHO_PRODUCTS = ("RVB", "IRC")  # ses.ortho_product: IGN BD ORTHO natural or in
 IMPUTED_POLICIES = ("keep", "drop")  # ses.imputed: cells INSEE imputed
 CV_SCHEMES = ("stratified", "spatial", "city")  # ses_train.cv (ses/spatial_folds.py)
 BOOTSTRAP_UNITS = ("blocks", "cells")  # ses_train.bootstrap: what the held-out intervals resample
+VAL_SCHEMES = ("paper", "site")  # split.val (cities/validation.py)
 
 SEED_MAX = 2**32 - 1  # numpy's seeds
 
@@ -102,13 +103,14 @@ SCHEMA: dict[str, Key] = {
     "image.scale_min": Key(float, nullable=True), "image.scale_max": Key(float, nullable=True),
     "patch.size": COUNT, "patch.stride": COUNT, "patch.jpeg_quality": QUALITY, "patch.max_nodata": SHARE,
     "patch.ground_m": Key(float, nullable=True, lo=0, lo_open=True),
-    "split.test_b_per_city": NUMBER,
+    "split.test_b_per_city": NUMBER, "split.val": choice(*VAL_SCHEMES),
     "model.backbone": choice(*BACKBONES), "model.pretrained": FLAG, "model.weights_path": WEIGHTS,
     "model.input_size": COUNT,
     "train.epochs": COUNT, "train.batch_size": COUNT, "train.lr": POSITIVE, "train.schedule": choice(*SCHEDULES),
     "train.balanced": FLAG, "train.amp": choice(*AMP_CHOICES), "train.channels_last": FLAG,
     "train.max_steps_per_epoch": NUMBER,
     "test.split": choice(*SPLITS), "test.batch_size": COUNT, "test.bootstrap": COUNT, "test.stability_top_k": NUMBER,
+    "test.baseline": FLAG, "test.baseline_max_train": COUNT, "test.permutations": COUNT,
     "newplace.held_out": COUNT, "newplace.bootstrap": COUNT, "newplace.panel_patches": COUNT,
     "saliency.method": choice(*CAM_METHODS), "saliency.per_city": COUNT, "saliency.threshold": SHARE,
     "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT,
