@@ -9,7 +9,10 @@ centres it holds, their total-variation distance and symmetric KL, and poor/rich
 m^2) -> polygon_stats.gpkg. Scores are averaged per
 land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/), with the model's
 held-out skill (AUC poorest-vs-richest, bootstrap interval) and a ``meaningful`` flag that is False when
-that interval holds 0.5 or a class map is zero everywhere (urbanlens.ses.findings). Figures: observed vs
+that interval holds 0.5 or a class map is zero everywhere (urbanlens.ses.findings), or when the maps fail
+their sanity check (urbanlens.ses.map_sanity; cams.sanity_cells seeded cells, 0 = off): model
+randomisation and deletion against random pixel orders, in the columns of urbanlens.core.sanity.COLUMNS
+(sanity_randomisation_rho, sanity_deletion_gain, ..., maps_pass_sanity). Figures: observed vs
 predicted income map, a panel per sampled cell, rich vs poor score per land-use class.
 
     python gradcaming_urban_areas.py --config configs/ses_demo.yaml [--set cams.batch_size=4]
@@ -27,9 +30,9 @@ import sys
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, shards
+from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, sanity, shards
 from urbanlens.core.errors import DataError
-from urbanlens.ses import data, findings, projection, skips, urban_atlas, zonal
+from urbanlens.ses import data, findings, map_sanity, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import model as ses_model
@@ -45,7 +48,7 @@ def main() -> None:
     cells = data.read_cells(ses_dir / "cells.gpkg").to_crs(ses_maps.CAM_CRS)
     rng = np.random.default_rng(cfg.seed)
 
-    pooled, pooled_preds, city_findings = [], [], {}
+    pooled, pooled_preds, city_findings, pooled_checks = [], [], {}, []
     units = {"unit": cfg.ses_train.bootstrap, "block_m": cfg.ses_train.block_m}  # what the intervals resample
     trained = [c for c in cfg.ses.cities if (ses_dir / c / "metrics.json").is_file()]
     for city in cfg.ses.cities:
@@ -105,9 +108,14 @@ def main() -> None:
         pooled.append(stats)
         # the ranking carries the model's held-out skill, and says when it means nothing
         preds = findings.read_predictions(city_dir)
-        finding = city_findings[city] = findings.city_finding(preds, stats, seed=cfg.seed, **units)
+        # and whether its maps depend on what the model learned and point at what drives its score
+        verdict = None
+        if cc.sanity_cells:
+            pooled_checks.append(map_sanity.check_city(model, layer, city_cells, ses_dir, size, cc, device, cfg.seed))
+            verdict = sanity.summarise(*pooled_checks[-1])
+        finding = city_findings[city] = map_sanity.flag(findings.city_finding(preds, stats, seed=cfg.seed, **units), verdict)
         pooled_preds.append(preds)
-        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding)
+        summary = map_sanity.annotate(findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding), verdict)
         files.write_csv(summary, city_dir / "landuse_summary.csv")
 
         # 4. figures: income maps, sampled cell panels, scores per class
@@ -117,6 +125,8 @@ def main() -> None:
         print(f"[cams] {city}: {len(city_cells)} cells ({n_new} new maps), {n_pieces} land-use pieces"
               + (f"; richest-reading class {top.ua_code} {top.ua_class}, poorest-reading "
                  f"{summary.iloc[-1].ua_code} {summary.iloc[-1].ua_class}" if top is not None else "")
+              + (f"; maps vs a random model: median rho {verdict.rho:.2f}, deletion gain {verdict.deletion_gain:+.3f}"
+                 if verdict is not None else "")
               + f"; {findings.describe(finding)} -> {city_dir}")
 
     if pooled:
@@ -124,8 +134,9 @@ def main() -> None:
         if stats.empty:
             raise DataError(ses_dir, "no Urban Atlas polygon overlaps a mapped cell",
                             f"check ses.ua_dir ({cfg.ses.ua_dir}) and ses.cities")
-        finding = findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed, **units)
-        summary = findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding)
+        verdict = sanity.summarise(*map(np.concatenate, zip(*pooled_checks))) if pooled_checks else None
+        finding = map_sanity.flag(findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed, **units), verdict)
+        summary = map_sanity.annotate(findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding), verdict)
         files.write_csv(summary, ses_dir / "landuse_summary.csv")
         files.save_figure(ses_figures.landuse_scores_figure(summary, "all cities: activation per land-use class"),
                        ses_dir / "landuse_scores.png")

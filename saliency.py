@@ -5,6 +5,11 @@ classifier's class-activation map for the patch's true city, on the last residua
 Relevance-CAM; saliency.method: gradcam | gradcampp | relevancecam). Each patch gets a figure
 original | heat-map overlay | patch masked where the normalised map exceeds saliency.threshold, written as
 <results>/cities/saliency/<IATA>/<patch stem>.png, and a row of <results>/cities/saliency/index.csv.
+Every row also carries the sanity check of the maps over saliency.sanity_patches seeded patches of the
+sample (0 = off; urbanlens.core.sanity): model randomisation (median Spearman rho between the trained and
+a randomly initialised model's maps) and deletion against random pixel orders, in the columns
+sanity_maps, sanity_randomisation_rho, sanity_deletion_gain, sanity_insertion_gain, sanity_deletion_p and
+maps_pass_sanity (empty when the check is off).
 """
 from pathlib import Path
 
@@ -14,8 +19,8 @@ from tqdm import tqdm
 
 from urbanlens.cities import data, patches
 from urbanlens.cities.figures import saliency_figure
-from urbanlens.cities.saliency import sample_patches
-from urbanlens.core import entry, locks, runtime
+from urbanlens.cities.saliency import sample_patches, sanity_check
+from urbanlens.core import entry, locks, runtime, sanity
 from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
 from urbanlens.core.cam import class_activation_maps
 from urbanlens.core.config import cli, data_dir, results_dir
@@ -72,7 +77,17 @@ def main() -> None:
         bar.update(len(batch))
     bar.close()
 
+    # whether the maps depend on what the model learned and point at what drives its score
+    verdict, checked = None, chosen.iloc[sanity.sample(len(chosen), cfg.saliency.sanity_patches, cfg.seed)]
+    if cfg.saliency.sanity_patches:
+        batches = ((torch.stack([preprocess(data.read_image(patches_dir / f, trained["input_size"])) for f in b["path"]]
+                                ).to(device), [classes.index(c) for c in b["iata"]])
+                   for b in (checked.iloc[i:i + bs] for i in range(0, len(checked), bs)))
+        verdict = sanity.summarise(*sanity_check(model, layer, batches, cfg.saliency.method, cfg.seed))
+
     index = pd.DataFrame(rows)
+    for col, value in (verdict.row() if verdict is not None else sanity.unchecked_row()).items():
+        index[col] = pd.Series([value] * len(index), index=index.index, dtype=object if col == "maps_pass_sanity" else None)
     write_csv(index, out / "index.csv")
     save_run_config(cfg, out)
     # panels of an earlier sample (another seed, split or per_city) would be taken for this one's
@@ -82,7 +97,10 @@ def main() -> None:
         p.unlink()
     print(f"[saliency] {len(index)} {cfg.saliency.method} panels for {index['iata'].nunique()} cities "
           f"({cfg.saliency.split} split, {(index['predicted'] == index['iata']).mean():.0%} correctly classified) "
-          f"in {out}" + (f"; {len(stale)} panels of an earlier sample removed" if stale else ""))
+          f"in {out}" + (f"; {len(stale)} panels of an earlier sample removed" if stale else "")
+          + (f"; sanity over {verdict.maps} patches: median rho vs a random model {verdict.rho:.2f}, deletion gain "
+             f"{verdict.deletion_gain:+.3f} (p = {verdict.deletion_p:.2g}), "
+             + ("maps pass" if verdict.passes else f"maps FAIL: {verdict.reason}") if verdict is not None else ""))
 
 
 if __name__ == "__main__":

@@ -30,3 +30,21 @@ def sample_patches(manifest, split: str, per_city: int, seed: int):
     if not picked:
         return rows.reset_index(drop=True)
     return pd.concat(picked).sort_values(["iata", "path"]).reset_index(drop=True)
+
+
+def sanity_check(model, layer, batches, method: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rho, deletion gain, insertion gain), one per patch (urbanlens.core.sanity): ``method``'s maps of
+    the trained ``model`` against a randomly initialised copy, and their deletion/insertion gains over
+    random pixel orders. ``batches``: (x [B, 3, H, W] as the model reads it, target class per patch)."""
+    from ..core import sanity
+    from ..core.backbones import last_conv_layer
+    from ..core.cam import class_activation_maps
+
+    rand = sanity.randomised(model, seed)
+    rand_layer = last_conv_layer(rand)
+    out = []
+    for i, (x, targets) in enumerate(batches):
+        maps = class_activation_maps(model, layer, x, targets, method)
+        rho = sanity.rank_correlations(maps, class_activation_maps(rand, rand_layer, x, targets, method))
+        out.append((rho, *sanity.faithfulness(model, x, maps, np.asarray(targets), seed + i)))
+    return tuple(np.concatenate(v) for v in zip(*out)) if out else (np.array([]),) * 3

@@ -70,6 +70,8 @@ ADDED = {
     "test.baseline": False,
     "test.baseline_max_train": 20000,
     "test.permutations": 1000,
+    "cams.sanity_cells": 0,
+    "saliency.sanity_patches": 0,
 }
 
 

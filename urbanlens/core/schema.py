@@ -113,7 +113,7 @@ SCHEMA: dict[str, Key] = {
     "test.baseline": FLAG, "test.baseline_max_train": COUNT, "test.permutations": COUNT,
     "newplace.held_out": COUNT, "newplace.bootstrap": COUNT, "newplace.panel_patches": COUNT,
     "saliency.method": choice(*CAM_METHODS), "saliency.per_city": COUNT, "saliency.threshold": SHARE,
-    "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT,
+    "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT, "saliency.sanity_patches": NUMBER,
     # socioeconomic status
     "france.cities": NAMES, "france.city_size_m": COUNT, "france.tile_size_m": COUNT,
     "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT, "france.withhold": SHARE,
@@ -131,7 +131,7 @@ SCHEMA: dict[str, Key] = {
     "ses_train.rot90": FLAG,
     "predict.batch_size": COUNT,
     "cams.batch_size": COUNT, "cams.clip_percentile": Key(float, lo=0, hi=100, lo_open=True), "cams.poor_class": CLASS,
-    "cams.rich_class": CLASS, "cams.panels": NUMBER, "cams.amp": choice(*AMP_CHOICES),
+    "cams.rich_class": CLASS, "cams.panels": NUMBER, "cams.amp": choice(*AMP_CHOICES), "cams.sanity_cells": NUMBER,
 }
 
 
