@@ -75,7 +75,8 @@ def main() -> None:
         if city_cells.empty:  # nothing to map is a stop, not an empty success
             raise DataError(ses_dir / "cells.gpkg", f"no cell image of {city} to map",
                             "re-run generate_fr_ua_aerial_data.py")
-        landuse, _ = urban_atlas.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city)
+        landuse, boundary = urban_atlas.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city, cfg.ses.ua_boundary)
+        print(f"[cams] {urban_atlas.describe(city, boundary)}")
         landuse = landuse.to_crs(ses_maps.CAM_CRS)
         files.save_run_config(cfg, city_dir, "cams_config.yaml")
         fresh_after = ses_maps.maps_fresh_after(city_dir, cfg, ckpt_path)  # maps of another model or settings are redone

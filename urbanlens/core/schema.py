@@ -117,6 +117,7 @@ SCHEMA: dict[str, Key] = {
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
     "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER,
+    "ses.ua_boundary": Key(str, empty=True),
     "ses_model.backbone": choice(*BACKBONES), "ses_model.pretrained": FLAG, "ses_model.weights_path": WEIGHTS,
     "ses_model.input_size": COUNT, "ses_model.dropout": PROBABILITY, "ses_model.stochastic_depth": PROBABILITY,
     "ses_model.bn_momentum": SHARE,

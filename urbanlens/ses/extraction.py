@@ -36,7 +36,7 @@ from .tiles import _crs, _transformer, tile_crs
 # What makes a cell image: the data read and the cell geometry. (Which cells and cities, and the void
 # threshold, may change between runs: the index is written anew, and each cell image is its own.)
 RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px",
-            "ses.imputed", "ses.ortho_product")
+            "ses.imputed", "ses.ortho_product", "ses.ua_boundary")
 
 
 STAMP = "generate_fr_ua_aerial_data.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/ses

@@ -26,7 +26,8 @@ from .grid import LAEA, cell_boxes, inspire_id, parse_inspire_id
 from .model import N_CLASSES, expected_class, load_ses_model
 
 # What the cell images of a prediction are made from (the scores are made anew by every run).
-RUN_KEYS = ("paths.data", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px", "ses.ortho_product")
+RUN_KEYS = ("paths.data", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px", "ses.ortho_product",
+            "ses.ua_boundary")
 
 
 STAMP = "predict_income.stamp.json"  # the run stamp (urbanlens.core.runs) in <city>/predicted

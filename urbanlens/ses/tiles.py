@@ -133,6 +133,8 @@ def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoData
     counted in ``attrs['missing']``. A tile's product (RVB or IRC) is read from IGN's names (file, then
     folders); tiles of the other product are left out and counted in ``attrs['other_product']``, so a
     cell is never read from two products. Tiles whose names name no product are taken as RVB.
+    ``attrs['indexes']`` lists the indexes read, ``attrs['unlisted']`` the raster files under
+    ``aerial_dir`` that no index names (never read), both relative to ``aerial_dir``.
     """
     aerial_dir = Path(aerial_dir)
     if product not in ORTHO_PRODUCTS:
@@ -174,6 +176,11 @@ def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoData
                             "; set ses.ortho_product to the product you have" if n_other else ""))
     tiles.attrs["missing"] = int(missing.sum())
     tiles.attrs["other_product"] = n_other
+    tiles.attrs["indexes"] = [p.relative_to(aerial_dir).as_posix() for p in indexes]
+    listed = {str(p) for p in pd.concat(frames)["path"].dropna()}
+    unlisted = sorted(p.relative_to(aerial_dir).as_posix() for found in files.values() for p in found
+                      if str(p) not in listed)
+    tiles.attrs["unlisted"] = unlisted  # raster files no index names: never read
     return tiles
 
 
