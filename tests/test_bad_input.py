@@ -23,6 +23,7 @@ from urbanlens.core import runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import load_config
 from urbanlens.ses import results
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
@@ -45,6 +46,7 @@ def run(args, root, extra=(), config=None, ses=False):
 
 def ok(proc):
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert_no_traceback(proc)
     return proc
 
 

@@ -23,6 +23,7 @@ from urbanlens.ses import extraction as ses_extraction
 from urbanlens.ses import grid, urban_atlas, world_plan
 from urbanlens.ses import tiles as ses_tiles
 from urbanlens.ses import world as ses_world
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["france.cities=[Paris, Lyon]", "france.city_size_m=1000", "france.resolution_m=4.0",
@@ -154,6 +155,7 @@ def _extract(sets):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert_no_traceback(proc)
     return proc.stdout
 
 
