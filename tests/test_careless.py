@@ -36,3 +36,48 @@ def test_a_worker_stopped_by_its_pool_ends_quietly():
     assert proc.returncode == 0, proc.stderr
     assert_no_traceback(proc)
     assert "worker exit -15" in proc.stdout and "KeyboardInterrupt" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- small cities
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from urbanlens.core.errors import DataError  # noqa: E402
+from urbanlens.ses import folds as ses_folds  # noqa: E402
+from urbanlens.ses import spatial_folds  # noqa: E402
+
+
+def _labels(per_class):
+    return np.repeat(np.arange(5), per_class)
+
+
+def test_a_city_too_small_for_its_validation_share_is_refused_naming_what_fits():
+    labels = _labels([3, 3, 3, 3, 3])  # 5 folds leave 2 training cells a quintile: fine; 3 folds leave 2 too
+    assert len(ses_folds.stratified_folds(labels, 3, 0.2, seed=0)) == 3
+    with pytest.raises(DataError) as err:  # 3 folds: 1 or 2 training cells a quintile, no stratified validation
+        ses_folds.stratified_folds(_labels([3, 3, 3, 3, 2]), 2, 0.2, seed=0, where="cells.gpkg: Lille")
+    msg = str(err.value)
+    assert msg.startswith("cells.gpkg: Lille: too small for ses_train.folds=2 with ses_train.val_share=0.2")
+    assert "14 cells, 3/3/3/3/2 cells per income quintile" in msg and "add cells" in msg
+
+
+def test_a_city_with_fewer_cells_in_a_quintile_than_folds_gets_the_folds_that_fit():
+    labels = _labels([6, 6, 6, 6, 4])
+    with pytest.raises(DataError) as err:
+        ses_folds.stratified_folds(labels, 5, 0.2, seed=0, where="cells.gpkg: Nice")
+    msg = str(err.value)
+    assert "Nice" in msg and "6/6/6/6/4 cells per income quintile" in msg and "set ses_train.folds=" in msg
+    k = int(msg.split("set ses_train.folds=")[1].split(",")[0])
+    assert len(ses_folds.stratified_folds(labels, k, 0.2, seed=0)) == k   # the setting named does fit
+
+
+def test_spatial_and_city_folds_refuse_small_input_in_one_line():
+    from urbanlens.ses import grid
+    ids = [grid.inspire_id(3_800_000 + 200 * i, 3_000_000 + 2000 * (i % 3)) for i in range(6)]
+    with pytest.raises(DataError) as err:
+        spatial_folds.spatial_folds(ids, [0, 1, 2, 3, 4, 4], 2, 0.9, 1000.0, 0.0, seed=0, where="Lyon")
+    assert "Lyon: too small" in str(err.value) and "per income quintile" in str(err.value)
+    with pytest.raises(DataError) as err:
+        spatial_folds.leave_city_out(["a", "a", "b", "b"], [0, 1, 0, 1], "b", 0.9, seed=0, where="pool")
+    assert "cities other than b hold 2 cells" in str(err.value)
