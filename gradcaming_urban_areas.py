@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, shards
+from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, schema, shards
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data, findings, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
@@ -66,6 +66,9 @@ def main() -> None:
         model = loops.to_device(model, device, True, cc.amp)  # NHWC on CUDA and under CPU bf16
         layer = backbones.last_conv_layer(model)
         size = ckpt["config"]["ses_model"]["input_size"]
+        coarse = schema.cam_map_problem("ses_model.input_size", size, "ses.cell_px")
+        if coarse:
+            print(f"[cams] warning: {city}: {coarse} (and retrain)", file=sys.stderr)
         ids, missing = data.city_cells(cells, city, ses_dir)
         if missing:
             print(f"[cams] warning: {missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this "

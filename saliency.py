@@ -6,6 +6,7 @@ Relevance-CAM; saliency.method: gradcam | gradcampp | relevancecam). Each patch 
 original | heat-map overlay | patch masked where the normalised map exceeds saliency.threshold, written as
 <results>/cities/saliency/<IATA>/<patch stem>.png, and a row of <results>/cities/saliency/index.csv.
 """
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from urbanlens.cities import data, patches
 from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches
-from urbanlens.core import entry, locks, runtime
+from urbanlens.core import entry, locks, runtime, schema
 from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
 from urbanlens.core.cam import class_activation_maps
 from urbanlens.core.config import cli, data_dir, results_dir
@@ -36,6 +37,9 @@ def main() -> None:
     model = model.to(device).eval()
     layer = last_conv_layer(model)
     preprocess = data.transforms(trained["input_size"], train=False)
+    coarse = schema.cam_map_problem("model.input_size", trained["input_size"], "patch.size")
+    if coarse:  # the model is trained: say so, and explain what it can
+        print(f"[saliency] warning: {coarse} (and retrain)", file=sys.stderr)
 
     # The patches to explain: saliency.per_city random ones per city, target = the patch's true city.
     patches_dir = data_dir(cfg, "cities", "patches")

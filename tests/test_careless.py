@@ -81,3 +81,35 @@ def test_spatial_and_city_folds_refuse_small_input_in_one_line():
     with pytest.raises(DataError) as err:
         spatial_folds.leave_city_out(["a", "a", "b", "b"], [0, 1, 0, 1], "b", 0.9, seed=0, where="pool")
     assert "cities other than b hold 2 cells" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- keys that contradict each other
+
+from urbanlens.core import schema  # noqa: E402
+from urbanlens.core.config import load_config  # noqa: E402
+from urbanlens.core.errors import ConfigError  # noqa: E402
+
+
+@pytest.mark.parametrize("sets, keys", [
+    (["cams.poor_class=2", "cams.rich_class=2"], ("cams.poor_class", "cams.rich_class")),
+    (["image.scale_min=300", "image.scale_max=200"], ("image.scale_min", "image.scale_max")),
+    (["ses_train.cv=spatial", "ses_train.block_m=400", "ses_train.buffer_m=400"], ("ses_train.buffer_m", "ses_train.block_m")),
+    (["ses_train.cv=spatial", "ses_train.block_m=100"], ("ses_train.block_m", "ses.cell_size_m")),
+])
+def test_contradicting_keys_are_refused_naming_both(sets, keys):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, sets)
+    msg = str(err.value)
+    assert all(f"'{k}'" in msg for k in keys) and "\n" not in msg
+
+
+def test_ordered_pairs_that_agree_pass():
+    cfg = load_config(None, ["cams.poor_class=1", "cams.rich_class=3", "image.scale_min=0", "image.scale_max=1",
+                             "ses_train.cv=stratified", "ses_train.buffer_m=5000", "patch.size=100", "patch.stride=100"])
+    assert cfg.cams.rich_class == 3 and cfg.ses_train.buffer_m == 5000   # the buffer matters under cv: spatial only
+
+
+def test_a_cam_needs_a_feature_map_of_two_by_two():
+    assert schema.cam_map_problem("model.input_size", 64) is None
+    line = schema.cam_map_problem("model.input_size", 48, "patch.size")
+    assert "'model.input_size' is 48" in line and "'patch.size'" in line and "1 x 1" in line and "at least 64" in line

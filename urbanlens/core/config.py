@@ -193,6 +193,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             nested = {k: nested}
         _merge(cfg, nested, f"--set {text}")
     cfg["config_file"] = str(path) if path is not None else None
+    schema.check_pairs(cfg, f"config {path}" if path is not None else "config")
     return _wrap(cfg)
 
 
