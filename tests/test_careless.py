@@ -113,3 +113,31 @@ def test_a_cam_needs_a_feature_map_of_two_by_two():
     assert schema.cam_map_problem("model.input_size", 64) is None
     line = schema.cam_map_problem("model.input_size", 48, "patch.size")
     assert "'model.input_size' is 48" in line and "'patch.size'" in line and "1 x 1" in line and "at least 64" in line
+
+
+# ----------------------------------------------------------------------------- run.sh's own usage
+
+def _run_sh(*args):
+    return subprocess.run(["bash", "run.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+def test_run_sh_prints_its_own_usage_listing_every_command():
+    proc = _run_sh("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: bash run.sh")
+    for command in ("demo", "setup", "test", "cities", "ses", "bench", "gpu-check"):
+        assert f"\n  {command}" in proc.stdout or f"| {command}" in proc.stdout, command
+
+
+@pytest.mark.parametrize("args, says", [
+    (("nosuch",), "error: bash run.sh nosuch: unknown command 'nosuch'"),
+    (("ses", "--sett", "ses_train.epochs=1"), "error: bash run.sh ses: unknown flag '--sett' (did you mean --set?)"),
+    (("cities", "--conifg", "configs/cities.yaml"), "unknown flag '--conifg' (did you mean --config?)"),
+    (("ses", "--set", "ses_train.epochs"), "--set ses_train.epochs: expected KEY=VALUE"),
+    (("cities", "--config"), "--config needs a value"),
+    (("ses", "configs/ses.yaml"), "unexpected argument 'configs/ses.yaml'"),
+])
+def test_run_sh_names_the_mistake_before_setting_anything_up(args, says):
+    proc = _run_sh(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr.splitlines()[0] and "usage: bash run.sh" in proc.stderr
+    assert "[setup]" not in proc.stdout + proc.stderr
