@@ -141,3 +141,36 @@ def test_run_sh_names_the_mistake_before_setting_anything_up(args, says):
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr.splitlines()[0] and "usage: bash run.sh" in proc.stderr
     assert "[setup]" not in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- training meets a last batch of one, a damaged image
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from urbanlens.ses import data as ses_data  # noqa: E402
+from urbanlens.ses import fitting  # noqa: E402
+
+
+def test_precise_batch_norm_statistics_skip_a_last_batch_of_one():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    torch.manual_seed(0)
+    batches = [(torch.randn(3, 3, 8, 8) + 2, None), (torch.randn(1, 3, 8, 8) - 50, None)]
+    fitting.recompute_bn_stats(model, batches, torch.device("cpu"))
+    with torch.no_grad():
+        expected = model[0](batches[0][0]).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model[1].running_mean, expected, rtol=1e-4, atol=1e-4)  # the lone image left out
+
+
+def test_a_damaged_cell_image_met_in_a_loader_worker_is_one_line_naming_it(tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(good)
+    raw = good.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])  # cut short, as a copy interrupted after the extraction checked it
+    dataset = ses_data.CellDataset([good, bad], [0, 1], 16)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: cannot read as an image") and "re-run generate_fr_ua_aerial_data.py" in msg
+    assert "Traceback" not in msg and "worker process" not in msg
