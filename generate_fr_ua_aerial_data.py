@@ -60,7 +60,8 @@ def main() -> None:
     product = cfg.ses.ortho_product  # RVB, or IRC on purpose: a cell is never read from both
     tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir), product=product)
     print(f"[extract] {len(tiles)} {product} orthophoto tiles indexed"
-          + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else "")
+          + (f" ({tiles.attrs['missing']} listed but absent on disk, e.g. {tiles.attrs['missing_names'][0]})"
+             if tiles.attrs["missing"] else "")
           + (f"; {tiles.attrs['other_product']} tiles of the other product ignored (ses.ortho_product={product})"
              if tiles.attrs["other_product"] else ""))
     print(f"[extract] tile index(es): {', '.join(tiles.attrs['indexes'])}" + (

@@ -400,9 +400,10 @@ def _tiles(data):
 
 def test_tile_index_naming_missing_tiles(ses):
     root, data, clean = ses
-    _tiles(data)[0].unlink()
+    gone = _tiles(data)[0]
+    gone.unlink()
     proc = ok(_extract(root))
-    assert "(1 listed but absent on disk)" in proc.stdout
+    assert f"(1 listed but absent on disk, e.g. {gone.name})" in proc.stdout   # the refused tile is named
     cells = _cells(root)
     assert sorted(cells["cell_id"]) == sorted(clean["cell_id"])
     assert cells["non_void"].sum() < clean["non_void"].sum() and cells["non_void"].any()

@@ -174,3 +174,38 @@ def test_a_damaged_cell_image_met_in_a_loader_worker_is_one_line_naming_it(tmp_p
     msg = str(err.value)
     assert msg.startswith(f"{bad}: cannot read as an image") and "re-run generate_fr_ua_aerial_data.py" in msg
     assert "Traceback" not in msg and "worker process" not in msg
+
+
+# ----------------------------------------------------------------------------- a full disk while cutting patches
+
+_FULL_DISK = textwrap.dedent("""
+    import errno, sys
+    from pathlib import Path
+    import numpy as np, pandas as pd
+    from PIL import Image
+    from urbanlens.cities import cutting, rasters
+    from urbanlens.core import entry
+    from urbanlens.core.config import load_config
+
+    tmp = Path(sys.argv[1])
+    for code in ("AAA", "BBB"):
+        (tmp / "raw" / code).mkdir(parents=True)
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp / "raw" / code / "img.png")
+    plan = pd.DataFrame({"source": ["AAA/img.png", "BBB/img.png"], "path": ["train/AAA/p.jpg", "train/BBB/p.jpg"],
+                         "split": "train", "y": 0, "x": 0, "size": 32, "city": ["A", "B"], "iata": ["AAA", "BBB"]})
+
+    def full(self, fp, *args, **kwargs):  # every patch write meets a full disk (inherited by forked workers)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    Image.Image.save = full
+    opts = rasters.options(load_config(None))
+    entry.run(lambda: cutting.cut(plan, tmp / "raw", tmp / "out", opts, workers=2, progress=False, drop_constant=False))
+""")
+
+
+def test_a_full_disk_while_cutting_patches_names_the_path(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'out' / 'train'}") and "no space left" in line and "df -h" in line
