@@ -123,6 +123,19 @@ def test_strict_stops_at_a_corrupt_image(cities, broken):
     assert not (root / "data" / "cities" / "patches" / "manifest.csv").exists() and not temp_files(root)
 
 
+def test_files_the_stage_does_not_use_are_listed(cities):
+    root, raw = cities
+    good = _all_sources(raw)
+    city = sorted(raw.iterdir())[0]
+    (city / "site_01" / "old").mkdir()
+    for p in (city / "loose.jpg", city / "site_01" / "old" / "x.jpg", city / "site_01" / "scan.bmp"):
+        Image.new("RGB", (96, 96), (90, 90, 90)).save(p, format="JPEG" if p.suffix == ".jpg" else "BMP")
+    proc = ok(run(["preprocessing.py"], root))
+    lines = [line for line in proc.stdout.splitlines() if "not used:" in line]
+    assert len(lines) == 3 and all(any(n in line for line in lines) for n in ("loose.jpg", "x.jpg", "scan.bmp")), lines
+    assert sorted(_manifest(root)["source"].unique()) == good
+
+
 def test_image_smaller_than_the_patch_is_listed(cities):
     root, raw = cities
     good = _all_sources(raw)

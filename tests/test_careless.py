@@ -209,3 +209,28 @@ def test_a_full_disk_while_cutting_patches_names_the_path(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: {tmp_path / 'out' / 'train'}") and "no space left" in line and "df -h" in line
+
+
+# ----------------------------------------------------------------------------- files an input folder does not use
+
+from urbanlens.cities import patches as city_patches  # noqa: E402
+
+
+def test_the_raw_folder_lists_every_file_it_does_not_use_and_why(tmp_path):
+    raw = tmp_path / "raw"
+    site = raw / "Lille (LIL)" / "site_01"
+    (site / "more").mkdir(parents=True)
+    (raw / "Lille (LIL)" / "site_02").mkdir()
+    for p in (site / "a.jpg", site / "a.tfw", site / ".hidden.jpg", raw / "Lille (LIL)" / "site_02" / "b.png"):
+        p.write_bytes(b"x")
+    assert city_patches.unused_inputs(raw) == []                          # images, a world file, a hidden file
+    for p in (raw / "notes.jpg", raw / "Lille (LIL)" / "loose.jpg", site / "more" / "c.jpg", site / "more" / "d.jpg",
+              site / "e.bmp"):
+        p.write_bytes(b"x")
+    lines = city_patches.unused_inputs(raw)
+    assert len(lines) == 4, lines
+    assert any("loose in the raw folder" in line and line.endswith(str(raw / "notes.jpg")) for line in lines)
+    assert any("loose in a city folder" in line and "loose.jpg" in line for line in lines)
+    assert any(line.startswith("2 file(s) in a folder nested inside a site folder") and "and 1 more" in line
+               for line in lines)
+    assert any("format the reader does not take" in line and "e.bmp" in line for line in lines)
