@@ -10,7 +10,7 @@ import shapely
 
 from urbanlens.core import errors
 from urbanlens.ses import census as ses_census
-from urbanlens.ses import grid, urban_atlas
+from urbanlens.ses import extraction, grid, urban_atlas
 
 FUA = "FR009L2_LILLE"
 E0, N0 = 3_800_000, 3_000_000  # a corner on the 200 m grid, EPSG:3035
@@ -135,3 +135,19 @@ def test_malformed_census_id_is_counted_and_named(tmp_path):
     shp = build_census_2015(tmp_path / "c" / "grid.shp", bad_id=True)
     got = ses_census.read_census(shp)
     assert len(got) == 3 and got.attrs["malformed"] == ["CRS3035RES200mN3000000E"]
+
+
+def test_the_2012_delivery_keeps_the_study_area_cells_with_the_2015_census(tmp_path):
+    """A 2 km census grid of 10 x 10 cells over the 2012 city: the study area (a 1.8 km square whose edges
+    pass through the outer cells' centres) holds 8 x 8 cell centres, the core city (0.6 km) only 2 x 2."""
+    build_ua2012_zip(tmp_path / "UA_data")
+    ids = [grid.inspire_id(E0 + 200 * i, N0 + 200 * j) for i in range(10) for j in range(10)]
+    shp = tmp_path / "census_data" / "grid_2015.shp"
+    shp.parent.mkdir()
+    gpd.GeoDataFrame({"IdINSPIRE": ids, "Ind": 10.0, "Ind_snv": 2e5}, geometry=list(grid.cell_boxes(ids)),
+                     crs="EPSG:3035").to_crs("EPSG:2154").to_file(shp)
+    boundary = urban_atlas.read_ua_boundary(tmp_path / "UA_data", "Lille")
+    census = ses_census.read_census(tmp_path / "census_data", bbox=boundary.total_bounds)   # the folder's one grid
+    assert len(extraction.cells_in_boundary(census, boundary)) == 64
+    core = gpd.GeoDataFrame(geometry=[_square(300)], crs="EPSG:3035")
+    assert len(extraction.cells_in_boundary(census, core)) == 4             # what the name order used to keep
