@@ -208,9 +208,10 @@ def image_paths(cell_ids: Sequence[str], cfg, ses_dir, city: str) -> list[str]:
 
 def census_income(cells: gpd.GeoDataFrame, census_path) -> np.ndarray:
     """The census income of each cell (NaN where the census has none, or no census file is there)."""
-    from .census import read_census
+    from .census import find_census, read_census
 
-    if not Path(census_path).exists() or cells.empty:
+    census_path, _ = find_census(census_path)  # the 2015 shapefile too, when it is its folder's one grid
+    if not census_path.exists() or cells.empty:
         return np.full(len(cells), np.nan)
     census = read_census(census_path, bbox=cells.total_bounds)
     return cells["cell_id"].map(census.set_index("cell_id")["income"]).to_numpy(float)
