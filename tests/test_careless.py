@@ -5,7 +5,21 @@ import subprocess
 import sys
 import textwrap
 
-from script_runner import ROOT, assert_no_traceback
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from urbanlens.cities import patches as city_patches
+from urbanlens.core import schema
+from urbanlens.core.config import load_config
+from urbanlens.core.errors import ConfigError, DataError
+from urbanlens.ses import data as ses_data
+from urbanlens.ses import fitting
+from urbanlens.ses import folds as ses_folds
+from urbanlens.ses import spatial_folds
+
+from script_runner import ROOT, assert_no_traceback  # tests/ is on the path under pytest
 
 # a stage whose forked worker is stopped with SIGTERM, as multiprocessing.Pool does when it closes
 _WORKER_STOPPED = textwrap.dedent("""
@@ -39,13 +53,6 @@ def test_a_worker_stopped_by_its_pool_ends_quietly():
 
 
 # ----------------------------------------------------------------------------- small cities
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from urbanlens.core.errors import DataError  # noqa: E402
-from urbanlens.ses import folds as ses_folds  # noqa: E402
-from urbanlens.ses import spatial_folds  # noqa: E402
 
 
 def _labels(per_class):
@@ -84,10 +91,6 @@ def test_spatial_and_city_folds_refuse_small_input_in_one_line():
 
 
 # ----------------------------------------------------------------------------- keys that contradict each other
-
-from urbanlens.core import schema  # noqa: E402
-from urbanlens.core.config import load_config  # noqa: E402
-from urbanlens.core.errors import ConfigError  # noqa: E402
 
 
 @pytest.mark.parametrize("sets, keys", [
@@ -144,12 +147,6 @@ def test_run_sh_names_the_mistake_before_setting_anything_up(args, says):
 
 
 # ----------------------------------------------------------------------------- training meets a last batch of one, a damaged image
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from urbanlens.ses import data as ses_data  # noqa: E402
-from urbanlens.ses import fitting  # noqa: E402
 
 
 def test_precise_batch_norm_statistics_skip_a_last_batch_of_one():
@@ -213,8 +210,6 @@ def test_a_full_disk_while_cutting_patches_names_the_path(tmp_path):
 
 # ----------------------------------------------------------------------------- files an input folder does not use
 
-from urbanlens.cities import patches as city_patches  # noqa: E402
-
 
 def test_the_raw_folder_lists_every_file_it_does_not_use_and_why(tmp_path):
     raw = tmp_path / "raw"
@@ -234,3 +229,11 @@ def test_the_raw_folder_lists_every_file_it_does_not_use_and_why(tmp_path):
     assert any(line.startswith("2 file(s) in a folder nested inside a site folder") and "and 1 more" in line
                for line in lines)
     assert any("format the reader does not take" in line and "e.bmp" in line for line in lines)
+
+
+def test_a_new_city_folder_names_the_files_of_formats_it_does_not_read(tmp_path):
+    from urbanlens.cities import newplace
+    (tmp_path / "a").mkdir()
+    for name in ("a/x.jp2", "a/x.j2w", "y.webp", "notes.txt", ".DS_Store"):
+        (tmp_path / name).write_bytes(b"x")
+    assert newplace.unused_files(tmp_path) == [tmp_path / "notes.txt", tmp_path / "y.webp"]
