@@ -1,6 +1,7 @@
 """Synthetic French world: real schemas and layouts, planted income, byte determinism, and the cell
 extraction stage end to end on a tiny world (index columns, void cells, resume)."""
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -184,6 +185,11 @@ def test_extraction_end_to_end_and_resume(world, tmp_path):
     assert (index["non_void"].to_numpy() == (fractions <= cfg.ses.max_nodata)).all()
     assert (~index["non_void"]).sum() >= 1 and index["non_void"].sum() > len(index) / 2
     assert (results / "ses" / "extract_config.yaml").is_file()
+    # the file or layer used for each role, printed and recorded in the run stamp
+    used = json.loads((results / "ses" / ses_extraction.STAMP).read_text())["settings"]["used"]
+    assert used["census"] == str(data / cfg.ses.census_file) and f"census grid {data / cfg.ses.census_file}" in log
+    for city in ("Paris", "Lyon"):
+        assert used["urban_atlas"][city]["boundary"].endswith("_Boundary") and f"{city}: Urban Atlas land use" in log
     # a re-run reads no tile again and leaves the images untouched
     stamps = {p: p.stat().st_mtime_ns for p in (results / "ses" / "imagery").rglob("*.png")}
     log = _extract(sets)
