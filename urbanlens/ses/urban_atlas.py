@@ -270,6 +270,8 @@ def _read_boundary(found: Path, layers, landuse: gpd.GeoDataFrame | None = None,
     pick = _pick_boundary(layers, landuse_source, wanted)
     unused = [f"{name} ({layer_role(name)})" for ds, name, _ in layers
               if layer_role(name) and (pick is None or (ds, name) != pick)]
+    unused += [f"{name} (land use of another year or a change layer)" for ds, name, fields in layers
+               if _ua_schema(fields) and not layer_role(name) and f"{ds}:{name}" != landuse_source]
     if pick:
         ds, name = pick
         boundary = _to_laea(gpd.read_file(ds, layer=name, engine="pyogrio"), f"{ds}:{name}")
