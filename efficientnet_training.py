@@ -106,11 +106,14 @@ def main() -> None:
         pool_labels = np.concatenate([lab for _, lab, _ in prepared.values()])
         pool_data = cell_data(pool, pool_labels, "all_cities")
 
+    # every city's folds before any training: a city too small for them stops the run here, not midway
+    folds_of = {city: spatial_folds.make_splits(tc, cfg.seed, *(
+        (pool["cell_id"], pool_labels, pool["city"]) if tc.cv == "city" else (df["cell_id"], labels, df["city"])),
+        city, where=f"{ses_dir / 'cells.gpkg'}: {city}") for city, (df, labels, _) in prepared.items()}
     for city, (df, labels, edges) in prepared.items():
         city_dir = ses_dir / city
         fit_df, fit_labels = (pool, pool_labels) if tc.cv == "city" else (df, labels)
-        splits, blocks = spatial_folds.make_splits(tc, cfg.seed, fit_df["cell_id"], fit_labels, fit_df["city"],
-                                                   city, where=f"{ses_dir / 'cells.gpkg'}: {city}")
+        splits, blocks = folds_of[city]
 
         # 2. finished folds are reused only when they were trained with this config (or overwrite=true)
         stamp, inputs = city_dir / results.STAMP, results.run_inputs(ses_dir, city, fit_df)

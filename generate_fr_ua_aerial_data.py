@@ -60,16 +60,25 @@ def main() -> None:
     product = cfg.ses.ortho_product  # RVB, or IRC on purpose: a cell is never read from both
     tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir), product=product)
     print(f"[extract] {len(tiles)} {product} orthophoto tiles indexed"
-          + (f" ({tiles.attrs['missing']} listed but absent on disk)" if tiles.attrs["missing"] else "")
+          + (f" ({tiles.attrs['missing']} listed but absent on disk, e.g. {tiles.attrs['missing_names'][0]})"
+             if tiles.attrs["missing"] else "")
           + (f"; {tiles.attrs['other_product']} tiles of the other product ignored (ses.ortho_product={product})"
              if tiles.attrs["other_product"] else ""))
+    print(f"[extract] tile index(es): {', '.join(tiles.attrs['indexes'])}" + (
+        f"; {len(tiles.attrs['unlisted'])} raster file(s) named in no index, not used (e.g. "
+        f"{tiles.attrs['unlisted'][0]})" if tiles.attrs["unlisted"] else ""))
     imagery = "imagery" if product == "RVB" else f"imagery-{product}"
 
     # 2. per city: cells inside the Urban Atlas boundary, with income, and the tiles they overlap
     frames, imputed_count, taken, counts = [], {"keep": 0, "drop": 0}, set(), {}
+    census_path, census_note = ses_census.find_census(data_dir(cfg, cfg.ses.census_file))
+    print(f"[extract] {census_note}")
+    used = {"census": str(census_path), "tile_indexes": tiles.attrs.get("indexes", []), "urban_atlas": {}}
     for city in cfg.ses.cities:
-        boundary = urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city)
-        census = ses_census.read_census(data_dir(cfg, cfg.ses.census_file), bbox=boundary.total_bounds)
+        boundary = urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city, cfg.ses.ua_boundary)
+        print(f"[extract] {urban_atlas.describe(city, boundary)}")
+        used["urban_atlas"][city] = urban_atlas.sources(boundary)
+        census = ses_census.read_census(census_path, bbox=boundary.total_bounds)
         cells, n_taken = extraction.drop_taken(extraction.cells_in_boundary(census, boundary), taken)
         taken.update(cells["cell_id"])  # a cell inside two overlapping boundaries: the first city's only
         cells, n_imputed = ses_census.apply_imputed(cells, cfg.ses.imputed)  # INSEE's i_est_200 = 1
@@ -87,6 +96,8 @@ def main() -> None:
               + extraction.census_drops(census.attrs, n_taken) + ")")
         frames.append(cells)
     cells = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=ses_grid.LAEA)
+    # the file or layer used for each role, beside the settings (not compared: the inputs' fingerprint is)
+    runs.write_stamp(stamp, "generate_fr_ua_aerial_data.py", cfg, extraction.RUN_KEYS, inputs, extra={"used": used})
     tag = "extract"
     if args.shard:  # this job's share: a contiguous chunk of each city's cells in cell-id order
         i, n = args.shard

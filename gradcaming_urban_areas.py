@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, sanity, shards
+from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, sanity, schema, shards
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data, findings, map_sanity, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
@@ -70,6 +70,9 @@ def main() -> None:
         model = loops.to_device(model, device, True, cc.amp)  # NHWC on CUDA and under CPU bf16
         layer = backbones.last_conv_layer(model)
         size = ckpt["config"]["ses_model"]["input_size"]
+        coarse = schema.cam_map_problem("ses_model.input_size", size, "ses.cell_px")
+        if coarse:
+            print(f"[cams] warning: {city}: {coarse} (and retrain)", file=sys.stderr)
         ids, missing = data.city_cells(cells, city, ses_dir)
         if missing:
             print(f"[cams] warning: {missing[0]}: {len(missing)} cell image(s) of {city} missing or unreadable (this "
@@ -79,7 +82,8 @@ def main() -> None:
         if city_cells.empty:  # nothing to map is a stop, not an empty success
             raise DataError(ses_dir / "cells.gpkg", f"no cell image of {city} to map",
                             "re-run generate_fr_ua_aerial_data.py")
-        landuse, _ = urban_atlas.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city)
+        landuse, boundary = urban_atlas.read_urban_atlas(config.data_dir(cfg, cfg.ses.ua_dir), city, cfg.ses.ua_boundary)
+        print(f"[cams] {urban_atlas.describe(city, boundary)}")
         landuse = landuse.to_crs(ses_maps.CAM_CRS)
         files.save_run_config(cfg, city_dir, "cams_config.yaml")
         fresh_after = ses_maps.maps_fresh_after(city_dir, cfg, ckpt_path)  # maps of another model or settings are redone

@@ -75,7 +75,7 @@ def main() -> None:
 
     # 3. the area's grid cells that orthophotos cover, census or not
     area = prediction.read_area(args.area) if args.area else \
-        urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city).geometry.union_all()
+        urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city, cfg.ses.ua_boundary).geometry.union_all()
     tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir), product=cfg.ses.ortho_product)
     grid = prediction.grid_cells(area, cfg.ses.cell_size_m)
     cells = prediction.covered(grid, tiles)

@@ -14,7 +14,7 @@ left out; a city left without train, val or test patches is left out. `test_b` i
 import time
 
 from urbanlens.cities import cutting, patches, rasters
-from urbanlens.cities.patches import SPLITS, patches_dir, plan_split
+from urbanlens.cities.patches import SPLITS, patches_dir, plan_split, unused_inputs
 from urbanlens.core import entry, locks, runs
 from urbanlens.core.config import cli, data_dir
 from urbanlens.core.errors import DataError
@@ -43,6 +43,8 @@ def main() -> None:
                                 ground_m=opts["ground_m"])
     for p in problems:
         say(f"skipped: {p}")
+    for line in unused_inputs(raw):  # nothing under the raw folder is passed over without a word
+        say(f"not used: {line}")
     if plan.empty:
         raise DataError(raw, "no usable city image (all skipped, see above)", "fix the files listed or lower patch.size")
 

@@ -6,6 +6,7 @@
 #   bash run.sh ses    [--config F] [--set k=v ...]   socioeconomic-status stages in order
 #   bash run.sh bench                run the benchmarks in bench/
 #   bash run.sh gpu-check [--cpu-dry-run]   check a GPU machine in one go (bench/gpu_check.py)
+#   bash run.sh setup                only set up the environment;  bash run.sh --help  the usage
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -94,8 +95,57 @@ run_ses() {
   echo "[ses] results in $(cfg_get paths.results "${args[@]}")/ses"
 }
 
+usage() {
+  cat <<'USAGE'
+usage: bash run.sh [COMMAND] [--config FILE] [--set KEY=VALUE ...]
+  (none) | demo      set up what is missing, then run both demo pipelines end to end
+  setup              only set up the environment (./.venv, or the active venv/conda env)
+  test [pytest args] set up, then run the test suite
+  cities             city identification stages in order (default config configs/cities_demo.yaml)
+  ses                socioeconomic-status stages in order (default config configs/ses_demo.yaml)
+  bench              run the benchmarks in bench/
+  gpu-check [--cpu-dry-run]   check a GPU machine in one go (bench/gpu_check.py)
+  help | --help      this message
+USAGE
+}
+
+usage_error() {  # COMMAND PROBLEM: one line naming the command, then the usage; exit 2 before any setup
+  echo "error: bash run.sh $1: $2" >&2
+  usage >&2
+  exit 2
+}
+
+check_flags() {  # COMMAND ARGS...: only --config FILE and --set KEY=VALUE, each with its value
+  local cmd=$1; shift
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --config|--set)
+        if [ $# -lt 2 ] || [[ "$2" == -* ]]; then
+          usage_error "$cmd" "$1 needs a value ($([ "$1" = --set ] && echo "KEY=VALUE, e.g. --set train.epochs=5" || echo "a config file, e.g. configs/ses.yaml"))"
+        fi
+        if [ "$1" = --set ] && [[ "$2" != *=* ]]; then
+          usage_error "$cmd" "--set $2: expected KEY=VALUE, e.g. --set train.epochs=5"
+        fi
+        shift 2 ;;
+      --config=*|--set=*) shift ;;
+      -h|--help) usage; exit 0 ;;
+      --c*|-c*) usage_error "$cmd" "unknown flag '$1' (did you mean --config?)" ;;
+      --s*|-s*) usage_error "$cmd" "unknown flag '$1' (did you mean --set?)" ;;
+      -*) usage_error "$cmd" "unknown flag '$1' (run.sh $cmd takes --config FILE and --set KEY=VALUE)" ;;
+      *) usage_error "$cmd" "unexpected argument '$1' (a config file goes after --config, a value after --set)" ;;
+    esac
+  done
+}
+
 cmd=${1:-demo}
 [ $# -gt 0 ] && shift
+case "$cmd" in  # the command and its flags are checked before anything is installed or run
+  help|-h|--help) usage; exit 0 ;;
+  demo|cities|ses|setup) check_flags "$cmd" "$@" ;;
+  test|bench|gpu-check) ;;  # their arguments go to pytest, the benchmarks, gpu_check.py
+  -*) usage_error "$cmd" "a flag before the command; the command comes first, e.g. bash run.sh ses $cmd ..." ;;
+  *) usage_error "$cmd" "unknown command '$cmd'" ;;
+esac
 setup_env
 case "$cmd" in
   demo)
@@ -117,5 +167,4 @@ case "$cmd" in
   bench)   for b in bench/*.py; do case "$b" in bench/gpu_check.py|bench/training_loader.py) continue ;; esac; echo "== $b"; $PY "$b" "$@"; done ;;
   gpu-check) $PY bench/gpu_check.py "$@" ;;
   setup)   echo "[setup] environment ready: $PY" ;;
-  *) echo "usage: bash run.sh [demo|test|cities|ses|bench|gpu-check|setup] [--config F] [--set k=v ...]" >&2; exit 2 ;;
 esac

@@ -11,6 +11,7 @@ a randomly initialised model's maps) and deletion against random pixel orders, i
 sanity_maps, sanity_randomisation_rho, sanity_deletion_gain, sanity_insertion_gain, sanity_deletion_p and
 maps_pass_sanity (empty when the check is off).
 """
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from urbanlens.cities import data, patches
 from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches, sanity_check
-from urbanlens.core import entry, locks, runtime, sanity
+from urbanlens.core import entry, locks, runtime, sanity, schema
 from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
 from urbanlens.core.cam import class_activation_maps
 from urbanlens.core.config import cli, data_dir, results_dir
@@ -41,6 +42,9 @@ def main() -> None:
     model = model.to(device).eval()
     layer = last_conv_layer(model)
     preprocess = data.transforms(trained["input_size"], train=False)
+    coarse = schema.cam_map_problem("model.input_size", trained["input_size"], "patch.size")
+    if coarse:  # the model is trained: say so, and explain what it can
+        print(f"[saliency] warning: {coarse} (and retrain)", file=sys.stderr)
 
     # The patches to explain: saliency.per_city random ones per city, target = the patch's true city.
     patches_dir = data_dir(cfg, "cities", "patches")

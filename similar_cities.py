@@ -52,6 +52,10 @@ def main() -> None:
     if not images.is_dir() or not newplace.find_images(images):
         raise DataError(images, "no image files (.tif, .png, .jpg) in this folder or below",
                         "point --images at the folder of the new city's images")
+    unused = newplace.unused_files(images)
+    if unused:  # nothing in the folder is passed over without a word
+        print(f"[new city] not used: {len(unused)} file(s) of a format the reader does not take (it takes "
+              f"{', '.join(patches.IMAGE_SUFFIXES)}): {unused[0]}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else ""))
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"--name '{name}'", "not usable as a folder name", "give a plain name, e.g. --name Bishkek")
     device = runtime.select_device(cfg.device)

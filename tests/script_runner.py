@@ -12,14 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_script(args, data, results, sets=(), config="configs/cities_demo.yaml", launcher=(sys.executable,),
                env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
     """``launcher args --config config --set paths.data=data --set paths.results=results --set s ...`` from
-    the repository root, progress bars off; with ``check``, a non-zero exit fails showing the output."""
+    the repository root, progress bars off; with ``check``, a non-zero exit fails showing the output, and
+    so does a successful stage whose output holds a Python traceback (e.g. a pool worker's)."""
     cmd = [*launcher, *args, "--config", config, "--set", f"paths.data={data}", "--set", f"paths.results={results}",
            *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert_no_traceback(proc, args)
     return proc
+
+
+def assert_no_traceback(proc: subprocess.CompletedProcess, args=()) -> None:
+    """A stage that succeeded printed no Python traceback (a worker's, a library's warning path's)."""
+    for name, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        at = (text or "").find("Traceback (most recent call last)")
+        assert at < 0, f"{' '.join(map(str, args))} succeeded but its {name} holds a traceback:\n{text[at:at + 3000]}"
 
 
 # the city demo config, smaller: 8 cities (4 twin pairs), one 384 px image per site, 32 px model input

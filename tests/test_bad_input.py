@@ -23,6 +23,7 @@ from urbanlens.core import runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import load_config
 from urbanlens.ses import results
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
@@ -45,6 +46,7 @@ def run(args, root, extra=(), config=None, ses=False):
 
 def ok(proc):
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert_no_traceback(proc)
     return proc
 
 
@@ -119,6 +121,19 @@ def test_strict_stops_at_a_corrupt_image(cities, broken):
                           "replace or delete")
     assert str(site) in line
     assert not (root / "data" / "cities" / "patches" / "manifest.csv").exists() and not temp_files(root)
+
+
+def test_files_the_stage_does_not_use_are_listed(cities):
+    root, raw = cities
+    good = _all_sources(raw)
+    city = sorted(raw.iterdir())[0]
+    (city / "site_01" / "old").mkdir()
+    for p in (city / "loose.jpg", city / "site_01" / "old" / "x.jpg", city / "site_01" / "scan.bmp"):
+        Image.new("RGB", (96, 96), (90, 90, 90)).save(p, format="JPEG" if p.suffix == ".jpg" else "BMP")
+    proc = ok(run(["preprocessing.py"], root))
+    lines = [line for line in proc.stdout.splitlines() if "not used:" in line]
+    assert len(lines) == 3 and all(any(n in line for line in lines) for n in ("loose.jpg", "x.jpg", "scan.bmp")), lines
+    assert sorted(_manifest(root)["source"].unique()) == good
 
 
 def test_image_smaller_than_the_patch_is_listed(cities):
@@ -398,9 +413,10 @@ def _tiles(data):
 
 def test_tile_index_naming_missing_tiles(ses):
     root, data, clean = ses
-    _tiles(data)[0].unlink()
+    gone = _tiles(data)[0]
+    gone.unlink()
     proc = ok(_extract(root))
-    assert "(1 listed but absent on disk)" in proc.stdout
+    assert f"(1 listed but absent on disk, e.g. {gone.name})" in proc.stdout   # the refused tile is named
     cells = _cells(root)
     assert sorted(cells["cell_id"]) == sorted(clean["cell_id"])
     assert cells["non_void"].sum() < clean["non_void"].sum() and cells["non_void"].any()

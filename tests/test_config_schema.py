@@ -92,7 +92,10 @@ def test_the_edges_of_each_range_and_each_choice_load():
     for key, spec in schema.SCHEMA.items():
         edges = [v for v, open_ in ((spec.lo, spec.lo_open), (spec.hi, spec.hi_open)) if v is not None and not open_]
         for value in [spec.type(v) for v in edges] + [c.replace(":N", ":1") for c in spec.choices]:
-            got = load_config(None, [f"{key}={_yaml(value)}"])
+            sets = [f"{key}={_yaml(value)}"]
+            if key in ("cams.poor_class", "cams.rich_class"):  # the pair must differ (schema.check_pairs)
+                sets.append(f"{'cams.rich_class' if key == 'cams.poor_class' else 'cams.poor_class'}={3 if value == 2 else 2}")
+            got = load_config(None, sets)
             for part in key.split("."):
                 got = got[part]
             assert got == value and type(got) is type(value), key

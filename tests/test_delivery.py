@@ -23,6 +23,7 @@ from urbanlens.ses import archives, extraction, findings, grid, urban_atlas, zon
 from urbanlens.ses import census as ses_census
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import tiles as ses_tiles
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -331,6 +332,7 @@ def _extract(root: Path, *sets):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert_no_traceback(proc, args)
     return proc.stdout, gpd.read_file(root / "results" / "ses" / "cells.gpkg", layer="cells")
 
 

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from urbanlens.ses import extraction, findings, grid, zonal
 from urbanlens.ses import maps as ses_maps
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
@@ -37,6 +38,7 @@ def run_stage(args, root, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert_no_traceback(proc, args)
     return proc.stdout
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from urbanlens.core import files as u_files
 from urbanlens.core.config import load_config
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = random.Random(20240605)  # draws the kill points
@@ -55,6 +56,7 @@ def env():
 def run(cmd, root):
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd[1]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert_no_traceback(proc, cmd[1:2])
     return proc.stdout
 
 

@@ -19,6 +19,7 @@ from test_interrupt import without_timings  # tests/ is on the path under pytest
 
 from urbanlens.core import files
 from urbanlens.core.config import load_config
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 7
@@ -37,6 +38,7 @@ def stage(args, config, sets, data, results):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{args[-1]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert_no_traceback(proc, args)
     resolved = load_config(ROOT / config, sets).to_dict()
     resolved["config_file"] = config  # as the stage, started in the repository root, records it
     return proc.stdout, resolved

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from urbanlens.core import errors, shards
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
@@ -123,6 +124,7 @@ def run(args, root, results="A", extra=(), check=True, launcher=(sys.executable,
                           capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert_no_traceback(proc, args)
     return proc
 
 

@@ -1,6 +1,7 @@
 """Synthetic French world: real schemas and layouts, planted income, byte determinism, and the cell
 extraction stage end to end on a tiny world (index columns, void cells, resume)."""
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ from urbanlens.ses import extraction as ses_extraction
 from urbanlens.ses import grid, urban_atlas, world_plan
 from urbanlens.ses import tiles as ses_tiles
 from urbanlens.ses import world as ses_world
+from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["france.cities=[Paris, Lyon]", "france.city_size_m=1000", "france.resolution_m=4.0",
@@ -154,6 +156,7 @@ def _extract(sets):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert_no_traceback(proc)
     return proc.stdout
 
 
@@ -182,6 +185,11 @@ def test_extraction_end_to_end_and_resume(world, tmp_path):
     assert (index["non_void"].to_numpy() == (fractions <= cfg.ses.max_nodata)).all()
     assert (~index["non_void"]).sum() >= 1 and index["non_void"].sum() > len(index) / 2
     assert (results / "ses" / "extract_config.yaml").is_file()
+    # the file or layer used for each role, printed and recorded in the run stamp
+    used = json.loads((results / "ses" / ses_extraction.STAMP).read_text())["settings"]["used"]
+    assert used["census"] == str(data / cfg.ses.census_file) and f"census grid {data / cfg.ses.census_file}" in log
+    for city in ("Paris", "Lyon"):
+        assert used["urban_atlas"][city]["boundary"].endswith("_Boundary") and f"{city}: Urban Atlas land use" in log
     # a re-run reads no tile again and leaves the images untouched
     stamps = {p: p.stat().st_mtime_ns for p in (results / "ses" / "imagery").rglob("*.png")}
     log = _extract(sets)

@@ -33,7 +33,7 @@ from ..core.errors import DataError
 from . import data, rasters
 from .cutting import blank_reason
 from .intervals import resamples
-from .patches import IMAGE_SUFFIXES, patch_grid
+from .patches import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, patch_grid
 from .similarity import class_means, cosine_similarity
 
 CUT_KEYS = ("image.bands", "image.scale", "image.scale_min", "image.scale_max", "patch.size", "patch.ground_m")
@@ -50,6 +50,15 @@ def find_images(folder: str | Path) -> list[Path]:
     """Every image file under ``folder`` (any depth), sorted; hidden files and folders left out."""
     folder = Path(folder)
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def unused_files(folder: str | Path) -> list[Path]:
+    """Files under ``folder`` that ``find_images`` does not take (a format the reader does not read),
+    sorted; hidden files and GDAL's sidecar files (world files, .aux.xml) left out."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
+                  and not p.name.lower().endswith(SIDECAR_SUFFIXES)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

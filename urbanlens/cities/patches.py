@@ -64,6 +64,40 @@ def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+# files GDAL reads beside an image (georeference, statistics, overviews, masks): used, though not listed
+SIDECAR_SUFFIXES = (".aux.xml", ".tfw", ".tifw", ".tiffw", ".jgw", ".jpgw", ".pgw", ".pngw", ".j2w", ".wld", ".prj",
+                    ".ovr", ".msk")
+
+
+def unused_inputs(raw_dir: str | Path) -> list[str]:
+    """What ``plan_split`` does not read under ``raw_dir``, one line per reason (count, first file): a
+    file loose in the raw folder or in a city folder, a file in a folder nested inside a site folder, a
+    file of a format the reader does not take. Hidden files and GDAL's sidecar files are not listed."""
+    raw_dir = Path(raw_dir)
+    found: dict[str, list[Path]] = {}
+    visible = lambda p: not p.name.startswith(".")  # noqa: E731
+    for entry in filter(visible, sorted(raw_dir.iterdir())):
+        if not entry.is_dir():
+            found.setdefault("loose in the raw folder (images go in <City Name (IATA)>/<site>/)", []).append(entry)
+            continue
+        for sub in filter(visible, sorted(entry.iterdir())):
+            if not sub.is_dir():
+                found.setdefault("loose in a city folder, outside its site folders (move them into a site "
+                                 "folder)", []).append(sub)
+                continue
+            for f in sorted(sub.rglob("*")):
+                if f.is_dir() or any(part.startswith(".") for part in f.relative_to(sub).parts):
+                    continue
+                if f.parent != sub:
+                    found.setdefault("in a folder nested inside a site folder (only the site folder's own files "
+                                     "are read: move them up)", []).append(f)
+                elif f.suffix.lower() not in IMAGE_SUFFIXES and not f.name.lower().endswith(SIDECAR_SUFFIXES):
+                    found.setdefault(f"of a format the reader does not take (it takes {', '.join(IMAGE_SUFFIXES)}: "
+                                     "convert them)", []).append(f)
+    return [f"{len(files)} file(s) {why}, not used: {files[0]}" + (f" and {len(files) - 1} more" if len(files) > 1
+                                                                    else "") for why, files in found.items()]
+
+
 def _refuse_twins(names: list[str], folder: Path, what: str) -> None:
     """DataError naming two of ``names`` that are the same but for case (on a case-insensitive disk,
     or once patch names are made, they would be one)."""

@@ -72,6 +72,7 @@ ADDED = {
     "test.permutations": 1000,
     "cams.sanity_cells": 0,
     "saliency.sanity_patches": 0,
+    "ses.ua_boundary": "",
 }
 
 
@@ -206,6 +207,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             nested = {k: nested}
         _merge(cfg, nested, f"--set {text}")
     cfg["config_file"] = str(path) if path is not None else None
+    schema.check_pairs(cfg, f"config {path}" if path is not None else "config")
     return _wrap(cfg)
 
 

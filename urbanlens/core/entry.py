@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import signal
 import sys
 from typing import Callable, ContextManager, TypeVar
@@ -19,9 +20,17 @@ INTERRUPTED = "interrupted; re-run the same command to resume"
 
 T = TypeVar("T")
 _stack: contextlib.ExitStack | None = None  # the running main()'s, inside run()
+_owner: int | None = None  # the process that runs main(); forked workers inherit the handler, not the role
 
 
-def _terminate(signum, frame):  # SIGTERM (a scheduler's kill, ``timeout``) ends like Ctrl-C
+def _terminate(signum, frame):
+    """SIGTERM (a scheduler's kill, ``timeout``) ends the main process like Ctrl-C. A forked worker
+    (a multiprocessing pool, which its owner stops with SIGTERM as it closes) ends quietly, as if the
+    handler were not there: no interrupt, no traceback."""
+    if os.getpid() != _owner:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise KeyboardInterrupt
 
 
@@ -38,7 +47,8 @@ def run(main: Callable[[], object]) -> None:
     """Call ``main()``; exit 0 when it returns, else with one line on stderr and a non-zero status.
     An OSError the user can fix (permission, read-only, disk full, folder vs file) that no library
     call turned into a typed error is printed the same way."""
-    global _stack
+    global _stack, _owner
+    _owner = os.getpid()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         with contextlib.ExitStack() as _stack:

@@ -5,15 +5,22 @@ Library code raises these and never ends the process itself.
 """
 from __future__ import annotations
 
+import re
+
 
 class UrbanlensError(Exception):
     """A problem the user can fix. ``str(e)`` is one line: ``<where>: <problem>; <fix>``."""
 
     exit_code = 1
 
-    def __init__(self, where, problem: str | None = None, fix: str | None = None):
-        # one argument is the finished message (also how the error is rebuilt after pickling)
+    def __init__(self, where=None, problem: str | None = None, fix: str | None = None, *, message: str | None = None):
+        # one argument is the finished message (also how the error is rebuilt after pickling); ``message=``
+        # is how a torch DataLoader rebuilds an error of its worker process (because of the property below)
+        if message is not None:
+            where = message
         message = str(where) if problem is None else f"{where}: {problem}" + (f"; {fix}" if fix else "")
+        if problem is None:
+            message = _from_worker(message, type(self).__name__)
         super().__init__(message.replace("\n", " "))
 
     @property
@@ -65,3 +72,12 @@ class RunLocked(UrbanlensError):
 class TrainingDiverged(UrbanlensError):
     """Training that produced a non-finite or exploding loss, or non-finite weights: stopped before the
     model is saved or scored (the learning rate too high, or non-finite inputs)."""
+
+
+def _from_worker(message: str, name: str) -> str:
+    """The error's own line when ``message`` is how a torch DataLoader re-raises an error of a worker
+    process (``Caught <name> in DataLoader worker process N.`` then the worker's whole traceback)."""
+    if not message.startswith(f"Caught {name} in DataLoader worker process"):
+        return message
+    found = re.search(rf"(?:^|\n)(?:[\w.]+\.)?{name}: (.*?)\s*$", message, re.S)
+    return found.group(1) if found else message

@@ -120,6 +120,7 @@ SCHEMA: dict[str, Key] = {
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
     "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER, "ses.baseline": FLAG,
+    "ses.ua_boundary": Key(str, empty=True),
     "ses_model.backbone": choice(*BACKBONES), "ses_model.pretrained": FLAG, "ses_model.weights_path": WEIGHTS,
     "ses_model.input_size": COUNT, "ses_model.dropout": PROBABILITY, "ses_model.stochastic_depth": PROBABILITY,
     "ses_model.bn_momentum": SHARE,
@@ -220,3 +221,54 @@ def check(key: str, value: Any, default: Any, source: str) -> Any:
     if spec.type in (int, float) and not spec.in_range(coerced):
         raise ConfigError(f"{source}: '{key}' must be {spec.range_words}, got {value!r}")
     return coerced
+
+
+# ------------------------------------------------------------------------------ pairs of keys
+def _get(cfg: dict, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _pair_problems(cfg: dict) -> list[str]:
+    """Each pair of keys whose values contradict each other, as one line naming both keys."""
+    out = []
+    poor, rich = _get(cfg, "cams.poor_class"), _get(cfg, "cams.rich_class")
+    if poor is not None and poor == rich:
+        out.append(f"'cams.poor_class' and 'cams.rich_class' are both {poor}: the maps would compare a class with "
+                   "itself; set them to two different classes (default 0 and 4)")
+    lo, hi = _get(cfg, "image.scale_min"), _get(cfg, "image.scale_max")
+    if lo is not None and hi is not None and not lo < hi:
+        out.append(f"'image.scale_min' ({lo:g}) must be below 'image.scale_max' ({hi:g}); swap or correct them")
+    if _get(cfg, "ses_train.cv") == "spatial":
+        block, buffer, cell = (_get(cfg, k) for k in ("ses_train.block_m", "ses_train.buffer_m", "ses.cell_size_m"))
+        if block is not None and buffer is not None and buffer >= block:
+            out.append(f"'ses_train.buffer_m' ({buffer:g}) must be below 'ses_train.block_m' ({block:g}): a buffer as "
+                       "wide as a block drops whole neighbouring blocks from training; lower the buffer or widen the blocks")
+        if block is not None and cell is not None and block < cell:
+            out.append(f"'ses_train.block_m' ({block:g}) must be at least 'ses.cell_size_m' ({cell:g}): a block holds "
+                       "whole cells; widen the blocks")
+    return out
+
+
+def check_pairs(cfg: dict, source: str = "config") -> None:
+    """ConfigError naming both keys of the first pair of values that contradict each other (all
+    listed when several do)."""
+    problems = _pair_problems(cfg)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+CAM_STRIDE = 32  # every backbone of backbones.py: input pixels per cell of the CAM layer's feature map
+
+
+def cam_map_problem(input_key: str, input_size: int, patch_key: str | None = None) -> str | None:
+    """A line naming the keys when ``input_size`` gives the CAM layer a feature map under 2 x 2 (a map
+    of one value per image locates nothing), else None."""
+    cells = input_size // CAM_STRIDE
+    if cells >= 2:
+        return None
+    also = f" (images are resized from '{patch_key}' to it)" if patch_key else ""
+    return (f"'{input_key}' is {input_size}{also}: the CAM layer's feature map is {cells} x {cells}, so a map "
+            f"cannot say where in the image; set '{input_key}' to at least {2 * CAM_STRIDE}")

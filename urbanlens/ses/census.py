@@ -26,6 +26,56 @@ CENSUS_COLUMNS = {
 IMPUTED_COLUMN = ("i_est_200", "I_est_cr")
 
 
+CENSUS_KEY = "ses.census_file"
+_GRID_SUFFIXES = (".gpkg", ".shp")
+
+
+def edition(path: str | Path) -> str | None:
+    """``'2019 GeoPackage'`` (``idcar_200m``) or ``'2015 shapefile'`` (``IdINSPIRE``) for a file holding an
+    INSEE 200 m grid layer, named by its id column; None for anything else (another table, not readable)."""
+    try:
+        infos = [pyogrio.read_info(path, layer=name) for name, _ in pyogrio.list_layers(path)]
+    except Exception:  # not a vector file GDAL opens: not a census candidate
+        return None
+    fields = {_key(f) for info in infos for f in info["fields"]}
+    if _key("idcar_200m") in fields:
+        return f"2019 {'GeoPackage' if Path(path).suffix.lower() == '.gpkg' else 'grid'} (idcar_200m)"
+    if _key("IdINSPIRE") in fields:
+        return f"2015 {'shapefile' if Path(path).suffix.lower() == '.shp' else 'grid'} (IdINSPIRE)"
+    return None
+
+
+def find_census(path: str | Path) -> tuple[Path, str]:
+    """The census grid to read for ``ses.census_file`` and one line saying which and why.
+
+    A file that exists is used; other census grids beside it (the 2015 shapefile beside the 2019
+    GeoPackage) are named in the line. A folder, or a file that does not exist, is replaced by the one
+    census grid in that folder (any depth); two or more there are a DataError naming them and the key
+    that picks one. Files are chosen by their columns (role), never by their names' order."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    others = []
+    if folder.is_dir():
+        others = [(p, edition(p)) for p in sorted(folder.rglob("*")) if p.suffix.lower() in _GRID_SUFFIXES
+                  and p.is_file() and p != path]
+        others = [(p, e) for p, e in others if e]
+    if path.is_file():
+        note = f"census grid {path} ({edition(path) or 'unknown edition'})"
+        if others:
+            note += (f"; also present, not used: {', '.join(f'{p.name} ({e})' for p, e in others)} "
+                     f"(set {CENSUS_KEY} to use another)")
+        return path, note
+    if len(others) == 1:
+        (found, ed), = others
+        return found, f"census grid {found} ({ed}), the only one in {folder} ({CENSUS_KEY}={path.name} not found)"
+    if len(others) > 1:
+        shown = " and ".join(f"{p.name} ({e})" for p, e in others[:2]) + (
+            f" and {len(others) - 2} more" if len(others) > 2 else "")
+        raise DataError(path, f"not found, and {folder} holds {len(others)} census grids: {shown}",
+                        f"set {CENSUS_KEY} to the one to use")
+    return path, f"census grid {path}"
+
+
 def _check_census_crs(path: Path, layer: str, id_col: str, sample: int = 20) -> None:
     """Stop when the first cells' geometries do not lie where their INSPIRE ids (EPSG:3035) put them:
     with a missing or wrong CRS the ``bbox`` read would silently pick other cells. A file without
@@ -80,12 +130,13 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     ``ind_snv / ind``; cells without a positive finite income are dropped and counted in
     ``attrs['dropped']``. ``imputed`` is INSEE's flag of imputed cells (``i_est_200 = 1``; 2015:
     ``I_est_cr``); a file without the flag gives False everywhere and ``attrs['imputed_flag'] = False``.
-    Rows whose id is not an INSPIRE id are dropped (listed in ``attrs['malformed']``); repeated identical
+    ``path`` may be a folder holding one grid (``find_census``); ``attrs['source']`` is the file read and
+    ``attrs['note']`` the line saying which and why. Rows whose id is not an INSPIRE id are dropped (listed in ``attrs['malformed']``); repeated identical
     rows are dropped and counted (``attrs['duplicates']``); an id repeated with other values is a DataError.
     ``bbox`` (EPSG:3035 xmin, ymin, xmax, ymax) reads only the cells there. The geometry may be in any
     CRS (INSEE ships EPSG:2154); the other columns are not read.
     """
-    path = Path(path)
+    path, note = find_census(path)
     if not path.exists():
         raise DataError(path, "census grid not found",
                         "run data_setup.sh (or data_setup.sh --synthetic ses) or set ses.census_file")
@@ -127,6 +178,7 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     out.attrs["dropped"] = int((~keep).sum())
     out.attrs["malformed"], out.attrs["duplicates"] = malformed, duplicates
     out.attrs["imputed_flag"] = flag is not None
+    out.attrs["source"], out.attrs["note"] = str(path), note
     return out
 
 

@@ -42,12 +42,15 @@ def quintile_edges(income, labels) -> list[float]:
 
 
 def read_cell_pixels(path) -> np.ndarray:
-    """A cell image file as uint8 RGB H x W x 3; DataError naming the file when it does not read."""
+    """A cell image file as uint8 RGB H x W x 3; DataError naming the file when it does not read (also
+    when it is damaged after the stage checked it, and met while training)."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read as an image ({e})") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for damaged files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(path, f"cannot read as an image ({reason})",
+                        "delete it and re-run generate_fr_ua_aerial_data.py, which extracts it again") from None
 
 
 def load_cell_image(path, size: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .tiles import _crs, _transformer, tile_crs
 # What makes a cell image: the data read and the cell geometry. (Which cells and cities, and the void
 # threshold, may change between runs: the index is written anew, and each cell image is its own.)
 RUN_KEYS = ("paths.data", "ses.census_file", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px",
-            "ses.imputed", "ses.ortho_product")
+            "ses.imputed", "ses.ortho_product", "ses.ua_boundary")
 
 
 STAMP = "generate_fr_ua_aerial_data.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/ses
@@ -259,8 +259,9 @@ def report_failed(problems: list[str], strict: bool) -> None:
     if strict:
         raise DataError(f"{problems[0]}; replace the tile (strict=true; strict=false leaves its cells out as void)")
     tiles = sorted({p.split(": unreadable", 1)[0] for p in problems})
-    print(f"[extract] warning: {len(problems)} cells left out as void, {len(tiles)} orthophoto tile(s) unreadable "
-          f"(first: {problems[0]}); replace them and re-run to extract those cells", file=sys.stderr)
+    named = ", ".join(tiles[:3]) + (f" and {len(tiles) - 3} more" if len(tiles) > 3 else "")
+    print(f"[extract] warning: {len(problems)} cells left out as void, {len(tiles)} orthophoto tile(s) unreadable: "
+          f"{named} (first problem: {problems[0]}); replace them and re-run to extract those cells", file=sys.stderr)
 
 
 def extract_cells(cells: pd.DataFrame, root: str | Path, px: int, workers: int = 1,

@@ -70,6 +70,8 @@ def recompute_bn_stats(model: nn.Module, loader, device, amp: loops.Amp = "off")
         m.momentum = None  # cumulative average over the batches
         m.train()
     for x, _ in loader:
+        if len(x) < 2:  # a last batch of one: batch norm in training mode cannot take it (nor needs it)
+            continue
         with loops.autocast(device, amp):
             model(loops.batch_to_device(x, device, True, amp))
     for m, momentum in zip(bns, momenta):

@@ -16,18 +16,53 @@ def fold_seed(seed: int, city: str, fold: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(city.encode()) + 7919 * fold) % 2**31
 
 
+def per_quintile(labels) -> str:
+    """``'12/9/3/1/0 cells per income quintile (poorest first)'`` of class labels 0..4."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=N_CLASSES)
+    return f"{'/'.join(map(str, counts))} cells per income quintile (poorest first)"
+
+
+def too_small(where: str, labels, folds: int, val_share: float, fits: str | None, scheme: str = "") -> DataError:
+    """The one line refusing a city too small for its folds: the city, its cells per quintile, the
+    setting that would fit (or that more cells are needed)."""
+    fix = f"set {fits}, or add cells" if fits else "add cells (or leave the city out of ses.cities)"
+    return DataError(where, f"too small for ses_train.folds={folds} with ses_train.val_share={val_share:g}"
+                     f"{scheme}: {len(labels)} cells, {per_quintile(labels)}", fix)
+
+
+def _fitting(make, folds: int) -> str | None:
+    """The largest ``ses_train.folds`` below ``folds`` for which ``make(k)`` splits, as ``key=value``."""
+    for k in range(folds - 1, 1, -1):
+        try:
+            make(k)
+        except (ValueError, DataError):
+            continue
+        return f"ses_train.folds={k}"
+    return None
+
+
 def stratified_folds(labels, folds: int, val_share: float, seed: int, where: str = "cells") -> list[dict]:
     """Stratified k-fold indices; inside each training part a stratified validation share.
 
     Returns one dict per fold with ``train``, ``val`` and ``test`` index arrays (disjoint, covering all).
+    A city too small for ``folds`` (a quintile with fewer cells than folds) or for the stratified
+    validation share (a quintile with one training cell) is a DataError naming its cells per quintile
+    and the number of folds that would fit, never a scikit-learn traceback.
     """
+    labels = np.asarray(labels)
+    try:
+        return _stratified(labels, folds, val_share, seed)
+    except ValueError:  # scikit-learn's refusal of too few members of a class
+        fits = _fitting(lambda k: _stratified(labels, k, val_share, seed), folds)
+        raise too_small(where, labels, folds, val_share, fits) from None
+
+
+def _stratified(labels: np.ndarray, folds: int, val_share: float, seed: int) -> list[dict]:
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=N_CLASSES)
     if counts.min() < folds:
-        raise DataError(where, f"{len(labels)} cells give a class with {counts.min()} cells, fewer than "
-                        f"{folds} folds", "lower ses_train.folds or add cells")
+        raise ValueError(f"a class with {counts.min()} cells, fewer than {folds} folds")
     out = []
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (train, test) in enumerate(skf.split(np.zeros(len(labels)), labels)):

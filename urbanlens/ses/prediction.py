@@ -26,7 +26,8 @@ from .grid import LAEA, cell_boxes, inspire_id, parse_inspire_id
 from .model import N_CLASSES, expected_class, load_ses_model
 
 # What the cell images of a prediction are made from (the scores are made anew by every run).
-RUN_KEYS = ("paths.data", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px", "ses.ortho_product")
+RUN_KEYS = ("paths.data", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px", "ses.ortho_product",
+            "ses.ua_boundary")
 
 
 STAMP = "predict_income.stamp.json"  # the run stamp (urbanlens.core.runs) in <city>/predicted
@@ -207,9 +208,10 @@ def image_paths(cell_ids: Sequence[str], cfg, ses_dir, city: str) -> list[str]:
 
 def census_income(cells: gpd.GeoDataFrame, census_path) -> np.ndarray:
     """The census income of each cell (NaN where the census has none, or no census file is there)."""
-    from .census import read_census
+    from .census import find_census, read_census
 
-    if not Path(census_path).exists() or cells.empty:
+    census_path, _ = find_census(census_path)  # the 2015 shapefile too, when it is its folder's one grid
+    if not census_path.exists() or cells.empty:
         return np.full(len(cells), np.nan)
     census = read_census(census_path, bbox=cells.total_bounds)
     return cells["cell_id"].map(census.set_index("cell_id")["income"]).to_numpy(float)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..core.errors import ConfigError, DataError
 from ..core.schema import CV_SCHEMES as SCHEMES
+from .folds import per_quintile
 from .grid import parse_inspire_id
 from .model import N_CLASSES
 
@@ -76,8 +77,21 @@ def spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: float
     """Block k-fold: each fold's test cells are whole blocks; a stratified ``val_share`` of the cells
     of the training blocks validates (it only chooses the epoch, so it may neighbour training cells);
     training and validation cells within ``buffer_m`` of a test cell are dropped. Returns (splits,
-    block of each cell).
+    block of each cell). A city too small for the validation share is a DataError naming its cells
+    per quintile and the folds that would fit, never a scikit-learn traceback.
     """
+    try:
+        return _spatial_folds(cell_ids, labels, folds, val_share, block_m, buffer_m, seed, where)
+    except ValueError:  # scikit-learn's refusal of a validation share it cannot draw
+        from .folds import _fitting, too_small
+
+        make = lambda k: _spatial_folds(cell_ids, labels, k, val_share, block_m, buffer_m, seed, where)  # noqa: E731
+        raise too_small(where, np.asarray(labels, dtype=int), folds, val_share, _fitting(make, folds),
+                        f" in blocks of {block_m:g} m") from None
+
+
+def _spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: float, buffer_m: float,
+                   seed: int, where: str) -> tuple[list[dict], np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     cell_ids = np.asarray(list(cell_ids), dtype=object)
@@ -120,7 +134,12 @@ def leave_city_out(cities, labels, held_out: str, val_share: float, seed: int, w
     val = np.array([], dtype=int)
     if val_share > 0:
         n_val = max(math.ceil(val_share * len(train)), len(np.unique(labels[train])))
-        train, val = train_test_split(train, test_size=n_val, stratify=labels[train], random_state=seed)
+        try:
+            train, val = train_test_split(train, test_size=n_val, stratify=labels[train], random_state=seed)
+        except ValueError:  # too few cells of a quintile outside the held-out city to stratify
+            raise DataError(where, f"the cities other than {held_out} hold {len(train)} cells, "
+                            f"{per_quintile(labels[train])}: too few for a stratified validation share of "
+                            f"{val_share:g}", "add cells or cities (ses.cities)") from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 

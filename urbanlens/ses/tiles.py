@@ -133,6 +133,8 @@ def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoData
     counted in ``attrs['missing']``. A tile's product (RVB or IRC) is read from IGN's names (file, then
     folders); tiles of the other product are left out and counted in ``attrs['other_product']``, so a
     cell is never read from two products. Tiles whose names name no product are taken as RVB.
+    ``attrs['indexes']`` lists the indexes read, ``attrs['unlisted']`` the raster files under
+    ``aerial_dir`` that no index names (never read), both relative to ``aerial_dir``.
     """
     aerial_dir = Path(aerial_dir)
     if product not in ORTHO_PRODUCTS:
@@ -162,6 +164,7 @@ def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoData
     frames = [gdf if gdf.crs.equals(L93) else gdf.to_crs(L93) for gdf in frames]
     tiles = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=L93)
     missing = tiles["path"].isna()
+    tiles_all_nom = tiles["NOM"].to_numpy()
     tiles = tiles[~missing].drop_duplicates("path").reset_index(drop=True)
     tiles["product"] = [ortho_product(p, aerial_dir) or "RVB" for p in tiles["path"]]
     other = tiles["product"] != product
@@ -173,7 +176,13 @@ def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoData
                         "unpack the .jp2 tiles next to their index" + (
                             "; set ses.ortho_product to the product you have" if n_other else ""))
     tiles.attrs["missing"] = int(missing.sum())
+    tiles.attrs["missing_names"] = sorted(set(map(str, tiles_all_nom[missing.to_numpy()])))  # listed, not on disk
     tiles.attrs["other_product"] = n_other
+    tiles.attrs["indexes"] = [p.relative_to(aerial_dir).as_posix() for p in indexes]
+    listed = {str(p) for p in pd.concat(frames)["path"].dropna()}
+    unlisted = sorted(p.relative_to(aerial_dir).as_posix() for found in files.values() for p in found
+                      if str(p) not in listed)
+    tiles.attrs["unlisted"] = unlisted  # raster files no index names: never read
     return tiles
 
 

@@ -219,46 +219,116 @@ def _read_landuse(found: Path, layers) -> gpd.GeoDataFrame:
     return gdf
 
 
-def _read_boundary(found: Path, layers, landuse: gpd.GeoDataFrame | None = None) -> gpd.GeoDataFrame:
-    named = sorted((name, ds) for ds, name, _ in layers if "boundary" in name.lower())
-    if named:
-        name, ds = named[0]
+CORE_CITY = ("cityboundary", "urbancore")  # the core city's layers (2012, 2018): never the study area
+BOUNDARY_KEY = "ses.ua_boundary"
+
+
+def layer_role(name: str) -> str | None:
+    """``'boundary'`` for a functional urban area's boundary (``*_UA2012_Boundary``, ``*_UA2018_Boundary``,
+    any other ``*boundary*``), ``'core city'`` for ``*_CityBoundary`` and ``*_UrbanCore``, else None."""
+    key = _key(name)
+    if any(c in key for c in CORE_CITY):
+        return "core city"
+    return "boundary" if "boundary" in key else None
+
+
+def _year(name: str) -> str | None:
+    years = re.findall(r"(?:19|20)\d\d", name)
+    return years[-1] if years else None
+
+
+def _pick_boundary(layers, landuse_source: str | None, wanted: str = "") -> tuple[str, str] | None:
+    """(dataset, layer) of the FUA boundary, chosen by role: core-city layers are never candidates; among
+    several candidates the one in the land-use layer's dataset, then of its product year; ``wanted``
+    (``ses.ua_boundary``) names the layer outright. DataError naming both when two still fit."""
+    found = [(ds, name) for ds, name, _ in layers if layer_role(name) == "boundary"]
+    if wanted:
+        pick = [(ds, n) for ds, n in found + [(ds, n) for ds, n, _ in layers if layer_role(n) == "core city"]
+                if _key(n) == _key(wanted) or _key(Path(ds).name) == _key(wanted)]
+        if not pick:
+            shown = ", ".join(n for _, n in found) or "none"
+            raise DataError(BOUNDARY_KEY, f"is '{wanted}', which names no layer of the city's Urban Atlas "
+                            f"(boundary layers: {shown})", "set it to one of those, or to '' to choose by role")
+        return pick[0]
+    if len(found) > 1 and landuse_source:
+        ds_lu, _, name_lu = landuse_source.rpartition(":")
+        for narrow in (lambda ds, n: ds == ds_lu, lambda ds, n: _year(n) == _year(name_lu)):
+            kept = [f for f in found if narrow(*f)]
+            found = kept if kept else found
+            if len(found) == 1:
+                break
+    if len(found) > 1:
+        shown = " and ".join(f"{ds}:{n}" for ds, n in found[:2]) + (f" (+{len(found) - 2})" if len(found) > 2 else "")
+        raise DataError(found[0][0], f"two layers fit the city's boundary: {shown}",
+                        f"set {BOUNDARY_KEY} to the layer name to use")
+    return found[0] if found else None
+
+
+def _read_boundary(found: Path, layers, landuse: gpd.GeoDataFrame | None = None, wanted: str = "",
+                   landuse_source: str | None = None) -> gpd.GeoDataFrame:
+    landuse_source = landuse.attrs["source"] if landuse is not None else landuse_source
+    pick = _pick_boundary(layers, landuse_source, wanted)
+    unused = [f"{name} ({layer_role(name)})" for ds, name, _ in layers
+              if layer_role(name) and (pick is None or (ds, name) != pick)]
+    unused += [f"{name} (land use of another year or a change layer)" for ds, name, fields in layers
+               if _ua_schema(fields) and not layer_role(name) and f"{ds}:{name}" != landuse_source]
+    if pick:
+        ds, name = pick
         boundary = _to_laea(gpd.read_file(ds, layer=name, engine="pyogrio"), f"{ds}:{name}")
         boundary, repaired = repair(boundary[["geometry"]].reset_index(drop=True))
         _report_repaired(f"{ds}:{name}", repaired, len(boundary))
         boundary.attrs["source"] = f"{ds}:{name}"
     else:
         landuse = _read_landuse(found, layers) if landuse is None else landuse
-        _log.warning(f"warning: {found}: no boundary layer (a layer named '*boundary*'); the union of the "
-                     "land use is taken as the city's boundary")
+        core = f"; {', '.join(unused)} not used: the core city is not the study area" if unused else ""
+        _log.warning(f"warning: {found}: no boundary layer (a layer named '*_UA<year>_Boundary'); the union of the "
+                     f"land use is taken as the city's boundary{core}")
         boundary = gpd.GeoDataFrame(geometry=[landuse.geometry.union_all()], crs=LAEA)
         boundary.attrs["source"] = f"union of {landuse.attrs['source']}"
     if boundary.empty or boundary.geometry.is_empty.all():  # no area: no cell, and NaN bounds to read by
         raise DataError(boundary.attrs["source"], "the city's boundary holds no polygon",
                         "unpack the city's Urban Atlas again (its Boundary layer, or a land-use layer with polygons)")
-    return boundary.reset_index(drop=True)
+    boundary = boundary.reset_index(drop=True)
+    boundary.attrs["landuse"] = landuse_source
+    boundary.attrs["unused"] = unused
+    return boundary
 
 
-def read_urban_atlas(ua_dir: str | Path, city: str) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+def describe(city: str, boundary: gpd.GeoDataFrame) -> str:
+    """One line naming the layer used for each role of a city's Urban Atlas, and the layers left out."""
+    line = f"{city}: Urban Atlas land use {boundary.attrs.get('landuse')}, boundary {boundary.attrs['source']}"
+    unused = boundary.attrs.get("unused")
+    return line + (f"; not used: {', '.join(unused)}" if unused else "")
+
+
+def sources(boundary: gpd.GeoDataFrame) -> dict:
+    """The layer used for each role, as a run stamp records it."""
+    return {"landuse": boundary.attrs.get("landuse"), "boundary": boundary.attrs["source"]}
+
+
+def read_urban_atlas(ua_dir: str | Path, city: str, boundary_layer: str = "") -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
     """A city's Urban Atlas -> (land use GeoDataFrame[ua_code, ua_class, geometry], boundary), EPSG:3035.
 
     Reads GeoPackages, shapefiles and FileGDBs, unpacked or zipped, and the portal's zip of zips (see
     ``find_ua_city``); in 2018 GeoPackages the ``_UrbanCore`` layer is not read. The land-use layer is the newest one with a
     (code, class) pair: ``code_2018/class_2018``, ``code_2012/class_2012`` or ``CODE2012/ITEM2012``;
     change layers are used only when nothing else has the columns. Invalid polygons are repaired
-    (``attrs['repaired']`` counts them). The boundary is the layer whose name contains 'boundary';
-    without one, the union of the land use. Both carry ``attrs['source']``.
+    (``attrs['repaired']`` counts them). The boundary is chosen by role (``_pick_boundary``): the
+    functional urban area's ``*_UA<year>_Boundary``, never the core city's ``*_CityBoundary`` or
+    ``*_UrbanCore``; ``boundary_layer`` (``ses.ua_boundary``) names it when two fit; without one, the
+    union of the land use. Both carry ``attrs['source']``; the boundary also ``attrs['landuse']`` and
+    ``attrs['unused']`` (layers of a role left out), for ``describe``.
     """
     found = find_ua_city(ua_dir, city)
     layers = _layers(_vector_datasets(found, city))
     landuse = _read_landuse(found, layers)
-    return landuse, _read_boundary(found, layers, landuse)
+    return landuse, _read_boundary(found, layers, landuse, boundary_layer)
 
 
-def read_ua_boundary(ua_dir: str | Path, city: str) -> gpd.GeoDataFrame:
+def read_ua_boundary(ua_dir: str | Path, city: str, boundary_layer: str = "") -> gpd.GeoDataFrame:
     """Only the boundary of a city's Urban Atlas (EPSG:3035), without reading the land use when a
     boundary layer exists (its columns are checked, so a bad land-use layer stops the first stage)."""
     found = find_ua_city(ua_dir, city)
     layers = _layers(_vector_datasets(found, city))
-    _landuse_layer(found, layers)  # the land use is read later (activation maps): check its columns now
-    return _read_boundary(found, layers)
+    ds, name, _, _ = _landuse_layer(found, layers)  # read later (activation maps): check its columns now
+    return _read_boundary(found, layers, wanted=boundary_layer, landuse_source=f"{ds}:{name}")
