@@ -153,13 +153,16 @@ case "$cmd" in
     run_cities --config configs/cities_demo.yaml "$@"
     run_site_validation --config configs/cities_demo.yaml "$@"
     run_new_city --config configs/cities_demo.yaml "$@"
-    echo "[demo] cities pipeline took $((SECONDS - start)) s"
+    t_cities=$((SECONDS - start)); echo "[demo] cities pipeline took $t_cities s"
     start=$SECONDS
     run_ses --config configs/ses_demo.yaml "$@"
-    echo "[demo] ses pipeline took $((SECONDS - start)) s"
-    start=$SECONDS  # an income map where the census is missing: the demo world withholds a fifth of the cells
+    t_ses=$((SECONDS - start)); echo "[demo] ses pipeline took $t_ses s"
+    start=$SECONDS  # an income map where the census is missing: the demo world withholds blocks of cells
     $PY predict_income.py --config configs/ses_demo.yaml --city Paris "$@"
-    echo "[demo] income prediction took $((SECONDS - start)) s"
+    t_map=$((SECONDS - start)); echo "[demo] income prediction took $t_map s"
+    # the README's demo table, every number read from the files above, with the machine it ran on
+    $PY -m urbanlens.summary --results "$(cfg_get paths.results --config configs/ses_demo.yaml "$@")" \
+      --timing "cities=$t_cities" --timing "ses=$t_ses" --timing "income map=$t_map"
     ;;
   test)    $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;  # one file per worker, files in parallel
   cities)  run_cities "$@" ;;
