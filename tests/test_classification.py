@@ -381,9 +381,12 @@ def test_permutation_p_value_is_small_for_signal_and_uniform_under_noise():
     labels = np.repeat(np.arange(8), 25)
     weak = np.where(rng.random(200) < 0.3, labels, rng.integers(0, 8, 200))   # 30 % + chance: a real signal
     planted = null.accuracy_p_value(labels, weak, permutations=500, seed=0)
-    assert planted["p_value"] < 0.01 and not planted["chance"]
-    ps = np.array([null.accuracy_p_value(labels, np.random.default_rng(s).integers(0, 8, 200), 200, seed=s)["p_value"]
-                   for s in range(40)])                                      # no signal: p about uniform
+    assert planted["p_value"] < 0.01 and not planted["chance"] and planted["finding"].startswith("above chance")
+    noise = [null.accuracy_p_value(labels, np.random.default_rng(s).integers(0, 8, 200), 200, seed=s)
+             for s in range(40)]                                             # no signal: p about uniform
+    ps = np.array([n["p_value"] for n in noise])
+    assert all((n["finding"] == "not distinguishable from chance") == n["chance"] == (n["p_value"] > 0.05)
+               for n in noise)
     assert (ps <= 0.05).mean() <= 0.15 and 0.3 < ps.mean() < 0.7 and ps.max() > 0.8
     assert null.accuracy_p_value(labels, labels, permutations=99)["p_value"] == pytest.approx(0.01)  # floor 1/(n+1)
 

@@ -19,10 +19,10 @@ def _accuracy(pred, labels, axis=-1):
 
 
 def accuracy_p_value(labels, pred, permutations: int = 1000, seed: int = 0) -> dict:
-    """``{"p_value", "chance"}`` of the accuracy of ``pred`` against ``labels`` permuted; ``chance``
-    is true when p > ``ALPHA``."""
+    """``{"p_value", "chance", "finding"}`` of the accuracy of ``pred`` against ``labels`` permuted;
+    ``chance`` is true when p > ``ALPHA``, and ``finding`` then says it in words."""
     labels, pred = np.asarray(labels), np.asarray(pred)
     res = permutation_test((pred, labels), _accuracy, permutation_type="pairings", vectorized=True,
                            n_resamples=permutations, alternative="greater", random_state=np.random.default_rng(seed))
     p = float(res.pvalue)
-    return {"p_value": p, "chance": bool(p > ALPHA)}
+    return {"p_value": p, "chance": bool(p > ALPHA), "finding": CHANCE if p > ALPHA else f"above chance (p <= {ALPHA})"}
