@@ -123,10 +123,10 @@ def test_failed_maps_make_the_finding_not_meaningful():
     chance = findings.assess(0.55, 0.45, 0.65, 40, stats)
     assert map_sanity.flag(chance, fail).caveat == chance.caveat + "; " + fail.reason
     assert map_sanity.flag(good, None) == good
-    summary = map_sanity.annotate(pd.DataFrame({"ua_code": ["1", "2"]}), fail)
+    summary = sanity.annotate(pd.DataFrame({"ua_code": ["1", "2"]}), fail)
     assert list(summary.columns) == ["ua_code", *sanity.COLUMNS]
     assert summary["maps_pass_sanity"].tolist() == [False, False]
-    assert map_sanity.annotate(summary[["ua_code"]], None)["maps_pass_sanity"].isna().all()
+    assert sanity.annotate(summary[["ua_code"]], None)["maps_pass_sanity"].isna().all()
 
 
 @pytest.mark.parametrize("n", [0, 3, 50])
