@@ -134,3 +134,17 @@ def test_sample(n):
     s = sanity.sample(10, n, seed=1)
     assert len(s) == min(n, 10) and len(set(s)) == len(s) and list(s) == sorted(s)
     assert list(sanity.sample(10, n, seed=1)) == list(s)
+
+
+def test_cities_sanity_check_gives_one_value_per_patch():
+    from urbanlens.cities.saliency import sanity_check
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batches = [(x[:3], [0, 1, 2]), (x[3:], [1])]
+    rho, dg, ig = sanity_check(model, model.layer4, batches, "gradcam", seed=0)
+    assert rho.shape == dg.shape == ig.shape == (4,) and np.isfinite([rho, dg, ig]).all()
+    assert (np.abs(rho) <= 1).all() and (np.abs(dg) <= 1).all()
+    again = sanity_check(model, model.layer4, batches, "gradcam", seed=0)
+    np.testing.assert_array_equal(rho, again[0])  # seeded: the same random model and orders
