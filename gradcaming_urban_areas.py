@@ -119,7 +119,7 @@ def main() -> None:
             verdict = sanity.summarise(*pooled_checks[-1])
         finding = city_findings[city] = map_sanity.flag(findings.city_finding(preds, stats, seed=cfg.seed, **units), verdict)
         pooled_preds.append(preds)
-        summary = map_sanity.annotate(findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding), verdict)
+        summary = sanity.annotate(findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding), verdict)
         files.write_csv(summary, city_dir / "landuse_summary.csv")
 
         # 4. figures: income maps, sampled cell panels, scores per class
@@ -140,7 +140,7 @@ def main() -> None:
                             f"check ses.ua_dir ({cfg.ses.ua_dir}) and ses.cities")
         verdict = sanity.summarise(*map(np.concatenate, zip(*pooled_checks))) if pooled_checks else None
         finding = map_sanity.flag(findings.pooled_finding(pooled_preds, stats, city_findings, seed=cfg.seed, **units), verdict)
-        summary = map_sanity.annotate(findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding), verdict)
+        summary = sanity.annotate(findings.annotate(zonal.landuse_summary(stats, seed=cfg.seed, **units), finding), verdict)
         files.write_csv(summary, ses_dir / "landuse_summary.csv")
         files.save_figure(ses_figures.landuse_scores_figure(summary, "all cities: activation per land-use class"),
                        ses_dir / "landuse_scores.png")

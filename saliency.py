@@ -89,9 +89,7 @@ def main() -> None:
                    for b in (checked.iloc[i:i + bs] for i in range(0, len(checked), bs)))
         verdict = sanity.summarise(*sanity_check(model, layer, batches, cfg.saliency.method, cfg.seed))
 
-    index = pd.DataFrame(rows)
-    for col, value in (verdict.row() if verdict is not None else sanity.unchecked_row()).items():
-        index[col] = pd.Series([value] * len(index), index=index.index, dtype=object if col == "maps_pass_sanity" else None)
+    index = sanity.annotate(pd.DataFrame(rows), verdict)
     write_csv(index, out / "index.csv")
     save_run_config(cfg, out)
     # panels of an earlier sample (another seed, split or per_city) would be taken for this one's

@@ -19,6 +19,7 @@ from rasterstats import zonal_stats
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from urbanlens.core import sanity
 from urbanlens.ses import extraction, findings, grid, zonal
 from urbanlens.ses import maps as ses_maps
 from script_runner import assert_no_traceback
@@ -108,9 +109,12 @@ def test_planted_classes_on_the_right_side(world):
     root, _ = world
     truth = json.loads((root / "data" / "ses_truth.json").read_text())
     summary = pd.read_csv(root / "results" / "ses" / "landuse_summary.csv", dtype={"ua_code": str})
-    assert list(summary.columns) == zonal.SUMMARY_COLUMNS + findings.SKILL_COLUMNS
+    assert list(summary.columns) == zonal.SUMMARY_COLUMNS + findings.SKILL_COLUMNS + sanity.COLUMNS
     first = summary.iloc[0]   # the model's held-out skill, the same on every row, its interval around it
     assert first["model_auc_lo"] <= first["model_auc"] <= first["model_auc_hi"] and first["model_auc"] > 0.6
+    # the maps' sanity check ran on 16 cells of each city (2 maps a cell), and a failure is never meaningful
+    assert first["sanity_maps"] == 2 * 16 * len(CITIES) and first["maps_pass_sanity"] in (True, False)
+    assert first["maps_pass_sanity"] or not first["meaningful"] and "its maps" in first["caveat"]
     score = summary.set_index("ua_code")["rich_minus_poor"]
     rich = score[score.index.isin(truth["rich_codes"])]
     poor = score[score.index.isin(truth["poor_codes"])]

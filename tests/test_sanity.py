@@ -123,10 +123,10 @@ def test_failed_maps_make_the_finding_not_meaningful():
     chance = findings.assess(0.55, 0.45, 0.65, 40, stats)
     assert map_sanity.flag(chance, fail).caveat == chance.caveat + "; " + fail.reason
     assert map_sanity.flag(good, None) == good
-    summary = map_sanity.annotate(pd.DataFrame({"ua_code": ["1", "2"]}), fail)
+    summary = sanity.annotate(pd.DataFrame({"ua_code": ["1", "2"]}), fail)
     assert list(summary.columns) == ["ua_code", *sanity.COLUMNS]
     assert summary["maps_pass_sanity"].tolist() == [False, False]
-    assert map_sanity.annotate(summary[["ua_code"]], None)["maps_pass_sanity"].isna().all()
+    assert sanity.annotate(summary[["ua_code"]], None)["maps_pass_sanity"].isna().all()
 
 
 @pytest.mark.parametrize("n", [0, 3, 50])
@@ -134,3 +134,17 @@ def test_sample(n):
     s = sanity.sample(10, n, seed=1)
     assert len(s) == min(n, 10) and len(set(s)) == len(s) and list(s) == sorted(s)
     assert list(sanity.sample(10, n, seed=1)) == list(s)
+
+
+def test_cities_sanity_check_gives_one_value_per_patch():
+    from urbanlens.cities.saliency import sanity_check
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batches = [(x[:3], [0, 1, 2]), (x[3:], [1])]
+    rho, dg, ig = sanity_check(model, model.layer4, batches, "gradcam", seed=0)
+    assert rho.shape == dg.shape == ig.shape == (4,) and np.isfinite([rho, dg, ig]).all()
+    assert (np.abs(rho) <= 1).all() and (np.abs(dg) <= 1).all()
+    again = sanity_check(model, model.layer4, batches, "gradcam", seed=0)
+    np.testing.assert_array_equal(rho, again[0])  # seeded: the same random model and orders

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import integrate, stats
 from torch import nn
@@ -188,6 +189,15 @@ def summarise(rho: np.ndarray, deletion_gain: np.ndarray, insertion_gain: np.nda
 def unchecked_row() -> dict:
     """``COLUMNS`` of maps not checked (the check turned off): no verdict either way."""
     return dict(zip(COLUMNS, (0, float("nan"), float("nan"), float("nan"), float("nan"), None)))
+
+
+def annotate(table: pd.DataFrame, verdict: Sanity | None) -> pd.DataFrame:
+    """``table`` with ``COLUMNS`` (the same on every row) appended: the verdict's, or empty ones when
+    the maps were not checked."""
+    out = table.copy()
+    for col, value in (verdict.row() if verdict is not None else unchecked_row()).items():
+        out[col] = pd.Series([value] * len(out), index=out.index, dtype=object if col == "maps_pass_sanity" else None)
+    return out
 
 
 def sample(n_items: int, n: int, seed: int) -> np.ndarray:

@@ -45,10 +45,3 @@ def flag(finding: Finding, verdict: sanity.Sanity | None) -> Finding:
     caveat = f"{finding.caveat}; {verdict.reason}" if finding.caveat else f"ranking not meaningful: {verdict.reason}"
     return dataclasses.replace(finding, meaningful=False, caveat=caveat)
 
-
-def annotate(summary: pd.DataFrame, verdict: sanity.Sanity | None) -> pd.DataFrame:
-    """The land-use summary with ``sanity.COLUMNS`` (the same on every row) appended."""
-    out = summary.copy()
-    for col, value in (verdict.row() if verdict is not None else sanity.unchecked_row()).items():
-        out[col] = pd.Series([value] * len(out), index=out.index, dtype=object if col == "maps_pass_sanity" else None)
-    return out
