@@ -59,6 +59,7 @@ def _nearest(key: str, valid: Iterable[str]) -> str:
 # the amp keys were booleans (true: float16 on CUDA, off on CPU; false: off).
 _LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
 ADDED = {"cams.amp": "off", "store": False, "france.withhold": 0.0, "ses_train.checkpoint_every": 1}  # keys added since run stamps were first written: the value runs before them had
+ADDED.update({"france.withhold_mode": "random", "france.withhold_block_m": 1000.0})  # withheld cells were drawn one by one
 
 
 def current_value(key: str, value: Any) -> Any:
