@@ -16,7 +16,7 @@ otherwise (another orthophoto product, cell size or pixels per cell) is refused,
 Writes under ``<paths.results>/ses/<City>/predicted/``: ``cells.gpkg`` (layer ``cells``: cell_id,
 expected_class, p_0..p_4, fold_spread (spread of the expected class over the models that scored the
 cell; 0 with one), scored_by ('out-of-fold (fold k)', 'all folds (not trained on)', 'void (not
-scored)'), census_income and observed_class where the census has the cell, non_void, nodata, path,
+scored)', or 'in-sample (every fold trained on it)', never counted as skill), census_income and observed_class where the census has the cell, non_void, nodata, path,
 geometry), ``expected_class.tif`` (EPSG:3035, one pixel per cell, pixel centres on the cell centres;
 band 1 expected class, band 2 fold spread, NaN elsewhere), ``agreement.json`` (Spearman between the
 expected class and the income, one-sided p and a bootstrap interval over ``ses_train.block_m`` blocks,
@@ -164,6 +164,7 @@ def agreement_groups(table, truth_path, city: str, block_m: float, seed: int) ->
                                                   table["cell_id"][oof], block_m, "census cells scored out-of-fold",
                                                   "census income", seed),
     }
+
 
 if __name__ == "__main__":
     entry.run(main)
