@@ -6,17 +6,24 @@ The area is the city's Urban Atlas boundary, or the polygons of ``--area`` (any 
 Every cell of the INSPIRE 200 m grid whose centre lies inside it and that an orthophoto tile of
 ``ses.ortho_product`` overlaps is cut from the tiles as the extraction stage cuts cells (reusing that
 stage's images when it ran with this config), whether or not the census has it. A cell with more than
-``ses.max_nodata`` nodata pixels is void and not scored. Each other cell is scored by every fold model
-of the city (``<results>/ses/<City>/fold_<k>/best.pt``), and P(k) is averaged over folds. A model
-trained on images made otherwise (another orthophoto product, cell size or pixels per cell) is refused,
-naming the difference.
+``ses.max_nodata`` nodata pixels is void and not scored. A cell some fold of the city trained on (the
+training or validation part of a fold in ``<results>/ses/<City>/folds.csv``) is scored out-of-fold: by
+the fold models (``fold_<k>/best.pt``) that did not train on it, under k-fold the one of the fold that
+tested it. Every other cell (not in the census, withheld, or left out of training) gets P(k) averaged
+over all fold models. Each model scores only the cells it is needed for. A model trained on images made
+otherwise (another orthophoto product, cell size or pixels per cell) is refused, naming the difference.
 
 Writes under ``<paths.results>/ses/<City>/predicted/``: ``cells.gpkg`` (layer ``cells``: cell_id,
-expected_class, p_0..p_4, fold_spread, census_income and observed_class where the census has the cell,
-non_void, nodata, path, geometry), ``expected_class.tif`` (EPSG:3035, one pixel per cell, pixel
-centres on the cell centres; band 1 expected class, band 2 fold spread, NaN elsewhere) and
-``figures/`` (the map; where the census knows cells, observed vs predicted). Re-runs skip the images
-already cut.
+expected_class, p_0..p_4, fold_spread (spread of the expected class over the models that scored the
+cell; 0 with one), scored_by ('out-of-fold (fold k)', 'all folds (not trained on)', 'void (not
+scored)', or 'in-sample (every fold trained on it)', never counted as skill), census_income and observed_class where the census has the cell, non_void, nodata, path,
+geometry), ``expected_class.tif`` (EPSG:3035, one pixel per cell, pixel centres on the cell centres;
+band 1 expected class, band 2 fold spread, NaN elsewhere), ``agreement.json`` (Spearman between the
+expected class and the income, one-sided p and a bootstrap interval over ``ses_train.block_m`` blocks,
+separately for the withheld cells against their planted income in ``<data>/ses_truth_cells.csv`` when
+there is one, and for the census cells scored out-of-fold against their census income) and
+``figures/`` (the map; observed vs predicted over the census cells scored out-of-fold). Re-runs skip
+the images already cut.
 
 Many machines: ``--shard I/N`` cuts and scores only the I-th of N contiguous chunks of the cells (in
 cell-id order) and writes ``cells.shard-I-of-N.gpkg``; ``--merge N`` then writes the outputs above.
@@ -30,10 +37,11 @@ import pandas as pd
 from urbanlens.core import entry, files, locks, runs, runtime, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError
-from urbanlens.ses import extraction, prediction, urban_atlas
+from urbanlens.ses import agreement, extraction, prediction, urban_atlas
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import grid as ses_grid
 from urbanlens.ses import tiles as ses_tiles
+from urbanlens.ses.world import TRUTH_CELLS
 
 
 def arguments(parser):
@@ -96,15 +104,18 @@ def main() -> None:
                                       names=[p.name for p in parts])
         table = gpd.GeoDataFrame(table, geometry="geometry", crs=ses_grid.LAEA)
         cut = 0
-    else:  # 4. cut each cell (resumable), score the non-void ones with every fold model, average
+    else:  # 4. cut each cell (resumable), score the non-void ones out-of-fold where a fold trained on them
         status = extraction.extract_cells(cells, ses_dir, px=cfg.ses.cell_px, workers=cfg.workers)
         cut = int(status["extracted"].sum())
         cells["nodata"] = status["nodata"].round(6)
         cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
         scored = cells[cells["non_void"]]
+        trained = prediction.trained_on(ses_dir / city / prediction.FOLDS_CSV, scored["cell_id"], len(models))
+        needs, scored_by = prediction.scoring_plan(trained)
         probs = prediction.score(models, [ses_dir / p for p in scored["path"]], size, device,
-                                 cfg.predict.batch_size, cfg.ses_train.amp)
-        scores = prediction.summarise(probs).set_index(scored.index).reindex(cells.index)
+                                 cfg.predict.batch_size, cfg.ses_train.amp, needs=needs)
+        scores = prediction.summarise(probs).assign(scored_by=scored_by).set_index(scored.index).reindex(cells.index)
+        scores["scored_by"] = scores["scored_by"].fillna(prediction.VOID)
         table = pd.concat([cells[["cell_id", "city"]], scores, cells[["census_income"]]], axis=1)
         table["observed_class"] = prediction.observed_class(table["census_income"], edges) if edges else np.nan
         table = gpd.GeoDataFrame(table.join(cells[["non_void", "nodata", "path"]]), geometry=cells.geometry,
@@ -121,18 +132,39 @@ def main() -> None:
     prediction.write_grid_tif(tif, table["cell_id"], {"expected_class": table["expected_class"],
                                                       "fold_spread": table["fold_spread"]})
     files.save_figure(ses_figures.predicted_map_figure(table, city), out / "figures" / "predicted_map.png")
-    known = table[np.isfinite(table["census_income"]) & table["non_void"].astype(bool)]
-    rho, p, n_known = prediction.spearman(known["census_income"], known["expected_class"])
-    if n_known:
-        files.save_figure(ses_figures.observed_vs_predicted_figure(known, city, rho, p),
+    groups = agreement_groups(table, data_dir(cfg, TRUTH_CELLS), city, cfg.ses_train.block_m, cfg.seed)
+    files.write_json(out / "agreement.json", {"city": city, **groups,
+                                              "cells_by_scoring": table["scored_by"].value_counts().to_dict()})
+    oof = groups["census_out_of_fold"]
+    if oof["n"] >= 3:
+        known = table[prediction.is_out_of_fold(table["scored_by"]) & np.isfinite(table["census_income"])]
+        files.save_figure(ses_figures.observed_vs_predicted_figure(known, city, oof["rho"], oof["p_one_sided"],
+                                                                   "census cells scored out-of-fold"),
                           out / "figures" / "observed_vs_predicted.png")
-    scored, n_census = table["non_void"].astype(bool), int(np.isfinite(table["census_income"]).sum())
+    scored = table["non_void"].astype(bool)
     print(f"[{tag}] {city}: {int(scored.sum())} of {len(table)} cells scored ({int((~scored).sum())} void), "
-          f"{len(table) - n_census} not in the census; mean expected class {np.nanmean(table['expected_class']):.2f}, "
-          f"mean fold spread {np.nanmean(table['fold_spread']):.2f}"
-          + (f"; census cells: Spearman(income, expected class) {rho:.2f} (one-sided p {p:.2g}, {n_known} cells)"
-             if n_known >= 3 else "")
-          + f" in {time.time() - start:.1f} s -> {table_path}, {tif}")
+          f"{len(table) - int(np.isfinite(table['census_income']).sum())} not in the census; mean expected class "
+          f"{np.nanmean(table['expected_class']):.2f}; "
+          + "; ".join(agreement.describe(g) for g in groups.values() if g["n"])
+          + f" in {time.time() - start:.1f} s -> {table_path}, {tif}, {out / 'agreement.json'}")
+
+
+def agreement_groups(table, truth_path, city: str, block_m: float, seed: int) -> dict:
+    """The agreement (agreement.agreement) of the withheld cells with their planted income and of the
+    census cells scored out-of-fold with their census income; nothing else is mixed in."""
+    scored = table["non_void"].astype(bool).to_numpy() & np.isfinite(table["expected_class"].to_numpy(float))
+    planted = table["cell_id"].map(agreement.withheld_truth(truth_path, city)).to_numpy(float)
+    withheld = scored & np.isfinite(planted) & (table["scored_by"] == prediction.NOT_TRAINED).to_numpy()
+    oof = scored & prediction.is_out_of_fold(table["scored_by"]) & np.isfinite(table["census_income"].to_numpy(float))
+    return {
+        "withheld": agreement.agreement(table["expected_class"][withheld], planted[withheld],
+                                        table["cell_id"][withheld], block_m, "withheld cells (no fold trained on "
+                                        "them), scored by the mean of all folds", "planted income", seed),
+        "census_out_of_fold": agreement.agreement(table["expected_class"][oof], table["census_income"][oof],
+                                                  table["cell_id"][oof], block_m, "census cells scored out-of-fold",
+                                                  "census income", seed),
+    }
+
 
 if __name__ == "__main__":
     entry.run(main)

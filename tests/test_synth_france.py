@@ -197,3 +197,25 @@ def test_extraction_end_to_end_and_resume(world, tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in (results / "ses" / "imagery").rglob("*.png")}
     again = gpd.read_file(results / "ses" / "cells.gpkg", layer="cells")
     assert again["non_void"].tolist() == index["non_void"].tolist()
+
+
+def test_blocks_mode_withholds_whole_blocks_near_the_asked_share():
+    city = world_plan.plan_city("Paris", 0, 2400.0, 0)
+    _, truth = world_plan.census_for_city(city, 0.3, 0)
+    ids = truth["cell_id"]
+    blocks = pd.Series(grid.block_ids(ids, 400))
+    for seed in (0, 1):
+        withheld = world_plan.withheld_cells(city, ids, 0.2, seed, "blocks", 400)
+        per_block = pd.Series(withheld).groupby(blocks).agg(["all", "any"])
+        assert (per_block["all"] == per_block["any"]).all()  # a block is withheld whole or not at all
+        assert per_block["all"].sum() >= 3
+        largest = blocks.value_counts().max()  # the draw stops at the block that comes closest to the share
+        assert abs(withheld.sum() - 0.2 * len(ids)) <= largest / 2
+    assert not np.array_equal(world_plan.withheld_cells(city, ids, 0.2, 0, "blocks", 400),
+                              world_plan.withheld_cells(city, ids, 0.2, 1, "blocks", 400))
+    # random mode is the draw of worlds made before the blocks mode existed
+    old = world_plan.city_rng(0, "Paris", "withhold").random(len(ids)) < 0.2
+    assert np.array_equal(world_plan.withheld_cells(city, ids, 0.2, 0, "random"), old)
+    assert not world_plan.withheld_cells(city, ids, 0.0, 0, "blocks", 400).any()
+    with pytest.raises(errors.ConfigError, match="withhold_mode"):
+        world_plan.withheld_cells(city, ids, 0.2, 0, "rings", 400)

@@ -73,6 +73,8 @@ ADDED = {
     "cams.sanity_cells": 0,
     "saliency.sanity_patches": 0,
     "ses.ua_boundary": "",
+    "france.withhold_mode": "random",  # withheld cells were drawn one by one
+    "france.withhold_block_m": 1000.0,
 }
 
 

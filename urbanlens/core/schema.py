@@ -29,6 +29,7 @@ IMPUTED_POLICIES = ("keep", "drop")  # ses.imputed: cells INSEE imputed
 CV_SCHEMES = ("stratified", "spatial", "city")  # ses_train.cv (ses/spatial_folds.py)
 BOOTSTRAP_UNITS = ("blocks", "cells")  # ses_train.bootstrap: what the held-out intervals resample
 VAL_SCHEMES = ("paper", "site")  # split.val (cities/validation.py)
+WITHHOLD_MODES = ("random", "blocks")  # france.withhold_mode (ses/world_plan.py withheld_cells)
 
 SEED_MAX = 2**32 - 1  # numpy's seeds
 
@@ -117,6 +118,7 @@ SCHEMA: dict[str, Key] = {
     # socioeconomic status
     "france.cities": NAMES, "france.city_size_m": COUNT, "france.tile_size_m": COUNT,
     "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT, "france.withhold": SHARE,
+    "france.withhold_mode": choice(*WITHHOLD_MODES), "france.withhold_block_m": POSITIVE,
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
     "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER, "ses.baseline": FLAG,

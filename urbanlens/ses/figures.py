@@ -172,8 +172,9 @@ def predicted_map_figure(cells, city: str):
     return fig
 
 
-def observed_vs_predicted_figure(cells, city: str, rho: float, p: float):
-    """For the cells the census knows: observed quintile map | predicted map | income vs expected class."""
+def observed_vs_predicted_figure(cells, city: str, rho: float, p: float, kind: str = "census cells"):
+    """For the cells the census knows (``kind`` names which, e.g. scored out-of-fold): observed quintile
+    map | predicted map | income vs expected class."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 5), constrained_layout=True)
     _cell_map(axes[0], cells, cells["observed_class"], "census income quintile (training edges)")
     _cell_map(axes[1], cells, cells["expected_class"], "predicted (expected class)")
@@ -185,5 +186,5 @@ def observed_vs_predicted_figure(cells, city: str, rho: float, p: float):
     axes[2].set_ylabel("predicted expected class")
     axes[2].set_ylim(-0.1, 4.1)
     axes[2].set_title(f"Spearman {rho:.2f} (one-sided p {p:.2g}), {len(cells)} cells", fontsize=9)
-    fig.suptitle(f"{city}: observed vs predicted income")
+    fig.suptitle(f"{city}: observed vs predicted income, {kind}")
     return fig

@@ -55,3 +55,16 @@ def cell_boxes(cell_ids: Iterable[str]) -> np.ndarray:
         raise ValueError(f"not an EPSG:3035 INSPIRE cell id: {ids[bad].iloc[0]!r}")
     res, n, e = (parts[i].astype(np.int64).to_numpy() for i in (1, 2, 3))
     return shapely.box(e, n, e + res, n + res)
+
+
+def cell_origins(cell_ids) -> np.ndarray:
+    """[n, 2] lower-left corners (easting, northing, EPSG:3035 metres) of INSPIRE cells."""
+    return np.array([parse_inspire_id(c)[:2] for c in cell_ids], dtype=np.int64).reshape(-1, 2)
+
+
+def block_ids(cell_ids, block_m: float) -> np.ndarray:
+    """The block of each cell: ``'E<x>N<y>'`` of the lower-left corner of the ``block_m`` square of the
+    EPSG:3035 grid holding the cell's lower-left corner."""
+    xy = cell_origins(cell_ids)
+    b = np.floor(xy / float(block_m)).astype(np.int64) * int(block_m)
+    return np.array([f"E{x}N{y}" for x, y in b], dtype=object)

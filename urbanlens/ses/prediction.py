@@ -1,5 +1,9 @@
 """Income maps read from imagery alone: the 200 m cells of any area that orthophotos cover, scored by a
-city's fold models (mean over folds), and a GeoTIFF on the INSPIRE grid.
+city's fold models, and a GeoTIFF on the INSPIRE grid.
+
+A cell some fold trained on (its training or validation part, as the city's folds.csv says) is scored
+only by the fold models that did not train on it (out-of-fold); every other cell by the mean of all
+fold models. Each model scores only the cells it is needed for.
 
 The cells are those of the INSPIRE 200 m grid (EPSG:3035) whose centre lies inside the area, the rule
 extraction applies to a city's boundary, whether or not the census has them. Their images are cut as
@@ -17,13 +21,13 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from ..core import files, runs
+from ..core import files, outputs, runs
 from ..core.errors import CheckpointError, ConfigError, DataError
 from . import extraction, fitting
 from .columns import opening
 from .data import CellDataset
 from .grid import LAEA, cell_boxes, inspire_id, parse_inspire_id
-from .model import N_CLASSES, expected_class, load_ses_model
+from .model import N_CLASSES, load_ses_model
 
 # What the cell images of a prediction are made from (the scores are made anew by every run).
 RUN_KEYS = ("paths.data", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px", "ses.ortho_product",
@@ -123,25 +127,93 @@ def load_fold_models(paths: Sequence, cfg, device) -> tuple[list, list[dict]]:
     return models, ckpts
 
 
-def score(models: Sequence, image_paths: Sequence, size: int, device, batch_size: int, amp="off") -> np.ndarray:
-    """P(k) [folds, cells, 5] of each fold model on each cell image (resized to ``size``, min-max scaled)."""
+FOLDS_CSV = "folds.csv"  # a city's split manifest (ses.folds.folds_frame), written by efficientnet_training.py
+
+
+TRAINED_PARTS = ("train", "val")  # the parts of a fold whose cells shaped its model
+
+
+NOT_TRAINED = "all folds (not trained on)"
+
+
+IN_SAMPLE = "in-sample (every fold trained on it)"
+
+
+VOID = "void (not scored)"
+
+
+def trained_on(folds_csv, cell_ids: Sequence[str], n_folds: int) -> np.ndarray:
+    """[folds, cells] True where fold k trained on the cell (its ``train`` or ``val`` part in folds.csv)."""
+    fix = "re-run efficientnet_training.py for this city (finished folds are kept)"
+    folds = outputs.read_csv(folds_csv, "efficientnet_training.py", ["fold", "cell_id", "part"], fix,
+                             dtype={"cell_id": str, "part": str})
+    if set(folds["fold"].unique()) != set(range(n_folds)):
+        raise DataError(folds_csv, f"folds {sorted(folds['fold'].unique())} do not match the {n_folds} fold "
+                        "models", fix)
+    trained = folds[folds["part"].isin(TRAINED_PARTS)]
+    index = pd.Index(list(cell_ids))
+    out = np.zeros((n_folds, len(index)), dtype=bool)
+    rows, cols = trained["fold"].to_numpy(int), index.get_indexer(trained["cell_id"])
+    out[rows[cols >= 0], cols[cols >= 0]] = True
+    return out
+
+
+def scoring_plan(trained: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(needs [folds, cells]: which fold models score each cell, ``scored_by`` label of each cell) from
+    ``trained`` [folds, cells]: the models that did not train on a cell where some did ('out-of-fold
+    (fold k)' or '(folds j, k)'), all of them where none did (NOT_TRAINED) or all did (IN_SAMPLE)."""
+    trained = np.asarray(trained, dtype=bool)
+    some, every = trained.any(axis=0), trained.all(axis=0)
+    needs = np.where(some & ~every, ~trained, True)
+    labels = []
+    for c in range(trained.shape[1]):
+        folds = np.flatnonzero(needs[:, c])
+        if not some[c]:
+            labels.append(NOT_TRAINED)
+        elif every[c]:
+            labels.append(IN_SAMPLE)
+        else:
+            labels.append(f"out-of-fold (fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))})")
+    return needs, labels
+
+
+def is_out_of_fold(scored_by) -> np.ndarray:
+    """True where a ``scored_by`` label says out-of-fold."""
+    return pd.Series(scored_by, dtype=object).fillna("").str.startswith("out-of-fold").to_numpy()
+
+
+def score(models: Sequence, image_paths: Sequence, size: int, device, batch_size: int, amp="off",
+          needs: np.ndarray | None = None) -> np.ndarray:
+    """P(k) [folds, cells, 5] of each fold model on the cell images (resized to ``size``, min-max scaled)
+    it is needed for (``needs`` [folds, cells], default all); NaN where a model is not needed."""
     from tqdm import tqdm
 
-    if not len(image_paths):
-        return np.zeros((len(models), 0, N_CLASSES))
-    data = CellDataset(list(image_paths), np.zeros(len(image_paths), np.int64), size)
-    return np.stack([np.exp(fitting.predict(m, data, device, batch_size=batch_size, amp=amp))
-                     for m in tqdm(models, desc=f"scoring {len(image_paths)} cells", unit="fold model")])
+    paths = list(image_paths)
+    needs = np.ones((len(models), len(paths)), dtype=bool) if needs is None else np.asarray(needs, dtype=bool)
+    probs = np.full((len(models), len(paths), N_CLASSES), np.nan)
+    with tqdm(total=int(needs.sum()), desc=f"scoring {len(paths)} cells", unit="cell") as bar:
+        for k, model in enumerate(models):
+            idx = np.flatnonzero(needs[k])
+            if len(idx):
+                data = CellDataset([paths[i] for i in idx], np.zeros(len(idx), np.int64), size)
+                probs[k, idx] = np.exp(fitting.predict(model, data, device, batch_size=batch_size, amp=amp))
+                bar.update(len(idx))
+    return probs
 
 
 def summarise(probs: np.ndarray) -> pd.DataFrame:
-    """Per cell: ``expected_class`` of the fold-mean P(k), ``p_0..p_4`` (fold means) and ``fold_spread``
-    (standard deviation over folds of each fold's expected class; 0 with one fold)."""
-    mean = probs.mean(axis=0)
-    per_fold = np.stack([expected_class(np.log(np.clip(p, 1e-300, None))) for p in probs])
+    """Per cell, over the fold models that scored it (non-NaN in ``probs`` [folds, cells, 5]):
+    ``expected_class`` of their mean P(k), ``p_0..p_4`` (their means) and ``fold_spread`` (standard
+    deviation of their expected classes; 0 with one model)."""
+    probs = np.asarray(probs, dtype=float)
+    scored = np.isfinite(probs).all(axis=2)  # [folds, cells]
+    if probs.shape[1] and not scored.any(axis=0).all():
+        raise ValueError("a cell no fold model scored")
+    mean = np.nansum(probs, axis=0) / np.maximum(scored.sum(axis=0), 1)[:, None]
+    per_fold = np.where(scored, np.nan_to_num(probs) @ np.arange(N_CLASSES), np.nan)
     out = pd.DataFrame(mean, columns=PROB_COLUMNS)
     out.insert(0, "expected_class", mean @ np.arange(N_CLASSES))
-    out["fold_spread"] = per_fold.std(axis=0)
+    out["fold_spread"] = np.nanstd(per_fold, axis=0) if probs.shape[1] else np.zeros(0)
     return out
 
 
@@ -225,17 +297,5 @@ def clear(out) -> None:
     out = Path(out)
     if (out / "imagery").is_dir():
         shutil.rmtree(out / "imagery")
-    for table in out.glob("cells*.gpkg"):
-        table.unlink()
-
-
-def spearman(x, y) -> tuple[float, float, int]:
-    """(rho, one-sided p for rho > 0, n) over the pairs where both are finite."""
-    from scipy.stats import spearmanr
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
-        return float("nan"), float("nan"), int(ok.sum())
-    rho, p = spearmanr(x[ok], y[ok], alternative="greater")
-    return float(rho), float(p), int(ok.sum())
+    for table in [*out.glob("cells*.gpkg"), out / "agreement.json"]:
+        table.unlink(missing_ok=True)

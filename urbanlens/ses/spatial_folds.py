@@ -13,21 +13,8 @@ import numpy as np
 from ..core.errors import ConfigError, DataError
 from ..core.schema import CV_SCHEMES as SCHEMES
 from .folds import per_quintile
-from .grid import parse_inspire_id
+from .grid import block_ids, cell_origins, parse_inspire_id
 from .model import N_CLASSES
-
-
-def cell_origins(cell_ids) -> np.ndarray:
-    """[n, 2] lower-left corners (easting, northing, EPSG:3035 metres) of INSPIRE cells."""
-    return np.array([parse_inspire_id(c)[:2] for c in cell_ids], dtype=np.int64).reshape(-1, 2)
-
-
-def block_ids(cell_ids, block_m: float) -> np.ndarray:
-    """The block of each cell: ``'E<x>N<y>'`` of the lower-left corner of the ``block_m`` square of the
-    EPSG:3035 grid holding the cell's lower-left corner."""
-    xy = cell_origins(cell_ids)
-    b = np.floor(xy / float(block_m)).astype(np.int64) * int(block_m)
-    return np.array([f"E{x}N{y}" for x, y in b], dtype=object)
 
 
 def assign_blocks(blocks, labels, folds: int, seed: int) -> np.ndarray:

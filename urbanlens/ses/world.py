@@ -10,8 +10,9 @@ Under ``<paths.data>/`` it writes, for every city of ``france.cities``:
   like IGN's, with a ``dalles.shp`` tile index (column ``NOM``);
 - ``ses_truth.json``: the planted income model (``rich_codes``, ``poor_codes``, class effects) and all
   generator parameters;
-- ``france.withhold`` > 0: that share of the populated cells, drawn at random, is left out of the census (not
-  of the imagery), and ``ses_truth_cells.csv`` has every cell's planted income (``cell_id, city, income, withheld``).
+- ``france.withhold`` > 0: about that share of the populated cells is left out of the census (not of the
+  imagery), drawn as single cells (``france.withhold_mode: random``) or as whole ``france.withhold_block_m``
+  squares of the EPSG:3035 grid (``blocks``), and ``ses_truth_cells.csv`` has every cell's planted income (``cell_id, city, income, withheld``).
 
 A city is a square of ``france.city_size_m`` in EPSG:3035: a street grid of irregular blocks, a dense
 centre, residential rings, an industrial sector crossed by a motorway, a railway, a river, parks and
@@ -289,7 +290,8 @@ def build_world(cfg, progress: bool = True) -> dict:
         # census cells and planted income
         census, truth = census_for_city(city, float(fr.noise), seed, float(fr.leakage))
         truth.insert(1, "city", name)
-        truth["withheld"] = withheld_cells(city, len(truth), float(fr.withhold), seed)
+        truth["withheld"] = withheld_cells(city, truth["cell_id"], float(fr.withhold), seed, fr.withhold_mode,
+                                           float(fr.withhold_block_m))
         census_parts.append(census[~census["idcar_200m"].isin(truth.loc[truth["withheld"], "cell_id"])])
         truth_parts.append(truth)
         # orthophotos: one delivery per department, tiles rendered below, tile index now

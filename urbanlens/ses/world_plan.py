@@ -12,7 +12,8 @@ import shapely
 from pyproj import Transformer
 from scipy.ndimage import gaussian_filter
 
-from .grid import LAEA, inspire_id
+from ..core.errors import ConfigError
+from .grid import LAEA, block_ids, inspire_id
 from .world_leakage import income_shift
 
 # Urban Atlas 2018 nomenclature (spelling of the Copernicus product, double space included)
@@ -258,8 +259,25 @@ def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0) -
     return census, truth[keep].reset_index(drop=True)
 
 
-def withheld_cells(city: City, n_cells: int, share: float, seed: int) -> np.ndarray:
-    """True for a seeded random ``share`` of a city's ``n_cells`` populated cells: those the census withholds."""
-    if share <= 0:
+def withheld_cells(city: City, cell_ids, share: float, seed: int, mode: str = "random",
+                   block_m: float = 1000.0) -> np.ndarray:
+    """True for the populated cells (``cell_ids``, INSPIRE ids) of a city that the census withholds.
+
+    ``random``: each cell with probability ``share`` (seeded). ``blocks``: whole ``block_m`` squares of the
+    EPSG:3035 grid, drawn in a seeded random order until the withheld cells come closest to ``share`` of
+    the cells (at least one block), so that a withheld cell's neighbours are mostly withheld too.
+    """
+    n_cells = len(cell_ids)
+    if share <= 0 or n_cells == 0:
         return np.zeros(n_cells, dtype=bool)
-    return city_rng(seed, city.name, "withhold").random(n_cells) < share
+    if mode == "random":
+        return city_rng(seed, city.name, "withhold").random(n_cells) < share
+    if mode != "blocks":
+        raise ConfigError("config", f"france.withhold_mode={mode!r} is not a withholding mode",
+                          "set france.withhold_mode to random or blocks")
+    blocks = block_ids(cell_ids, block_m)
+    names, counts = np.unique(blocks, return_counts=True)
+    order = city_rng(seed, city.name, "withhold-blocks").permutation(len(names))
+    taken = np.cumsum(counts[order])
+    k = int(np.argmin(np.abs(taken - share * n_cells))) + 1
+    return np.isin(blocks, names[order[:k]])
