@@ -115,12 +115,12 @@ def test_verdict():
 
 def test_failed_maps_make_the_finding_not_meaningful():
     stats = pd.DataFrame({"poor_max": [1.0], "rich_max": [1.0]})
-    good = findings.assess(0.8, 0.7, 0.9, 40, stats)
+    good = findings.assess(findings.Skill(0.8, 0.7, 0.9, 40, p_value=0.001), stats)
     assert good.meaningful
     fail = sanity.summarise(np.full(8, 0.9), np.linspace(0.01, 0.2, 8), np.zeros(8))
     flagged = map_sanity.flag(good, fail)
     assert not flagged.meaningful and flagged.caveat == "ranking not meaningful: " + fail.reason
-    chance = findings.assess(0.55, 0.45, 0.65, 40, stats)
+    chance = findings.assess(findings.Skill(0.55, 0.45, 0.65, 40, p_value=0.2), stats)
     assert map_sanity.flag(chance, fail).caveat == chance.caveat + "; " + fail.reason
     assert map_sanity.flag(good, None) == good
     summary = sanity.annotate(pd.DataFrame({"ua_code": ["1", "2"]}), fail)
