@@ -189,3 +189,67 @@ def test_extraction_end_to_end_and_resume(world, tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in (results / "ses" / "imagery").rglob("*.png")}
     again = gpd.read_file(results / "ses" / "cells.gpkg", layer="cells")
     assert again["non_void"].tolist() == index["non_void"].tolist()
+
+
+# --- france.structure: income planted in the houses' arrangement, at equal colour statistics ---------
+
+def _house_patches(code: str, n: int = 60, px: int = 64, turn_deg: float = 1.7):
+    """``n`` 200 m cells of pure ``code`` drawn with structure on, sampled at ``px`` pixels on a grid turned
+    by ``turn_deg`` (Lambert-93 tiles are turned against the EPSG:3035 lattice): (uint8 [n, 3, px, px],
+    arranged flags)."""
+    import torch
+
+    from urbanlens.ses import world_structure
+    g = (np.arange(px) + 0.5) * world_structure.CELL_M / px - world_structure.CELL_M / 2
+    a, b = np.meshgrid(g, -g)
+    t = np.radians(turn_deg)
+    imgs, flags = [], []
+    for k in range(n):
+        cx, cy = 20_000 + k % 12, 15_000 + k // 12
+        x = (cx + 0.5) * world_structure.CELL_M + np.cos(t) * a - np.sin(t) * b
+        y = (cy + 0.5) * world_structure.CELL_M + np.sin(t) * a + np.cos(t) * b
+        rgb = world_structure.redraw_houses(np.zeros((px * px, 3), np.uint8), np.full(px * px, code),
+                                            x.ravel(), y.ravel(), 1.0, seed=0)
+        imgs.append(torch.from_numpy(rgb.reshape(px, px, 3).transpose(2, 0, 1).copy()))
+        flags.append(bool(world_structure.arranged(cx, cy, 0)))
+    return torch.stack(imgs), np.array(flags)
+
+
+@pytest.mark.parametrize("code", ["11230", "11240"])
+def test_structure_is_invisible_to_colour_statistics_but_not_to_arrangement(code):
+    """Arranged and scattered cells of the same class: no baseline feature (colour statistics, gradients,
+    random 3x3 filters) tells them apart beyond what ~300 non-constant features give by chance, while the lattice does
+    (an arranged cell's image correlates with itself shifted by one lot, a scattered one's much less)."""
+    from scipy import stats
+
+    from urbanlens.core import baseline
+    from urbanlens.ses import world_structure
+    x, arranged = _house_patches(code)
+    assert 15 < arranged.sum() < 45
+    f = baseline.features(x.split(30), baseline.draw_filters(x, seed=0))
+    t = stats.ttest_ind(f[arranged], f[~arranged], equal_var=False).statistic
+    t = t[np.isfinite(t)]
+    assert len(t) > 250 and np.abs(t).max() < 4.5, np.abs(t).max()   # null max of ~300 |t| at 58 dof: ~3.4
+    lag = round(world_structure.LOTS[code][0] / world_structure.CELL_M * x.shape[-1])
+    grey = x.float().mean(1).numpy()
+    corr = np.array([np.corrcoef(g[:, :-lag].ravel(), g[:, lag:].ravel())[0, 1] for g in grey])
+    gap = corr[arranged].mean() - corr[~arranged].mean()
+    assert gap > 5 * np.hypot(corr[arranged].std() / np.sqrt(arranged.sum()),
+                              corr[~arranged].std() / np.sqrt((~arranged).sum())), (gap, corr)
+
+
+def test_structure_plants_income_in_arrangement(tmp_path):
+    """With france.structure = 1, composition no longer sets income; among cells of mostly houses,
+    arranged ones earn more than scattered ones as planted; ses_truth.json records the component."""
+    cfg, _ = tiny_config(tmp_path / "data", extra=["france.structure=1", "france.cities=[Paris]"])
+    city = world_plan.plan_city("Paris", 0, float(cfg.france.city_size_m), cfg.seed)
+    _, truth = world_plan.census_for_city(city, float(cfg.france.noise), cfg.seed, 0.0, 1.0)
+    houses = truth.get("share_11230", 0.0) + truth.get("share_11240", 0.0)
+    mostly = houses > 0.3
+    li = np.log(truth["income"])
+    assert mostly.sum() >= 6 and truth.loc[mostly, "arranged"].nunique() == 2
+    assert li[mostly & truth["arranged"]].mean() - li[mostly & ~truth["arranged"]].mean() > 1.0
+    record = ses_world.build_world(cfg, progress=False)
+    assert record["structure"]["strength"] == 1.0 and record["structure"]["classes"] == ["11230", "11240"]
+    assert record["cities"]["Paris"]["arranged_cells"] == int(truth["arranged"].sum())
+    assert "structure" not in ses_world.build_world(tiny_config(tmp_path / "plain")[0], progress=False)

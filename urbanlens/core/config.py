@@ -58,7 +58,7 @@ def _nearest(key: str, valid: Iterable[str]) -> str:
 # Values older configs (and the run stamps they wrote) hold for keys whose type has since changed:
 # the amp keys were booleans (true: float16 on CUDA, off on CPU; false: off).
 _LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
-ADDED = {"cams.amp": "off", "store": False, "france.withhold": 0.0, "ses_train.checkpoint_every": 1}  # keys added since run stamps were first written: the value runs before them had
+ADDED = {"cams.amp": "off", "store": False, "france.withhold": 0.0, "france.structure": 0.0, "ses_train.checkpoint_every": 1}  # keys added since run stamps were first written: the value runs before them had
 
 
 def current_value(key: str, value: Any) -> Any:
