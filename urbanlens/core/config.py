@@ -75,6 +75,7 @@ ADDED = {
     "ses.ua_boundary": "",
     "france.withhold_mode": "random",  # withheld cells were drawn one by one
     "france.withhold_block_m": 1000.0,
+    "france.structure": 0.0,
 }
 
 

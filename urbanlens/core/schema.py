@@ -117,7 +117,7 @@ SCHEMA: dict[str, Key] = {
     "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT, "saliency.sanity_patches": NUMBER,
     # socioeconomic status
     "france.cities": NAMES, "france.city_size_m": COUNT, "france.tile_size_m": COUNT,
-    "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT, "france.withhold": SHARE,
+    "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT, "france.structure": SHARE, "france.withhold": SHARE,
     "france.withhold_mode": choice(*WITHHOLD_MODES), "france.withhold_block_m": POSITIVE,
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,

@@ -52,7 +52,7 @@ from ..core import runs
 from ..core.config import cli, data_dir
 from ..core.errors import ConfigError
 from ..core.files import atomic_path, read_json, save_run_config, write_csv, write_json
-from . import world_leakage
+from . import world_leakage, world_structure
 from .grid import L93, LAEA
 from .world_plan import (
     BASE_INCOME,
@@ -97,6 +97,7 @@ class TileJob:
     driver: str
     leakage: float = 0.0   # france.leakage: strength of the planted district cast (world_leakage)
     seed: int = 0
+    structure: float = 0.0  # france.structure: houses on a lot lattice, arranged or scattered (world_structure)
 
 
 def render_tile(job: TileJob, max_pixels: int = 1_000_000) -> str:
@@ -122,8 +123,12 @@ def render_tile(job: TileJob, max_pixels: int = 1_000_000) -> str:
                         np.full((h, width), LABELS.index(OUTSIDE), np.uint8)
                     cols, rr = np.meshgrid(np.arange(width) + 0.5, np.arange(h) + 0.5)
                     x, y = strip_3035 @ (cols.ravel(), rr.ravel())
-                    rgb = world_leakage.tint(render_pixels(labels.ravel(), np.asarray(x), np.asarray(y)),
-                                             np.asarray(x), np.asarray(y), job.leakage, job.seed).reshape(h, width, 3)
+                    x, y = np.asarray(x), np.asarray(y)
+                    rgb = render_pixels(labels.ravel(), x, y)
+                    if job.structure > 0:
+                        codes = np.asarray(LABELS)[labels.ravel()]
+                        rgb = world_structure.redraw_houses(rgb, codes, x, y, job.structure, job.seed)
+                    rgb = world_leakage.tint(rgb, x, y, job.leakage, job.seed).reshape(h, width, 3)
                     if job.nodata:
                         hole = rasterize([(g, 1) for g in job.nodata], out_shape=(h, width),
                                          transform=native @ Affine.translation(0, r0), fill=0, dtype="uint8")
@@ -231,7 +236,10 @@ TRUTH_CELLS = "ses_truth_cells.csv"  # planted income of every populated cell, w
 
 def world_params(cfg) -> dict:
     """The parameters of the world, as recorded in ses_truth.json."""
-    return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": cfg.france.to_dict(),
+    france = cfg.france.to_dict()
+    if not france.get("structure"):  # off: the record of the worlds made before the key existed
+        france.pop("structure", None)
+    return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": france,
             "census_file": cfg.ses.census_file, "ua_dir": cfg.ses.ua_dir, "aerial_dir": cfg.ses.aerial_dir,
             "aerial_format": aerial_driver()[0]}
 
@@ -265,7 +273,7 @@ def tile_jobs(city: City, delivery: Path, fr, seed: int, driver: str, ext: str) 
         near = [labelled[i] for i in sorted(tree.query(footprint.buffer(10)))]
         hole = [h for h in holes if h.intersects(shapely.box(*b))]
         jobs.append(TileJob(str(delivery / "1_DONNEES_LIVRAISON" / nom), b, float(fr.resolution_m), near, hole, driver,
-                            float(fr.leakage), seed))
+                            float(fr.leakage), seed, float(fr.structure)))
         names.append(nom)
     index = gpd.GeoDataFrame({"NOM": names}, geometry=[shapely.box(*b) for b in tiles], crs=L93)
     index.attrs["nodata_zones"] = [list(h.bounds) for h in holes]
@@ -288,7 +296,7 @@ def build_world(cfg, progress: bool = True) -> dict:
         write_gpkg_layers(ua_path, [(city.stem[:-5], landuse), (f"{city.stem[:-5]}_Boundary", boundary)])
         files.append(ua_path)
         # census cells and planted income
-        census, truth = census_for_city(city, float(fr.noise), seed, float(fr.leakage))
+        census, truth = census_for_city(city, float(fr.noise), seed, float(fr.leakage), float(fr.structure))
         truth.insert(1, "city", name)
         truth["withheld"] = withheld_cells(city, truth["cell_id"], float(fr.withhold), seed, fr.withhold_mode,
                                            float(fr.withhold_block_m))
@@ -306,7 +314,8 @@ def build_world(cfg, progress: bool = True) -> dict:
                              "size_m": city.size, "poor_sector_angle_rad": round(city.poor_angle, 6),
                              "ua_polygons": len(landuse), "census_cells": len(census_parts[-1]),
                              "tiles": len(tile_index), "nodata_zones_2154": tile_index.attrs["nodata_zones"],
-                             **({"withheld_cells": int(truth["withheld"].sum())} if fr.withhold > 0 else {})}
+                             **({"withheld_cells": int(truth["withheld"].sum())} if fr.withhold > 0 else {}),
+                             **({"arranged_cells": int(truth["arranged"].sum())} if fr.structure > 0 else {})}
     census_path = root / cfg.ses.census_file
     census = gpd.GeoDataFrame(pd.concat(census_parts, ignore_index=True), crs=LAEA)
     census = census.drop_duplicates("idcar_200m").sort_values("idcar_200m").reset_index(drop=True)
@@ -331,6 +340,15 @@ def build_world(cfg, progress: bool = True) -> dict:
                              "(cast, shift) random per district, flat inside it, smoothstep across a seam of seam_m "
                              "either side of each border", "seam_m": world_leakage.SEAM_M,
                     "tint_levels": world_leakage.TINT_LEVELS},
+        **({"structure": {"strength": float(fr.structure), "classes": list(world_structure.HOUSE_CODES),
+                          "lots_m_and_house_share": {c: list(v) for c, v in world_structure.LOTS.items()},
+                          "margin_m": world_structure.MARGIN_M, "effect": world_structure.STRUCTURE_EFFECT,
+                          "model": "log income = (1 - strength) * sum_c class_effects[c] * area_share_c + strength "
+                                   "* effect * a * (area share of classes) + noise * field; a = +1 where the cell is "
+                                   "arranged (every house at the same place in its lot), -1 where it is scattered "
+                                   "(each house at a random place in its lot); same houses, colours and built-up "
+                                   "share either way"}}
+           if fr.structure > 0 else {}),
         "population_density_per_ha": DENSITY, "household_size": HOUSEHOLD_SIZE,
         "cell_size_m": CELL_M, "params": world_params(cfg), "seed": seed, "cities": cities_info,
         "composition_r2": _composition_r2(pd.concat(truth_parts, ignore_index=True)),

@@ -228,9 +228,13 @@ def class_shares(cells: np.ndarray, landuse: gpd.GeoDataFrame) -> pd.DataFrame:
     return shares.reindex(range(len(cells)), fill_value=0.0) / shapely.area(cells)[:, None]
 
 
-def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0) -> tuple[gpd.GeoDataFrame, pd.DataFrame]:
+def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0,
+                    structure: float = 0.0) -> tuple[gpd.GeoDataFrame, pd.DataFrame]:
     """The populated 200 m cells of a city: (census rows, per-cell truth); ``leakage`` > 0 shifts log
-    income by the planted district field at the cell centres (world_leakage)."""
+    income by the planted district field at the cell centres (world_leakage); ``structure`` > 0 moves
+    that share of the planted signal from composition to the houses' arrangement (world_structure)."""
+    from . import world_structure  # imports the textures, which import this module
+
     rng = city_rng(seed, city.name, "census")
     x0, y0 = city.origin
     n = int(math.ceil(city.size / CELL_M))
@@ -240,9 +244,13 @@ def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0) -
     shares = class_shares(cells, city.landuse)
     field = gaussian_filter(rng.standard_normal((n, n)), NOISE_SIGMA_CELLS, mode="reflect")
     field = (field / field.std()).ravel()
-    effect = sum(shares.get(c, 0.0) * e for c, e in CLASS_EFFECTS.items())
-    income = BASE_INCOME * np.exp(np.asarray(effect) + noise * field
-                                  + income_shift(ex + CELL_M / 2, ny + CELL_M / 2, leakage, seed))
+    effect = np.asarray(sum(shares.get(c, 0.0) * e for c, e in CLASS_EFFECTS.items()))
+    log_shift = income_shift(ex + CELL_M / 2, ny + CELL_M / 2, leakage, seed)
+    if structure > 0:
+        houses = np.asarray(sum(shares.get(c, 0.0) for c in world_structure.HOUSE_CODES))
+        effect = (1 - structure) * effect + world_structure.income_term(ex + CELL_M / 2, ny + CELL_M / 2, houses,
+                                                                        structure, seed)
+    income = BASE_INCOME * np.exp(effect + noise * field + log_shift)
     hectares = CELL_M * CELL_M / 1e4
     people = sum(shares.get(c, 0.0) * d for c, d in DENSITY.items()) * hectares
     people = np.round(np.asarray(people) * rng.uniform(0.85, 1.15, len(cells)), 1)
@@ -255,6 +263,8 @@ def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0) -
         "idcar_200m": np.array(ids)[keep], "ind": people[keep], "men": households[keep],
         "ind_snv": np.round(income[keep] * people[keep], 2)}, geometry=cells[keep], crs=LAEA)
     truth = pd.DataFrame({"cell_id": ids, "income": income, "ind": people, "noise_field": field})
+    if structure > 0:
+        truth["arranged"] = world_structure.cell_sign(ex + CELL_M / 2, ny + CELL_M / 2, seed) > 0
     truth = pd.concat([truth, shares.reset_index(drop=True).add_prefix("share_")], axis=1)
     return census, truth[keep].reset_index(drop=True)
 
