@@ -363,14 +363,14 @@ def test_paired_gain_is_the_difference_and_its_interval_excludes_zero_only_when_
     groups = np.array([f"{c}_{i // 6}" for c, i in zip(labels, range(240))])   # 10 images a city
     good = np.where(rng.random(240) < 0.9, labels, (labels + 1) % 4)
     weak = np.where(rng.random(240) < 0.5, labels, (labels + 2) % 4)
-    g = intervals.paired_gain(labels, good, weak, groups, list("ABCD"), n_boot=100, seed=0)
+    g = intervals.paired_gain(labels, good, weak, groups, list("ABCD"), n_boot=50, seed=0)
     assert g["accuracy"]["value"] == pytest.approx((good == labels).mean() - (weak == labels).mean())
     assert 0 < g["accuracy"]["lo"] <= g["accuracy"]["value"] <= g["accuracy"]["hi"]
     assert g["macro_f1"]["lo"] > 0
-    same = intervals.paired_gain(labels, good, good, groups, list("ABCD"), n_boot=20, seed=0)
+    same = intervals.paired_gain(labels, good, good, groups, list("ABCD"), n_boot=10, seed=0)
     assert same["accuracy"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}    # paired: identical models differ by 0
     twin = np.where(rng.random(240) < 0.9, labels, (labels + 1) % 4)   # as good, other errors
-    t = intervals.paired_gain(labels, good, twin, groups, list("ABCD"), n_boot=100, seed=0)["accuracy"]
+    t = intervals.paired_gain(labels, good, twin, groups, list("ABCD"), n_boot=50, seed=0)["accuracy"]
     assert t["lo"] < 0 < t["hi"]
 
 
