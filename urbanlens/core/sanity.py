@@ -35,8 +35,8 @@ from .loops import Amp, autocast, unwrap
 
 RHO_MAX = 0.5         # the randomisation check passes when the median Spearman rho is below this
 ALPHA = 0.05          # one-sided level of the test that deletion gains are positive
-STEPS = 16            # shares of pixels deleted/inserted (curve points: STEPS + 1)
-RANDOM_ORDERS = 3     # random pixel orders per image, the reference of the deletion and insertion areas
+STEPS = 10            # shares of pixels deleted/inserted (curve points: STEPS + 1)
+RANDOM_ORDERS = 2     # random pixel orders per image, the reference of the deletion and insertion areas
 
 COLUMNS = ["sanity_maps", "sanity_randomisation_rho", "sanity_deletion_gain", "sanity_insertion_gain",
            "sanity_deletion_p", "maps_pass_sanity"]
