@@ -46,7 +46,12 @@ def test_rank_correlations():
     rng = np.random.default_rng(0)
     a = rng.random((3, 8, 8))
     b = np.stack([a[0] * 5 + 1, -a[1], np.zeros((8, 8))])
-    np.testing.assert_allclose(sanity.rank_correlations(a, b), [1.0, -1.0, 0.0])
+    np.testing.assert_allclose(sanity.rank_correlations(a, b), [1.0, -1.0, 0.0])  # random map constant: 0
+    assert np.isnan(sanity.rank_correlations(b[2:], a[2:])[0])  # trained map constant: undefined
+    dead = sanity.summarise(np.array([np.nan, np.nan]), np.full(2, 0.1), np.full(2, 0.1))
+    assert not dead.passes_randomisation and "undefined" in dead.reason  # dead maps never pass
+    some = sanity.summarise(np.array([np.nan, 0.2, 0.3, np.nan]), np.full(4, 0.1), np.full(4, 0.1))
+    assert some.rho == pytest.approx(0.25) and some.passes_randomisation
 
 
 class Quadrant(nn.Module):
@@ -101,7 +106,7 @@ def test_a_map_blind_to_the_weights_fails_randomisation():
     layer_maps = cam.class_activation_maps(model, model.layer4, x, 1, "gradcam")
     rand = sanity.randomised(model, 1)
     other = cam.class_activation_maps(rand, rand.layer4, x, 1, "gradcam")
-    assert np.median(sanity.rank_correlations(layer_maps, other)) < 0.9
+    assert np.nanmedian(sanity.rank_correlations(layer_maps, other)) < 0.9
 
 
 def test_verdict():
@@ -144,7 +149,7 @@ def test_cities_sanity_check_gives_one_value_per_patch():
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     batches = [(x[:3], [0, 1, 2]), (x[3:], [1])]
     rho, dg, ig = sanity_check(model, model.layer4, batches, "gradcam", seed=0)
-    assert rho.shape == dg.shape == ig.shape == (4,) and np.isfinite([rho, dg, ig]).all()
-    assert (np.abs(rho) <= 1).all() and (np.abs(dg) <= 1).all()
+    assert rho.shape == dg.shape == ig.shape == (4,) and np.isfinite([dg, ig]).all()
+    assert (np.abs(rho[np.isfinite(rho)]) <= 1).all() and (np.abs(dg) <= 1).all()  # NaN: a constant trained map
     again = sanity_check(model, model.layer4, batches, "gradcam", seed=0)
     np.testing.assert_array_equal(rho, again[0])  # seeded: the same random model and orders

@@ -35,8 +35,8 @@ from .loops import Amp, autocast, unwrap
 
 RHO_MAX = 0.5         # the randomisation check passes when the median Spearman rho is below this
 ALPHA = 0.05          # one-sided level of the test that deletion gains are positive
-STEPS = 16            # shares of pixels deleted/inserted (curve points: STEPS + 1)
-RANDOM_ORDERS = 3     # random pixel orders per image, the reference of the deletion and insertion areas
+STEPS = 10            # shares of pixels deleted/inserted (curve points: STEPS + 1)
+RANDOM_ORDERS = 2     # random pixel orders per image, the reference of the deletion and insertion areas
 
 COLUMNS = ["sanity_maps", "sanity_randomisation_rho", "sanity_deletion_gain", "sanity_insertion_gain",
            "sanity_deletion_p", "maps_pass_sanity"]
@@ -64,14 +64,17 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def rank_correlations(maps: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """Spearman rho between ``maps[i]`` and ``other[i]`` (both [N, H, W]) for each i -> [N]. A constant map
-    ranks nothing, so it reproduces nothing: its rho is 0."""
+    """Spearman rho between the trained model's ``maps[i]`` and the randomised model's ``other[i]`` (both
+    [N, H, W]) for each i -> [N]. Where the trained map is constant (a zero Grad-CAM) the correlation is
+    undefined: NaN, left out of the median (counting it would let dead maps pass). Where only the random
+    model's map is constant (common for one class of a random model), the trained map's ranking is not
+    reproduced at all: 0."""
     a = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
     b = np.asarray(other, dtype=np.float64).reshape(len(other), -1)
-    out = np.zeros(len(a))
+    out = np.full(len(a), np.nan)
     for i, (u, v) in enumerate(zip(a, b)):
-        if np.ptp(u) > 0 and np.ptp(v) > 0:
-            out[i] = stats.spearmanr(u, v).statistic
+        if np.ptp(u) > 0:
+            out[i] = stats.spearmanr(u, v).statistic if np.ptp(v) > 0 else 0.0
     return out
 
 
@@ -148,7 +151,7 @@ def faithfulness(model: nn.Module, x: torch.Tensor, maps: np.ndarray, targets: n
 @dataclass
 class Sanity:
     maps: int                 # maps checked (images x classes)
-    rho: float                # median Spearman rho, trained vs randomised model
+    rho: float                # median Spearman rho, trained vs randomised model, over the non-constant trained maps
     deletion_gain: float      # median deletion gain over the maps (positive: better than random)
     insertion_gain: float     # median insertion gain
     deletion_p: float         # one-sided Wilcoxon p-value that the deletion gains are positive
@@ -165,7 +168,8 @@ class Sanity:
         why = []
         if not self.passes_randomisation:
             why.append(f"its maps fail the model-randomisation check (median Spearman rho {self.rho:.2f} between "
-                       f"the trained and a randomly initialised model's maps, not below {RHO_MAX})")
+                       f"the trained and a randomly initialised model's maps, not below {RHO_MAX})" if np.isfinite(self.rho)
+                       else "its maps' model-randomisation check is undefined (every trained map is constant)")
         if not self.beats_random:
             why.append(f"its maps do not beat random pixel orders at deletion (median gain {self.deletion_gain:+.3f}, "
                        f"one-sided Wilcoxon p = {self.deletion_p:.2g}, {self.maps} maps)")
@@ -181,7 +185,7 @@ def summarise(rho: np.ndarray, deletion_gain: np.ndarray, insertion_gain: np.nda
     """The verdict over per-map values (rho, deletion and insertion gains, one per map)."""
     rho, dg, ig = (np.asarray(v, dtype=np.float64) for v in (rho, deletion_gain, insertion_gain))
     p = float(stats.wilcoxon(dg, alternative="greater").pvalue) if np.any(dg != 0) else 1.0
-    med = float(np.median(rho)) if len(rho) else float("nan")
+    med = float(np.nanmedian(rho)) if np.isfinite(rho).any() else float("nan")  # over the maps it is defined for
     return Sanity(len(rho), med, float(np.median(dg)) if len(dg) else float("nan"),
                   float(np.median(ig)) if len(ig) else float("nan"), p, bool(med < RHO_MAX), bool(p < ALPHA))
 
