@@ -35,7 +35,7 @@ TEMP = re.compile(r"^\..+\.tmp-")
 CITIES = ["world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=100",
           "model.input_size=32", "train.epochs=3", "train.max_steps_per_epoch=3", "workers=1"]
 # SES: one 1 km city, 64 px cells, a from-scratch model with a restart after early stopping
-SES = ["france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "ses.cell_px=64", "ses_train.cv=stratified",
+SES = ["cams.sanity_cells=0", "france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "ses.cell_px=64", "ses_train.cv=stratified",
        "france.withhold=0",
        "ses_model.input_size=64", "ses_model.pretrained=false", "ses_train.epochs=2", "ses_train.restarts=1",
        "ses_train.early_stop_patience=2", "ses_train.batch_size=8", "cams.batch_size=2", "cams.panels=1",

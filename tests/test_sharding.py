@@ -21,7 +21,7 @@ from script_runner import assert_no_traceback
 ROOT = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Lyon")
 # the smallest world whose cities still hold two cells per income quintile (two folds)
-TINY = ["france.city_size_m=1200", "france.withhold=0", "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.precise_bn=false",
+TINY = ["cams.sanity_cells=0", "france.city_size_m=1200", "france.withhold=0", "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.precise_bn=false",
         "cams.batch_size=8", "cams.panels=1", "workers=0", "device=cpu", "ses_train.cv=stratified"]
 EXTRACT_SHARDS, CAM_SHARDS = 3, 2
 

@@ -45,13 +45,19 @@ def edition(path: str | Path) -> str | None:
     return None
 
 
+DEFAULT_NAME = "carreaux_200m_met.gpkg"  # ses.census_file's default: INSEE's 2019 GeoPackage, unpacked
+
+
 def find_census(path: str | Path) -> tuple[Path, str]:
     """The census grid to read for ``ses.census_file`` and one line saying which and why.
 
     A file that exists is used; other census grids beside it (the 2015 shapefile beside the 2019
-    GeoPackage) are named in the line. A folder, or a file that does not exist, is replaced by the one
-    census grid in that folder (any depth); two or more there are a DataError naming them and the key
-    that picks one. Files are chosen by their columns (role), never by their names' order."""
+    GeoPackage) are named in the line. A folder, or the default file name (INSEE's 2019 GeoPackage) when
+    absent, is replaced by the one census grid in that folder (any depth), so a 2015 delivery reads
+    without setting the key; two or more there are a DataError naming them and the key that picks one.
+    Any other name that does not exist is a DataError naming the grids that are there (a mistyped
+    name never silently reads another file). Files are chosen by their columns (role), never by
+    their names' order."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     others = []
@@ -65,6 +71,10 @@ def find_census(path: str | Path) -> tuple[Path, str]:
             note += (f"; also present, not used: {', '.join(f'{p.name} ({e})' for p, e in others)} "
                      f"(set {CENSUS_KEY} to use another)")
         return path, note
+    if not path.is_dir() and path.name != DEFAULT_NAME:
+        there = ", ".join(f"{p.name} ({e})" for p, e in others[:3])
+        raise DataError(path, "not found" + (f"; {folder} holds {there}" if there else ""),
+                        f"set {CENSUS_KEY} to the census grid to read")
     if len(others) == 1:
         (found, ed), = others
         return found, f"census grid {found} ({ed}), the only one in {folder} ({CENSUS_KEY}={path.name} not found)"

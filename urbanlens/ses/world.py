@@ -237,8 +237,6 @@ TRUTH_CELLS = "ses_truth_cells.csv"  # planted income of every populated cell, w
 def world_params(cfg) -> dict:
     """The parameters of the world, as recorded in ses_truth.json."""
     france = cfg.france.to_dict()
-    if not france.get("structure"):  # off: the record of the worlds made before the key existed
-        france.pop("structure", None)
     return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": france,
             "census_file": cfg.ses.census_file, "ua_dir": cfg.ses.ua_dir, "aerial_dir": cfg.ses.aerial_dir,
             "aerial_format": aerial_driver()[0]}
