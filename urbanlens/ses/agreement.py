@@ -43,21 +43,18 @@ def spearman(x, y) -> tuple[float, float, int]:
 def block_interval(x, y, blocks: Sequence[str], level: float = LEVEL, resamples: int = RESAMPLES,
                    seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of Spearman's rho between ``x`` and ``y`` resampling whole
-    ``blocks`` (scipy.stats.bootstrap over block indices; each resample pools its blocks' cells). NaN
-    when a resample has no spread (rho undefined)."""
-    from scipy.stats import bootstrap, spearmanr
+    ``blocks`` (the same block draws as the training metrics' intervals, metrics.bootstrap_draws; each
+    resample pools its blocks' cells). NaN when no resample has spread (rho undefined)."""
+    from scipy.stats import spearmanr
+
+    from .metrics import bootstrap_draws
 
     x, y = np.asarray(x, float), np.asarray(y, float)
-    names, inverse = np.unique(np.asarray(blocks, dtype=object), return_inverse=True)
-    members = [np.flatnonzero(inverse == b) for b in range(len(names))]
-
-    def rho(picked):
-        cells = np.concatenate([members[int(b)] for b in picked])
-        return spearmanr(x[cells], y[cells]).statistic
-
-    res = bootstrap((np.arange(len(names)),), rho, n_resamples=resamples, confidence_level=level,
-                    method="percentile", vectorized=False, random_state=np.random.default_rng(seed))
-    lo, hi = res.confidence_interval
+    rhos = np.array([spearmanr(x[d], y[d]).statistic for d in bootstrap_draws(blocks, resamples, seed)], float)
+    rhos = rhos[np.isfinite(rhos)]
+    if not rhos.size:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(rhos, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
 
 
