@@ -25,8 +25,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.core import config, entry, files, locks, runs, runtime
+from urbanlens.core import entry, files, runs, runtime
 from urbanlens.core.errors import ConfigError, DataError, TrainingDiverged
+from urbanlens.core.stage import open_stage
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import baselines, fitting, metrics, results, skips, spatial_folds
 from urbanlens.ses import folds as ses_folds
@@ -34,16 +35,14 @@ from urbanlens.ses import model as ses_model
 
 
 def main() -> None:
-    cfg, _ = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml")
-    rank, world = runtime.setup_distributed()
-    main = runtime.is_main_process()
-    device = runtime.select_device(cfg.device)
+    stage = open_stage(__doc__, "efficientnet_training.py", "configs/ses_demo.yaml", ("ses",),
+                       amp="ses_train.amp", channels_last=True)  # NHWC on CUDA and under CPU bf16
+    cfg, place, ses_dir = stage.cfg, stage.place, stage.out  # the lock is shared by the ranks of one torchrun
+    main, world = place.main, place.world_size
     tc = cfg.ses_train
     if tc.cv == "city" and len(cfg.ses.cities) < 2:
         raise ConfigError("config", f"ses_train.cv=city leaves one city out, but ses.cities lists "
                           f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses_train.cv=spatial")
-    ses_dir = config.results_dir(cfg, "ses")
-    entry.keep(locks.hold(ses_dir, "efficientnet_training.py", cfg))  # shared by the ranks of one torchrun
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")
     ses_model.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
 
@@ -147,13 +146,13 @@ def main() -> None:
             with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{city} fold {k}", unit="ep", leave=False,
                       initial=len(resume["log"]) if resume else 0, **({} if main else {"disable": True})) as bar:
                 try:
-                    fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, device,
+                    fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, place,
                                   seed=seed, workers=cfg.workers, progress=lambda row: fitting.show_epoch(bar, row),
                                   checkpoint=last_pt, resume=resume)
                 except TrainingDiverged as e:  # nothing of this fold is scored; say which fold it was
                     raise TrainingDiverged(f"{city} fold {k}, {e}") from None
             test = split["test"]
-            log_probs = fitting.predict(model, data.subset(test), device, batch_size=tc.batch_size, amp=tc.amp)
+            log_probs = fitting.predict(model, data.subset(test), place, batch_size=tc.batch_size)
             m = metrics.ses_metrics(fit_labels[test], log_probs)
             if main:
                 results.write_fold_outputs(fold_dir, cfg, model, fit, m,
@@ -201,7 +200,6 @@ def main() -> None:
         files.write_csv(table, ses_dir / "training_summary.csv")
         print(f"[ses-train] {len(table)} cities; mean AUC poorest-vs-richest {table['auc_poor_rich_mean'].mean():.3f}"
               + (f"; skipped {', '.join(skipped)}" if skipped else "") + f" -> {ses_dir / 'training_summary.csv'}")
-    runtime.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ import sys
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, sanity, schema, shards
+from urbanlens.core import backbones, config, entry, files, outputs, sanity, schema, shards
 from urbanlens.core.errors import DataError
+from urbanlens.core.stage import open_stage
 from urbanlens.ses import data, findings, map_sanity, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import maps as ses_maps
@@ -39,12 +40,9 @@ from urbanlens.ses import model as ses_model
 
 
 def main() -> None:
-    cfg, args = config.cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=shards.add_shard_args)
-    runtime.seed_everything(cfg.seed)
-    device = runtime.select_device(cfg.device)
-    cc = cfg.cams
-    ses_dir = config.results_dir(cfg, "ses")
-    entry.keep(locks.hold(ses_dir, "gradcaming_urban_areas.py", cfg))  # shared by the --shard jobs of one run
+    stage = open_stage(__doc__, "gradcaming_urban_areas.py", "configs/ses_demo.yaml", ("ses",), shards.add_shard_args,
+                       amp="cams.amp", channels_last=True)  # the lock: shared by the --shard jobs of one run
+    cfg, args, place, ses_dir, cc = stage.cfg, stage.args, stage.place, stage.out, stage.cfg.cams
     cells = data.read_cells(ses_dir / "cells.gpkg").to_crs(ses_maps.CAM_CRS)
     rng = np.random.default_rng(cfg.seed)
 
@@ -66,8 +64,8 @@ def main() -> None:
             continue
         best = outputs.read_json(city_dir / "metrics.json", "efficientnet_training.py", ["best_fold"])["best_fold"]
         ckpt_path = city_dir / f"fold_{best}" / "best.pt"
-        model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=device)
-        model = loops.to_device(model, device, True, cc.amp)  # NHWC on CUDA and under CPU bf16
+        model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=place.device)
+        model = place.model(model)  # NHWC on CUDA and under CPU bf16
         layer = backbones.last_conv_layer(model)
         size = ckpt["config"]["ses_model"]["input_size"]
         coarse = schema.cam_map_problem("ses_model.input_size", size, "ses.cell_px")
@@ -88,7 +86,7 @@ def main() -> None:
         files.save_run_config(cfg, city_dir, "cams_config.yaml")
         fresh_after = ses_maps.maps_fresh_after(city_dir, cfg, ckpt_path)  # maps of another model or settings are redone
 
-        compute, nodata = projection.map_functions(model, layer, ses_dir, size, cc, device)
+        compute, nodata = projection.map_functions(model, layer, ses_dir, size, cc, place)
 
         # 2. maps per cell (GeoTIFF, reused on a re-run) -> statistics per land-use piece, written per batch
         stats_path, todo = city_dir / "polygon_stats.gpkg", city_cells
@@ -115,7 +113,7 @@ def main() -> None:
         # and whether its maps depend on what the model learned and point at what drives its score
         verdict = None
         if cc.sanity_cells:
-            pooled_checks.append(map_sanity.check_city(model, layer, city_cells, ses_dir, size, cc, device, cfg.seed))
+            pooled_checks.append(map_sanity.check_city(model, layer, city_cells, ses_dir, size, cc, place, cfg.seed))
             verdict = sanity.summarise(*pooled_checks[-1])
         finding = city_findings[city] = map_sanity.flag(findings.city_finding(preds, stats, seed=cfg.seed, **units), verdict)
         pooled_preds.append(preds)

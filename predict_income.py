@@ -34,9 +34,10 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import entry, files, locks, runs, runtime, shards
-from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core import entry, files, runs, shards
+from urbanlens.core.config import data_dir, results_dir
 from urbanlens.core.errors import ConfigError
+from urbanlens.core.stage import open_stage
 from urbanlens.ses import agreement, extraction, prediction, urban_atlas
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import grid as ses_grid
@@ -52,19 +53,18 @@ def arguments(parser):
 
 
 def main() -> None:
-    cfg, args = cli(__doc__.splitlines()[0], "configs/ses_demo.yaml", extra=arguments)
+    stage = open_stage(__doc__, "predict_income.py", "configs/ses_demo.yaml", lambda cfg, args: ("ses", args.city, "predicted"),
+                       arguments, amp="ses_train.amp", channels_last=True)
+    cfg, args, place, out = stage.cfg, stage.args, stage.place, stage.out
     start = time.time()
-    device = runtime.select_device(cfg.device)
-    ses_dir = results_dir(cfg, "ses")
-    city, out = args.city, ses_dir / args.city / "predicted"
-    entry.keep(locks.hold(out, "predict_income.py", cfg))
+    ses_dir, city = results_dir(cfg, "ses"), args.city
     table_path = out / "cells.gpkg"
     if cfg.ses.cell_size_m != 200:
         raise ConfigError("config", f"ses.cell_size_m={cfg.ses.cell_size_m}", "the INSPIRE grid cells are 200 m")
 
     # 1. the city's fold models, refused when trained on images made otherwise than these
     checkpoints = prediction.fold_checkpoints(ses_dir / city)
-    models, ckpts = prediction.load_fold_models(checkpoints, cfg, device)
+    models, ckpts = prediction.load_fold_models(checkpoints, cfg, place.device)
     size, edges = ckpts[0]["config"]["ses_model"]["input_size"], ckpts[0].get("quintile_edges")
 
     # 2. images of another area, other data or another cell size are not mixed with this run's
@@ -112,8 +112,8 @@ def main() -> None:
         scored = cells[cells["non_void"]]
         trained = prediction.trained_on(ses_dir / city / prediction.FOLDS_CSV, scored["cell_id"], len(models))
         needs, scored_by = prediction.scoring_plan(trained)
-        probs = prediction.score(models, [ses_dir / p for p in scored["path"]], size, device,
-                                 cfg.predict.batch_size, cfg.ses_train.amp, needs=needs)
+        probs = prediction.score(models, [ses_dir / p for p in scored["path"]], size, place,
+                                 cfg.predict.batch_size, needs=needs)
         scores = prediction.summarise(probs).assign(scored_by=scored_by).set_index(scored.index).reindex(cells.index)
         scores["scored_by"] = scores["scored_by"].fillna(prediction.VOID)
         table = pd.concat([cells[["cell_id", "city"]], scores, cells[["census_income"]]], axis=1)

@@ -18,28 +18,26 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.cities import data, patches
+from urbanlens.cities import classifier, data, patches
 from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches, sanity_check
-from urbanlens.core import entry, locks, runtime, sanity, schema
-from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
+from urbanlens.core import entry, sanity, schema
+from urbanlens.core.backbones import last_conv_layer
 from urbanlens.core.cam import class_activation_maps
-from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core.config import data_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_figure, save_run_config, write_csv
+from urbanlens.core.stage import open_stage
 
 
 def main() -> None:
-    cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
-    device = runtime.select_device(cfg.device)
-    runtime.seed_everything(cfg.seed)
-    out = results_dir(cfg, "cities", "saliency")
-    entry.keep(locks.hold(out.parent, "saliency.py", cfg))
+    stage = open_stage(__doc__, "saliency.py", "configs/cities_demo.yaml", ("cities", "saliency"), lock=("cities",))
+    cfg, out, device = stage.cfg, stage.out, stage.place.device  # float32 maps
 
-    # The model as trained: architecture, input size and class order (IATA codes) come from the checkpoint.
-    best_pt = results_dir(cfg, "cities", "checkpoints", "best.pt")
-    model, trained, classes = classifier_from_checkpoint(runtime.load_checkpoint(best_pt, writer="train_classification.py"), best_pt)
-    model = model.to(device).eval()
+    # The model as trained (architecture, input size and class order (IATA codes) from the checkpoint),
+    # on the patches it was trained with.
+    model, trained, classes, _, _ = classifier.trained_classifier(cfg, out.parent, stage.place)
+    model = model.eval()
     layer = last_conv_layer(model)
     preprocess = data.transforms(trained["input_size"], train=False)
     coarse = schema.cam_map_problem("model.input_size", trained["input_size"], "patch.size")

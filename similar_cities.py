@@ -26,9 +26,11 @@ import pandas as pd
 from scipy.special import softmax
 
 from urbanlens.cities import data, figures, newplace, patches, rasters
+from urbanlens.cities import classifier
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, locks, loops, runs, runtime
-from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core import entry, loops, runs
+from urbanlens.core.config import data_dir, results_dir
+from urbanlens.core.stage import open_stage
 from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.core.files import atomic_path, save_figure, save_run_config, write_csv
 
@@ -40,13 +42,13 @@ def options(parser):
     parser.add_argument("--name", help="name of the new city (default: the folder's name)")
 
 
-def embed(model, dataset, cfg, device, desc):
-    loader = loops.make_loader(dataset, cfg.test.batch_size, cfg.workers, device)
-    return loops.predict(model, loader, device, cfg.train.amp, cfg.train.channels_last, embeddings=True, desc=desc)
+def embed(model, dataset, cfg, place, desc):
+    loader = loops.make_loader(dataset, cfg.test.batch_size, cfg.workers, place.device)
+    return loops.predict(model, loader, place, embeddings=True, desc=desc)
 
 
-def main() -> None:
-    cfg, args = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml", options)
+def new_city(cfg, args) -> tuple[str, ...]:
+    """The results folder parts of the new city of ``--images`` / ``--name``, checked before anything runs."""
     images = Path(args.images)
     name = args.name or images.resolve().name
     if not images.is_dir() or not newplace.find_images(images):
@@ -58,14 +60,17 @@ def main() -> None:
               f"{', '.join(patches.IMAGE_SUFFIXES)}): {unused[0]}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else ""))
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"--name '{name}'", "not usable as a folder name", "give a plain name, e.g. --name Bishkek")
-    device = runtime.select_device(cfg.device)
-    runtime.seed_everything(cfg.seed)
-    results = results_dir(cfg, "cities")
-    out = results / "new" / name
-    entry.keep(locks.hold(out, "similar_cities.py", cfg))
+    return "cities", "new", name
+
+
+def main() -> None:
+    stage = open_stage(__doc__, "similar_cities.py", "configs/cities_demo.yaml", new_city, options,
+                       amp="train.amp", channels_last="train.channels_last")
+    cfg, args, place, out = stage.cfg, stage.args, stage.place, stage.out
+    images, name, results = Path(args.images), out.name, results_dir(cfg, "cities")
 
     # 1. The model as trained, and the known cities' test patches it was trained beside.
-    model, trained, classes, best_pt, _ = cities_training.trained_classifier(cfg, results, device)
+    model, trained, classes, best_pt, _ = classifier.trained_classifier(cfg, results, place)
     patches_dir = data_dir(cfg, "cities", "patches")
     manifest = patches.read_manifest(data_dir(cfg))
     size = trained["input_size"]
@@ -90,13 +95,13 @@ def main() -> None:
                     f"{patches_dir / patches.STAMP}), or set patch.ground_m and train a model on patches of that ground size")
 
     # 3. Embeddings: the new patches, and the known cities' test patches.
-    logits, emb, _ = embed(model, newplace.JpegPatches(new.jpegs, transform, size), cfg, device, "new patches")
+    logits, emb, _ = embed(model, newplace.JpegPatches(new.jpegs, transform, size), cfg, place, "new patches")
     known = data.split_dataset(manifest, cfg.test.split, patches_dir, classes, transform, size)
     known_labels, cache = known.labels, results / "new" / newplace.KNOWN
-    key = newplace.known_key(best_pt, cfg.test.split, known.files, device.type, cfg.train.amp)
+    key = newplace.known_key(best_pt, cfg.test.split, known.files, place.device.type, cfg.train.amp)
     known_emb = newplace.read_known(cache, key)
     if known_emb is None:  # made once per model and split, shared by every new city
-        _, known_emb, _ = embed(model, known, cfg, device, f"known {cfg.test.split} patches")
+        _, known_emb, _ = embed(model, known, cfg, place, f"known {cfg.test.split} patches")
         newplace.write_known(cache, key, known_emb)
 
     # 4. Ranking of the known cities, with intervals over the new city's source images.

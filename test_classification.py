@@ -30,22 +30,22 @@ from scipy.special import softmax
 from urbanlens.cities import baseline as cities_baseline
 from urbanlens.cities import data, figures, intervals, null, patches, report, similarity, validation
 from urbanlens.cities import metrics as cities_metrics
+from urbanlens.cities import classifier
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, locks, loops, runtime
-from urbanlens.core.config import cli, data_dir, results_dir
+from urbanlens.core import entry, loops
+from urbanlens.core.config import data_dir
+from urbanlens.core.stage import open_stage
 from urbanlens.core.errors import ConfigError
 from urbanlens.core.files import save_figure, save_run_config, write_csv, write_json
 
 
 def main() -> None:
-    cfg, _ = cli(__doc__.splitlines()[0], "configs/cities_demo.yaml")
-    device = runtime.select_device(cfg.device)
-    runtime.seed_everything(cfg.seed)
-    out = results_dir(cfg, "cities")
-    entry.keep(locks.hold(out, "test_classification.py", cfg))
+    stage = open_stage(__doc__, "test_classification.py", "configs/cities_demo.yaml", ("cities",),
+                       amp="train.amp", channels_last="train.channels_last")
+    cfg, place, out = stage.cfg, stage.place, stage.out
 
     # The model as trained: architecture, input size and class order come from the checkpoint.
-    model, trained, classes, best_pt, epoch = cities_training.trained_classifier(cfg, out, device)
+    model, trained, classes, best_pt, epoch = classifier.trained_classifier(cfg, out, place)
     scheme = cities_training.trained_validation(out) or cfg.split.val
     if scheme != cfg.split.val:
         raise ConfigError(f"{best_pt}: trained with split.val={scheme}, the config says split.val={cfg.split.val}; "
@@ -57,9 +57,8 @@ def main() -> None:
     size = trained["input_size"]
     test_set = data.split_dataset(manifest, cfg.test.split, patches_dir, classes,
                                       data.transforms(size, train=False), size)
-    loader = loops.make_loader(test_set, cfg.test.batch_size, cfg.workers, device)
-    logits, embeddings, labels = loops.predict(model, loader, device, cfg.train.amp, cfg.train.channels_last,
-                                               embeddings=True)
+    loader = loops.make_loader(test_set, cfg.test.batch_size, cfg.workers, place.device)
+    logits, embeddings, labels = loops.predict(model, loader, place, embeddings=True)
     pred = logits.argmax(axis=1)
 
     # Accuracy and confusions, with 95 % intervals from a bootstrap over source images, and the

@@ -36,7 +36,8 @@ import torch.multiprocessing as mp  # noqa: E402
 import torchvision  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from urbanlens.core import backbones, cam, config, loops  # noqa: E402
+from urbanlens.core import backbones, cam, config, loops, placement  # noqa: E402
+from urbanlens.core.placement import Placement  # noqa: E402
 from urbanlens.ses import model as ses_model  # noqa: E402
 
 STAGES = {"cities": ["-m urbanlens.cities.world", "preprocessing.py", "train_classification.py",
@@ -84,13 +85,14 @@ def _ddp_worker(rank: int, world: int, backend: str, port: int, out) -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
     amp = "auto" if device.type == "cuda" else "bf16"
-    model = loops.to_device(torchvision.models.resnet18(num_classes=4), device, True, amp)
-    model = loops.wrap_distributed(model, device)
+    model = placement.to_device(torchvision.models.resnet18(num_classes=4), device, True, amp)
+    model = placement.wrap_distributed(model, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(rank)  # each rank its own batch
     x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 4, (4,), generator=g)
-    loops.train_step(model, opt, x, y, F.cross_entropy, device, loops.grad_scaler(device, amp), amp, True)
-    flat = torch.cat([p.detach().float().flatten() for p in loops.unwrap(model).parameters()])
+    loops.train_step(model, loops.Optimiser(opt, None, placement.grad_scaler(device, amp)), x, y, F.cross_entropy,
+                     Placement(device, amp, True))
+    flat = torch.cat([p.detach().float().flatten() for p in placement.unwrap(model).parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     if rank == 0:
@@ -137,19 +139,20 @@ def _step_rows(name, build, size, batch, loss_fn, n_out, device, amp, steps) -> 
     for label, a, nhwc in ((f"{amp} + channels_last", amp, True), ("fp32 NCHW", "off", False)):
         model = build()
         model.load_state_dict(init)
-        model = loops.to_device(model, device, nhwc, a)
+        model = placement.to_device(model, device, nhwc, a)
         with torch.no_grad():
-            with loops.autocast(device, a):
-                first[a] = loss_fn(model(loops.batch_to_device(x, device, nhwc, a)).float(), y).item()
-        opt, scaler = torch.optim.Adam(model.parameters(), lr=1e-4), loops.grad_scaler(device, a)
-        seconds, peak = _timed(lambda m=model, o=opt: loops.train_step(m, o, x, y, loss_fn, device, scaler, a, nhwc),
+            with placement.autocast(device, a):
+                first[a] = loss_fn(model(placement.batch_to_device(x, device, nhwc, a)).float(), y).item()
+        opt, scaler = torch.optim.Adam(model.parameters(), lr=1e-4), placement.grad_scaler(device, a)
+        seconds, peak = _timed(lambda m=model, o=opt: loops.train_step(m, loops.Optimiser(o, None, scaler), x, y, loss_fn,
+                                                                             Placement(device, a, nhwc)),
                                device, steps)
         rows.append((name, label, f"{batch / seconds:.1f} img/s", f"{peak:.0f}", ""))
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rel = abs(first[amp] - first["off"]) / abs(first["off"])
-    if loops.autocast_dtype(device, amp) == torch.float16:  # judged for float16 (CUDA) only
+    if placement.autocast_dtype(device, amp) == torch.float16:  # judged for float16 (CUDA) only
         verdict = ("ok" if rel < 1e-2 else "FAIL") + f": first loss within {rel:.1e} of fp32 (limit 1e-2)"
     else:  # bfloat16 keeps 8 significant bits: on untrained deep nets the loss moves by several %
         verdict = f"ok: first loss within {rel:.1e} of fp32 (bf16, not judged)"
@@ -165,8 +168,8 @@ def _cam_rows(size, batch, device, steps) -> list[tuple]:
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     rows = []
     for a in ("off", "bf16"):
-        m = loops.to_device(model, device, True, a)
-        xb = loops.batch_to_device(x, device, True, a)
+        m = placement.to_device(model, device, True, a)
+        xb = placement.batch_to_device(x, device, True, a)
         seconds, peak = _timed(lambda: [cam.guided_gradcam(m, layer, xb, k, 99.0, a) for k in (0, 4)], device, steps)
         rows.append((f"guided Grad-CAM {size} px, both classes", a, f"{batch / seconds:.2f} cell/s", f"{peak:.0f}", ""))
     return rows

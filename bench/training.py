@@ -32,7 +32,7 @@ lines are pipeline / step in images per second, the pipeline as the script runs 
 Loader case (bench/training_loader.py): per-core rates of the trainers' uint8 store path at the paper
 sizes against the per-item path, with equality checks; prints training_loader_per_core_{cities_224,ses_800}.
 GPU part (only where CUDA is available): ResNet-50 at 224, the project's step (loops.train_epoch
-with loops.autocast mixed precision, loops.grad_scaler and channels_last) vs a plain fp32 NCHW loop; the two
+with placement.autocast mixed precision, placement.grad_scaler and channels_last) vs a plain fp32 NCHW loop; the two
 losses on the same first batch agree within 1 %.
 """
 import argparse
@@ -62,7 +62,8 @@ from urbanlens.cities import (
     world,  # noqa: E402
     world_render,
 )
-from urbanlens.core import backbones, loops, runtime
+from urbanlens.core import backbones, loops, placement
+from urbanlens.core.placement import Placement
 from urbanlens.core.config import load_config  # noqa: E402
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import extraction as ses_extraction
@@ -151,7 +152,7 @@ def ses_steps(net, opt, scaler, batches, device, amp: bool) -> float:
     loss_sum, n = 0.0, 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, _ = loops.train_step(net, opt, x, y, F.nll_loss, device, scaler, amp, channels_last=True)
+        loss, _ = loops.train_step(net, loops.Optimiser(opt, None, scaler), x, y, F.nll_loss, Placement(device, amp, True))
         loss_sum += loss * len(y)
         n += len(y)
     return loss_sum / n
@@ -201,7 +202,7 @@ def time_steps(run_step, batches, paper: bool, step_batch: int, steps: int, repe
 
 def cities_case(size_name: str, args, work: Path) -> dict:
     cfg = load_config(str(ROOT / CONFIGS["cities", size_name]), ["model.pretrained=false", "device=cpu"])
-    device = runtime.select_device("cpu")
+    device = placement.select_device("cpu")
     paper = size_name == "paper"
     px, size, n_classes = cfg.patch.size, cfg.model.input_size, cfg.world.n_cities
     batch = cfg.train.batch_size
@@ -228,10 +229,11 @@ def cities_case(size_name: str, args, work: Path) -> dict:
     assert sum(len(y) for _, y in batches) == n_images and batches[0][0].shape == (batch, 3, size, size)
 
     torch.manual_seed(args.seed)
-    model = loops.to_device(backbones.build_backbone(cfg.model.backbone, n_classes, False, None), device,
+    model = placement.to_device(backbones.build_backbone(cfg.model.backbone, n_classes, False, None), device,
                                cfg.train.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    step = lambda bs: loops.train_epoch(model, bs, opt, F.cross_entropy, device, None, False, cfg.train.channels_last)
+    step = lambda bs: loops.train_epoch(model, bs, loops.Optimiser(opt), F.cross_entropy,
+                                        Placement(device, False, cfg.train.channels_last))
     step_s = time_steps(step, batches, paper, step_batch, args.paper_steps, args.repeats)
     return {"script": "cities", "size": size_name, "batch": batch, "workers": workers,
             "pipeline": pipe_w / args.batches, "pipeline_0": pipe_0 / args.batches, "cached": None,
@@ -240,7 +242,7 @@ def cities_case(size_name: str, args, work: Path) -> dict:
 
 def ses_case(size_name: str, args, work: Path) -> dict:
     cfg = load_config(str(ROOT / CONFIGS["ses", size_name]), ["ses_model.pretrained=false", "device=cpu"])
-    device = runtime.select_device("cpu")
+    device = placement.select_device("cpu")
     paper = size_name == "paper"
     tc, px, size = cfg.ses_train, cfg.ses.cell_px, cfg.ses_model.input_size
     batch = tc.batch_size
@@ -286,7 +288,7 @@ def ses_case(size_name: str, args, work: Path) -> dict:
     torch.manual_seed(args.seed)
     model = ses_model.build_ses_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    scaler = loops.grad_scaler(device, False)
+    scaler = placement.grad_scaler(device, False)
     step = lambda bs: ses_steps(model, opt, scaler, bs, device, False)
     step_s = time_steps(step, batches, paper, step_batch, args.paper_steps, args.repeats)
     return {"script": "ses", "size": size_name, "batch": batch, "workers": workers,
@@ -327,11 +329,11 @@ def gpu_part(args) -> float | None:
         m.load_state_dict(init)
         return m
 
-    amp_model = loops.to_device(fresh(), device, channels_last=True)
+    amp_model = placement.to_device(fresh(), device, channels_last=True)
     fp32_model = fresh().to(device)
     with torch.no_grad():  # same results: the first batch's loss under both paths (batch statistics)
         x, y = batches[0]
-        with loops.autocast(device, "auto"):
+        with placement.autocast(device, "auto"):
             l_amp = F.cross_entropy(amp_model(x.contiguous(memory_format=torch.channels_last)).float(), y).item()
         l_fp32 = F.cross_entropy(fp32_model(x), y).item()
     rel = abs(l_amp - l_fp32) / abs(l_fp32)
@@ -339,7 +341,7 @@ def gpu_part(args) -> float | None:
     assert rel < 1e-2, f"mixed-precision loss differs from fp32 by {rel:.1e}"
     opt_a = torch.optim.Adam(amp_model.parameters(), lr=cfg.train.lr)
     opt_f = torch.optim.Adam(fp32_model.parameters(), lr=cfg.train.lr)
-    scaler = loops.grad_scaler(device, "auto")
+    scaler = placement.grad_scaler(device, "auto")
 
     def timed(fn):
         def run():
@@ -347,7 +349,8 @@ def gpu_part(args) -> float | None:
             torch.cuda.synchronize()
         return median(time_runs(run, args.repeats))
 
-    amp_s = timed(lambda: loops.train_epoch(amp_model, batches, opt_a, F.cross_entropy, device, scaler, "auto", True))
+    amp_s = timed(lambda: loops.train_epoch(amp_model, batches, loops.Optimiser(opt_a, None, scaler), F.cross_entropy,
+                                            Placement(device, "auto", True)))
     fp32_s = timed(lambda: plain_fp32_steps(fp32_model, opt_f, batches, device))
     n = batch * args.gpu_steps
     print(f"[training] gpu: {torch.cuda.get_device_name(0)}; {cfg.model.backbone} at {size} px, batch {batch}, "

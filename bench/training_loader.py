@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from urbanlens.cities import data as cities_data  # noqa: E402
 from urbanlens.cities import sampling  # noqa: E402
-from urbanlens.core import batch_ops, loops, runtime, store  # noqa: E402
+from urbanlens.core import batch_ops, loops, placement, store  # noqa: E402
 from urbanlens.core.config import load_config  # noqa: E402
 from urbanlens.ses import data as ses_data  # noqa: E402
 from urbanlens.ses import model as ses_model  # noqa: E402
@@ -91,7 +91,7 @@ def build_timed(fn) -> tuple[object, float]:
 def cities_loader_case(files: list[Path], args, work: Path) -> dict:
     """``files``: paper-size JPEG patches (repeated to --loader-items)."""
     cfg = load_config(str(ROOT / "configs/cities.yaml"), ["model.pretrained=false", "device=cpu"])
-    size, batch, device = cfg.model.input_size, cfg.train.batch_size, runtime.select_device("cpu")
+    size, batch, device = cfg.model.input_size, cfg.train.batch_size, placement.select_device("cpu")
     n = len(files)
     labels = np.arange(n) % cfg.world.n_cities
     shape = (3, size, size)
@@ -127,7 +127,7 @@ def cities_loader_case(files: list[Path], args, work: Path) -> dict:
 def ses_loader_case(files: list[Path], args, work: Path) -> dict:
     """``files``: paper-size cell PNGs (repeated to --loader-cells)."""
     cfg = load_config(str(ROOT / "configs/ses.yaml"), ["ses_model.pretrained=false", "device=cpu"])
-    size, batch, device = cfg.ses_model.input_size, cfg.ses_train.batch_size, runtime.select_device("cpu")
+    size, batch, device = cfg.ses_model.input_size, cfg.ses_train.batch_size, placement.select_device("cpu")
     n = len(files)
     labels = np.arange(n) % ses_model.N_CLASSES
     ds, build_s = build_timed(lambda: ses_data.cell_store(files, labels, size, work / "ses_store", None))

@@ -8,7 +8,8 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from urbanlens.core import backbones, cam, config, loops, runs
+from urbanlens.core import backbones, cam, config, loops, placement, runs
+from urbanlens.core.placement import Placement
 from urbanlens.core.errors import ConfigError
 from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import model as ses_model
@@ -22,24 +23,24 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("amp, cpu, cuda", [("auto", None, torch.float16), ("bf16", torch.bfloat16, torch.bfloat16),
                                             ("off", None, None), (True, None, torch.float16), (False, None, None)])
 def test_each_choice_means_one_dtype_per_device(amp, cpu, cuda):
-    assert loops.autocast_dtype(CPU, amp) is cpu
-    assert loops.autocast_dtype(CUDA, amp) is cuda
-    assert loops.grad_scaler(CPU, amp).is_enabled() is False  # bfloat16 needs no loss scaling
+    assert placement.autocast_dtype(CPU, amp) is cpu
+    assert placement.autocast_dtype(CUDA, amp) is cuda
+    assert placement.grad_scaler(CPU, amp).is_enabled() is False  # bfloat16 needs no loss scaling
 
 
 def test_fp16_is_cuda_only_and_refused_on_cpu_in_one_line_naming_bf16():
-    assert loops.autocast_dtype(CUDA, "fp16") is torch.float16
+    assert placement.autocast_dtype(CUDA, "fp16") is torch.float16
     with pytest.raises(ConfigError, match="bf16") as e:
-        loops.grad_scaler(CPU, "fp16")
+        placement.grad_scaler(CPU, "fp16")
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="auto, bf16, fp16, off"):
-        loops.autocast_dtype(CPU, "fp32")
+        placement.autocast_dtype(CPU, "fp32")
 
 
 def test_cpu_bf16_autocast_runs_in_bfloat16():
-    with loops.autocast(CPU, "bf16"):
+    with placement.autocast(CPU, "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with loops.autocast(CPU, "auto"):  # auto on CPU: full float32
+    with placement.autocast(CPU, "auto"):  # auto on CPU: full float32
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
@@ -72,25 +73,25 @@ def test_a_stamp_with_an_old_boolean_or_without_cams_amp_is_the_same_run():
 
 def test_channels_last_applies_on_cpu_under_autocast_only():
     x = torch.randn(2, 3, 4, 4)
-    assert loops.batch_to_device(x, CPU, True, "bf16").is_contiguous(memory_format=torch.channels_last)
-    assert loops.batch_to_device(x, CPU, True, "off").is_contiguous()
-    assert loops.batch_to_device(x, CPU, False, "bf16").is_contiguous()
-    conv = loops.to_device(nn.Conv2d(3, 4, 3), CPU, True, "bf16")
+    assert placement.batch_to_device(x, CPU, True, "bf16").is_contiguous(memory_format=torch.channels_last)
+    assert placement.batch_to_device(x, CPU, True, "off").is_contiguous()
+    assert placement.batch_to_device(x, CPU, False, "bf16").is_contiguous()
+    conv = placement.to_device(nn.Conv2d(3, 4, 3), CPU, True, "bf16")
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert loops.uses_channels_last(CUDA, True, "off")
+    assert placement.uses_channels_last(CUDA, True, "off")
 
 
 # ------------------------------------------------------------------ training steps under CPU bfloat16
 def _train_on_one_batch(model, x, y, loss_fn, steps: int, lr: float) -> tuple[list[float], set]:
     """``steps`` of ``loops.train_step`` (bf16, NHWC) on one batch; the losses and the dtypes the first
     convolution's outputs had."""
-    model = loops.to_device(model, CPU, True, "bf16")
+    model = placement.to_device(model, CPU, True, "bf16")
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     dtypes = set()
     conv.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    scaler = loops.grad_scaler(CPU, "bf16")
-    losses = [loops.train_step(model, opt, x, y, loss_fn, CPU, scaler, "bf16", channels_last=True)[0]
+    scaler = placement.grad_scaler(CPU, "bf16")
+    losses = [loops.train_step(model, loops.Optimiser(opt, None, scaler), x, y, loss_fn, Placement(CPU, "bf16", True))[0]
               for _ in range(steps)]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     return losses, dtypes
@@ -131,8 +132,8 @@ def test_guided_gradcam_under_cpu_bf16_agrees_with_float32():
     x = torch.rand(4, 3, 96, 96, generator=torch.Generator().manual_seed(11))
     targets = [0, 4, 0, 4]
     fp32 = cam.guided_gradcam(model, layer, x, targets)
-    model = loops.to_device(model, CPU, True, "bf16")
-    bf16 = cam.guided_gradcam(model, layer, loops.batch_to_device(x, CPU, True, "bf16"), targets, amp="bf16")
+    model = placement.to_device(model, CPU, True, "bf16")
+    bf16 = cam.guided_gradcam(model, layer, placement.batch_to_device(x, CPU, True, "bf16"), targets, amp="bf16")
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape and 0 <= bf16.min() and bf16.max() <= 1
     assert all(a.std() > 0 for a in fp32)
     assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(fp32, bf16)) > 0.99

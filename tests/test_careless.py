@@ -14,6 +14,7 @@ from urbanlens.cities import patches as city_patches
 from urbanlens.core import schema
 from urbanlens.core.config import load_config
 from urbanlens.core.errors import ConfigError, DataError
+from urbanlens.core.placement import Placement
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting
 from urbanlens.ses import folds as ses_folds
@@ -153,7 +154,7 @@ def test_precise_batch_norm_statistics_skip_a_last_batch_of_one():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     torch.manual_seed(0)
     batches = [(torch.randn(3, 3, 8, 8) + 2, None), (torch.randn(1, 3, 8, 8) - 50, None)]
-    fitting.recompute_bn_stats(model, batches, torch.device("cpu"))
+    fitting.recompute_bn_stats(model, batches, Placement("cpu"))
     with torch.no_grad():
         expected = model[0](batches[0][0]).mean(dim=(0, 2, 3))
     torch.testing.assert_close(model[1].running_mean, expected, rtol=1e-4, atol=1e-4)  # the lone image left out

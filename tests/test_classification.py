@@ -15,6 +15,7 @@ from urbanlens.cities import similarity, training
 from urbanlens.core import errors, loops, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import load_config
+from urbanlens.core.placement import Placement
 
 
 # ---------------------------------------------------------------- sampling
@@ -221,7 +222,7 @@ def _tiny_run(tmp_path, epochs, resume_after=None):
             done, best = training.restore(runtime.load_checkpoint(tmp_path / "last.pt"), model, opt, None, sched)
             assert (done, best) == (resume_after, 0.5)
         cities_sampling.begin_epoch(sampler, cfg.seed, epoch)
-        loops.train_epoch(model, loader, opt, F.cross_entropy, torch.device("cpu"), scheduler=sched)
+        loops.train_epoch(model, loader, loops.Optimiser(opt, sched), F.cross_entropy, Placement("cpu"))
         done = epoch
     return model, opt
 

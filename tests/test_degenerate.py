@@ -29,6 +29,7 @@ from urbanlens.cities.patches import plan_split
 from urbanlens.core import entry, loops
 from urbanlens.core.config import load_config
 from urbanlens.core.errors import DataError, TrainingDiverged
+from urbanlens.core.placement import Placement
 from urbanlens.ses import census, extraction, fitting, urban_atlas
 from urbanlens.ses import data as ses_data
 from urbanlens.ses.model import binomial_log_probs
@@ -145,11 +146,11 @@ def test_a_diverging_income_model_stops_and_writes_no_state(tmp_path, where):
     train, val = _cells(12, nan=where == "train"), _cells(8, nan=where == "val", seed=1)
     state = tmp_path / "fold_0" / "last.pt"
     with pytest.raises(TrainingDiverged) as e:
-        fitting.fit(Cell(), train, val, _ses_cfg(), CPU, checkpoint=state)
+        fitting.fit(Cell(), train, val, _ses_cfg(), Placement(CPU), checkpoint=state)
     assert "epoch 1" in str(e.value) and "ses_train.lr" in str(e.value)
     assert ("training loss is nan" if where == "train" else "validation loss is nan") in str(e.value)
     assert not state.exists()
-    fit = fitting.fit(Cell(), _cells(12), _cells(8, seed=1), _ses_cfg(), CPU)  # the same run, finite inputs
+    fit = fitting.fit(Cell(), _cells(12), _cells(8, seed=1), _ses_cfg(), Placement(CPU))  # the same run, finite inputs
     assert math.isfinite(fit.best_val_loss) and fit.best_epoch >= 0
 
 
@@ -167,25 +168,25 @@ def test_a_float16_scaler_skips_non_finite_steps_and_stops_only_when_they_persis
         return loss * float("nan") if calls[-1] in nan_steps else loss
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    got = loops.train_epoch(model, batches, opt, loss_fn, CPU, scaler, desc=None, epoch=1)
+    got = loops.train_epoch(model, batches, loops.Optimiser(opt, None, scaler), loss_fn, Placement(CPU), desc=None, epoch=1)
     assert got["n"] == 4 * (10 - len(nan_steps)) and math.isfinite(got["loss"])  # skipped steps leave the mean
     assert scaler.get_scale() == 2.0 ** 8 * 0.5 ** len(nan_steps) and loops.finite_weights(model)
     nan_steps.update(range(11, 11 + loops.SCALER_PATIENCE + 1))
     with pytest.raises(TrainingDiverged, match=f"epoch 2, step {loops.SCALER_PATIENCE + 1}: training loss is nan "
                                                f"in {loops.SCALER_PATIENCE + 1} steps in a row"):
-        loops.train_epoch(model, batches, opt, loss_fn, CPU, scaler, desc=None, epoch=2)
+        loops.train_epoch(model, batches, loops.Optimiser(opt, None, scaler), loss_fn, Placement(CPU), desc=None, epoch=2)
     with pytest.raises(TrainingDiverged, match="epoch 3, step 1: training loss is nan at learning rate"):
         nan_steps.add(len(calls) + 1)  # without a scaler the first non-finite loss stops
-        loops.train_epoch(model, batches, opt, loss_fn, CPU, None, desc=None, epoch=3)
+        loops.train_epoch(model, batches, loops.Optimiser(opt), loss_fn, Placement(CPU), desc=None, epoch=3)
 
 
 def test_a_lone_last_batch_is_skipped_and_a_training_set_of_one_is_refused():
     model = Cell()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = list(torch.utils.data.DataLoader(_cells(9), batch_size=4))  # 4, 4, 1
-    assert loops.train_epoch(model, batches, opt, F.nll_loss, CPU, min_batch=2, desc=None)["n"] == 8
+    assert loops.train_epoch(model, batches, loops.Optimiser(opt), F.nll_loss, Placement(CPU), min_batch=2, desc=None)["n"] == 8
     with pytest.raises(DataError, match="training set: 1 item"):
-        loops.train_epoch(model, batches[-1:], opt, F.nll_loss, CPU, min_batch=2, desc=None)
+        loops.train_epoch(model, batches[-1:], loops.Optimiser(opt), F.nll_loss, Placement(CPU), min_batch=2, desc=None)
 
 
 # ------------------------------------------------------------------------------------------ census

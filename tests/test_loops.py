@@ -7,9 +7,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from urbanlens.core import backbones, loops, runtime
+from urbanlens.core import backbones, loops, placement, runtime
+from urbanlens.core.placement import Placement
 
 CPU = torch.device("cpu")
+PLACE = Placement(CPU)  # float32, NCHW, one process
 
 
 class Tiny(nn.Module):
@@ -37,18 +39,18 @@ def tiny(seed: int = 0) -> Tiny:
 # ------------------------------------------------------------------ mixed precision and placement
 def test_mixed_precision_is_float16_on_cuda_only_and_only_when_asked():
     cuda = torch.device("cuda")  # a device object needs no GPU
-    assert loops.autocast_dtype(cuda, True) == torch.float16
-    assert loops.autocast_dtype(cuda, False) is None
-    assert loops.autocast_dtype(CPU, True) is None
-    assert not loops.grad_scaler(CPU, True).is_enabled()
-    with loops.autocast(CPU, True):  # off on CPU: full float32 even where CPU autocast would use bfloat16
+    assert placement.autocast_dtype(cuda, True) == torch.float16
+    assert placement.autocast_dtype(cuda, False) is None
+    assert placement.autocast_dtype(CPU, True) is None
+    assert not placement.grad_scaler(CPU, True).is_enabled()
+    with placement.autocast(CPU, True):  # off on CPU: full float32 even where CPU autocast would use bfloat16
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
 def test_channels_last_only_on_cuda():
     x = torch.randn(2, 3, 4, 4)
-    assert loops.batch_to_device(x, CPU, channels_last=True).is_contiguous()  # NCHW kept on CPU
-    model = loops.to_device(tiny(), CPU, channels_last=True)
+    assert placement.batch_to_device(x, CPU, channels_last=True).is_contiguous()  # NCHW kept on CPU
+    model = placement.to_device(tiny(), CPU, channels_last=True)
     assert model.conv.weight.is_contiguous()
 
 
@@ -85,7 +87,7 @@ def test_evaluate_equals_a_hand_loop():
         logits = model(x)
     for loss_fn, out in ((F.cross_entropy, logits), (F.nll_loss, F.log_softmax(logits, 1))):
         net = model if loss_fn is F.cross_entropy else nn.Sequential(model, nn.LogSoftmax(1))
-        got = loops.evaluate(net, loops.make_loader(ds, 4, 0, CPU), loss_fn, CPU, desc=None)
+        got = loops.evaluate(net, loops.make_loader(ds, 4, 0, CPU), loss_fn, PLACE, desc=None)
         assert got["n"] == len(y)
         assert got["loss"] == pytest.approx(loss_fn(out, y).item(), rel=1e-6)
         assert got["acc"] == pytest.approx((out.argmax(1) == y).float().mean().item())
@@ -99,13 +101,13 @@ def test_predict_keeps_the_order_and_gives_the_penultimate_embeddings():
         emb = torch.relu(model.conv(x)).mean((2, 3))
         logits = model(x)
     loader = loops.make_loader(ds, 5, 0, CPU)
-    out, labels = loops.predict(model, loader, CPU, desc=None)
+    out, labels = loops.predict(model, loader, PLACE, desc=None)
     assert torch.allclose(torch.from_numpy(out), logits, atol=1e-6) and (labels == y.numpy()).all()
-    lo, em, labels = loops.predict(model, loader, CPU, embeddings=True, desc=None)
+    lo, em, labels = loops.predict(model, loader, PLACE, embeddings=True, desc=None)
     assert torch.allclose(torch.from_numpy(lo), logits, atol=1e-6)
     assert torch.allclose(torch.from_numpy(em), emb, atol=1e-6) and (labels == y.numpy()).all()
     with pytest.raises(ValueError):
-        loops.predict(model, [], CPU, desc=None)
+        loops.predict(model, [], PLACE, desc=None)
 
 
 # ------------------------------------------------------------------ training
@@ -113,9 +115,9 @@ def test_the_step_lowers_the_loss_on_a_toy_batch():
     x, y = data(8).tensors
     model = tiny()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    first, _ = loops.train_step(model, opt, x, y, F.cross_entropy, CPU)
+    first, _ = loops.train_step(model, loops.Optimiser(opt), x, y, F.cross_entropy, PLACE)
     for _ in range(30):
-        last, hits = loops.train_step(model, opt, x, y, F.cross_entropy, CPU)
+        last, hits = loops.train_step(model, loops.Optimiser(opt), x, y, F.cross_entropy, PLACE)
     assert last < 0.5 * first and hits > len(y) // 2
 
 
@@ -124,8 +126,9 @@ def test_a_disabled_scaler_steps_as_no_scaler():
     models = [tiny(), tiny()]
     opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in models]
     for _ in range(3):
-        loops.train_step(models[0], opts[0], x, y, F.cross_entropy, CPU, scaler=None)
-        loops.train_step(models[1], opts[1], x, y, F.cross_entropy, CPU, scaler=loops.grad_scaler(CPU, True))
+        loops.train_step(models[0], loops.Optimiser(opts[0]), x, y, F.cross_entropy, PLACE)
+        loops.train_step(models[1], loops.Optimiser(opts[1], None, placement.grad_scaler(CPU, True)), x, y, F.cross_entropy,
+                         PLACE)
     for a, b in zip(*(m.state_dict().values() for m in models)):
         assert torch.equal(a, b)
 
@@ -139,12 +142,12 @@ def test_an_epoch_is_the_steps_of_its_batches():
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda step: 0.5 ** step)
     seen = []
     flip = lambda x: seen.append(len(x)) or x.flip(-1)  # noqa: E731
-    got = loops.train_epoch(model, batches, opt, F.cross_entropy, CPU, scheduler=sched, augment=flip,
+    got = loops.train_epoch(model, batches, loops.Optimiser(opt, sched), F.cross_entropy, PLACE, augment=flip,
                             min_batch=2, desc=None)
     assert seen == [4, 4] and got["n"] == 8  # the lone last sample is skipped, the others augmented
     loss_sum = correct = 0.0
     for x, y in batches[:2]:
-        loss, hits = loops.train_step(ref, ref_opt, x.flip(-1), y, F.cross_entropy, CPU)
+        loss, hits = loops.train_step(ref, loops.Optimiser(ref_opt), x.flip(-1), y, F.cross_entropy, PLACE)
         ref_sched.step()
         loss_sum, correct = loss_sum + loss * len(y), correct + hits
     assert got["loss"] == loss_sum / 8 and got["acc"] == correct / 8
@@ -164,22 +167,22 @@ def one_rank_group(tmp_path):
 
 def test_unwrap_finds_the_model_inside_ddp(one_rank_group, tmp_path):
     model = backbones.build_backbone("resnet18", 3)
-    wrapped = loops.wrap_distributed(model, CPU)
+    wrapped = placement.wrap_distributed(model, CPU)
     assert isinstance(wrapped, nn.parallel.DistributedDataParallel)
-    assert loops.unwrap(wrapped) is model and loops.unwrap(model) is model
+    assert placement.unwrap(wrapped) is model and placement.unwrap(model) is model
     assert backbones.last_conv_layer(wrapped) is model.layer4
     runtime.save_checkpoint(tmp_path / "m.pt", wrapped, {"seed": 0})
     assert runtime.load_checkpoint(tmp_path / "m.pt")["model"].keys() == model.state_dict().keys()
     ds = data(6)  # one rank: the sums over ranks are this rank's
     got = loops.evaluate(wrapped, loops.make_loader(ds, 4, 0, CPU, distributed=True), F.cross_entropy,
-                         CPU, desc=None)
+                         PLACE, desc=None)
     assert got["n"] == 6
 
 
 def test_unwrap_of_data_parallel_and_plain_models():
     model = tiny()
-    assert loops.unwrap(nn.DataParallel(model)) is model
-    assert loops.wrap_distributed(model, CPU) is model  # no process group: the model itself
+    assert placement.unwrap(nn.DataParallel(model)) is model
+    assert placement.wrap_distributed(model, CPU) is model  # no process group: the model itself
 
 
 def test_a_gpu_index_the_machine_lacks_is_a_device_error(monkeypatch):
@@ -188,4 +191,4 @@ def test_a_gpu_index_the_machine_lacks_is_a_device_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as far as select_device can tell
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DeviceError, match=r"device 'cuda:1' but this machine has 1 CUDA GPU"):
-        runtime.select_device("cuda:1")
+        placement.select_device("cuda:1")

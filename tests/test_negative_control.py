@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from urbanlens.core import backbones, config, sanity
+from urbanlens.core.placement import Placement
 from urbanlens.ses import data, findings, map_sanity
 from urbanlens.ses.model import N_CLASSES, binomial_log_probs
 
@@ -95,7 +96,7 @@ def _shuffled_finding(ses_dir, city_cells, x, seed, cams):
     stats = pd.DataFrame({"poor_max": [1.0], "rich_max": [1.0]})
     finding = findings.city_finding(pd.concat(preds, ignore_index=True), stats, seed=seed)
     checks = map_sanity.check_city(first, backbones.last_conv_layer(first), city_cells, ses_dir, SIZE, cams,
-                                   torch.device("cpu"), seed)
+                                   Placement("cpu", cams.amp, True), seed)
     verdict = sanity.summarise(*checks)
     return map_sanity.flag(finding, verdict), verdict
 

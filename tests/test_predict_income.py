@@ -21,6 +21,7 @@ from scipy.stats import spearmanr
 
 from urbanlens.core.config import load_config
 from urbanlens.core.errors import ConfigError
+from urbanlens.core.placement import Placement
 from urbanlens.ses import agreement, grid, prediction
 from urbanlens.ses import world as ses_world
 
@@ -105,7 +106,7 @@ def test_uncensused_cells_get_the_mean_of_all_folds(predicted):
     assert len(others) == 6 and (others["scored_by"] == prediction.NOT_TRAINED).all()
     ses_dir = root / "results" / "ses"
     models, _ = prediction.load_fold_models(prediction.fold_checkpoints(ses_dir / CITY), _config(root), torch.device("cpu"))
-    probs = prediction.score(models, [ses_dir / p for p in others["path"]], 64, torch.device("cpu"), 8)
+    probs = prediction.score(models, [ses_dir / p for p in others["path"]], 64, Placement("cpu"), 8)
     assert np.isfinite(probs).all() and not np.allclose(probs[0], probs[1], atol=1e-3)  # the folds differ
     np.testing.assert_allclose(others[prediction.PROB_COLUMNS].to_numpy(float), probs.mean(axis=0), atol=1e-4)
     assert (table.loc[~table["non_void"].astype(bool), "scored_by"] == prediction.VOID).all()

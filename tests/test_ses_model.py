@@ -8,6 +8,7 @@ from PIL import Image
 from scipy import stats
 
 from urbanlens.core import backbones, config, errors
+from urbanlens.core.placement import Placement
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting
 from urbanlens.ses import folds as ses_folds
@@ -208,7 +209,7 @@ def test_recompute_bn_stats_gives_the_training_set_statistics():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.Dropout(0.5))
     model[1].running_mean.fill_(5.0)
     data = torch.utils.data.TensorDataset(torch.randn(40, 3, 6, 6) * 3 + 1, torch.zeros(40, dtype=torch.long))
-    fitting.recompute_bn_stats(model, torch.utils.data.DataLoader(data, batch_size=40), torch.device("cpu"))
+    fitting.recompute_bn_stats(model, torch.utils.data.DataLoader(data, batch_size=40), Placement("cpu"))
     with torch.no_grad():
         z = model[0](data.tensors[0])
     torch.testing.assert_close(model[1].running_mean, z.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
@@ -246,11 +247,11 @@ def test_tiny_training_run_beats_chance(tmp_path):
     model = ses_model.build_ses_model(cfg)
     rows = []
     fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), cfg.ses_train,
-                  torch.device("cpu"), seed=0, progress=rows.append)
+                      Placement("cpu", cfg.ses_train.amp, True), seed=0, progress=rows.append)
     assert rows == fit.log and 1 <= len(rows) <= 12
     assert {r["run"] for r in rows} <= {0, 1}
     assert fit.best_val_loss == min(r["val_loss"] for r in rows)
-    lp = fitting.predict(model, data.subset(split["test"]), torch.device("cpu"))
+    lp = fitting.predict(model, data.subset(split["test"]), Placement("cpu", "auto", True))
     m = ses_metrics.ses_metrics(labels[split["test"]], lp)
     assert m["auc_poor_rich"] > 0.8
     assert m["spearman"] > 0.5

@@ -1,22 +1,26 @@
-"""Training the city classifier: learning-rate schedules, resuming, the training log (the epoch itself is
-``core.loops.train_epoch`` with cross-entropy)."""
+"""Training the city classifier: its data and loaders, learning-rate schedules, resuming, the epochs and
+the training log (each epoch is ``core.loops.train_epoch`` with cross-entropy)."""
 from __future__ import annotations
 
 import functools
 import math
+import time
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from ..core import loops, outputs, runs, runtime
-from ..core.backbones import classifier_from_checkpoint
+from ..core import batch_ops, loops, outputs, runs, runtime
 from ..core.config import ADDED
-from ..core.errors import CheckpointError, ConfigError
-from ..core.loops import unwrap
+from ..core.config import data_dir
+from ..core.errors import CheckpointError, ConfigError, DataError
+from ..core.files import save_run_config
+from ..core.placement import Placement, unwrap, wrap_distributed
 from ..core.schema import SCHEDULES
+from . import data, sampling, validation
 from .patches import SOURCES as PATCHES_SOURCES
 from .patches import STAMP as PATCHES_STAMP
 from .patches import patches_dir
@@ -146,14 +150,128 @@ def write_log(rows: list[dict], path: str | Path) -> Path:
     return write_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), path)
 
 
-def trained_classifier(cfg, results: Path, device) -> tuple[nn.Module, dict, list[str], Path, int | None]:
-    """The classifier ``train_classification.py`` saved under ``results`` (``checkpoints/best.pt``), on
-    ``device``, after checking that the patches it was trained with are the ones there now: (model, its
-    training settings, class order, checkpoint path, epoch it was saved at). Architecture, input size and classes come from the
-    checkpoint."""
-    best_pt = Path(results) / "checkpoints" / "best.pt"
-    state = runtime.load_checkpoint(best_pt, writer="train_classification.py")
-    model, trained, classes = classifier_from_checkpoint(state, best_pt)
-    model = loops.to_device(model, device, cfg.train.channels_last, cfg.train.amp)
-    check_same_patches(Path(results) / STAMP, cfg.paths.data, best_pt)
-    return model, trained, classes, best_pt, state.get("epoch")
+def datasets(cfg, manifest: pd.DataFrame, classes: list[str], place: Placement):
+    """(train, val) datasets of the patches ``manifest`` assigns to them. With ``store`` they are decoded
+    once at ``model.input_size`` into <patches>/store/ (again when the patches change; rank 0 builds it
+    while the other ranks wait), flips and normalisation then happen per batch on the device; without,
+    each patch is decoded, resized, flipped and normalised in the loader every epoch."""
+    patches_dir, size = data_dir(cfg, "cities", "patches"), cfg.model.input_size
+    if cfg.store:
+        for split in ("train", "val") if place.main else ():
+            data.split_store(manifest, split, patches_dir, classes, size, f"[train] store {split}",
+                             validation.store_name(split, cfg.split.val))
+        if place.world_size > 1:
+            torch.distributed.barrier()
+        train_set, val_set = (data.split_store(manifest, s, patches_dir, classes, size,
+                                               name=validation.store_name(s, cfg.split.val)) for s in ("train", "val"))
+    else:
+        train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
+                                       size)
+        val_set = data.split_dataset(manifest, "val", patches_dir, classes, data.transforms(size, train=False), size)
+    if len(train_set) < 2:  # batch norm in training mode needs two images a batch
+        raise DataError(patches_dir / "manifest.csv", f"{len(train_set)} training patch; training needs 2 or more",
+                        "add images to the cities' train sites (all but the last) and re-run preprocessing.py")
+    return train_set, val_set
+
+
+def loaders(cfg, train_set, val_set, place: Placement):
+    """(epoch sampler, train loader, val loader): ``train.batch_size`` is the global batch, split over
+    the ranks; class-balanced draws (``train.balanced``), at most ``train.max_steps_per_epoch`` steps."""
+    batch = max(1, cfg.train.batch_size // place.world_size)
+    draws = len(train_set)
+    if cfg.train.max_steps_per_epoch > 0:
+        draws = min(draws, cfg.train.max_steps_per_epoch * batch * place.world_size)
+    sampler = sampling.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, place.rank,
+                                    place.world_size)
+    train_loader = loops.make_loader(train_set, batch, cfg.workers, place.device, sampler)
+    val_loader = loops.make_loader(loops.shard(val_set, place.rank, place.world_size), batch, cfg.workers,
+                                   place.device)
+    if cfg.store:
+        val_loader = batch_ops.OnDevice(val_loader, data.eval_batches, place.device)
+    return sampler, train_loader, val_loader
+
+
+def optimiser(cfg, model: nn.Module, steps_per_epoch: int, place: Placement) -> loops.Optimiser:
+    """Adam at ``train.lr`` under ``train.schedule``, with the loss scaler of ``place``'s precision."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    scheduler = lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * steps_per_epoch)
+    return loops.Optimiser(optimizer, scheduler, place.scaler(), "train.lr")
+
+
+def resume_point(cfg, resume: bool, out: Path, model: nn.Module, opt: loops.Optimiser, classes: list[str],
+                 place: Placement) -> tuple[int, float]:
+    """(epochs done, best val acc) of the run under ``out``: (0, -1) for a new one. A last.pt trained on
+    other patches is refused (also with ``resume``), one trained with other settings continues only with
+    ``resume``; ``overwrite`` starts over (the old checkpoints removed). The run's stamp is written."""
+    last_pt, best_pt = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    patches = data_dir(cfg, "cities", "patches")
+    state = runtime.load_checkpoint(last_pt, writer="train_classification.py") if last_pt.exists() else None
+    stamp, inputs = out / STAMP, run_inputs(cfg.paths.data)
+    cut_with = patch_settings(cfg.paths.data)
+    changed = runs.compare(stamp, cfg, RUN_KEYS, inputs, cut_with) if state is not None else []
+    if data_changes(changed) and not cfg.overwrite:  # --resume does not continue on other data
+        runs.refuse(last_pt, f"was trained on other patches than those now in {patches}", data_changes(changed),
+                    "--set overwrite=true trains from scratch on these, or cut the old ones again "
+                    "(preprocessing.py with their settings), or use another paths.results")
+    if state is not None and changed and (not resume or data_changes(changed)):
+        if not cfg.overwrite:
+            runs.refuse(last_pt, "trained with other settings", changed, "re-run with --resume to continue it, "
+                        "--set overwrite=true to train from scratch, or use another paths.results")
+        state = None
+        if place.main:  # start over: the old run's checkpoints must not be taken for this one's
+            last_pt.unlink(missing_ok=True)
+            best_pt.unlink(missing_ok=True)
+    done, best_acc = 0, -1.0
+    if state is not None:
+        check_resumable(state, classes, cfg.model, last_pt)
+        done, best_acc = restore(state, model, opt.optimizer, opt.scaler, opt.scheduler)
+        if place.main:
+            print(f"[train] resuming from {last_pt} after epoch {done}")
+    elif resume and place.main:
+        print(f"[train] --resume: no {last_pt} yet, starting from scratch")
+    if place.main:
+        save_run_config(cfg, out, "train_config.yaml")
+        runs.write_stamp(stamp, "train_classification.py", cfg, RUN_KEYS, inputs, cut_with)
+    return done, best_acc
+
+
+def run_epochs(cfg, model: nn.Module, opt: loops.Optimiser, sampler, train_loader, val_loader, classes: list[str],
+               out: Path, done: int, best_acc: float, place: Placement) -> float:
+    """Epochs ``done`` + 1 .. ``train.epochs``: each writes a row of train_log.csv and last.pt, and best.pt
+    when its validation accuracy is the best so far (ties: the later epoch). The sampling and
+    augmentation of epoch e depend only on (seed, e), so a resumed run draws the same batches as an
+    uninterrupted one. A diverged epoch stops the run unsaved. Returns the best validation accuracy."""
+    last_pt, best_pt, log_csv = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt", out / "train_log.csv"
+    log = read_log(log_csv, done)
+    model = wrap_distributed(model, place.device)
+    start = time.time()
+    for epoch in range(done + 1, cfg.train.epochs + 1):
+        t0 = time.time()
+        sampling.begin_epoch(sampler, cfg.seed, epoch, place.rank)
+        lr_used = opt.lr  # at the start of the epoch
+        augment = data.train_batches(cfg.seed, epoch, place.rank) if cfg.store else None
+        tr = loops.train_epoch(model, train_loader, opt, F.cross_entropy, place, augment=augment, min_batch=2,
+                               desc=f"epoch {epoch}/{cfg.train.epochs}", epoch=epoch,
+                               max_loss=loops.loss_limit(len(classes)))  # diverged: no save
+        va = loops.check_validation(loops.evaluate(model, val_loader, F.cross_entropy, place), epoch, lr_used,
+                                    opt.lr_key)
+        if not place.main:
+            continue
+        log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                    "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})
+        write_log(log, log_csv)
+        improved = va["acc"] >= best_acc  # ties: the later, longer-trained epoch
+        best_acc = max(best_acc, va["acc"])
+        extra = dict(classes=classes, best_val_acc=best_acc, scaler=opt.scaler.state_dict(),
+                     scheduler=opt.scheduler.state_dict() if opt.scheduler else None)
+        if improved:
+            runtime.save_checkpoint(best_pt, model, cfg, None, epoch, **extra)
+        # last: the resume point is written once everything else of the epoch is, so a run killed
+        # between these writes redoes the epoch rather than skip what it had not saved
+        runtime.save_checkpoint(last_pt, model, cfg, opt.optimizer, epoch, **extra)
+        print(f"[train] epoch {epoch}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} | "
+              f"val loss {va['loss']:.3f} acc {va['acc']:.3f}{' *' if improved else ''} | {time.time() - t0:.0f} s")
+    if place.main:
+        print(f"[train] {cfg.train.epochs} epochs ({cfg.train.epochs - done} run now) in {time.time() - start:.0f} s; "
+              f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
+    return best_acc

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet
-from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonPlus, GuidedBackprop
 from zennit.core import Hook
-from zennit.torchvision import ResNetCanonizer
 
+from . import backbones
 from .errors import ConfigError
-from .loops import Amp, autocast, unwrap
+from .placement import Amp, autocast, unwrap
 from .schema import CAM_METHODS as METHODS
 
 
@@ -137,7 +135,7 @@ def relevance_weighted(acts: torch.Tensor, relevance: torch.Tensor) -> torch.Ten
 def activations_and_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, amp: Amp = "off"
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of ``layer`` and the gradient of ``output[b, targets[b]]`` with respect to them, in
-    float32 (the forward pass under ``loops.autocast(x.device, amp)``)."""
+    float32 (the forward pass under ``placement.autocast(x.device, amp)``)."""
     model = unwrap(model)
     with _explaining(model), LayerHooks(model, layer) as hooks:
         with autocast(x.device, amp):
@@ -151,9 +149,8 @@ def lrp_composite(model: nn.Module):
     """The LRP rules of Relevance-CAM (Lee et al. 2021): z+ (alpha=1, beta=0) for convolutions, epsilon for
     the final linear layer, proportional (Norm) rule for average pooling and residual sums, activations
     passed through. Batch norms are merged into the preceding convolutions and ResNet's residual additions
-    made explicit by zennit's canonizers (``ResNetCanonizer`` for torchvision ResNets)."""
-    canonizer = ResNetCanonizer() if isinstance(unwrap(model), ResNet) else SequentialMergeBatchNorm()
-    return EpsilonPlus(canonizers=[canonizer])
+    made explicit by the canonizer of the model's backbone family (``backbones.canonizer``)."""
+    return EpsilonPlus(canonizers=[backbones.canonizer(model)])
 
 
 def relevancecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, composite=None) -> torch.Tensor:
@@ -229,7 +226,7 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, targets, amp: Amp = "off"
     the gradient times SiLU'(x) passes only where x > 0 and the incoming gradient is positive. Other
     nonlinearities (e.g. the sigmoid gates of squeeze-excitation) keep their ordinary gradient. Implemented
     with zennit hooks registered for the call and removed afterwards. ``amp``: the forward pass under
-    ``loops.autocast(x.device, amp)``; the gradient arrives at the float32 input.
+    ``placement.autocast(x.device, amp)``; the gradient arrives at the float32 input.
     """
     model = unwrap(model)
     composite = GuidedBackprop(layer_map=[(nn.SiLU, SiLUGuided())])
@@ -255,7 +252,7 @@ def guided_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets,
                    clip_percentile: float = 99.0, amp: Amp = "off") -> np.ndarray:
     """Guided Grad-CAM of the SES study, float32 [B, H, W] in [0, 1]: Grad-CAM upsampled to the input size
     (not normalised) times the guided-backprop saliency, clipped at its per-image ``clip_percentile``
-    percentile and divided by that value. ``amp``: both passes under ``loops.autocast(x.device, amp)``
+    percentile and divided by that value. ``amp``: both passes under ``placement.autocast(x.device, amp)``
     (bf16 maps agree with float32 ones to the tolerance tests/test_amp.py states)."""
     cam = upsample(raw_maps(model, layer, x, targets, "gradcam", amp), x.shape[-2:]).cpu().numpy()
     return clip_scale(cam * guided_backprop(model, x, targets, amp), clip_percentile)

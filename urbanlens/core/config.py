@@ -18,7 +18,7 @@ import yaml
 
 from . import schema
 from .errors import ConfigError
-from .schema import AMP_CHOICES, AMP_KEYS  # noqa: F401  (imported from here by loops and runs)
+from .schema import AMP_KEYS
 
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
 
@@ -238,17 +238,22 @@ def results_dir(cfg: Config, *parts: str) -> Path:
     return Path(cfg.paths.results).joinpath(*parts)
 
 
+def value(cfg: Config, key: str) -> Any:
+    """The value of the dotted ``key`` in ``cfg``; ConfigError naming it when the config has no such key."""
+    found: Any = cfg
+    for k in key.split("."):
+        if not isinstance(found, dict) or k not in found:
+            raise ConfigError(f"key '{key}'", "not in the config", "name a key of urbanlens/core/defaults.yaml")
+        found = found[k]
+    return found
+
+
 def _main() -> None:
     """``python -m urbanlens.core.config KEY [--config F] [--set k=v ...]`` prints one resolved value (for shell)."""
     parser = add_config_args(argparse.ArgumentParser(description=_main.__doc__))
     parser.add_argument("key")
     args = parser.parse_args()
-    value: Any = load_config(args.config, args.overrides)
-    for k in args.key.split("."):
-        if not isinstance(value, dict) or k not in value:
-            raise ConfigError(f"key '{args.key}'", "not in the config", "name a key of urbanlens/core/defaults.yaml")
-        value = value[k]
-    print(value)
+    print(value(load_config(args.config, args.overrides), args.key))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
-"""The training core both pipelines share: mixed precision and memory layout, loaders, DDP wrapping,
-the optimisation step and epoch, evaluation and prediction.
+"""The training core both pipelines share: loaders, the optimisation step and epoch, evaluation and
+prediction, on a ``placement.Placement`` (device, precision, memory layout, DDP rank).
 
 What differs between the pipelines comes in as arguments: the loss (``F.cross_entropy`` on the city
 classifier's logits, ``F.nll_loss`` on the income model's binomial log-probabilities), the sampler, an
-augmentation applied on the device, the learning-rate scheduler stepped after every batch.
-``amp`` is always the config value (auto | bf16 | fp16 | off): ``autocast_dtype`` alone decides what it
-means on a device, ``uses_channels_last`` whether NHWC applies.
+augmentation applied on the device, and the ``Optimiser`` (optimizer, per-step scheduler, loss scaler,
+and the config key of its learning rate, named when training diverges).
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 from typing import Callable
 
@@ -21,75 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from . import runtime
-from .config import AMP_CHOICES
-from .errors import ConfigError, DataError, TrainingDiverged
+from .backbones import logits_and_embeddings
+from .errors import DataError, TrainingDiverged
+from .placement import Placement, is_distributed, is_main_process, unwrap
 
 LossFn = Callable[..., torch.Tensor]  # loss_fn(outputs, targets, reduction="mean" | "sum"), as torch's losses
-
-
-# ------------------------------------------------------------------ mixed precision and memory layout
-Amp = str | bool  # a choice of AMP_CHOICES; the booleans of older configs read True -> auto, False -> off
-
-
-def amp_choice(amp: Amp) -> str:
-    """``amp`` as one of ``AMP_CHOICES`` (True -> 'auto', False -> 'off'); ConfigError for anything else."""
-    if isinstance(amp, bool):
-        return "auto" if amp else "off"
-    if amp not in AMP_CHOICES:
-        raise ConfigError(f"amp: '{amp}' is not a mixed-precision choice; use one of {', '.join(AMP_CHOICES)}")
-    return amp
-
-
-def autocast_dtype(device: torch.device, amp: Amp) -> torch.dtype | None:
-    """The dtype autocast runs in for the config value ``amp`` on ``device``; None = full float32, no autocast.
-
-    ``auto``: float16 on CUDA, None on CPU; ``bf16``: bfloat16 on any device; ``fp16``: float16, on CUDA
-    only (on CPU a ConfigError naming bf16); ``off``: None."""
-    amp = amp_choice(amp)
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"amp fp16 on {device.type}: float16 autocast is for CUDA devices; "
-                          "set the amp key (train.amp, ses_train.amp, cams.amp) to bf16 or off on this device")
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def autocast(device: torch.device, amp: Amp):
-    """The autocast context of ``autocast_dtype(device, amp)``; a no-op context when that is None."""
-    dtype = autocast_dtype(device, amp)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def grad_scaler(device: torch.device, amp: Amp) -> torch.amp.GradScaler:
-    """A loss scaler, enabled exactly when the forward pass runs in float16 (disabled it is a pass-through;
-    bfloat16 has float32's range and needs none)."""
-    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, amp) == torch.float16)
-
-
-def uses_channels_last(device: torch.device, channels_last: bool, amp: Amp = "off") -> bool:
-    """Whether NHWC memory layout applies: when ``channels_last`` is asked for, on CUDA always, on another
-    device only under autocast (``amp`` bf16 on CPU: the layout its bfloat16 kernels run fastest in; float32
-    CPU runs keep NCHW)."""
-    return channels_last and (device.type == "cuda" or autocast_dtype(device, amp) is not None)
-
-
-def to_device(model: nn.Module, device: torch.device, channels_last: bool = False, amp: Amp = "off") -> nn.Module:
-    """Move ``model`` to ``device``; NHWC memory layout when ``uses_channels_last(device, channels_last, amp)``."""
-    model = model.to(device)
-    if uses_channels_last(device, channels_last, amp):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def batch_to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False,
-                    amp: Amp = "off") -> torch.Tensor:
-    """An input batch on ``device``, NHWC when ``uses_channels_last(device, channels_last, amp)`` (as
-    ``to_device`` lays out the model)."""
-    x = x.to(device, non_blocking=True)
-    if uses_channels_last(device, channels_last, amp):
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 # ------------------------------------------------------------------ loaders and DDP
@@ -118,24 +53,6 @@ def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
 
 
-def is_distributed() -> bool:
-    """Whether torch.distributed is initialised (launched by ``torchrun``)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel when torch.distributed is initialised (``torchrun``), else ``model``."""
-    if not is_distributed():
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel (or DataParallel) wrapper; ``model`` itself otherwise."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
-
 def _all_reduce_sums(*values: float, device: torch.device) -> list[float]:
     """Sum scalars over DDP ranks (identity in a single process)."""
     if not is_distributed():
@@ -147,7 +64,7 @@ def _all_reduce_sums(*values: float, device: torch.device) -> list[float]:
 
 def _progress(iterable, desc: str | None) -> tqdm:
     """A tqdm bar on the main process only (TQDM_* environment settings apply); none when ``desc`` is None."""
-    return tqdm(iterable, desc=desc, leave=False, disable=desc is None or not runtime.is_main_process())
+    return tqdm(iterable, desc=desc, leave=False, disable=desc is None or not is_main_process())
 
 
 def _means(loss_sum: float, correct: float, n: float, device: torch.device) -> dict:
@@ -156,24 +73,45 @@ def _means(loss_sum: float, correct: float, n: float, device: torch.device) -> d
 
 
 # ------------------------------------------------------------------ training
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               loss_fn: LossFn, device: torch.device, scaler: torch.amp.GradScaler | None = None,
-               amp: Amp = "off", channels_last: bool = False) -> tuple[float, int]:
-    """One optimisation step on a batch: inputs placed on ``device`` (``batch_to_device``), forward and
-    ``loss_fn(outputs, y)`` under ``autocast``, backward and optimizer step through ``scaler`` (plain
-    when None). Returns the batch's mean loss and its number of correct argmax predictions."""
-    x, y = batch_to_device(x, device, channels_last, amp), y.to(device, non_blocking=True)
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, amp):
+@dataclasses.dataclass
+class Optimiser:
+    """What steps the weights: ``optimizer``; ``scheduler`` stepped after every batch (None: constant);
+    ``scaler`` the float16 loss scaler (None: plain steps); ``lr_key`` the config key of the learning
+    rate, named by the error of a diverged run."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object = None
+    scaler: torch.amp.GradScaler | None = None
+    lr_key: str = "the learning rate"
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def scaling(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+
+def train_step(model: nn.Module, opt: Optimiser, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+               place: Placement) -> tuple[float, int]:
+    """One optimisation step on a batch: inputs placed by ``place``, forward and ``loss_fn(outputs, y)``
+    under its autocast, backward and optimizer step through ``opt.scaler`` (plain when None), then the
+    scheduler's step. Returns the batch's mean loss and its number of correct argmax predictions."""
+    x, y = place.batch(x), y.to(place.device, non_blocking=True)
+    opt.optimizer.zero_grad(set_to_none=True)
+    with place.autocast():
         out = model(x)
         loss = loss_fn(out, y)
-    if scaler is None:
+    if opt.scaler is None:
         loss.backward()
-        optimizer.step()
+        opt.optimizer.step()
     else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        opt.scaler.scale(loss).backward()
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    if opt.scheduler is not None:
+        opt.scheduler.step()
     return loss.item(), int((out.detach().argmax(1) == y).sum().item())
 
 
@@ -224,24 +162,20 @@ def _loss_problem(loss: float, max_loss: float, in_a_row: int) -> str:
 
 
 # ------------------------------------------------------------------ the epoch
-def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: Amp = "off",
-                channels_last: bool = False, scheduler=None,
+def train_epoch(model: nn.Module, loader, opt: Optimiser, loss_fn: LossFn, place: Placement,
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, min_batch: int = 1,
-                desc: str | None = "train", epoch: int | None = None, max_loss: float = math.inf,
-                lr_key: str = "the learning rate") -> dict:
+                desc: str | None = "train", epoch: int | None = None, max_loss: float = math.inf) -> dict:
     """One pass of ``train_step`` over ``loader`` (any iterable of (inputs, targets) batches), model in
-    training mode. ``augment`` maps each input batch once it is on the device; ``scheduler`` is stepped
-    after every batch; a batch of fewer than ``min_batch`` items is skipped (a lone sample breaks batch
-    norm in training mode), and an epoch of such batches only is a DataError. Returns mean ``loss`` and
+    training mode (the scheduler of ``opt`` steps after every batch). ``augment`` maps each input batch
+    once it is on the device; a batch of fewer than ``min_batch`` items is skipped (a lone sample breaks
+    batch norm in training mode), and an epoch of such batches only is a DataError. Returns mean ``loss`` and
     ``acc`` over all ranks, and ``n``; a bar named ``desc`` shows the running means (none when None).
 
-    Divergence (``TrainingDiverged``, naming ``epoch``, the step and ``lr_key``): a non-finite batch loss,
+    Divergence (``TrainingDiverged``, naming ``epoch``, the step and ``opt.lr_key``): a non-finite batch loss,
     one above ``max_loss`` (``loss_limit``), or non-finite weights at the end of the epoch. Under an
     enabled loss scaler (float16) a non-finite loss is the scaler's business: it skips that step (its
     gradients are not finite) and lowers its scale; only more than ``SCALER_PATIENCE`` in a row stop."""
     model.train()
-    scaling = scaler is not None and scaler.is_enabled()
     loss_sum = correct = n = 0.0
     skipped = in_a_row = 0
     bar = _progress(loader, desc)
@@ -250,15 +184,13 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss
             skipped += len(y)
             continue
         if augment is not None:
-            x = augment(x.to(device, non_blocking=True))
-        lr = optimizer.param_groups[0]["lr"]
-        loss, hits = train_step(model, optimizer, x, y, loss_fn, device, scaler, amp, channels_last)
-        if scheduler is not None:
-            scheduler.step()
+            x = augment(x.to(place.device, non_blocking=True))
+        lr = opt.lr
+        loss, hits = train_step(model, opt, x, y, loss_fn, place)
         if not math.isfinite(loss) or loss > max_loss:
             in_a_row += 1
-            if math.isfinite(loss) or not scaling or in_a_row > SCALER_PATIENCE:
-                raise diverged(_loss_problem(loss, max_loss, in_a_row), epoch, step, lr, lr_key)
+            if math.isfinite(loss) or not opt.scaling or in_a_row > SCALER_PATIENCE:
+                raise diverged(_loss_problem(loss, max_loss, in_a_row), epoch, step, lr, opt.lr_key)
             continue  # the scaler skipped this step
         in_a_row = 0
         loss_sum += loss * len(y)
@@ -267,46 +199,43 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", refresh=False)  # drawn at tqdm's pace
     if n == 0 and in_a_row:
         raise diverged(_loss_problem(math.nan, max_loss, in_a_row) + ", every step of the epoch", epoch,
-                       lr=optimizer.param_groups[0]["lr"], lr_key=lr_key)
+                       lr=opt.lr, lr_key=opt.lr_key)
     if n == 0 and skipped:
         raise DataError("training set", f"{skipped} item(s) per step, but batch norm in training mode needs "
                         f"batches of {min_batch} or more", "add training images (cells) or raise the batch size")
     if not finite_weights(unwrap(model)):
-        raise diverged("weights are no longer finite after the epoch's last step", epoch,
-                       lr=optimizer.param_groups[0]["lr"], lr_key=lr_key)
-    return _means(loss_sum, correct, n, device)
+        raise diverged("weights are no longer finite after the epoch's last step", epoch, lr=opt.lr,
+                       lr_key=opt.lr_key)
+    return _means(loss_sum, correct, n, place.device)
 
 
 # ------------------------------------------------------------------ evaluation and prediction
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn: LossFn, device: torch.device, amp: Amp = "off",
-             channels_last: bool = False, desc: str | None = "val") -> dict:
+def evaluate(model: nn.Module, loader, loss_fn: LossFn, place: Placement, desc: str | None = "val") -> dict:
     """Mean ``loss_fn`` ``loss`` (computed in float32) and argmax ``acc`` over a loader, model in eval mode;
     summed over DDP ranks, so each rank passes its ``shard`` of the data. Also ``n``."""
     model.eval()
     loss_sum = correct = n = 0.0
     for x, y in _progress(loader, desc):
-        x, y = batch_to_device(x, device, channels_last, amp), y.to(device, non_blocking=True)
-        with autocast(device, amp):
+        x, y = place.batch(x), y.to(place.device, non_blocking=True)
+        with place.autocast():
             out = model(x)
         loss_sum += loss_fn(out.float(), y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)
-    return _means(loss_sum, correct, n, device)
+    return _means(loss_sum, correct, n, place.device)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, amp: Amp = "off", channels_last: bool = False,
-            embeddings: bool = False, desc: str | None = "predict") -> tuple[np.ndarray, ...]:
+def predict(model: nn.Module, loader, place: Placement, embeddings: bool = False,
+            desc: str | None = "predict") -> tuple[np.ndarray, ...]:
     """(outputs N x C, labels N) of every item of ``loader`` in order, model in eval mode, in float32;
     with ``embeddings`` (a torchvision classifier) (logits, penultimate-layer embeddings N x D, labels)."""
-    from .backbones import logits_and_embeddings
-
     model.eval()
     parts = []
     for x, y in _progress(loader, desc):
-        x = batch_to_device(x, device, channels_last, amp)
-        with autocast(device, amp):
+        x = place.batch(x)
+        with place.autocast():
             out = logits_and_embeddings(model, x) if embeddings else (model(x),)
         parts.append([o.float().cpu() for o in out] + [y])
     if not parts:

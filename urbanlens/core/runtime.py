@@ -1,16 +1,15 @@
-"""Devices, seeds, distributed setup and checkpoints shared by both training scripts."""
+"""Seeds and checkpoints shared by both training scripts (where a run computes: ``placement``)."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .errors import CheckpointError, DeviceError
+from .errors import CheckpointError
 from .files import atomic_path, os_problem
+from .placement import unwrap
 
 
 def seed_everything(seed: int) -> None:
@@ -19,48 +18,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU. ``cuda`` without a GPU exits with a clear line."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("config asks for device 'cuda' but no CUDA GPU is visible; "
-                 "use --set device=cpu (or device=auto)")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise DeviceError(f"config asks for device '{name}' but this machine has {torch.cuda.device_count()} "
-                          "CUDA GPU(s), numbered from 0; use --set device=cuda (the first) or another index")
-    if name == "cpu":
-        torch.set_flush_denormal(True)  # near-zero floats (untrained or tiny gradients) are 10x slower otherwise
-    if name.startswith("cuda") and dist.is_available() and dist.is_initialized():
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
-
-
-def setup_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed when launched by ``torchrun``; return (rank, world_size)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg, optimizer=None, epoch: int | None = None,
                     **extra) -> Path:
     """A ``state_dict`` checkpoint with the config it was trained with (never a pickled model)."""
-    from .loops import unwrap  # loops builds on this module
-
     state = {"model": unwrap(model).state_dict(), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg,
              "epoch": epoch, **extra}
     if optimizer is not None:

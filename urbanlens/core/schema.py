@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .backbone_table import BACKBONES  # the families' names: choices of the backbone keys
 from .errors import ConfigError
 
 # ------------------------------------------------------------------------------------------- choices
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # mixed precision: train.amp, ses_train.amp, cams.amp
 AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: the GPU of index N, e.g. cuda:1
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0")  # what backbones.py builds
 SCHEDULES = ("constant", "cosine", "warmup_cosine")  # train.schedule (cities/training.py)
 CAM_METHODS = ("gradcam", "gradcampp", "relevancecam")  # saliency.method (core/cam.py)
 SPLITS = ("train", "val", "test", "test_b")  # the split folders preprocessing.py writes

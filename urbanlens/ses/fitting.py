@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core import batch_ops, loops, runtime, store
+from ..core.placement import Placement, is_distributed, wrap_distributed
 from .model import N_CLASSES
 
 
@@ -45,18 +46,17 @@ def on_device(loader, dataset, device):
     return loader if prepare is None else batch_ops.OnDevice(loader, prepare, device)
 
 
-def predict(model: nn.Module, dataset, device, batch_size: int = 32, amp: loops.Amp = "auto") -> np.ndarray:
+def predict(model: nn.Module, dataset, place: Placement, batch_size: int = 32) -> np.ndarray:
     """Log-probabilities [N, 5] of every item of ``dataset`` (in order), model in eval mode."""
     if len(dataset) == 0:
         return np.zeros((0, N_CLASSES), np.float32)
-    loader = on_device(loops.make_loader(dataset, batch_size, 0, device), dataset, device)
-    log_probs, _ = loops.predict(model, loader, device, amp,
-                                 channels_last=True, desc=None)
+    loader = on_device(loops.make_loader(dataset, batch_size, 0, place.device), dataset, place.device)
+    log_probs, _ = loops.predict(model, loader, place, desc=None)
     return log_probs
 
 
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, loader, device, amp: loops.Amp = "off") -> None:
+def recompute_bn_stats(model: nn.Module, loader, place: Placement) -> None:
     """Replace every batch-norm layer's running mean and variance by their exact average over ``loader``
     at the current weights (the other layers stay in eval mode, so dropout and stochastic depth are off).
     Evaluation then sees the statistics of the weights it evaluates, not a lagging running average."""
@@ -72,8 +72,8 @@ def recompute_bn_stats(model: nn.Module, loader, device, amp: loops.Amp = "off")
     for x, _ in loader:
         if len(x) < 2:  # a last batch of one: batch norm in training mode cannot take it (nor needs it)
             continue
-        with loops.autocast(device, amp):
-            model(loops.batch_to_device(x, device, True, amp))
+        with place.autocast():
+            model(place.batch(x))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
@@ -106,13 +106,14 @@ def _save_fit_state(path, model, opt, sched, scaler, gen, best: "FitResult", tcf
                             best_epoch=best.best_epoch, log=best.log)
 
 
-def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, workers: int = 0,
+def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int = 0, workers: int = 0,
         progress=None, checkpoint=None, resume: dict | None = None) -> FitResult:
     """Train with Adam, reduce-on-plateau on the validation loss and early stopping with restarts.
 
     Run r (r = 0..tcfg.restarts) starts from the best weights so far with lr = tcfg.lr / 2**r and stops
     after tcfg.early_stop_patience epochs without a better validation loss, or tcfg.epochs epochs.
-    ``progress(row)`` is called after every epoch. The model ends holding the best weights.
+    ``progress(row)`` is called after every epoch. The model ends holding the best weights. ``place``:
+    where and how (the stage's, with ``ses_train.amp`` and NHWC where it applies).
 
     ``checkpoint``: a path where the whole training state is saved after every
     ``tcfg.checkpoint_every``-th epoch (weights, optimizer,
@@ -120,11 +121,10 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
     far and the log). ``resume``: such a state (``load_fit_state``); training continues after its
     epoch and, with the same seed on the same device, ends exactly as an uninterrupted fit does.
     """
-    distributed = loops.is_distributed()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    amp = tcfg.amp  # the config value: loops.autocast_dtype decides what it means on this device
-    loops.to_device(model, device, True, amp)
-    net = loops.wrap_distributed(model, device)
+    distributed = is_distributed()
+    rank, world, device = place.rank, place.world_size, place.device
+    place.model(model)
+    net = wrap_distributed(model, device)
     gen = torch.Generator().manual_seed(seed)
     val_loader = cell_loader(loops.shard(val_set, rank, world), tcfg.batch_size, device, seed=seed, workers=workers)
     flips = functools.partial(batch_ops.random_flips, generator=gen, rotate=tcfg.rot90)  # on the device, before each step
@@ -137,7 +137,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-    save = checkpoint is not None and runtime.is_main_process()
+    save = checkpoint is not None and place.main
     for restart in range(first_restart, tcfg.restarts + 1):
         resumed = resume is not None and restart == first_restart
         if restart and not resumed:
@@ -145,7 +145,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
         opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr / 2 ** restart)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=tcfg.plateau_factor,
                                                            patience=tcfg.plateau_patience)
-        scaler = loops.grad_scaler(device, amp)
+        scaler = place.scaler()
         stale, first_epoch = 0, 0
         if resumed:  # the run that was going on: its weights, optimizer, scheduler and counters
             model.load_state_dict(resume["model"])
@@ -161,18 +161,17 @@ def fit(model: nn.Module, train_set, val_set, tcfg, device, seed: int = 0, worke
                                        distributed)
             if distributed:
                 train_loader.sampler.set_epoch(epoch_total)
-            tr = loops.train_epoch(net, train_loader, opt, F.nll_loss, device, scaler, amp, channels_last=True,
-                                   augment=flips, min_batch=2, desc=None, epoch=epoch_total + 1,
-                                   max_loss=loops.loss_limit(N_CLASSES), lr_key="ses_train.lr")  # diverged: no save
+            tr = loops.train_epoch(net, train_loader, loops.Optimiser(opt, None, scaler, "ses_train.lr"), F.nll_loss,
+                                   place, augment=flips, min_batch=2, desc=None, epoch=epoch_total + 1,
+                                   max_loss=loops.loss_limit(N_CLASSES))  # diverged: no save
             if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
                 for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike
                     torch.distributed.broadcast(buf, src=0)
             if tcfg.precise_bn:
                 recompute_bn_stats(model, cell_loader(train_set, tcfg.batch_size, device, seed=seed, workers=workers),
-                                   device, amp)
-            va = loops.check_validation(loops.evaluate(model, val_loader, F.nll_loss, device, amp, channels_last=True,
-                                                       desc=None), epoch_total + 1, opt.param_groups[0]["lr"],
-                                        "ses_train.lr") if len(val_set) else tr
+                                   place)
+            va = loops.check_validation(loops.evaluate(model, val_loader, F.nll_loss, place, desc=None),
+                                        epoch_total + 1, opt.param_groups[0]["lr"], "ses_train.lr") if len(val_set) else tr
             val_loss, val_acc = va["loss"], va["acc"]
             lr = opt.param_groups[0]["lr"]
             sched.step(val_loss)

@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import backbones, loops, sanity
+from ..core import backbones, sanity
 from . import data, projection
 from .findings import Finding
 
 
-def check_city(model, layer, cells: pd.DataFrame, image_root, size: int, cams_cfg, device, seed: int
+def check_city(model, layer, cells: pd.DataFrame, image_root, size: int, cams_cfg, place, seed: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rho, deletion gain, insertion gain), one per map: ``cams_cfg.sanity_cells`` cells of ``cells``
     (rows with a ``path`` under ``image_root``) drawn with ``seed``, two maps each (poor, rich class)."""
     chosen = cells.iloc[sanity.sample(len(cells), cams_cfg.sanity_cells, seed)]
-    rand = loops.to_device(sanity.randomised(model, seed), device, True, cams_cfg.amp)
-    trained_maps, _ = projection.map_functions(model, layer, image_root, size, cams_cfg, device)
-    random_maps, _ = projection.map_functions(rand, backbones.last_conv_layer(rand), image_root, size, cams_cfg, device)
+    rand = place.model(sanity.randomised(model, seed))
+    trained_maps, _ = projection.map_functions(model, layer, image_root, size, cams_cfg, place)
+    random_maps, _ = projection.map_functions(rand, backbones.last_conv_layer(rand), image_root, size, cams_cfg, place)
     targets = np.array([cams_cfg.poor_class, cams_cfg.rich_class])
     out = []
     for start in range(0, len(chosen), cams_cfg.batch_size):
@@ -31,8 +31,8 @@ def check_city(model, layer, cells: pd.DataFrame, image_root, size: int, cams_cf
         flat = maps.reshape(-1, *maps.shape[2:])
         rho = sanity.rank_correlations(flat, random_maps(rows).reshape(flat.shape))
         x = torch.stack([data.load_cell_image(image_root / p, size) for p in rows["path"]])
-        x = loops.batch_to_device(x, device, True, cams_cfg.amp)
-        gains = sanity.faithfulness(model, x, flat, np.tile(targets, len(rows)), seed + start, amp=cams_cfg.amp)
+        x = place.batch(x)
+        gains = sanity.faithfulness(model, x, flat, np.tile(targets, len(rows)), seed + start, amp=place.amp)
         out.append((rho, *gains))
     return tuple(np.concatenate(v) for v in zip(*out)) if out else (np.array([]),) * 3
 

@@ -5,12 +5,10 @@ import math
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
 from ..core import backbones, runtime
-from ..core.errors import ConfigError
 
 N_CLASSES = 5
 
@@ -43,7 +41,7 @@ class SESModel(nn.Module):
     """Convolutional ``features`` -> global average pooling -> dropout -> ``fc`` (one unit) -> binomial.
 
     ``forward`` returns log-probabilities [B, 5] of the income quintiles; ``logit`` the sigmoid input.
-    ``backbones.last_conv_layer`` finds ``features[-1]``.
+    ``features`` is a backbone family's convolutional trunk; CAMs are taken on its last child.
     """
 
     def __init__(self, features: nn.Module, in_features: int, dropout: float = 0.2):
@@ -60,29 +58,21 @@ class SESModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return binomial_log_probs(self.logit(x))
 
+    def cam_layer(self) -> nn.Module:
+        """The layer CAMs are taken on (``backbones.last_conv_layer``): the trunk's last block."""
+        return self.features[-1]
+
 
 def build_ses_model(cfg) -> SESModel:
-    """The SES model of ``cfg.ses_model``: EfficientNet-B0 (or a ResNet) features, ImageNet weights when
-    ``pretrained`` (``weights_path``, torch's cache, or downloaded into it)."""
+    """The SES model of ``cfg.ses_model``: the convolutional trunk of its backbone family (EfficientNet-B0
+    or a ResNet; ``backbones.trunk``), ImageNet weights when ``pretrained`` (``weights_path``, torch's
+    cache, or downloaded into it)."""
     mc = cfg.ses_model
-    name = mc.backbone
-    if name not in backbones.BACKBONES:
-        raise ConfigError(f"ses_model.backbone '{name}' unknown; choose one of {', '.join(backbones.BACKBONES)}")
-    if name.startswith("efficientnet"):
-        net = torchvision.models.get_model(name, weights=None, stochastic_depth_prob=mc.stochastic_depth)
-    else:
-        net = torchvision.models.get_model(name, weights=None)
+    family = backbones.family(mc.backbone, "ses_model.backbone")
+    net = backbones.torchvision_model(mc.backbone, **{arg: mc[key] for key, arg in family.options})
     if mc.pretrained:
-        try:
-            net.load_state_dict(backbones.imagenet_state_dict(name, mc.weights_path))
-        except backbones.WeightsUnavailable as e:
-            raise backbones.WeightsUnavailable(str(e).replace("--set model.", "--set ses_model.")) from None
-    in_features = backbones.head(net).in_features
-    if hasattr(net, "features"):
-        features = net.features
-    else:  # ResNet: every block up to layer4, so features[-1] is layer4
-        features = nn.Sequential(*[m for n, m in net.named_children() if n not in ("avgpool", "fc")])
-    model = SESModel(features, in_features, dropout=mc.dropout)
+        net.load_state_dict(backbones.imagenet_state_dict(mc.backbone, mc.weights_path, section="ses_model"))
+    model = SESModel(backbones.trunk(net), backbones.head(net).in_features, dropout=mc.dropout)
     if mc.bn_momentum > 0:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -182,7 +182,7 @@ def is_out_of_fold(scored_by) -> np.ndarray:
     return pd.Series(scored_by, dtype=object).fillna("").str.startswith("out-of-fold").to_numpy()
 
 
-def score(models: Sequence, image_paths: Sequence, size: int, device, batch_size: int, amp="off",
+def score(models: Sequence, image_paths: Sequence, size: int, place, batch_size: int,
           needs: np.ndarray | None = None) -> np.ndarray:
     """P(k) [folds, cells, 5] of each fold model on the cell images (resized to ``size``, min-max scaled)
     it is needed for (``needs`` [folds, cells], default all); NaN where a model is not needed."""
@@ -196,7 +196,7 @@ def score(models: Sequence, image_paths: Sequence, size: int, device, batch_size
             idx = np.flatnonzero(needs[k])
             if len(idx):
                 data = CellDataset([paths[i] for i in idx], np.zeros(len(idx), np.int64), size)
-                probs[k, idx] = np.exp(fitting.predict(model, data, device, batch_size=batch_size, amp=amp))
+                probs[k, idx] = np.exp(fitting.predict(model, data, place, batch_size=batch_size))
                 bar.update(len(idx))
     return probs
 

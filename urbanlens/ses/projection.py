@@ -10,20 +10,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..core import cam, files, loops, shards
+from ..core import cam, files, shards
 from . import data, extraction, maps, zonal
 from . import figures as ses_figures
 
 
-def map_functions(model, layer, image_root, size: int, cams_cfg, device):
+def map_functions(model, layer, image_root, size: int, cams_cfg, place):
     """``compute(rows)`` -> [B, 2, H, W] guided Grad-CAM maps of the poorest and richest class, and
-    ``nodata(rows)`` -> [B, H, W] map pixels whose centre lies on a nodata pixel of the cell image."""
+    ``nodata(rows)`` -> [B, H, W] map pixels whose centre lies on a nodata pixel of the cell image.
+    ``place``: where and in which precision (the stage's, ``cams.amp``) the maps are computed."""
     image_root = Path(image_root)
 
     def compute(rows):
         x = torch.stack([data.load_cell_image(image_root / p, size) for p in rows["path"]])
-        x = loops.batch_to_device(x, device, True, cams_cfg.amp)  # NHWC on CUDA and under CPU bf16
-        return np.stack([cam.guided_gradcam(model, layer, x, k, cams_cfg.clip_percentile, cams_cfg.amp)
+        x = place.batch(x)  # NHWC on CUDA and under CPU bf16
+        return np.stack([cam.guided_gradcam(model, layer, x, k, cams_cfg.clip_percentile, place.amp)
                          for k in (cams_cfg.poor_class, cams_cfg.rich_class)], axis=1)
 
     def nodata(rows):
