@@ -130,6 +130,12 @@ def leave_city_out(cities, labels, held_out: str, val_share: float, seed: int, w
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
+def pools_cities(cv: str) -> bool:
+    """Whether fold scheme ``cv`` trains on one pool of every city's cells (``city``: leave one city out),
+    rather than on each city's own cells."""
+    return cv == "city"
+
+
 def make_splits(tc, seed: int, cell_ids, labels, cities, city: str, where: str) -> tuple[list[dict], np.ndarray]:
     """The folds of ``city`` under ``tc.cv`` (the ``ses_train`` section), and each cell's block.
 
