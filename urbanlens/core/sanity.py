@@ -31,7 +31,7 @@ from scipy import integrate, stats
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from .loops import Amp, autocast, unwrap
+from .placement import Amp, autocast, unwrap
 
 RHO_MAX = 0.5         # the randomisation check passes when the median Spearman rho is below this
 ALPHA = 0.05          # one-sided level of the test that deletion gains are positive
