@@ -41,3 +41,12 @@ def run_cities_stage(args, root, extra=(), results="results", launcher=(sys.exec
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TORCH_HOME": str(Path(root) / "torch_home")}
     return run_script(args, Path(root) / "data", Path(root) / results, (*CITIES_SMALL, *extra), launcher=launcher,
                       env=env, check=check)
+
+
+def without_timings(obj):
+    """A metrics.json object without its wall-clock entries."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj

@@ -15,7 +15,7 @@ from urbanlens.core import entry, locks, runs
 from urbanlens.core.config import load_config
 from urbanlens.core.errors import DataError, RunLocked
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = load_config(ROOT / "configs/cities_demo.yaml", [])
 OTHER = load_config(ROOT / "configs/cities_demo.yaml", ["seed=7"])
 

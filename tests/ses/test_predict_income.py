@@ -25,7 +25,7 @@ from urbanlens.core.placement import Placement
 from urbanlens.ses import agreement, grid, prediction
 from urbanlens.ses import world as ses_world
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CITY = "Paris"
 SETTINGS = ["france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=2400", "france.resolution_m=4.0",
             "france.withhold=0.4", "france.withhold_mode=random", "france.noise=0.0", "ses_model.backbone=resnet18", "ses_model.input_size=64",

@@ -14,7 +14,7 @@ from script_runner import run_cities_stage
 
 from urbanlens.cities import similarity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 run_stage = run_cities_stage
 
 

@@ -36,7 +36,7 @@ from urbanlens.core.placement import Placement
 from urbanlens.ses import data, findings, map_sanity
 from urbanlens.ses.model import N_CLASSES, binomial_log_probs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
 SHUFFLES = 10          # per city: 20 shuffled models in all
 SIZE = 32              # model input, pixels

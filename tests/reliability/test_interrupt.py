@@ -26,9 +26,9 @@ import yaml
 
 from urbanlens.core import files as u_files
 from urbanlens.core.config import load_config
-from script_runner import assert_no_traceback
+from script_runner import assert_no_traceback, without_timings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RNG = random.Random(20240605)  # draws the kill points
 TEMP = re.compile(r"^\..+\.tmp-")
 # cities: the e2e test's tiny world, three short epochs
@@ -119,15 +119,6 @@ def mtimes(folder, pattern):
 
 def temps(folder):
     return [p for p in Path(folder).rglob(".*") if TEMP.match(p.name)]
-
-
-def without_timings(obj):
-    """A metrics.json object without its wall-clock entries."""
-    if isinstance(obj, dict):
-        return {k: without_timings(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [without_timings(v) for v in obj]
-    return obj
 
 
 def assert_same_log(a, b):

@@ -14,7 +14,7 @@ import yaml
 from urbanlens.core import schema
 from urbanlens.core.config import DEFAULTS, ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def leaves(d, prefix=""):

@@ -19,7 +19,7 @@ from urbanlens.cities import rasters
 from urbanlens.core import errors
 from urbanlens.core.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CROPS = ROOT / "tests" / "data" / "cities"
 CITIES = {"Austin (AUS)": "austin_inria_rgb_uint8.tif", "Atlanta (ATL)": "atlanta_spacenet_pan_uint16.tif",
           "Rotterdam (RTM)": "rotterdam_spacenet_ms_float64.tif"}

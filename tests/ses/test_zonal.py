@@ -15,7 +15,7 @@ from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import zonal
 
 STAT_KEYS = ("sum", "mean", "min", "max", "median", "count")
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 
 
 def rasterstats_reference(geoms, array, transform):

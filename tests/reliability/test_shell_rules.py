@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # the stub: '-c' (run.sh asks for sys.prefix) prints its prefix; 'urbanlens.core.config KEY' prints the folder
 # the test chose for KEY; every call is logged, one line each

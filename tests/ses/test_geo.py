@@ -17,7 +17,7 @@ from urbanlens.ses import census as ses_census
 from urbanlens.ses import extraction, grid, urban_atlas
 from urbanlens.ses import tiles as ses_tiles
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 CHESHIRE = DATA / "UK568L1_CHESHIRE_WEST_AND_CHESTER_change_2012_2018_excerpt.gpkg"
 KOBENHAVN = DATA / "DK001L2_KOBENHAVN_clip.zip"
 IGN_TIF = DATA / "test_data_rgb.tif"

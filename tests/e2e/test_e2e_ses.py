@@ -24,7 +24,7 @@ from urbanlens.ses import extraction, findings, grid, zonal
 from urbanlens.ses import maps as ses_maps
 from script_runner import assert_no_traceback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
 # the paper's random folds: on 2 km cities spatial folds (the demo's) leave the model near chance in
 # 15 epochs (Spearman 0.04 over the held-out cells), which is what spatial folds are for, not a bug

@@ -15,13 +15,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from test_interrupt import without_timings  # tests/ is on the path under pytest
+from script_runner import without_timings
 
 from urbanlens.core import files
 from urbanlens.core.config import load_config
 from script_runner import assert_no_traceback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEED = 7
 CITIES = [f"seed={SEED}", "world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=20",
           "model.input_size=32", "train.epochs=2", "train.max_steps_per_epoch=2", "workers=1"]

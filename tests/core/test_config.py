@@ -94,5 +94,5 @@ def test_values_out_of_range_name_the_key_and_the_range(tmp_path, override, word
 def test_the_defaults_and_every_shipped_config_are_in_range():
     from pathlib import Path
 
-    for path in [None, *sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))]:
+    for path in [None, *sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))]:
         load_config(path)  # raises on any value out of its range

@@ -34,7 +34,7 @@ from urbanlens.ses import census, extraction, fitting, urban_atlas
 from urbanlens.ses import data as ses_data
 from urbanlens.ses.model import binomial_log_probs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 CITIES = ["world.n_cities=2", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
           "patch.size=48", "patch.stride=48", "split.test_b_per_city=4", "workers=0", "model.input_size=32",

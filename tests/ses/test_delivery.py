@@ -25,8 +25,8 @@ from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import tiles as ses_tiles
 from script_runner import assert_no_traceback
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parents[1] / "data"
 IGN_TIF = DATA / "test_data_rgb.tif"
 INSEE = DATA / "insee_carreaux_200m_sample.gpkg"
 CHESHIRE = DATA / "UK568L1_CHESHIRE_WEST_AND_CHESTER_change_2012_2018_excerpt.gpkg"

@@ -23,7 +23,7 @@ from shapely.geometry import Polygon, box
 from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import zonal, zonal_pixels
 
-RS = Path(__file__).parent / "data" / "rasterstats"
+RS = Path(__file__).resolve().parents[1] / "data" / "rasterstats"
 STATS = list(zonal.STATS)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PendingDeprecationWarning",
                                         "ignore::DeprecationWarning")

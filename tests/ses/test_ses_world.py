@@ -26,7 +26,7 @@ from urbanlens.ses import tiles as ses_tiles
 from urbanlens.ses import world as ses_world
 from script_runner import assert_no_traceback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["france.cities=[Paris, Lyon]", "france.city_size_m=1000", "france.resolution_m=4.0",
         "france.nodata_fraction=0.03", "ses.cities=[Paris, Lyon]", "ses.cell_px=32", "workers=1",
         "france.withhold=0"]  # the whole census (the demo's withheld cells: tests/test_predict_income.py)

@@ -18,7 +18,7 @@ import torch
 from urbanlens.core import errors, shards
 from script_runner import assert_no_traceback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
 # the smallest world whose cities still hold two cells per income quintile (two folds)
 TINY = ["cams.sanity_cells=0", "france.city_size_m=1200", "france.withhold=0", "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.precise_bn=false",

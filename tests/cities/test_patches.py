@@ -24,7 +24,7 @@ from urbanlens.cities.patches import (
 from urbanlens.core import errors, runs
 from urbanlens.core.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_patch_grid_paper_numbers():

@@ -281,7 +281,7 @@ def test_training_stage_writes_folds_summary_and_resumes(tmp_path):
     rows.append({**rows[0], "cell_id": "void", "non_void": False})
     gpd.GeoDataFrame(rows, crs="EPSG:3035").to_file(ses_dir / "cells.gpkg", layer="cells")
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     sets = [f"paths.results={tmp_path / 'results'}", "ses.cities=[Lyon]", "ses_model.backbone=resnet18",
             "ses_model.pretrained=false", "ses_model.input_size=16", "ses_train.epochs=2",
             "ses_train.restarts=0", "ses_train.batch_size=8", "workers=0"]

@@ -25,7 +25,7 @@ from urbanlens.core.config import load_config
 from urbanlens.ses import results
 from script_runner import assert_no_traceback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
           "patch.size=48", "patch.stride=48", "split.test_b_per_city=4", "workers=1", "model.input_size=32",
           "saliency.sanity_patches=0"]  # the maps' sanity check is tested in test_sanity.py / test_e2e_*
