@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.core import config, entry, files, locks, runs, runtime
+from urbanlens.core import config, entry, files, locks, report_page, runs, runtime
 from urbanlens.core.errors import ConfigError, DataError, TrainingDiverged
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import baselines, fitting, metrics, results, skips, spatial_folds
@@ -202,6 +202,7 @@ def main() -> None:
         print(f"[ses-train] {len(table)} cities; mean AUC poorest-vs-richest {table['auc_poor_rich_mean'].mean():.3f}"
               + (f"; skipped {', '.join(skipped)}" if skipped else "") + f" -> {ses_dir / 'training_summary.csv'}")
     runtime.cleanup_distributed()
+    report_page.refresh(cfg, "ses")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from urbanlens.core import backbones, config, entry, files, locks, loops, outputs, runtime, sanity, schema, shards
+from urbanlens.core import report_page
 from urbanlens.core.errors import DataError
 from urbanlens.ses import data, findings, map_sanity, projection, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
@@ -147,6 +148,7 @@ def main() -> None:
         print(f"[cams] {len(pooled)} cities, {int(summary['pieces'].sum())} pieces; rich_minus_poor largest for "
               f"{summary.iloc[0].ua_code}, smallest for {summary.iloc[-1].ua_code}; {findings.describe(finding)}"
               f" -> {ses_dir / 'landuse_summary.csv'}")
+    report_page.refresh(cfg, "ses")
 
 
 if __name__ == "__main__":

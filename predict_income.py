@@ -34,7 +34,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import entry, files, locks, runs, runtime, shards
+from urbanlens.core import entry, files, locks, report_page, runs, runtime, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.ses import agreement, extraction, prediction, urban_atlas
@@ -147,6 +147,7 @@ def main() -> None:
           f"{np.nanmean(table['expected_class']):.2f}; "
           + "; ".join(agreement.describe(g) for g in groups.values() if g["n"])
           + f" in {time.time() - start:.1f} s -> {table_path}, {tif}, {out / 'agreement.json'}")
+    report_page.refresh(cfg, "ses")
 
 
 def agreement_groups(table, truth_path, city: str, block_m: float, seed: int) -> dict:

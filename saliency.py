@@ -21,7 +21,7 @@ from tqdm import tqdm
 from urbanlens.cities import data, patches
 from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches, sanity_check
-from urbanlens.core import entry, locks, runtime, sanity, schema
+from urbanlens.core import entry, locks, report_page, runtime, sanity, schema
 from urbanlens.core.backbones import classifier_from_checkpoint, last_conv_layer
 from urbanlens.core.cam import class_activation_maps
 from urbanlens.core.config import cli, data_dir, results_dir
@@ -103,6 +103,7 @@ def main() -> None:
           + (f"; sanity over {verdict.maps} patches: median rho vs a random model {verdict.rho:.2f}, deletion gain "
              f"{verdict.deletion_gain:+.3f} (p = {verdict.deletion_p:.2g}), "
              + ("maps pass" if verdict.passes else f"maps FAIL: {verdict.reason}") if verdict is not None else ""))
+    report_page.refresh(cfg, "cities")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from scipy.special import softmax
 
 from urbanlens.cities import data, figures, newplace, patches, rasters
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, locks, loops, runs, runtime
+from urbanlens.core import entry, locks, loops, report_page, runs, runtime
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.core.files import atomic_path, save_figure, save_run_config, write_csv
@@ -141,6 +141,7 @@ def main() -> None:
                                             for r in top.itertuples())
           + f"; {first.share_predicted:.0%} of patches predicted {first.iata}, first in {first.first_share:.0%} "
           f"of resamples; results in {out}" + ("" if geo is None else " (patches.gpkg for QGIS)"))
+    report_page.refresh(cfg, "cities")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from urbanlens.cities import baseline as cities_baseline
 from urbanlens.cities import data, figures, intervals, null, patches, report, similarity, validation
 from urbanlens.cities import metrics as cities_metrics
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, locks, loops, runtime
+from urbanlens.core import entry, locks, loops, report_page, runtime
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.core.files import save_figure, save_run_config, write_csv, write_json
@@ -124,6 +124,7 @@ def main() -> None:
           + f"macro F1 {metrics['macro_f1']:.3f}; most similar: "
           + "; ".join(f"{m} {t}" for m, t in top3.items()) + f"; results in {out}")
     print(f"[test] {report.headline(metrics)}")
+    report_page.refresh(cfg, "cities")
 
 
 def prediction_frame(rows: pd.DataFrame, classes, labels, pred, confidence) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
 from urbanlens.cities import validation
-from urbanlens.core import batch_ops, entry, locks, loops, runs, runtime
+from urbanlens.core import batch_ops, entry, locks, loops, report_page, runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
@@ -156,6 +156,7 @@ def main() -> None:
         print(f"[train] {cfg.train.epochs} epochs ({cfg.train.epochs - done} run now) in {time.time() - start:.0f} s; "
               f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
     runtime.cleanup_distributed()
+    report_page.refresh(cfg, "cities")
 
 
 if __name__ == "__main__":
