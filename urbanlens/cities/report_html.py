@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 
 from ..core import report_page as rp
-from . import report as text_report
 
 TIMING = ("seconds",)  # left out: the page stays the same for the same results, however long they took
 MODEL_CARD = Path(__file__).resolve().parents[2] / "MODEL_CARD.md"
@@ -51,10 +50,6 @@ def metrics_part(folder: Path) -> str:
     if iv.get("note"):
         rows.append(("note", rp.flag(iv["note"])))
     body = rp.pairs(rows)
-    try:
-        body += f"<p>{rp.esc(text_report.headline(m))}</p>"
-    except (KeyError, TypeError, IndexError):
-        pass
     recall = iv.get("per_city_recall", {})
     per_city = pd.DataFrame([{"city": c, "recall": v.get("recall"), "recall_interval": rp.interval(v.get("recall"), *_pair(recall.get(c))),
                               "precision": v.get("precision"), "f1": v.get("f1"), "support": v.get("support")}

@@ -105,7 +105,7 @@ def table(frame: pd.DataFrame, digits: int = 3, max_rows: int = 60) -> str:
                 cells.append(f'<td class="n">{num(v, digits) if isinstance(v, (float, np.floating)) else esc(v)}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<p>{len(frame) - max_rows} more rows in the file.</p>" if len(frame) > max_rows else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>{more}'
 
 
 def pairs(items: Iterable[tuple[str, str]]) -> str:
@@ -135,7 +135,7 @@ _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:0 16px;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-top:8px}h3{font-size:15px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}
-td.n{text-align:right;font-variant-numeric:tabular-nums}nav a{margin-right:10px}
+div.wide{overflow-x:auto}td.n{text-align:right;font-variant-numeric:tabular-nums}nav a{margin-right:10px}
 figure{display:inline-block;margin:4px;vertical-align:top}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:11px;color:#666}.missing{color:#888;font-style:italic}.flag{color:#a40000;font-weight:600}
 .map{display:flex;gap:12px;align-items:flex-start}.map svg{border:1px solid #ccc;background:#f4f4f4;max-width:800px;max-height:85vh;width:100%}
