@@ -166,3 +166,12 @@ def test_the_income_map_stage_s_cells_are_mapped_when_there(tmp_path):
     assert re.findall(r'data-pred="([^"]*)" data-census="([^"]*)"', text) == [
         ("3.50", ""), ("2.00", "18000"), ("1.00", "26000"), ("0.25", "41000")]
     assert 'data-scored="all folds (not trained on)"' in text
+
+
+def test_cam_overlays_are_thinned_on_large_cities(tmp_path, monkeypatch):
+    from urbanlens.ses import report_map
+
+    monkeypatch.setattr(report_map, "CAM_CELLS", 2)
+    text = report_page.render("ses", tiny_ses_results(tmp_path / "ses"))
+    assert text.count('<image href="data:image/png;base64,') == 2 * 2   # cells 1 and 3 of 4, both bands
+    assert "CAM overlays on one cell in 2 (2 cells)" in text

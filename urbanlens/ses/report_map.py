@@ -23,6 +23,7 @@ LAYERS = (("pred", "predicted class (expected, 0 = poorest fifth, 4 = richest)",
           ("landuse", "land-use score (area-weighted rich minus poor CAM score)", "coolwarm"))
 LEGEND_DIGITS = {"pred": 2, "census": 0, "landuse": 3}
 CAM_PX = 48  # CAM overlays are shown at this many pixels a side (the rasters are larger)
+CAM_CELLS = 400  # at most this many cells of a city get CAM overlays (every k-th cell): the page stays small
 
 
 def cell_values(ses_dir: Path, city: str) -> gpd.GeoDataFrame | None:
@@ -147,7 +148,8 @@ def city_map(ses_dir: Path, city: str, map_id: str) -> str:
                       f'data-census="{_fmt(row.census, 0)}" data-census-class="{_fmt(row.census_class, 0)}" '
                       f'data-landuse="{_fmt(row.landuse, 4)}" data-landuse-class="{rp.esc(_fmt(row.landuse_class, 0))}" '
                       f'data-scored="{rp.esc(row.scored_by)}"></path>')
-    overlays = cam_overlays(ses_dir / city / "cams", cells["cell_id"])
+    step = -(-len(cells) // CAM_CELLS)
+    overlays = cam_overlays(ses_dir / city / "cams", cells["cell_id"].iloc[::step])
     cam_layers = "".join(
         f'<g class="cam" data-band="{rp.esc(band)}" style="display:none;pointer-events:none">'
         + "".join(f'<image href="{uri}" x="{b[0] - x0:.1f}" y="{y1 - b[3]:.1f}" width="{b[2] - b[0]:.1f}" '
@@ -158,6 +160,8 @@ def city_map(ses_dir: Path, city: str, map_id: str) -> str:
                      for key, text, _ in LAYERS)
     cams = ("".join(f'<label><input type="checkbox" class="cam-toggle" value="{rp.esc(b)}"> CAM overlay: {rp.esc(b)}</label><br>'
                     for b in overlays) if overlays else rp.not_run("CAM overlays", "gradcaming_urban_areas.py"))
+    if overlays and step > 1:
+        cams += f"<small>CAM overlays on one cell in {step} ({len(next(iter(overlays.values())))} cells)</small><br>"
     return (f'<div class="map" id="{map_id}"><svg viewBox="0 0 {w:.1f} {h:.1f}" xmlns="http://www.w3.org/2000/svg">'
             f'<g class="cells">{"".join(shapes)}</g>{cam_layers}</svg>'
             f'<div class="info"><b>colour cells by</b><br>{legend}{cams}'
