@@ -24,7 +24,7 @@ import time
 import geopandas as gpd
 import pandas as pd
 
-from urbanlens.core import entry, locks, outputs, runs, shards
+from urbanlens.core import entry, locks, outputs, report_page, runs, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import atomic_path, save_run_config, write_json
@@ -138,6 +138,7 @@ def main() -> None:
           f"(> {cfg.ses.max_nodata:.0%} nodata), {product} orthophotos, INSEE-imputed cells: "
           f"{imputed_count['keep']} kept, {imputed_count['drop']} dropped (ses.imputed={cfg.ses.imputed}) "
           f"in {time.time() - start:.1f} s -> {index_path}")
+    report_page.refresh(cfg, "ses")
 
 
 if __name__ == "__main__":

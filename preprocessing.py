@@ -15,7 +15,7 @@ import time
 
 from urbanlens.cities import cutting, patches, rasters
 from urbanlens.cities.patches import SPLITS, patches_dir, plan_split, unused_inputs
-from urbanlens.core import entry, locks, runs
+from urbanlens.core import entry, locks, report_page, runs
 from urbanlens.core.config import cli, data_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_run_config, write_csv
@@ -103,6 +103,7 @@ def main() -> None:
         + f" patches ({result.written + linked} written now"
         + (f", {removed} no longer used removed" if removed else "")
         + f") in {out}; per image: {out / patches.SOURCES} ({time.time() - t0:.1f} s)")
+    report_page.refresh(cfg, "cities")
 
 
 if __name__ == "__main__":

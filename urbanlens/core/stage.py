@@ -1,5 +1,6 @@
 """The opening every stage script shares: its config (``--config``/``--set``), where it computes, its
-seed, its results folder and that folder's lock, held until ``main`` ends."""
+seed, its results folder and that folder's lock, held until ``main`` ends; when ``main`` succeeds, the
+pipeline's report.html is refreshed from what its results folder holds."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import entry, locks
+from . import entry, locks, report_page
 from .config import Config, cli, results_dir, value
 
 if TYPE_CHECKING:
@@ -24,6 +25,21 @@ class Stage:
     args: argparse.Namespace
     place: Placement | None
     out: Path
+
+
+class _Report:
+    """Refresh ``pipeline``'s report.html when the stage's ``main`` returns (not when it fails)."""
+
+    def __init__(self, cfg: Config, pipeline: str):
+        self.cfg, self.pipeline = cfg, pipeline
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            report_page.refresh(self.cfg, self.pipeline)
+        return False
 
 
 @contextlib.contextmanager
@@ -58,7 +74,10 @@ def open_stage(doc: str, script: str, demo_config: str, results: tuple[str, ...]
         place = Placement.for_stage(cfg.device, "off" if amp is None else value(cfg, amp), nhwc)
         entry.keep(_process_group())
         seed_everything(cfg.seed)
-    out = results_dir(cfg, *(results(cfg, args) if callable(results) else results))
+    parts = results(cfg, args) if callable(results) else results
+    out = results_dir(cfg, *parts)
     held = results_dir(cfg, *lock) if lock is not None else out
     entry.keep(locks.hold(held, script, cfg, **({"elsewhere": elsewhere} if elsewhere else {})))
+    if parts and parts[0] in report_page.PIPELINES:  # refreshed before the lock is released
+        entry.keep(_Report(cfg, parts[0]))
     return Stage(cfg, args, place, out)
