@@ -16,7 +16,8 @@ Each city's split is saved as folds.csv. Every epoch saves the fold's training s
 interrupted one from its last epoch, ending where an uninterrupted run ends.
 
     python efficientnet_training.py --config configs/ses_demo.yaml [--set ses_train.epochs=5]
-    torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs)
+    torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs;
+                                                               ses_train.batch_size is the global batch)
 """
 import sys
 
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.core import config, entry, files, locks, runs, runtime
+from urbanlens.core import config, entry, files, locks, loops, runs, runtime
 from urbanlens.core.errors import ConfigError, DataError, TrainingDiverged
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import baselines, fitting, metrics, results, skips, spatial_folds
@@ -39,6 +40,7 @@ def main() -> None:
     main = runtime.is_main_process()
     device = runtime.select_device(cfg.device)
     tc = cfg.ses_train
+    loops.rank_batch(tc.batch_size, world, "ses_train.batch_size")  # global batch: refused now when it does not split
     if tc.cv == "city" and len(cfg.ses.cities) < 2:
         raise ConfigError("config", f"ses_train.cv=city leaves one city out, but ses.cities lists "
                           f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses_train.cv=spatial")
@@ -58,9 +60,8 @@ def main() -> None:
         if not cfg.store:
             return ses_data.CellDataset(paths, labels, size, cache=ses_data.fits_in_memory(len(df), size, tc.cache_mb))
         where = ses_dir / "store" / name  # built again when the cells change
-        built = ses_data.cell_store(paths, labels, size, where, f"{name} store") if main else None
-        sync()
-        return built if built is not None else ses_data.cell_store(paths, labels, size, where)
+        return ses_data.cell_store(paths, labels, size, where, f"{name} store" if main else None, cfg.workers,
+                                   world > 1)  # every rank decodes its share
 
 
     def bad_input(problem: str, then: str):  # stop under strict=true, else warn and go on

@@ -57,14 +57,10 @@ def main() -> None:
     model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
     model = loops.to_device(model, device, nhwc, amp)  # (before the store: missing weights stop at once)
     size = cfg.model.input_size
-    if cfg.store:  # decoded once at input_size into <patches>/store/ (again when the patches change);
-        for split in ("train", "val") if main else ():  # flips and normalisation per batch on the device
-            data.split_store(manifest, split, patches_dir, classes, size, f"[train] store {split}",
-                             validation.store_name(split, cfg.split.val))
-        if world > 1:
-            torch.distributed.barrier()
-        train_set, val_set = (data.split_store(manifest, s, patches_dir, classes, size,
-                                               name=validation.store_name(s, cfg.split.val)) for s in ("train", "val"))
+    if cfg.store:  # decoded once at input_size into <patches>/store/ (again when the patches change), by
+        train_set, val_set = (data.split_store(  # every rank its share; flips and normalisation on the device
+            manifest, s, patches_dir, classes, size, f"[train] store {s}" if main else None,
+            validation.store_name(s, cfg.split.val), cfg.workers, world > 1) for s in ("train", "val"))
     else:  # each patch decoded, resized, flipped and normalised in the loader every epoch
         train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                        size)
@@ -72,7 +68,7 @@ def main() -> None:
     if len(train_set) < 2:  # batch norm in training mode needs two images a batch
         raise DataError(patches_dir / "manifest.csv", f"{len(train_set)} training patch; training needs 2 or more",
                         "add images to the cities' train sites (all but the last) and re-run preprocessing.py")
-    batch = max(1, cfg.train.batch_size // world)
+    batch = loops.rank_batch(cfg.train.batch_size, world, "train.batch_size")
     draws = len(train_set)
     if cfg.train.max_steps_per_epoch > 0:
         draws = min(draws, cfg.train.max_steps_per_epoch * batch * world)
