@@ -16,7 +16,8 @@ Each city's split is saved as folds.csv. Every epoch saves the fold's training s
 interrupted one from its last epoch, ending where an uninterrupted run ends.
 
     python efficientnet_training.py --config configs/ses_demo.yaml [--set ses_train.epochs=5]
-    torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs)
+    torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs;
+                                                               ses_train.batch_size is the global batch)
 """
 from urbanlens.core import entry
 from urbanlens.core.errors import DataError
@@ -30,7 +31,7 @@ def main() -> None:
     stage = open_stage(__doc__, "efficientnet_training.py", "configs/ses_demo.yaml", ("ses",),
                        amp="ses_train.amp", channels_last=True)  # NHWC on CUDA and under CPU bf16
     cfg, place, ses_dir = stage.cfg, stage.place, stage.out  # the lock is shared by the ranks of one torchrun
-    training.check_scheme(cfg)
+    training.check_scheme(cfg, place)
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")
     ses_model.build_ses_model(cfg)  # fail now, not after a city, when ImageNet weights are asked for but absent
 

@@ -1,7 +1,7 @@
 """One-command check of a GPU machine: both demo pipelines on CUDA, DDP over NCCL, AMP vs float32 and the
 training / mapping speed at the papers' sizes, with peak GPU memory.
 
-    bash run.sh gpu-check            (python bench/gpu_check.py)      about 5-8 minutes on one GPU
+    bash run.sh gpu-check            (python bench/gpu_check.py)      about 10 minutes on one GPU
     python bench/gpu_check.py --cpu-dry-run [--parts ddp,speed]       the same code paths, tiny, on CPU
 
 Parts (``--parts``, comma-separated, default all):
@@ -15,6 +15,11 @@ Parts (``--parts``, comma-separated, default all):
              (the city classifier); EfficientNet-B0 at 800 px, batch 10 (the income model); guided Grad-CAM
              of both classes per cell at 800 px (cams.batch_size cells a batch), float32 vs bf16. The first
              batch's loss under AMP agrees with float32 within 1 %.
+  store      a uint8 store built under torchrun by 2 ranks (tests/ddp_store_build.py): decoding longer than
+             the process group's timeout (2 s) passes when every rank builds its share, and the former
+             rank-0 build makes the waiting rank time out
+  loader     bench/training_loader.py on this device: wall-clock images/s and MB/s of the trainers' loaders
+             with the store dropped from the page cache, beside the MB/s published A100 rates need
 Prints one table; exits non-zero when a part fails. Without CUDA it says so in one line and exits 1,
 unless ``--cpu-dry-run``: tiny sizes, bfloat16 autocast on the CPU, DDP over gloo, pipelines shortened.
 """
@@ -175,6 +180,35 @@ def _cam_rows(size, batch, device, steps) -> list[tuple]:
     return rows
 
 
+def run_store(work: Path) -> list[tuple]:
+    folder = work / "store_build"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"{i}.src").write_text("x")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "ddp_store_build.py"), str(folder), "2", "0.25", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    out = done.stdout
+    ok = (done.returncode == 0 and out.count("items_ok=True") == 2 and "rank0 rank 1/2: failed" in out)
+    seconds = [float(w.split("=")[1]) for w in out.split() if w.startswith("seconds=")]
+    return [("store build under torchrun, 2 ranks, timeout 2 s", "", f"{max(seconds, default=0):.1f} s", "",
+             "ok: shared build passed, rank-0 build timed out" if ok else f"FAIL: {(out + done.stderr)[-200:]}")]
+
+
+def run_loader(device: torch.device, tiny: bool) -> list[tuple]:
+    sizes = (["--loader-items", "64", "--loader-reads", "32", "--loader-cells", "8", "--loader-cell-reads", "4",
+              "--files", "2", "--cells", "1", "--repeats", "1"] if tiny else [])
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "training_loader.py"), "--device", device.type,
+                           *sizes], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        return [("loader (wall clock, page cache dropped)", "", "", "", f"FAIL: {done.stderr.strip()[-200:]}")]
+    vals = dict(line.split(": ") for line in done.stdout.splitlines() if line.startswith("training_loader_"))
+    return [(f"loader {name}, store read from disk", "uint8", f"{vals[f'training_loader_wall_img_s_{name}']} img/s, "
+             f"{vals[f'training_loader_wall_mb_s_{name}']} MB/s", "",
+             f"ok (A100 needs {vals[f'training_loader_a100_needs_mb_s_{name}']} MB/s)") for name in ("cities_224", "ses_800")]
+
+
 def run_speed(device: torch.device, tiny: bool) -> list[tuple]:
     amp = "auto" if device.type == "cuda" else "bf16"
     r, e, c = ((32, 4), (32, 2), (32, 2)) if tiny else ((224, 128), (800, 10), (800, 8))
@@ -198,7 +232,8 @@ def print_table(rows: list[tuple]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on the CPU: the code paths, no speeds")
-    ap.add_argument("--parts", default="pipelines,ddp,speed", help="comma-separated: pipelines, ddp, speed")
+    ap.add_argument("--parts", default="pipelines,ddp,speed,store,loader",
+                    help="comma-separated: pipelines, ddp, speed, store, loader")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print(f"gpu-check: no CUDA device visible to torch {torch.__version__} (built for CUDA {torch.version.cuda}); "
@@ -212,7 +247,8 @@ def main() -> int:
     parts, rows, start = args.parts.split(","), [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="urbanlens-gpu-check-") as work:
         for part, run in (("pipelines", lambda: run_pipelines(Path(work), device.type, args.cpu_dry_run)),
-                          ("ddp", lambda: run_ddp(device.type)), ("speed", lambda: run_speed(device, args.cpu_dry_run))):
+                          ("ddp", lambda: run_ddp(device.type)), ("speed", lambda: run_speed(device, args.cpu_dry_run)),
+                          ("store", lambda: run_store(Path(work))), ("loader", lambda: run_loader(device, args.cpu_dry_run))):
             if part in parts:
                 try:
                     rows += run()

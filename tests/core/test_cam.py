@@ -223,6 +223,8 @@ def test_guided_gradcam_on_efficientnet_leaves_it_unchanged():
         before = model(x)
     maps = cam.guided_gradcam(model, model.features[-1], x, [0, 4])
     assert maps.shape == (2, 64, 64) and maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0
+    alone = np.concatenate([cam.guided_gradcam(model, model.features[-1], x[i:i + 1], t) for i, t in ((0, 0), (1, 4))])
+    np.testing.assert_allclose(maps, alone, rtol=0, atol=1e-5)  # a batch of cells = the cells one at a time
     with torch.no_grad():
         assert torch.equal(model(x), before)
     assert not _hooks_left(model) and all(p.grad is None for p in model.parameters())

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from urbanlens.core import backbones, loops, placement, runtime
+from urbanlens.core.errors import ConfigError
 from urbanlens.core.placement import Placement
 
 CPU = torch.device("cpu")
@@ -192,3 +193,11 @@ def test_a_gpu_index_the_machine_lacks_is_a_device_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DeviceError, match=r"device 'cuda:1' but this machine has 1 CUDA GPU"):
         placement.select_device("cuda:1")
+
+
+def test_rank_batch_splits_the_global_batch_or_names_the_key():
+    assert [loops.rank_batch(12, w, "ses_train.batch_size") for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    assert loops.rank_batch(7, 1, "train.batch_size") == 7  # one process: the batch as configured
+    with pytest.raises(ConfigError, match=r"ses_train.batch_size: the global batch of 10 does not split evenly over 4 "
+                                          r"processes; set ses_train.batch_size to a multiple of 4 \(e.g. 8\)"):
+        loops.rank_batch(10, 4, "ses_train.batch_size")

@@ -1,6 +1,10 @@
 """The uint8 training store: round trip, staleness, and items equal to the per-item paths they replace."""
 import os
 import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +12,12 @@ import torch
 from PIL import Image
 
 from urbanlens.cities import data as cities_data
-from urbanlens.core import batch_ops, store
+from urbanlens.core import batch_ops, errors, store
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def textured(rng, px: int) -> np.ndarray:
@@ -119,3 +126,34 @@ def test_device_normalisation_equals_torchvision_per_item():
     x = torch.randint(0, 256, (5, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     per_item = cities_data.transforms(20, train=False)
     assert torch.equal(batch_ops.imagenet_normalize(x), torch.stack([per_item(i) for i in x]))
+
+
+def test_parallel_build_equals_serial_and_stops_on_a_bad_item(images, tmp_path):
+    _, pngs = images
+    files, shape = pngs * 5, (3, 64, 64)  # 20 items: several chunks per worker
+    serial = np.array(store.build(tmp_path / "a", files, chw, shape, {"v": 1}, None, workers=0))
+    parallel = np.array(store.build(tmp_path / "b", files, chw, shape, {"v": 1}, None, workers=2))
+    assert np.array_equal(serial, parallel) and np.array_equal(serial[5], chw(pngs[1]).numpy())
+    with pytest.raises(errors.DataError, match="uint8"):  # a worker's error reaches the caller, typed
+        store.build(tmp_path / "c", files, lambda f: chw(f)[:, :32], shape, {"v": 1}, None, workers=2)
+    assert store.changes(tmp_path / "c", files, shape, {"v": 1})  # and leaves no store
+    assert np.array(store.build(tmp_path / "e", [], chw, shape, {"v": 1}, None, workers=2)).shape == (0, *shape)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_store_build_under_torchrun_outlasts_the_process_group_timeout(tmp_path):
+    """2 CPU ranks, process-group timeout 2 s, a store of 40 items at 0.25 s each (10 s of decoding,
+    2.5 s per rank with 2 workers each): built together, no rank times out and every rank reads every
+    item; built by rank 0 alone while the other waits at a barrier (the trainers' old way), the waiting
+    rank times out."""
+    for i in range(40):
+        (tmp_path / f"{i}.src").write_text("x")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "ddp_store_build.py"), str(tmp_path), "2", "0.25", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = re.findall(r"shared rank (\d)/2: built=True seconds=([\d.]+) items_ok=True", proc.stdout)
+    assert sorted(r for r, _ in shared) == ["0", "1"], proc.stdout
+    assert all(float(s) > 2 for _, s in shared)  # each rank's share alone outlasts the timeout
+    assert "rank0 rank 1/2: failed" in proc.stdout and "timed out" in proc.stdout.lower(), proc.stdout

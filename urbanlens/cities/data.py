@@ -99,14 +99,17 @@ def decode_for_store(path: str | Path, input_size: int) -> torch.Tensor:
 
 
 def split_store(manifest: pd.DataFrame, split: str, patches_dir: str | Path, classes: Sequence[str],
-                input_size: int, desc: str | None = None, name: str | None = None) -> store.StoreDataset:
+                input_size: int, desc: str | None = None, name: str | None = None, workers: int = 0,
+                distributed: bool = False) -> store.StoreDataset:
     """The patches of one split as a uint8 store ``<patches_dir>/store/<name>_<input_size>`` (``name``:
     the split's by default; built when missing or stale), items uint8 3 x input_size x input_size; finish
-    each batch on the device with ``train_batches`` or ``eval_batches``."""
+    each batch on the device with ``train_batches`` or ``eval_batches``. ``workers``, ``distributed``: how it is
+    built (``store.ensure``; with ``distributed`` every rank calls this)."""
     files, labels = split_rows(manifest, split, patches_dir, classes)
     shape = (3, input_size, input_size)
     path = Path(patches_dir) / "store" / f"{name or split}_{input_size}"
-    store.ensure(path, files, lambda f: decode_for_store(f, input_size), shape, STORE_SETTINGS, desc)
+    store.ensure(path, files, lambda f: decode_for_store(f, input_size), shape, STORE_SETTINGS, desc, workers,
+                 distributed)
     return store.StoreDataset(path, len(files), shape, labels)
 
 

@@ -152,18 +152,14 @@ def write_log(rows: list[dict], path: str | Path) -> Path:
 
 def datasets(cfg, manifest: pd.DataFrame, classes: list[str], place: Placement):
     """(train, val) datasets of the patches ``manifest`` assigns to them. With ``store`` they are decoded
-    once at ``model.input_size`` into <patches>/store/ (again when the patches change; rank 0 builds it
-    while the other ranks wait), flips and normalisation then happen per batch on the device; without,
-    each patch is decoded, resized, flipped and normalised in the loader every epoch."""
+    once at ``model.input_size`` into <patches>/store/ (again when the patches change; in ``workers``
+    processes, under torchrun every rank its share), flips and normalisation then happen per batch on the
+    device; without, each patch is decoded, resized, flipped and normalised in the loader every epoch."""
     patches_dir, size = data_dir(cfg, "cities", "patches"), cfg.model.input_size
     if cfg.store:
-        for split in ("train", "val") if place.main else ():
-            data.split_store(manifest, split, patches_dir, classes, size, f"[train] store {split}",
-                             validation.store_name(split, cfg.split.val))
-        if place.world_size > 1:
-            torch.distributed.barrier()
-        train_set, val_set = (data.split_store(manifest, s, patches_dir, classes, size,
-                                               name=validation.store_name(s, cfg.split.val)) for s in ("train", "val"))
+        train_set, val_set = (data.split_store(
+            manifest, s, patches_dir, classes, size, f"[train] store {s}" if place.main else None,
+            validation.store_name(s, cfg.split.val), cfg.workers, place.world_size > 1) for s in ("train", "val"))
     else:
         train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                        size)
@@ -176,8 +172,9 @@ def datasets(cfg, manifest: pd.DataFrame, classes: list[str], place: Placement):
 
 def loaders(cfg, train_set, val_set, place: Placement):
     """(epoch sampler, train loader, val loader): ``train.batch_size`` is the global batch, split over
-    the ranks; class-balanced draws (``train.balanced``), at most ``train.max_steps_per_epoch`` steps."""
-    batch = max(1, cfg.train.batch_size // place.world_size)
+    the ranks (``loops.rank_batch``); class-balanced draws (``train.balanced``), at most
+    ``train.max_steps_per_epoch`` steps."""
+    batch = loops.rank_batch(cfg.train.batch_size, place.world_size, "train.batch_size")
     draws = len(train_set)
     if cfg.train.max_steps_per_epoch > 0:
         draws = min(draws, cfg.train.max_steps_per_epoch * batch * place.world_size)

@@ -48,6 +48,17 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
                       pin_memory=device.type == "cuda", drop_last=False)
 
 
+def rank_batch(batch_size: int, world_size: int, key: str) -> int:
+    """The per-rank batch of a global ``batch_size`` (the config value ``key``) split over ``world_size``
+    DDP ranks: both trainers' rule, so one optimisation step sees ``batch_size`` items whatever the
+    number of GPUs. ConfigError naming ``key`` when it does not divide evenly."""
+    if batch_size % world_size:
+        raise ConfigError(key, f"the global batch of {batch_size} does not split evenly over {world_size} "
+                          f"processes", f"set {key} to a multiple of {world_size} (e.g. "
+                          f"{max(world_size, batch_size // world_size * world_size)}) or run another number of processes")
+    return batch_size // world_size
+
+
 def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     """Every ``world_size``-th item from ``rank`` on (evaluation under DDP; no padding, no duplicates)."""
     return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))

@@ -12,17 +12,24 @@ A store is two files beside each other:
 store of other settings or of changed, added, removed or reordered files is never read. A build writes
 the data under a temporary name and renames it only once it is complete; the old stamp is removed
 first and the new one written last, so an interrupted build leaves no store that looks valid.
+
+A build decodes in ``workers`` processes (forked; 0 or 1: in this one). Under ``torchrun``
+(``distributed=True``, every rank calls ``ensure``) each rank decodes every world_size-th item into
+the same temporary file, so no rank waits at a collective for longer than the ranks' shares differ:
+the build never meets the process group's timeout, whatever its length.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from . import runs
@@ -71,33 +78,100 @@ def changes(path: str | Path, files: Sequence[str | Path], shape: Sequence[int],
     return changed
 
 
-def _fill(out: np.memmap, files, decode, desc: str | None) -> None:
-    shape = out.shape[1:]
-    bar = tqdm(files, desc=desc, leave=False, **({"disable": True} if desc is None else {}))  # TQDM_* apply
-    for i, f in enumerate(bar):
-        item = decode(f)
-        item = item.numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
-        if item.shape != shape or item.dtype != np.uint8:
-            raise DataError(f"{f}: decodes to {item.dtype} {tuple(item.shape)}, the store holds uint8 {shape}; "
-                            "make every image of the set the same size (re-run the stage that writes them), "
-                            "or read them one by one with --set store=false")
-        out[i] = item
+def _decoded(f, decode, shape: tuple) -> np.ndarray:
+    item = decode(f)
+    item = item.numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+    if item.shape != shape or item.dtype != np.uint8:
+        raise DataError(f"{f}: decodes to {item.dtype} {tuple(item.shape)}, the store holds uint8 {shape}; "
+                        "make every image of the set the same size (re-run the stage that writes them), "
+                        "or read them one by one with --set store=false")
+    return item
+
+
+_JOB: tuple | None = None  # (file, sources, decode, shape) of the build in progress, inherited by its forked workers
+
+
+def _write(positions) -> int:
+    """Decode the items at ``positions`` of ``_JOB`` into its file; how many were written."""
+    tmp, files, decode, shape = _JOB
+    out = np.memmap(tmp, dtype=DTYPE, mode="r+", shape=(len(files), *shape))
+    for i in positions:
+        out[i] = _decoded(files[i], decode, shape)
     out.flush()
+    del out
+    return len(positions)
+
+
+def _fill(tmp: Path, files, decode, shape: tuple, positions, workers: int, desc: str | None) -> None:
+    """Decode the items at ``positions`` into the store file ``tmp`` (already of full size), in
+    ``workers`` forked processes when more than one, then flush them to disk."""
+    global _JOB
+    positions = np.asarray(positions, dtype=np.int64)
+    bar = tqdm(total=len(positions), desc=desc, leave=False, **({"disable": True} if desc is None else {}))
+    _JOB = (tmp, files, decode, shape)
+    try:
+        if len(positions) == 0:
+            pass
+        elif workers <= 1 or len(positions) < 2:
+            for chunk in np.array_split(positions, max(1, len(positions) // 64)):
+                bar.update(_write(chunk))
+        else:  # small chunks: the bar moves and the processes finish together
+            chunks = np.array_split(positions, min(len(positions), workers * 16))
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for done in pool.imap_unordered(_write, chunks):
+                    bar.update(done)
+    finally:
+        _JOB = None
+        bar.close()
+    with open(tmp, "rb+") as fh:  # on disk before another rank or process renames or reads the file
+        os.fsync(fh.fileno())
+
+
+def _allocate(tmp: Path, n: int, shape: tuple) -> None:
+    with open(tmp, "wb") as fh:
+        fh.truncate(n * int(np.prod(shape)))  # sparse until written
 
 
 def build(path: str | Path, files: Sequence[str | Path], decode: Callable[[str | Path], torch.Tensor | np.ndarray],
-          shape: Sequence[int], settings: dict, desc: str | None = "store") -> np.memmap:
+          shape: Sequence[int], settings: dict, desc: str | None = "store", workers: int = 0) -> np.memmap:
     """Decode every file with ``decode`` (-> uint8 array or tensor of ``shape``) into a new store at
-    ``path``, with a progress bar named ``desc``; return it opened read-only."""
+    ``path``, in ``workers`` processes, with a progress bar named ``desc``; return it opened read-only."""
     data, stamp = paths(path)
     stamp.unlink(missing_ok=True)  # from here until the new stamp is written, no store is valid
     shape = tuple(int(s) for s in shape)
     with atomic_path(data) as tmp:
-        if not files:
-            tmp.write_bytes(b"")
-        else:
-            _fill(np.memmap(tmp, dtype=DTYPE, mode="w+", shape=(len(files), *shape)), files, decode, desc)
+        _allocate(tmp, len(files), shape)
+        _fill(tmp, files, decode, shape, range(len(files)), workers, desc)
     runs.write_stamp(stamp, STAGE, {}, (), sources_fingerprint(files, data.parent), _extra(shape, settings))
+    return open_store(path, len(files), shape)
+
+
+def _from_rank0(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build_shared(path: str | Path, files: Sequence[str | Path], decode, shape: Sequence[int], settings: dict,
+                 desc: str | None = "store", workers: int = 0) -> np.memmap:
+    """``build`` by every rank of the process group together: rank r decodes items r, r + world_size, ...
+    into the file rank 0 allocated; rank 0 renames it and writes the stamp once every share is on disk.
+    Each collective waits only for the slowest rank's share, never for the whole build."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data, stamp = paths(path)
+    shape = tuple(int(s) for s in shape)
+    if rank != 0:
+        _fill(Path(_from_rank0(None)), files, decode, shape, range(rank, len(files), world), workers, None)
+        dist.barrier()  # every share written
+    else:
+        stamp.unlink(missing_ok=True)
+        with atomic_path(data) as tmp:
+            _allocate(tmp, len(files), shape)
+            _from_rank0(str(tmp))
+            _fill(tmp, files, decode, shape, range(0, len(files), world), workers, desc)
+            dist.barrier()
+        runs.write_stamp(stamp, STAGE, {}, (), sources_fingerprint(files, data.parent), _extra(shape, settings))
+    dist.barrier()  # stamped: every rank may open it
     return open_store(path, len(files), shape)
 
 
@@ -111,11 +185,17 @@ def open_store(path: str | Path, n: int, shape: Sequence[int]) -> np.memmap:
 
 
 def ensure(path: str | Path, files: Sequence[str | Path], decode, shape: Sequence[int], settings: dict,
-           desc: str | None = "store") -> tuple[np.memmap, bool]:
+           desc: str | None = "store", workers: int = 0, distributed: bool = False) -> tuple[np.memmap, bool]:
     """(the store of ``files`` at ``path``, whether it was built now): opened when its stamp matches,
-    built (again) otherwise."""
+    built (again) otherwise, in ``workers`` processes. ``distributed``: every rank of the initialised
+    process group calls this; rank 0 decides, all build their share (``build_shared``)."""
+    if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        stale = _from_rank0(bool(changes(path, files, shape, settings)) if dist.get_rank() == 0 else None)
+        if stale:
+            return build_shared(path, files, decode, shape, settings, desc, workers), True
+        return open_store(path, len(files), shape), False
     if changes(path, files, shape, settings):
-        return build(path, files, decode, shape, settings, desc), True
+        return build(path, files, decode, shape, settings, desc, workers), True
     return open_store(path, len(files), shape), False
 
 

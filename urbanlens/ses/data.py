@@ -97,18 +97,20 @@ class CellDataset(torch.utils.data.Dataset):
 STORE_SETTINGS = {"decoder": "PIL RGB, uint8 at the cell's pixels", "version": 1}
 
 
-def cell_store(files, labels, size: int, path, desc: str | None = None) -> store.StoreDataset:
+def cell_store(files, labels, size: int, path, desc: str | None = None, workers: int = 0,
+               distributed: bool = False) -> store.StoreDataset:
     """The cells' images as a uint8 store at ``path`` (built when missing or stale), items uint8
     3 x px x px as extracted (px: the first image's size; every cell must have it); on the device each
     batch is resized to ``size`` when that differs and min-max scaled (``prepare``), giving
-    ``load_cell_image``'s values (the same float operations; resized batches agree within float rounding)."""
+    ``load_cell_image``'s values (the same float operations; resized batches agree within float rounding).
+    ``workers``, ``distributed``: how it is built (``store.ensure``; with ``distributed`` every rank calls this)."""
     px = 0
     if len(files):
         with Image.open(files[0]) as im:
             px = im.size[0]
     shape = (3, px, px)
     store.ensure(path, files, lambda f: np.ascontiguousarray(read_cell_pixels(f).transpose(2, 0, 1)), shape,
-                 STORE_SETTINGS, desc)
+                 STORE_SETTINGS, desc, workers, distributed)
     return store.StoreDataset(path, len(files), shape, labels,
                               prepare=functools.partial(minmax_scale, size=size))
 

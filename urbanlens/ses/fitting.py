@@ -126,7 +126,8 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
     place.model(model)
     net = wrap_distributed(model, device)
     gen = torch.Generator().manual_seed(seed)
-    val_loader = cell_loader(loops.shard(val_set, rank, world), tcfg.batch_size, device, seed=seed, workers=workers)
+    batch = loops.rank_batch(tcfg.batch_size, world, "ses_train.batch_size")  # global batch, split over the ranks
+    val_loader = cell_loader(loops.shard(val_set, rank, world), batch, device, seed=seed, workers=workers)
     flips = functools.partial(batch_ops.random_flips, generator=gen, rotate=tcfg.rot90)  # on the device, before each step
     best = FitResult(copy.deepcopy(model.state_dict()), math.inf, -1)
     epoch_total, first_restart = 0, 0
@@ -157,8 +158,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
                 continue
         for epoch in range(first_epoch, tcfg.epochs):
             t0 = time.perf_counter()
-            train_loader = cell_loader(train_set, tcfg.batch_size, device, True, seed + epoch_total, workers,
-                                       distributed)
+            train_loader = cell_loader(train_set, batch, device, True, seed + epoch_total, workers, distributed)
             if distributed:
                 train_loader.sampler.set_epoch(epoch_total)
             tr = loops.train_epoch(net, train_loader, loops.Optimiser(opt, None, scaler, "ses_train.lr"), F.nll_loss,

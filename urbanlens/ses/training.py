@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..core import files, runs, runtime
+from ..core import files, loops, runs, runtime
 from ..core.errors import ConfigError, DataError, TrainingDiverged
 from ..core.placement import Placement
 from . import baselines, fitting, metrics, results, skips, spatial_folds
@@ -39,8 +39,10 @@ class CityFit:
     blocks: object
 
 
-def check_scheme(cfg) -> None:
-    """A fold scheme that pools cities needs two or more of them."""
+def check_scheme(cfg, place: Placement) -> None:
+    """A fold scheme that pools cities needs two or more of them; the global batch must split evenly
+    over the processes (refused now, not after a city)."""
+    loops.rank_batch(cfg.ses_train.batch_size, place.world_size, "ses_train.batch_size")
     if spatial_folds.pools_cities(cfg.ses_train.cv) and len(cfg.ses.cities) < 2:
         raise ConfigError("config", f"ses_train.cv=city leaves one city out, but ses.cities lists "
                           f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses_train.cv=spatial")
@@ -110,16 +112,15 @@ def city_fits(cfg, prepared: dict, ses_dir: Path) -> list[CityFit]:
 
 def cell_data(cfg, fit: CityFit, ses_dir: Path, place: Placement):
     """The images of the cells ``fit`` splits: a uint8 store under <ses>/store/<name> (``store``: built
-    by the main process, again when the cells change, while the other ranks wait), else decoded per
-    epoch (or once when they fit in ``ses_train.cache_mb``)."""
+    again when the cells change, in ``workers`` processes, under torchrun every rank its share), else
+    decoded per epoch (or once when they fit in ``ses_train.cache_mb``)."""
     paths, size = [ses_dir / p for p in fit.fit_df["path"]], cfg.ses_model.input_size
     if not cfg.store:
         return ses_data.CellDataset(paths, fit.fit_labels, size,
                                     cache=ses_data.fits_in_memory(len(fit.fit_df), size, cfg.ses_train.cache_mb))
     where = ses_dir / "store" / fit.name
-    built = ses_data.cell_store(paths, fit.fit_labels, size, where, f"{fit.name} store") if place.main else None
-    sync(place)
-    return built if built is not None else ses_data.cell_store(paths, fit.fit_labels, size, where)
+    return ses_data.cell_store(paths, fit.fit_labels, size, where, f"{fit.name} store" if place.main else None,
+                               cfg.workers, place.world_size > 1)
 
 
 def sync(place: Placement) -> None:
