@@ -24,12 +24,13 @@ from urbanlens.core.errors import DataError
 from urbanlens.core.stage import open_stage
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import model as ses_model
+from urbanlens.ses import report_html
 from urbanlens.ses import training
 
 
 def main() -> None:
     stage = open_stage(__doc__, "efficientnet_training.py", "configs/ses_demo.yaml", ("ses",),
-                       amp="ses_train.amp", channels_last=True)  # NHWC on CUDA and under CPU bf16
+                       amp="ses_train.amp", channels_last=True, report=report_html.render)  # NHWC on CUDA, CPU bf16
     cfg, place, ses_dir = stage.cfg, stage.place, stage.out  # the lock is shared by the ranks of one torchrun
     training.check_scheme(cfg, place)
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")

@@ -29,7 +29,7 @@ from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import atomic_path, save_run_config, write_json
 from urbanlens.ses import census as ses_census
-from urbanlens.ses import extraction, urban_atlas
+from urbanlens.ses import extraction, report_html, urban_atlas
 from urbanlens.ses import grid as ses_grid
 from urbanlens.ses import tiles as ses_tiles
 
@@ -138,7 +138,7 @@ def main() -> None:
           f"(> {cfg.ses.max_nodata:.0%} nodata), {product} orthophotos, INSEE-imputed cells: "
           f"{imputed_count['keep']} kept, {imputed_count['drop']} dropped (ses.imputed={cfg.ses.imputed}) "
           f"in {time.time() - start:.1f} s -> {index_path}")
-    report_page.refresh(cfg, "ses")
+    report_page.refresh(cfg, "ses", report_html.render)
 
 
 if __name__ == "__main__":

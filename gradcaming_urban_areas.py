@@ -33,7 +33,7 @@ import pandas as pd
 from urbanlens.core import backbones, config, entry, files, outputs, sanity, schema, shards
 from urbanlens.core.errors import DataError
 from urbanlens.core.stage import open_stage
-from urbanlens.ses import data, findings, map_sanity, projection, skips, urban_atlas, zonal
+from urbanlens.ses import data, findings, map_sanity, projection, report_html, skips, urban_atlas, zonal
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import maps as ses_maps
 from urbanlens.ses import model as ses_model
@@ -41,7 +41,7 @@ from urbanlens.ses import model as ses_model
 
 def main() -> None:
     stage = open_stage(__doc__, "gradcaming_urban_areas.py", "configs/ses_demo.yaml", ("ses",), shards.add_shard_args,
-                       amp="cams.amp", channels_last=True)  # the lock: shared by the --shard jobs of one run
+                       amp="cams.amp", channels_last=True, report=report_html.render)  # lock: shared by --shard jobs
     cfg, args, place, ses_dir, cc = stage.cfg, stage.args, stage.place, stage.out, stage.cfg.cams
     cells = data.read_cells(ses_dir / "cells.gpkg").to_crs(ses_maps.CAM_CRS)
     rng = np.random.default_rng(cfg.seed)

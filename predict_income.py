@@ -38,7 +38,7 @@ from urbanlens.core import entry, files, runs, shards
 from urbanlens.core.config import data_dir, results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.core.stage import open_stage
-from urbanlens.ses import agreement, extraction, prediction, urban_atlas
+from urbanlens.ses import agreement, extraction, prediction, report_html, urban_atlas
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import grid as ses_grid
 from urbanlens.ses import tiles as ses_tiles
@@ -54,7 +54,7 @@ def arguments(parser):
 
 def main() -> None:
     stage = open_stage(__doc__, "predict_income.py", "configs/ses_demo.yaml", lambda cfg, args: ("ses", args.city, "predicted"),
-                       arguments, amp="ses_train.amp", channels_last=True)
+                       arguments, amp="ses_train.amp", channels_last=True, report=report_html.render)
     cfg, args, place, out = stage.cfg, stage.args, stage.place, stage.out
     start = time.time()
     ses_dir, city = results_dir(cfg, "ses"), args.city

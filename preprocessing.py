@@ -13,7 +13,7 @@ left out; a city left without train, val or test patches is left out. `test_b` i
 """
 import time
 
-from urbanlens.cities import cutting, patches, rasters
+from urbanlens.cities import cutting, patches, rasters, report_html
 from urbanlens.cities.patches import SPLITS, patches_dir, plan_split, unused_inputs
 from urbanlens.core import entry, locks, report_page, runs
 from urbanlens.core.config import cli, data_dir
@@ -103,7 +103,7 @@ def main() -> None:
         + f" patches ({result.written + linked} written now"
         + (f", {removed} no longer used removed" if removed else "")
         + f") in {out}; per image: {out / patches.SOURCES} ({time.time() - t0:.1f} s)")
-    report_page.refresh(cfg, "cities")
+    report_page.refresh(cfg, "cities", report_html.render)
 
 
 if __name__ == "__main__":

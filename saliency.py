@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.cities import classifier, data, patches
+from urbanlens.cities import classifier, data, patches, report_html
 from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches, sanity_check
 from urbanlens.core import entry, sanity, schema
@@ -31,7 +31,8 @@ from urbanlens.core.stage import open_stage
 
 
 def main() -> None:
-    stage = open_stage(__doc__, "saliency.py", "configs/cities_demo.yaml", ("cities", "saliency"), lock=("cities",))
+    stage = open_stage(__doc__, "saliency.py", "configs/cities_demo.yaml", ("cities", "saliency"), lock=("cities",),
+                       report=report_html.render)
     cfg, out, device = stage.cfg, stage.out, stage.place.device  # float32 maps
 
     # The model as trained (architecture, input size and class order (IATA codes) from the checkpoint),

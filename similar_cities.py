@@ -25,8 +25,7 @@ from pathlib import Path
 import pandas as pd
 from scipy.special import softmax
 
-from urbanlens.cities import data, figures, newplace, patches, rasters
-from urbanlens.cities import classifier
+from urbanlens.cities import classifier, data, figures, newplace, patches, rasters, report_html
 from urbanlens.cities import training as cities_training
 from urbanlens.core import entry, loops, runs
 from urbanlens.core.config import data_dir, results_dir
@@ -65,7 +64,7 @@ def new_city(cfg, args) -> tuple[str, ...]:
 
 def main() -> None:
     stage = open_stage(__doc__, "similar_cities.py", "configs/cities_demo.yaml", new_city, options,
-                       amp="train.amp", channels_last="train.channels_last")
+                       amp="train.amp", channels_last="train.channels_last", report=report_html.render)
     cfg, args, place, out = stage.cfg, stage.args, stage.place, stage.out
     images, name, results = Path(args.images), out.name, results_dir(cfg, "cities")
 

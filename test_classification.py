@@ -28,9 +28,8 @@ import pandas as pd
 from scipy.special import softmax
 
 from urbanlens.cities import baseline as cities_baseline
-from urbanlens.cities import data, figures, intervals, null, patches, report, similarity, validation
+from urbanlens.cities import classifier, data, figures, intervals, null, patches, report, report_html, similarity, validation
 from urbanlens.cities import metrics as cities_metrics
-from urbanlens.cities import classifier
 from urbanlens.cities import training as cities_training
 from urbanlens.core import entry, loops
 from urbanlens.core.config import data_dir
@@ -41,7 +40,7 @@ from urbanlens.core.files import save_figure, save_run_config, write_csv, write_
 
 def main() -> None:
     stage = open_stage(__doc__, "test_classification.py", "configs/cities_demo.yaml", ("cities",),
-                       amp="train.amp", channels_last="train.channels_last")
+                       amp="train.amp", channels_last="train.channels_last", report=report_html.render)
     cfg, place, out = stage.cfg, stage.place, stage.out
 
     # The model as trained: architecture, input size and class order come from the checkpoint.

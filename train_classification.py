@@ -20,7 +20,7 @@ import os
 # slow training several-fold. Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from urbanlens.cities import patches, training, validation
+from urbanlens.cities import patches, report_html, training, validation
 from urbanlens.core import entry
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import data_dir
@@ -34,7 +34,7 @@ def options(parser):
 
 def main() -> None:
     stage = open_stage(__doc__, "train_classification.py", "configs/cities_demo.yaml", ("cities",), options,
-                       amp="train.amp", channels_last="train.channels_last")
+                       amp="train.amp", channels_last="train.channels_last", report=report_html.render)
     cfg, place = stage.cfg, stage.place
 
     # Data: the patches of the site-based split, classes = sorted IATA codes.

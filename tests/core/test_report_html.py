@@ -110,7 +110,7 @@ def test_the_test_stage_wrote_a_cities_report_that_opens_offline(cities_world, c
 
 def test_ses_report_map_and_overlays_open_offline(chromium, tmp_path):
     ses = tiny_ses_results(tmp_path / "ses")
-    page = report_page.write("ses", ses)
+    page = report_page.write(ses_html.render, ses)
     seen = open_in_browser(chromium, page, tmp_path / "profile", tmp_path / "ses.png")
     assert seen == {"ok": "1", "images": 1, "errors": ""}   # the figure; the CAMs are SVG images
     text = page.read_text()
@@ -134,23 +134,23 @@ def test_the_page_check_catches_a_broken_image_and_a_script_error(chromium, tmp_
     assert "image not shown: broken picture" in seen["errors"] and "no_such_function" in seen["errors"]
 
 
-@pytest.mark.parametrize("pipeline, parts", [("cities", cities_html.PARTS), ("ses", ses_html.PARTS)])
+@pytest.mark.parametrize("pipeline, parts", [(cities_html, cities_html.PARTS), (ses_html, ses_html.PARTS)])
 def test_an_empty_results_folder_says_not_run_yet_and_fetches_nothing(tmp_path, pipeline, parts):
-    text = report_page.render(pipeline, tmp_path)
+    text = pipeline.render(tmp_path)
     assert text.count(report_page.NOT_RUN) == len(parts)
     assert not re.search(r'(src|href)="(https?:)?//|<link|@import|url\(', text)
 
 
 def test_nothing_in_a_full_report_is_fetched(tmp_path):
-    text = report_page.render("ses", tiny_ses_results(tmp_path / "ses"))
+    text = ses_html.render(tiny_ses_results(tmp_path / "ses"))
     assert not re.search(r'(src|href)="(https?:)?//|<link|@import|url\(', text)
     assert report_page.NOT_RUN in text   # no predict_income.py run in this folder
 
 
 def test_the_same_results_give_the_same_page_wherever_they_lie(tmp_path):
-    first = report_page.render("ses", tiny_ses_results(tmp_path / "a" / "ses"))
+    first = ses_html.render(tiny_ses_results(tmp_path / "a" / "ses"))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    assert report_page.render("ses", tmp_path / "b" / "ses") == first   # re-runs compare result folders file by file
+    assert ses_html.render(tmp_path / "b" / "ses") == first   # re-runs compare result folders file by file
 
 
 def test_the_income_map_stage_s_cells_are_mapped_when_there(tmp_path):
@@ -162,7 +162,7 @@ def test_the_income_map_stage_s_cells_are_mapped_when_there(tmp_path):
                       "census_income": [np.nan, 18000.0, 26000.0, 41000.0], "observed_class": [np.nan, 1, 3, 4],
                       "scored_by": ["all folds (not trained on)"] + ["out-of-fold (fold 0)"] * 3},
                      geometry=cells.geometry, crs="EPSG:3035").to_file(predicted / "cells.gpkg", layer="cells")
-    text = report_page.render("ses", ses)
+    text = ses_html.render(ses)
     assert re.findall(r'data-pred="([^"]*)" data-census="([^"]*)"', text) == [
         ("3.50", ""), ("2.00", "18000"), ("1.00", "26000"), ("0.25", "41000")]
     assert 'data-scored="all folds (not trained on)"' in text
@@ -172,6 +172,6 @@ def test_cam_overlays_are_thinned_on_large_cities(tmp_path, monkeypatch):
     from urbanlens.ses import report_map
 
     monkeypatch.setattr(report_map, "CAM_CELLS", 2)
-    text = report_page.render("ses", tiny_ses_results(tmp_path / "ses"))
+    text = ses_html.render(tiny_ses_results(tmp_path / "ses"))
     assert text.count('<image href="data:image/png;base64,') == 2 * 2   # cells 1 and 3 of 4, both bands
     assert "CAM overlays on one cell in 2 (2 cells)" in text

@@ -2,15 +2,15 @@
 ``<results>/ses/report.html``): every number read from the files the stages wrote, every image embedded
 as a data URI, no script, style or picture fetched from the network, so the file opens offline.
 
-Each stage ends with ``report_page.refresh(cfg, "<pipeline>")``; parts whose stage has not run yet say so.
-The pipelines' pages are built by ``urbanlens.cities.report_html`` and ``urbanlens.ses.report_html``;
-this module holds what both use: the HTML pieces, the page with its load check, and the writer.
+Each stage refreshes its pipeline's page when it succeeds (``core.stage``); parts whose stage has not run
+yet say so. The pipelines' pages are built by ``urbanlens.cities.report_html`` and
+``urbanlens.ses.report_html`` (their ``render``, handed in here: core imports no pipeline); this module
+holds what both use: the HTML pieces, the page with its load check, and the writer.
 """
 from __future__ import annotations
 
 import base64
 import html
-import importlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +23,6 @@ from .config import Config, results_dir
 from .files import atomic_path
 
 NAME = "report.html"
-PIPELINES = {"cities": "urbanlens.cities.report_html", "ses": "urbanlens.ses.report_html"}
 NOT_RUN = "not run yet"
 # no absolute path, no time: the same results give the same page wherever they lie
 INTRO = "<p>Every number below is read from the files in this report's folder.</p>"
@@ -169,42 +168,22 @@ def page(title: str, intro: str, parts: list[tuple[str, str, str]], script: str 
             f'<pre id="report-errors" class="flag"></pre><script>{script}</script></body></html>')
 
 
-def render(pipeline: str, folder: Path) -> str:
-    """The report of the pipeline's results folder (``<results>/<pipeline>``), as an HTML string."""
-    return importlib.import_module(PIPELINES[pipeline]).render(Path(folder))
-
-
-def write(pipeline: str, folder: Path, out: Path | None = None) -> Path:
-    """Render and write atomically to ``out`` (default ``<folder>/report.html``)."""
+def write(render: Callable[[Path], str], folder: Path, out: Path | None = None) -> Path:
+    """``render(folder)`` (a pipeline's page of its results folder) written atomically to ``out`` (default
+    ``<folder>/report.html``)."""
     out = Path(out) if out is not None else Path(folder) / NAME
-    text = render(pipeline, folder)
+    text = render(Path(folder))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return out
 
 
-def refresh(cfg: Config, pipeline: str) -> Path | None:
-    """What every stage calls last: rewrite ``<paths.results>/<pipeline>/report.html`` from what is there.
+def refresh(cfg: Config, pipeline: str, render: Callable[[Path], str]) -> Path | None:
+    """What every stage does last: rewrite ``<paths.results>/<pipeline>/report.html`` from what is there.
     Under torchrun only the first process writes it (None elsewhere)."""
     if os.environ.get("RANK", "0") != "0":
         return None
-    out = write(pipeline, results_dir(cfg, pipeline))
+    out = write(render, results_dir(cfg, pipeline))
     print(f"[report] {out}")
     return out
-
-
-def _main() -> None:
-    """``python -m urbanlens.core.report_page cities|ses FOLDER [--out FILE]``: (re)write a results folder's report."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=_main.__doc__)
-    parser.add_argument("pipeline", choices=sorted(PIPELINES))
-    parser.add_argument("folder", type=Path, help="the pipeline's results folder, e.g. results/demo/cities")
-    parser.add_argument("--out", type=Path, default=None, help="where to write it (default FOLDER/report.html)")
-    args = parser.parse_args()
-    print(write(args.pipeline, args.folder, args.out))
-
-
-if __name__ == "__main__":
-    _main()

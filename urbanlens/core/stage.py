@@ -28,17 +28,18 @@ class Stage:
 
 
 class _Report:
-    """Refresh ``pipeline``'s report.html when the stage's ``main`` returns (not when it fails)."""
+    """Refresh ``pipeline``'s report.html (``render``: its page) when the stage's ``main`` returns (not
+    when it fails)."""
 
-    def __init__(self, cfg: Config, pipeline: str):
-        self.cfg, self.pipeline = cfg, pipeline
+    def __init__(self, cfg: Config, pipeline: str, render: Callable):
+        self.cfg, self.pipeline, self.render = cfg, pipeline, render
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            report_page.refresh(self.cfg, self.pipeline)
+            report_page.refresh(self.cfg, self.pipeline, self.render)
         return False
 
 
@@ -55,7 +56,8 @@ def _process_group():
 def open_stage(doc: str, script: str, demo_config: str, results: tuple[str, ...] | Callable,
                options: Callable | None = None,
                amp: str | None = None, channels_last: bool | str = False, compute: bool = True,
-               lock: tuple[str, ...] | None = None, elsewhere: str | None = None) -> Stage:
+               lock: tuple[str, ...] | None = None, elsewhere: str | None = None,
+               report: Callable | None = None) -> Stage:
     """Parse the command line (description: ``doc``'s first line; ``demo_config`` when no ``--config``;
     ``options(parser)`` adds the script's own arguments), place the run (precision from the config key
     ``amp``, None: float32; NHWC layout from the key ``channels_last`` or as given; ``compute`` False: no
@@ -63,7 +65,8 @@ def open_stage(doc: str, script: str, demo_config: str, results: tuple[str, ...]
     left when ``main`` ends), seed it (the data stages draw from their own seeded generators), and hold
     the lock of the results folder ``results`` (parts under ``paths.results``, or a function of the
     config and arguments giving them), or of ``lock`` when given; ``elsewhere``: the key of a folder
-    outside the results that the script writes (its lock says so)."""
+    outside the results that the script writes (its lock says so). ``report``: the pipeline's page
+    (``<pipeline>.report_html.render``), refreshed in <results>/<first part of results> on success."""
     cfg, args = cli(doc.splitlines()[0], demo_config, options)
     place = None
     if compute:  # torch only here: the data stages start in a fraction of the time and memory
@@ -78,6 +81,6 @@ def open_stage(doc: str, script: str, demo_config: str, results: tuple[str, ...]
     out = results_dir(cfg, *parts)
     held = results_dir(cfg, *lock) if lock is not None else out
     entry.keep(locks.hold(held, script, cfg, **({"elsewhere": elsewhere} if elsewhere else {})))
-    if parts and parts[0] in report_page.PIPELINES:  # refreshed before the lock is released
-        entry.keep(_Report(cfg, parts[0]))
+    if report is not None:  # refreshed before the lock is released
+        entry.keep(_Report(cfg, parts[0], report))
     return Stage(cfg, args, place, out)
