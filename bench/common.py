@@ -72,6 +72,14 @@ def psnr(a, b, peak: float = 255.0) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(peak ** 2 / mse)
 
 
+def verdict(name: str, value: float, target: float, at_least: bool, note: str = "") -> bool:
+    """Print a result line ``name: value (target >= or <= target: ok|FAIL[; note])``; True when met."""
+    ok = value >= target if at_least else value <= target
+    print(f"{name}: {value:.2f}x (target {'>=' if at_least else '<='} {target}x: {'ok' if ok else 'FAIL'}"
+          + (f"; {note})" if note else ")"))
+    return ok
+
+
 def table(rows, items: int, item_name: str, baseline: str) -> str:
     """A text table of (path, median seconds) rows: per-item time and ratio to the ``baseline`` row.
 

@@ -10,6 +10,8 @@ images and plan (urbanlens.cities.patches.plan_split):
   codec floor                in one process: decode each raw image once, encode each patch once
                              (same codec and quality) into memory, nothing written
 Check: every patch file equals, byte for byte, the floor's encoding of the same pixels.
+Targets: write_patches on 1 worker at most 1.5x the floor, 2 workers at least 1.5x faster than 1; a
+missed target prints FAIL (``--strict``: exit status 1).
 """
 import argparse
 import io
@@ -19,14 +21,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import header, median, single_thread, table, time_runs  # noqa: E402
+from bench.common import header, median, single_thread, table, time_runs, verdict  # noqa: E402
 
 single_thread()
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from urbanlens.cities import patches
+from urbanlens.cities import patches  # noqa: E402
 from urbanlens.cities import world as cities_world  # noqa: E402
 from urbanlens.core.config import load_config  # noqa: E402
 
@@ -63,6 +65,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where the world and patches go (default: temporary)")
+    ap.add_argument("--strict", action="store_true", help="exit status 1 when a target is missed")
     args, _ = ap.parse_known_args()
     header("patching", args)
 
@@ -98,12 +101,14 @@ def main():
         clear()
         print(table(rows, n_cut, "patch", "codec floor"))
         t = [sec for _, sec in rows]
-        print(f"patching_{args.workers}_workers_speedup: {t[0] / t[1]:.2f}x "
-              "(needs as many idle cores as workers)")
-        print(f"patching_over_floor: {t[0] / t[2]:.2f}x")
+        ok = verdict(f"patching_{args.workers}_workers_speedup", t[0] / t[1], 1.5, at_least=True,
+                     note="needs as many idle cores as workers")
+        ok &= verdict("patching_over_floor", t[0] / t[2], 1.5, at_least=False)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.strict and not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

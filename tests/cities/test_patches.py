@@ -225,3 +225,44 @@ def test_jpeg2000_images_are_listed_and_read(tmp_path):
     assert patches_mod._images(tmp_path) == [path]
     rgb, _, _ = rasters.convert(path, rasters.options(load_config("configs/cities_demo.yaml")))
     np.testing.assert_array_equal(rgb, pixels.transpose(1, 2, 0))
+
+
+def test_blank_reason_with_and_without_holes():
+    from urbanlens.cities.cutting import blank_reason
+
+    flat = np.full((8, 8, 3), 90, np.uint8)
+    varied = flat.copy()
+    varied[3, 4, 1] = 91
+    full = np.ones((8, 8), bool)
+    holed = full.copy()
+    holed[:2] = False                      # 25 % nodata
+    flat_holed = flat.copy()
+    flat_holed[~holed] = 0                 # holes hold another colour: only the valid pixels count
+    assert blank_reason(full, flat, 0.01) == "constant"
+    assert blank_reason(full, flat, 0.01, drop_constant=False) is None
+    assert blank_reason(full, varied, 0.01) is None
+    assert blank_reason(holed, flat_holed, 0.5) == "constant"
+    assert blank_reason(holed, varied, 0.5) is None
+    assert blank_reason(holed, varied, 0.2) == "nodata"
+    none = np.zeros((8, 8), bool)
+    assert blank_reason(none, flat, 1.0) == "constant" and blank_reason(none, flat, 1.0, drop_constant=False) is None
+
+
+def test_converted_image_is_pixel_interleaved_and_as_pillow_decodes(tmp_path):
+    from urbanlens.cities import rasters
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=90)
+    Image.fromarray(rgb[..., 1]).save(tmp_path / "g.jpg", quality=90)
+    out, valid, info = rasters.convert(tmp_path / "a.jpg", rasters.DEFAULTS)
+    with Image.open(tmp_path / "a.jpg") as im:
+        np.testing.assert_array_equal(out, np.asarray(im.convert("RGB")))
+    assert out.shape == (40, 56, 3) and out.flags.c_contiguous and valid.all()
+    saturated = (np.asarray(out) == 255).any(axis=-1).mean()
+    assert info["saturated_share"] == pytest.approx(saturated, abs=1e-6)
+    grey, _, _ = rasters.convert(tmp_path / "g.jpg", rasters.DEFAULTS)   # one band -> grey RGB
+    with Image.open(tmp_path / "g.jpg") as im:
+        np.testing.assert_array_equal(grey, np.repeat(np.asarray(im)[..., None], 3, axis=-1))
+    swapped, _, _ = rasters.convert(tmp_path / "a.jpg", {**rasters.DEFAULTS, "bands": [3, 2, 1]})
+    np.testing.assert_array_equal(swapped, out[..., ::-1])

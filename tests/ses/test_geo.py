@@ -201,6 +201,34 @@ def test_straddling_cell_equals_read_from_mosaic(tmp_path):
     np.testing.assert_array_equal(west_only[:, :20], whole[:, :20])
 
 
+def test_cells_read_together_decode_once_and_equal_each_read_alone(tmp_path, monkeypatch):
+    left, top, res = 652000.0, 6862300.0, 1.0
+    mosaic = _smooth_rgb(300, 300, seed=3)
+    _write_tif(tmp_path / "west.tif", mosaic[:, :, :150], left, top, res)
+    _write_tif(tmp_path / "east.tif", mosaic[:, :, 150:], left + 150, top, res)
+    cx, cy = Transformer.from_crs(2154, 3035, always_xy=True).transform(left + 150, top - 150)
+    cells = [(cx - 50, cy - 50, cx + 50, cy + 50),      # across the cut
+             (cx - 140, cy + 20, cx - 60, cy + 100),    # west tile only
+             (cx + 90, cy - 100, cx + 190, cy)]         # half beyond the east edge: nodata there
+    paths = [tmp_path / "west.tif", tmp_path / "east.tif"]
+    alone = [extraction.read_cell(paths, b, 48) for b in cells]
+    merges = []
+    real_merge = extraction.merge
+    monkeypatch.setattr(extraction, "merge", lambda *a, **k: merges.append(k["bounds"]) or real_merge(*a, **k))
+    together = extraction.read_cells(paths, cells, 48)
+    assert len(merges) == 1   # the tiles' region is read once for the three cells
+    for one, both in zip(alone, together):
+        np.testing.assert_array_equal(both, one)
+    assert extraction.nodata_fraction(together[0]) == 0.0 and 0.3 < extraction.nodata_fraction(together[2]) < 0.7
+    # the file's own nodata value (255 in every band) and an untagged Lambert-93 CRS, read as a group
+    with rasterio.open(IGN_TIF) as src:
+        l, b, r, t = src.bounds
+    ix, iy = Transformer.from_crs(2154, 3035, always_xy=True).transform((l + r) / 2, (b + t) / 2)
+    ign = [(ix - 20, iy - 20, ix, iy), (ix, iy - 10, ix + 50, iy + 10)]
+    for one, both in zip([extraction.read_cell([IGN_TIF], c, 40) for c in ign], extraction.read_cells([IGN_TIF], ign, 40)):
+        np.testing.assert_array_equal(both, one)
+
+
 def test_untagged_lambert93_tile_is_georeferenced(tmp_path):
     with rasterio.open(IGN_TIF) as src:
         assert src.crs.to_epsg() is None and ses_tiles.is_lambert93(src.crs)

@@ -51,12 +51,17 @@ class CutResult:
 def blank_reason(valid: np.ndarray, rgb: np.ndarray, max_nodata: float, drop_constant: bool = True) -> str | None:
     """"nodata" when more than ``max_nodata`` of the patch is nodata, "constant" when every valid pixel
     has the same colour, else None."""
-    if 1 - valid.mean() > max_nodata:
+    n_valid = np.count_nonzero(valid)
+    if 1 - n_valid / valid.size > max_nodata:
         return "nodata"
-    px = rgb[valid]
-    if drop_constant and (px.size == 0 or (px == px[0]).all()):
+    if not drop_constant:
+        return None
+    if n_valid == 0:
         return "constant"
-    return None
+    if n_valid == valid.size:  # no hole: compare in place, without gathering the valid pixels
+        return "constant" if (rgb == rgb[0, 0]).all() else None
+    px = rgb[valid]
+    return "constant" if (px == px[0]).all() else None
 
 
 def _cut_source(job: tuple) -> tuple[int, dict, dict | None, str | None]:

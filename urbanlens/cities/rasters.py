@@ -110,13 +110,16 @@ def out_size(width: int, height: int, res_m: float | None, ground_m: float | Non
 
 
 def _read(path: Path, ds, idx: list[int], out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(bands x H x W values, H x W valid mask) of the bands ``idx`` at ``out_shape``."""
+    """(H x W x bands values, pixel-interleaved as patches are encoded, H x W valid mask) of the bands
+    ``idx`` at ``out_shape``."""
     same = out_shape == (ds.height, ds.width)
     if ds.driver == "JPEG" and same:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return arr[[i - 1 for i in idx]], np.ones(out_shape, bool)
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        if idx != list(range(1, arr.shape[-1] + 1)):  # as decoded when the bands are the file's own order
+            arr = arr[..., [i - 1 for i in idx]]
+        return arr, np.ones(out_shape, bool)
     shrink = out_shape[0] < ds.height
     kw = {} if same else {"out_shape": out_shape,
                           "resampling": Resampling.average if shrink else Resampling.bilinear}
@@ -127,35 +130,44 @@ def _read(path: Path, ds, idx: list[int], out_shape: tuple[int, int]) -> tuple[n
     if data.dtype.kind == "f":
         valid &= ~np.isnan(data).any(axis=0)
     pos = {b: i for i, b in enumerate(unique)}
-    return data[[pos[b] for b in idx]], valid
+    return np.stack([data[pos[b]] for b in idx], axis=-1), valid
 
 
 def stretch_limits(values: np.ndarray, valid: np.ndarray, scale: str, scale_min=None, scale_max=None
                    ) -> list[tuple[float, float]] | None:
-    """Per band (lo, hi) mapped to 0..255, or None for ``none``."""
+    """Per band (lo, hi) mapped to 0..255, or None for ``none``; ``values`` H x W x bands."""
     if scale == "none":
         return None
     if scale == "fixed":
-        return [(float(scale_min), float(scale_max))] * len(values)
+        return [(float(scale_min), float(scale_max))] * values.shape[-1]
     out = []
-    for band in values:
-        v = band[valid]
+    for i in range(values.shape[-1]):
+        v = values[..., i][valid]
         lo, hi = (np.percentile(v, PERCENTILES) if v.size else (0.0, 1.0))
         out.append((float(lo), float(hi)))
     return out
 
 
 def to_uint8(values: np.ndarray, valid: np.ndarray, limits) -> np.ndarray:
-    """H x W x 3 uint8: each band mapped linearly from its (lo, hi) to 0..255, clipped; holes 0."""
+    """H x W x 3 uint8 (C-contiguous, so a patch is a cheap slice): each band of the H x W x 3
+    ``values`` mapped linearly from its (lo, hi) to 0..255, clipped; holes 0. 8-bit values taken as
+    they are (``limits`` None) are not copied when they need no change."""
     if limits is None:
-        out = values.astype(np.uint8)
+        out = np.ascontiguousarray(values, dtype=np.uint8)
     else:
         out = np.empty(values.shape, np.uint8)
-        for i, (band, (lo, hi)) in enumerate(zip(values, limits)):
-            scaled = (band.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1e-12))
-            out[i] = np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
-    out[:, ~valid] = 0
-    return out.transpose(1, 2, 0)
+        for i, (lo, hi) in enumerate(limits):
+            scaled = (values[..., i].astype(np.float64) - lo) * (255.0 / max(hi - lo, 1e-12))
+            out[..., i] = np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+    if not valid.all():
+        out = np.where(valid[..., None], out, np.uint8(0))
+    return out
+
+
+def saturated_share(rgb: np.ndarray, valid: np.ndarray) -> float:
+    """Share of the valid pixels of an H x W x 3 uint8 image at 255 in some band."""
+    sat = (rgb[..., 0] == 255) | (rgb[..., 1] == 255) | (rgb[..., 2] == 255)
+    return float(np.count_nonzero(sat & valid)) / max(int(np.count_nonzero(valid)), 1)
 
 
 def convert(path: str | Path, opts: dict) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -179,11 +191,11 @@ def convert(path: str | Path, opts: dict) -> tuple[np.ndarray, np.ndarray, dict]
         width, height, count = ds.width, ds.height, ds.count
     limits = stretch_limits(values, valid, scale, opts["scale_min"], opts["scale_max"])
     rgb = to_uint8(values, valid, limits)
-    n_valid = int(valid.sum())
+    n_valid = int(np.count_nonzero(valid))
     info = {"dtype": dtype, "bands": count, "bands_used": ",".join(map(str, idx)), "scale": scale,
             "limits": "" if limits is None else ";".join(f"{lo:.6g}..{hi:.6g}" for lo, hi in limits),
             "res_m": res, "ground_m": opts["ground_m"] if (ow, oh) != (width, height) else None,
             "width": width, "height": height, "out_width": ow, "out_height": oh,
             "nodata_share": round(1 - n_valid / valid.size, 6),
-            "saturated_share": round(float((rgb[valid] == 255).any(axis=-1).sum()) / max(n_valid, 1), 6)}
+            "saturated_share": round(saturated_share(rgb, valid), 6)}
     return rgb, valid, info

@@ -11,6 +11,7 @@ import math
 import sys
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -20,6 +21,7 @@ import pandas as pd
 import rasterio
 import shapely
 from PIL import Image
+from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.merge import merge
@@ -78,39 +80,98 @@ def read_cell(tile_paths: Sequence, bounds_3035: Sequence[float], px: int, crs=L
     pixels where every band holds the tile's declared nodata value (a value in some bands only is
     data). Untagged Lambert-93 tiles are read as EPSG:2154.
     """
-    dst_crs = _crs(crs) if isinstance(crs, str) else CRS.from_user_input(crs)
-    out = np.zeros((3, px, px), np.uint8)
+    return read_cells(tile_paths, [bounds_3035], px, crs, resampling)[0]
+
+
+def read_cells(tile_paths: Sequence, cells_3035: Sequence[Sequence[float]], px: int, crs=LAEA,
+               resampling: str = "average") -> list[np.ndarray]:
+    """``read_cell`` for several cells that need the same tiles, each tile region decoded once: the
+    tiles are mosaicked once over the union of the cells' footprints (``cell_mosaic``), and each cell is
+    reprojected from its window of that in-memory mosaic (``warp_cells``). On tiles sharing one pixel
+    grid, each image equals the one ``read_cell`` gives for that cell alone."""
+    if not len(cells_3035):
+        return []
     with contextlib.ExitStack() as stack:
         srcs = [t if hasattr(t, "read") else stack.enter_context(rasterio.open(t)) for t in tile_paths]
         if not srcs:
-            return out.transpose(1, 2, 0).copy()
-        src_crs = tile_crs(srcs[0])
-        if any(tile_crs(s) != src_crs for s in srcs[1:]):
-            raise DataError(srcs[0].name, "the tiles of one cell carry different CRSs",
-                            "reproject the tiles to one CRS (EPSG:2154) before extraction")
-        if any(s.crs != srcs[0].crs for s in srcs[1:]):  # one CRS, other tags (untagged, RGF93 v2b): retag
-            srcs = [s if s.crs == src_crs else stack.enter_context(
-                rasterio.open(f"vrt://{s.name}?a_srs={src_crs.to_string()}")) for s in srcs]
-        for s in srcs:  # every tile of the cell: a neighbour with fewer bands would break the mosaic
-            if s.count < 3:
-                raise DataError(s.name, f"{s.count} band(s), RGB expected" + (
-                    f" (its neighbour {srcs[0].name} has {srcs[0].count})" if s is not srcs[0] else ""),
-                    "use the RVB orthophotos (3 bands) for every tile")
+            return [np.zeros((px, px, 3), np.uint8) for _ in cells_3035]
+        mosaic = cell_mosaic(srcs, cells_3035, crs)
+    return warp_cells(mosaic, px, resampling)
+
+
+@dataclass
+class CellMosaic:
+    """Tiles mosaicked in their own CRS over the footprints of some cells, and where each cell lies in it."""
+    pixels: np.ndarray    # bands x rows x cols, uint8, 0 = nodata
+    cells: list           # each cell's bounds in ``dst_crs``
+    windows: list         # each cell's footprint in ``pixels``: (row, col, height, width, transform in src_crs)
+    src_crs: CRS
+    dst_crs: CRS
+
+
+def cell_mosaic(srcs: list, cells_3035: Sequence[Sequence[float]], crs=LAEA) -> CellMosaic:
+    """The open tiles ``srcs`` (one CRS) mosaicked once over the union of the cells' footprints (each 2
+    px wider than the cell, on the first tile's pixel grid): the only decoding ``read_cells`` does."""
+    dst_crs = _crs(crs) if isinstance(crs, str) else CRS.from_user_input(crs)
+    with contextlib.ExitStack() as stack:
+        srcs, src_crs = _checked_tiles(srcs, stack)
         first = srcs[0].transform
         rx, ry = abs(first.a), abs(first.e)
         to_src = _transformer(dst_crs.to_wkt(), src_crs.to_wkt())
-        left, bottom, right, top = to_src.transform_bounds(*bounds_3035, densify_pts=21)
-        left, right = _snap_out(left - 2 * rx, right + 2 * rx, first.c, rx)
-        bottom, top = _snap_out(bottom - 2 * ry, top + 2 * ry, first.f, ry)
-        mosaic, transform = merge(srcs, bounds=(left, bottom, right, top), nodata=0, indexes=[1, 2, 3],
-                                  method=_first_where_all_bands_valid)
+        feet = []
+        for bounds in cells_3035:
+            left, bottom, right, top = to_src.transform_bounds(*bounds, densify_pts=21)
+            left, right = _snap_out(left - 2 * rx, right + 2 * rx, first.c, rx)
+            bottom, top = _snap_out(bottom - 2 * ry, top + 2 * ry, first.f, ry)
+            feet.append((left, bottom, right, top))
+        west, south = min(f[0] for f in feet), min(f[1] for f in feet)
+        east, north = max(f[2] for f in feet), max(f[3] for f in feet)
+        pixels, _ = merge(srcs, bounds=(west, south, east, north), nodata=0, indexes=[1, 2, 3],
+                          method=_first_where_all_bands_valid)
+    windows = []
+    for left, bottom, right, top in feet:
+        # the transform merge gives a mosaic of these bounds alone, so each warp sees what read_cell saw
+        windows.append((int(round((north - top) / ry)), int(round((left - west) / rx)),
+                        int(round((top - bottom) / ry)), int(round((right - left) / rx)),
+                        Affine.translation(left, top) * Affine.scale(rx, -ry)))
+    return CellMosaic(pixels, [tuple(b) for b in cells_3035], windows, src_crs, dst_crs)
+
+
+def warp_cells(mosaic: CellMosaic, px: int, resampling: str = "average") -> list[np.ndarray]:
+    """Each cell of ``mosaic`` reprojected from its window onto its own px x px grid: uint8 [px, px, 3]."""
+    return [_warp(mosaic.pixels[:, row:row + h, col:col + w], transform, mosaic.src_crs, mosaic.dst_crs, bounds, px,
+                  resampling) for bounds, (row, col, h, w, transform) in zip(mosaic.cells, mosaic.windows)]
+
+
+def _checked_tiles(srcs: list, stack: contextlib.ExitStack) -> tuple[list, CRS]:
+    """(the tiles, retagged to one CRS when only their tags differ, that CRS); DataError for tiles of
+    different CRSs or with fewer than 3 bands."""
+    src_crs = tile_crs(srcs[0])
+    if any(tile_crs(s) != src_crs for s in srcs[1:]):
+        raise DataError(srcs[0].name, "the tiles of one cell carry different CRSs",
+                        "reproject the tiles to one CRS (EPSG:2154) before extraction")
+    if any(s.crs != srcs[0].crs for s in srcs[1:]):  # one CRS, other tags (untagged, RGF93 v2b): retag
+        srcs = [s if s.crs == src_crs else stack.enter_context(
+            rasterio.open(f"vrt://{s.name}?a_srs={src_crs.to_string()}")) for s in srcs]
+    for s in srcs:  # every tile of the cell: a neighbour with fewer bands would break the mosaic
+        if s.count < 3:
+            raise DataError(s.name, f"{s.count} band(s), RGB expected" + (
+                f" (its neighbour {srcs[0].name} has {srcs[0].count})" if s is not srcs[0] else ""),
+                "use the RVB orthophotos (3 bands) for every tile")
+    return srcs, src_crs
+
+
+def _warp(mosaic: np.ndarray, transform, src_crs, dst_crs, bounds, px: int, resampling: str) -> np.ndarray:
+    """A mosaic window (bands x rows x cols, ``transform`` in ``src_crs``) reprojected onto the cell
+    ``bounds`` (in ``dst_crs``) at ``px`` x ``px``; uint8 [px, px, 3]."""
     # The mosaic's grid expressed in the cell's CRS by an affine map (off by under a millimetre over a
     # cell): the warp then needs no coordinate operation, whose set-up by PROJ for every new area costs
     # more than warping the cell itself.
     if src_crs != dst_crs:
         transform = local_affine(transform, mosaic.shape[2], mosaic.shape[1], src_crs, dst_crs)
-    reproject(mosaic, out, src_transform=transform, src_crs=dst_crs, src_nodata=0,
-              dst_transform=from_bounds(*bounds_3035, px, px), dst_crs=dst_crs, dst_nodata=0,
+    out = np.zeros((3, px, px), np.uint8)
+    reproject(np.ascontiguousarray(mosaic), out, src_transform=transform, src_crs=dst_crs, src_nodata=0,
+              dst_transform=from_bounds(*bounds, px, px), dst_crs=dst_crs, dst_nodata=0,
               resampling=Resampling[resampling], UNIFIED_SRC_NODATA="YES")
     return out.transpose(1, 2, 0).copy()
 
@@ -121,7 +182,7 @@ def _first_where_all_bands_valid(merged, new, merged_mask, new_mask, **kwargs) -
     which would zero the saturated band of a bright pixel and keep the others.)"""
     hole = np.ma.getmaskarray(new).all(axis=0) if np.ma.isMaskedArray(new) else np.asarray(new_mask).all(axis=0)
     take = np.asarray(merged_mask).all(axis=0) & ~hole
-    merged[:, take] = np.ma.getdata(new)[:, take]
+    np.copyto(merged, np.ma.getdata(new), where=take)  # broadcast over bands; no gather of the pixels
 
 
 def local_affine(transform, width: int, height: int, src_crs, dst_crs):
@@ -235,20 +296,40 @@ def _broken_tile(paths: Sequence[str], bounds, px: int) -> str:
 
 
 def _extract_group(jobs: list[tuple], px: int, resampling: str) -> list[tuple]:
-    """Read and save a group of cells that share tiles: (key, nodata share, problem or None) per cell. A
-    cell whose tile GDAL cannot open or decode (truncated, garbage) is not written: nodata share 1 (void)
-    and the problem, naming the tile."""
+    """Read and save a group of cells that share tiles (their tile regions decoded once, ``read_cells``):
+    (key, nodata share, problem or None) per cell. A cell whose tile GDAL cannot open or decode
+    (truncated, garbage) is not written: nodata share 1 (void) and the problem, naming the tile."""
+    paths = jobs[0][2]
+    try:
+        imgs = read_cells([_open_tile(p) for p in paths], [bounds for _, bounds, _, _ in jobs], px,
+                          resampling=resampling)
+    except _UNREADABLE:  # a tile broken in part only: cell by cell, so that the readable cells are kept
+        imgs = [None] * len(jobs)
     done = []
-    for key, bounds, paths, out in jobs:
-        try:
-            img = read_cell([_open_tile(p) for p in paths], bounds, px, resampling=resampling)
-        except _UNREADABLE as e:
-            done.append((key, 1.0, f"{_broken_tile(paths, bounds, px)}: unreadable orthophoto tile "
-                         f"({str(e).splitlines()[0][:200]})"))
-            continue
+    for (key, bounds, paths, out), img in zip(jobs, imgs):
+        if img is None:
+            try:
+                img = read_cell([_open_tile(p) for p in paths], bounds, px, resampling=resampling)
+            except _UNREADABLE as e:
+                done.append((key, 1.0, f"{_broken_tile(paths, bounds, px)}: unreadable orthophoto tile "
+                             f"({str(e).splitlines()[0][:200]})"))
+                continue
         write_png(out, img)
         done.append((key, nodata_fraction(img), None))
     return done
+
+
+def group_jobs(jobs: list[tuple], group_size: int) -> list[list[tuple]]:
+    """Runs of at most ``group_size`` consecutive jobs (key, bounds, tile paths, ...) with the same tiles."""
+    groups, current = [], []
+    for job in jobs:
+        if current and (job[2] != current[-1][2] or len(current) >= group_size):
+            groups.append(current)
+            current = []
+        current.append(job)
+    if current:
+        groups.append(current)
+    return groups
 
 
 def report_failed(problems: list[str], strict: bool) -> None:
@@ -289,14 +370,7 @@ def extract_cells(cells: pd.DataFrame, root: str | Path, px: int, workers: int =
                 continue
         todo.append((key, tuple(row.geometry.bounds), tuple(row["tiles"]), out))
     todo.sort(key=lambda job: (job[2], str(job[3])))
-    groups, current = [], []
-    for job in todo:
-        if current and (job[2] != current[-1][2] or len(current) >= group_size):
-            groups.append(current)
-            current = []
-        current.append(job)
-    if current:
-        groups.append(current)
+    groups = group_jobs(todo, group_size)
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo)
     if workers <= 1 or len(groups) <= 1:
         for group in groups:
