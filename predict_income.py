@@ -30,19 +30,11 @@ cell-id order) and writes ``cells.shard-I-of-N.gpkg``; ``--merge N`` then writes
 """
 import time
 
-import geopandas as gpd
-import numpy as np
-import pandas as pd
-
-from urbanlens.core import entry, files, runs, shards
-from urbanlens.core.config import data_dir, results_dir
+from urbanlens.core import entry, files, shards
+from urbanlens.core.config import results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.core.stage import open_stage
-from urbanlens.ses import agreement, extraction, prediction, report_html, urban_atlas
-from urbanlens.ses import figures as ses_figures
-from urbanlens.ses import grid as ses_grid
-from urbanlens.ses import tiles as ses_tiles
-from urbanlens.ses.world import TRUTH_CELLS
+from urbanlens.ses import income_map, prediction, report_html, rerun
 
 
 def arguments(parser):
@@ -68,31 +60,15 @@ def main() -> None:
     size, edges = ckpts[0]["config"]["ses_model"]["input_size"], ckpts[0].get("quintile_edges")
 
     # 2. images of another area, other data or another cell size are not mixed with this run's
-    stamp, inputs = out / prediction.STAMP, prediction.run_inputs(cfg, args.area)
-    extra = {"area": str(args.area) if args.area else f"Urban Atlas boundary of {city}"}
-    changed = runs.compare(stamp, cfg, prediction.RUN_KEYS, inputs, extra) if runs.has_outputs(out, [stamp.name]) else []
-    if changed and (not cfg.overwrite or args.shard):
-        runs.refuse(out, "holds a prediction of another area or from other images", changed,
-                    f"delete {out} before sharded runs" if cfg.overwrite else
-                    "use another paths.results or --set overwrite=true")
-    if changed:
-        prediction.clear(out)
-    runs.write_stamp(stamp, "predict_income.py", cfg, prediction.RUN_KEYS, inputs, extra)
+    rerun.claim(out, out / prediction.STAMP, "predict_income.py", cfg, prediction.RUN_KEYS,
+                prediction.run_inputs(cfg, args.area), "holds a prediction of another area or from other images",
+                prediction.clear, bool(args.shard),
+                {"area": str(args.area) if args.area else f"Urban Atlas boundary of {city}"})
     parts = shards.shard_paths(table_path, args.merge, newer_than=max(p.stat().st_mtime for p in checkpoints)) \
         if args.merge else []
 
     # 3. the area's grid cells that orthophotos cover, census or not
-    area = prediction.read_area(args.area) if args.area else \
-        urban_atlas.read_ua_boundary(data_dir(cfg, cfg.ses.ua_dir), city, cfg.ses.ua_boundary).geometry.union_all()
-    tiles = ses_tiles.read_tile_index(data_dir(cfg, cfg.ses.aerial_dir), product=cfg.ses.ortho_product)
-    grid = prediction.grid_cells(area, cfg.ses.cell_size_m)
-    cells = prediction.covered(grid, tiles)
-    cells["city"] = city
-    cells["census_income"] = prediction.census_income(cells, data_dir(cfg, cfg.ses.census_file))
-    cells["path"] = prediction.image_paths(cells["cell_id"], cfg, ses_dir, city)
-    print(f"[predict] {city}: {len(cells)} cells of the area covered by {cfg.ses.ortho_product} orthophotos "
-          f"({len(grid) - len(cells)} uncovered left out), {int(np.isfinite(cells['census_income']).sum())} of them "
-          f"in the census; {len(models)} fold models")
+    cells = income_map.area_cells(cfg, args.area, city, ses_dir, len(models))
     tag = "predict"
     if args.shard:  # this job's share: a contiguous chunk of the cells in cell-id order
         i, n = args.shard
@@ -100,26 +76,9 @@ def main() -> None:
         table_path, tag = shards.shard_path(table_path, i, n), f"predict {i}/{n}"
 
     if args.merge:  # 4'. the N shards' tables, checked and put in cell-id order
-        table = shards.merge_in_order([gpd.read_file(p, layer="cells") for p in parts], cells["cell_id"],
-                                      names=[p.name for p in parts])
-        table = gpd.GeoDataFrame(table, geometry="geometry", crs=ses_grid.LAEA)
-        cut = 0
+        table, cut = income_map.merged(parts, cells), 0
     else:  # 4. cut each cell (resumable), score the non-void ones out-of-fold where a fold trained on them
-        status = extraction.extract_cells(cells, ses_dir, px=cfg.ses.cell_px, workers=cfg.workers)
-        cut = int(status["extracted"].sum())
-        cells["nodata"] = status["nodata"].round(6)
-        cells["non_void"] = cells["nodata"] <= cfg.ses.max_nodata
-        scored = cells[cells["non_void"]]
-        trained = prediction.trained_on(ses_dir / city / prediction.FOLDS_CSV, scored["cell_id"], len(models))
-        needs, scored_by = prediction.scoring_plan(trained)
-        probs = prediction.score(models, [ses_dir / p for p in scored["path"]], size, place,
-                                 cfg.predict.batch_size, needs=needs)
-        scores = prediction.summarise(probs).assign(scored_by=scored_by).set_index(scored.index).reindex(cells.index)
-        scores["scored_by"] = scores["scored_by"].fillna(prediction.VOID)
-        table = pd.concat([cells[["cell_id", "city"]], scores, cells[["census_income"]]], axis=1)
-        table["observed_class"] = prediction.observed_class(table["census_income"], edges) if edges else np.nan
-        table = gpd.GeoDataFrame(table.join(cells[["non_void", "nodata", "path"]]), geometry=cells.geometry,
-                                 crs=ses_grid.LAEA)
+        table, cut = income_map.scored(cells, cfg, ses_dir, city, models, size, edges, place)
     with files.atomic_path(table_path) as tmp:
         table.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
     files.save_run_config(cfg, out, "predict_config.yaml")
@@ -127,43 +86,10 @@ def main() -> None:
         print(f"[{tag}] {city}: {len(table)} cells ({cut} cut now) in {time.time() - start:.1f} s -> {table_path}")
         return
 
-    # 5. the map on the 200 m grid and the figures
-    tif = out / "expected_class.tif"
-    prediction.write_grid_tif(tif, table["cell_id"], {"expected_class": table["expected_class"],
-                                                      "fold_spread": table["fold_spread"]})
-    files.save_figure(ses_figures.predicted_map_figure(table, city), out / "figures" / "predicted_map.png")
-    groups = agreement_groups(table, data_dir(cfg, TRUTH_CELLS), city, cfg.ses_train.block_m, cfg.seed)
-    files.write_json(out / "agreement.json", {"city": city, **groups,
-                                              "cells_by_scoring": table["scored_by"].value_counts().to_dict()})
-    oof = groups["census_out_of_fold"]
-    if oof["n"] >= 3:
-        known = table[prediction.is_out_of_fold(table["scored_by"]) & np.isfinite(table["census_income"])]
-        files.save_figure(ses_figures.observed_vs_predicted_figure(known, city, oof["rho"], oof["p_one_sided"],
-                                                                   "census cells scored out-of-fold"),
-                          out / "figures" / "observed_vs_predicted.png")
-    scored = table["non_void"].astype(bool)
-    print(f"[{tag}] {city}: {int(scored.sum())} of {len(table)} cells scored ({int((~scored).sum())} void), "
-          f"{len(table) - int(np.isfinite(table['census_income']).sum())} not in the census; mean expected class "
-          f"{np.nanmean(table['expected_class']):.2f}; "
-          + "; ".join(agreement.describe(g) for g in groups.values() if g["n"])
-          + f" in {time.time() - start:.1f} s -> {table_path}, {tif}, {out / 'agreement.json'}")
-
-
-def agreement_groups(table, truth_path, city: str, block_m: float, seed: int) -> dict:
-    """The agreement (agreement.agreement) of the withheld cells with their planted income and of the
-    census cells scored out-of-fold with their census income; nothing else is mixed in."""
-    scored = table["non_void"].astype(bool).to_numpy() & np.isfinite(table["expected_class"].to_numpy(float))
-    planted = table["cell_id"].map(agreement.withheld_truth(truth_path, city)).to_numpy(float)
-    withheld = scored & np.isfinite(planted) & (table["scored_by"] == prediction.NOT_TRAINED).to_numpy()
-    oof = scored & prediction.is_out_of_fold(table["scored_by"]) & np.isfinite(table["census_income"].to_numpy(float))
-    return {
-        "withheld": agreement.agreement(table["expected_class"][withheld], planted[withheld],
-                                        table["cell_id"][withheld], block_m, "withheld cells (no fold trained on "
-                                        "them), scored by the mean of all folds", "planted income", seed),
-        "census_out_of_fold": agreement.agreement(table["expected_class"][oof], table["census_income"][oof],
-                                                  table["cell_id"][oof], block_m, "census cells scored out-of-fold",
-                                                  "census income", seed),
-    }
+    # 5. the map on the 200 m grid, the figures and the agreement with known incomes
+    groups = income_map.write_map(out, table, cfg, city)
+    print(f"[{tag}] {city}: {income_map.describe(table, groups)} in {time.time() - start:.1f} s -> {table_path}, "
+          f"{out / 'expected_class.tif'}, {out / 'agreement.json'}")
 
 
 if __name__ == "__main__":

@@ -22,18 +22,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
 
-import pandas as pd
-from scipy.special import softmax
-
-from urbanlens.cities import classifier, data, figures, newplace, patches, rasters, report_html
-from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, loops, runs
+from urbanlens.cities import classifier, data, figures, newplace, patches, report_html, similar
+from urbanlens.core import entry, runs
 from urbanlens.core.config import data_dir, results_dir
+from urbanlens.core.files import save_figure, save_run_config, write_csv
 from urbanlens.core.stage import open_stage
-from urbanlens.core.errors import ConfigError, DataError
-from urbanlens.core.files import atomic_path, save_figure, save_run_config, write_csv
-
-RUN_KEYS = ("seed", "image", "patch", "test.split", "newplace")  # what the outputs depend on, besides the inputs
 
 
 def options(parser):
@@ -41,29 +34,8 @@ def options(parser):
     parser.add_argument("--name", help="name of the new city (default: the folder's name)")
 
 
-def embed(model, dataset, cfg, place, desc):
-    loader = loops.make_loader(dataset, cfg.test.batch_size, cfg.workers, place.device)
-    return loops.predict(model, loader, place, embeddings=True, desc=desc)
-
-
-def new_city(cfg, args) -> tuple[str, ...]:
-    """The results folder parts of the new city of ``--images`` / ``--name``, checked before anything runs."""
-    images = Path(args.images)
-    name = args.name or images.resolve().name
-    if not images.is_dir() or not newplace.find_images(images):
-        raise DataError(images, "no image files (.tif, .png, .jpg) in this folder or below",
-                        "point --images at the folder of the new city's images")
-    unused = newplace.unused_files(images)
-    if unused:  # nothing in the folder is passed over without a word
-        print(f"[new city] not used: {len(unused)} file(s) of a format the reader does not take (it takes "
-              f"{', '.join(patches.IMAGE_SUFFIXES)}): {unused[0]}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else ""))
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"--name '{name}'", "not usable as a folder name", "give a plain name, e.g. --name Bishkek")
-    return "cities", "new", name
-
-
 def main() -> None:
-    stage = open_stage(__doc__, "similar_cities.py", "configs/cities_demo.yaml", new_city, options,
+    stage = open_stage(__doc__, "similar_cities.py", "configs/cities_demo.yaml", similar.new_city, options,
                        amp="train.amp", channels_last="train.channels_last", report=report_html.render)
     cfg, args, place, out = stage.cfg, stage.args, stage.place, stage.out
     images, name, results = Path(args.images), out.name, results_dir(cfg, "cities")
@@ -76,39 +48,17 @@ def main() -> None:
     transform = data.transforms(size, train=False)
 
     # 2. The new city cut as preprocessing cuts, refused when the cut differs from the model's.
-    opts = rasters.options(cfg)
-    new = newplace.cut_new(images, opts, cfg.patch.size, cfg.patch.stride, cfg.patch.max_nodata,
-                           cfg.patch.jpeg_quality)
-    for problem in new.problems:
-        if cfg.strict:
-            raise DataError(f"{problem} (strict=true; --set strict=false lists and skips it)")
-        print(f"[similar] skipped: {problem}")
-    if new.frame.empty:
-        raise DataError(images, "no usable patch in these images (see above)", "fix the files listed or lower patch.size")
-    known_sources = pd.read_csv(patches_dir / patches.SOURCES)
-    differences = newplace.cut_differences(cities_training.patch_settings(cfg.paths.data), cfg, known_sources,
-                                           pd.DataFrame(new.sources))
-    if differences:
-        runs.refuse(best_pt, f"was trained on images cut otherwise than those in {images}", differences,
-                    "cut them alike: run with the config the model was trained with (its patches' settings are in "
-                    f"{patches_dir / patches.STAMP}), or set patch.ground_m and train a model on patches of that ground size")
+    new = similar.cut_like_the_model(cfg, images, patches_dir, best_pt)
 
     # 3. Embeddings: the new patches, and the known cities' test patches.
-    logits, emb, _ = embed(model, newplace.JpegPatches(new.jpegs, transform, size), cfg, place, "new patches")
+    logits, emb, _ = similar.embed(model, newplace.JpegPatches(new.jpegs, transform, size), cfg, place, "new patches")
     known = data.split_dataset(manifest, cfg.test.split, patches_dir, classes, transform, size)
-    known_labels, cache = known.labels, results / "new" / newplace.KNOWN
-    key = newplace.known_key(best_pt, cfg.test.split, known.files, place.device.type, cfg.train.amp)
-    known_emb = newplace.read_known(cache, key)
-    if known_emb is None:  # made once per model and split, shared by every new city
-        _, known_emb, _ = embed(model, known, cfg, place, f"known {cfg.test.split} patches")
-        newplace.write_known(cache, key, known_emb)
+    known_emb = similar.known_embeddings(model, cfg, known, results / "new" / newplace.KNOWN, best_pt, place)
 
     # 4. Ranking of the known cities, with intervals over the new city's source images.
     folders = manifest.drop_duplicates("iata").set_index("iata")["city"]
-    groups = new.frame["source"].to_numpy()
-    pred = logits.argmax(axis=1)
-    table = newplace.rank_cities(emb, pred, groups, known_emb, known_labels, classes,
-                                 [folders[c] for c in classes], cfg.newplace.bootstrap, cfg.seed)
+    table = newplace.rank_cities(emb, logits.argmax(axis=1), new.frame["source"].to_numpy(), known_emb, known.labels,
+                                 classes, [folders[c] for c in classes], cfg.newplace.bootstrap, cfg.seed)
     write_csv(table, out / "similar_cities.csv")
     top = table.head(3)
     save_figure(figures.similar_cities_figure(table, f"{name}: which known city it looks like "
@@ -116,25 +66,10 @@ def main() -> None:
                 out / "similar_cities.png")
 
     # 5. Per patch: predicted city, nearest city by embedding; the nearest-patches panel.
-    probs = softmax(logits, axis=1)
-    near, near_sim = newplace.nearest_city(emb, known_emb, known_labels, len(classes))
-    per_patch = new.frame.assign(predicted=[classes[i] for i in pred], probability=probs.max(axis=1),
-                                 nearest_city=[classes[i] for i in near], nearest_similarity=near_sim)
-    write_csv(per_patch, out / "patches.csv")
-    geo = newplace.footprints(per_patch, new.georef)
-    if geo is not None:
-        with atomic_path(out / "patches.gpkg") as tmp:
-            geo.to_file(tmp, layer="patches", driver="GPKG", engine="pyogrio")
-    top_idx = [classes.index(c) for c in top["iata"]]
-    picks = newplace.pick_patches(groups, cfg.newplace.panel_patches, cfg.seed)
-    nearest = newplace.nearest_patches(emb, picks, known_emb, known_labels, top_idx)
-    save_figure(figures.nearest_patches_figure(
-        [newplace.patch_image(new.jpegs[i]) for i in picks],
-        [[data.read_image(known.files[k]).permute(1, 2, 0).numpy() for k in row] for row in nearest],
-        list(top["iata"]), f"{name}: patches beside their nearest {cfg.test.split} patches"),
-        out / "nearest_patches.png")
+    geo = similar.write_patches(out, new, logits, emb, known_emb, known.labels, classes)
+    similar.nearest_panel(out / "nearest_patches.png", new, emb, known, known_emb, list(top["iata"]), classes, cfg, name)
     sources = runs.fingerprint(images, newplace.find_images(images))
-    runs.write_stamp(out / "similar_cities.stamp.json", "similar_cities.py", cfg, RUN_KEYS,
+    runs.write_stamp(out / "similar_cities.stamp.json", "similar_cities.py", cfg, similar.RUN_KEYS,
                      {**sources, **runs.fingerprint(results, [best_pt])})
     save_run_config(cfg, out, "similar_config.yaml")
 

@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .backbones import logits_and_embeddings
-from .errors import DataError, TrainingDiverged
+from .errors import ConfigError, DataError, TrainingDiverged
 from .placement import Placement, is_distributed, is_main_process, unwrap
 
 LossFn = Callable[..., torch.Tensor]  # loss_fn(outputs, targets, reduction="mean" | "sum"), as torch's losses
