@@ -92,7 +92,7 @@ def cut_new(folder: str | Path, opts: dict, size: int, stride: int, max_nodata: 
         source = img.relative_to(folder).as_posix()
         try:
             rgb, valid, info = rasters.convert(img, opts)
-            with rasters._open(img) as ds:
+            with rasters.open_raster(img) as ds:
                 georef = _georef(ds, info["out_width"], info["out_height"])
         except Exception as e:  # rasterio and Pillow raise several kinds for broken files
             out.problems.append(str(e) if isinstance(e, DataError)

@@ -58,7 +58,7 @@ def options(cfg) -> dict:
             "ground_m": ground}
 
 
-def _open(path: str | Path):
+def open_raster(path: str | Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         return rasterio.open(path)
@@ -93,7 +93,7 @@ def choose_bands(colorinterp, count: int, bands: list[int] | None, where: str = 
 def header(path: str | Path, ground_m: float | None = None) -> dict:
     """What an image is, from its header (nothing decoded): width, height, dtype, count, res_m, and the
     size it is cut at (out_width, out_height: resampled to ``ground_m`` when both are known)."""
-    with _open(path) as ds:
+    with open_raster(path) as ds:
         res = resolution_m(ds)
         h = {"width": ds.width, "height": ds.height, "dtype": ds.dtypes[0], "count": ds.count, "res_m": res,
              "driver": ds.driver}
@@ -176,7 +176,7 @@ def convert(path: str | Path, opts: dict) -> tuple[np.ndarray, np.ndarray, dict]
     The record: dtype, bands (count), bands_used, scale, limits, res_m, ground_m, width, height,
     out_width, out_height, nodata_share, saturated_share (valid pixels at 255 in some band)."""
     path = Path(path)
-    with _open(path) as ds:
+    with open_raster(path) as ds:
         idx = choose_bands(ds.colorinterp, ds.count, opts["bands"], str(path))
         res = resolution_m(ds)
         ow, oh = out_size(ds.width, ds.height, res, opts["ground_m"])

@@ -33,7 +33,7 @@ C_GRID = np.logspace(-3, 1, 5)   # inverse regularisation tried by the inner CV 
 NAME = "logistic regression on colour/texture statistics and random convolutional features (MOSAIKS-style)"
 
 
-def _float_images(x: torch.Tensor) -> torch.Tensor:
+def float_images(x: torch.Tensor) -> torch.Tensor:
     """uint8 or float [N, C, H, W] -> float32 in [0, 1], at most MAX_SIDE px a side."""
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     side = max(x.shape[-2:])
@@ -44,7 +44,7 @@ def _float_images(x: torch.Tensor) -> torch.Tensor:
 
 def colour_statistics(x: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] images -> [N, 10 C + 2]: per-channel mean, std, 8-bin histogram; grey mean |dx|, |dy|."""
-    x = _float_images(x)
+    x = float_images(x)
     n, c = x.shape[:2]
     flat = x.reshape(n, c, -1)
     bins = torch.clamp((flat * HIST_BINS).long(), 0, HIST_BINS - 1)
@@ -60,7 +60,7 @@ def draw_filters(images: torch.Tensor, n_filters: int = N_FILTERS, kernel: int =
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(filters, thresholds): ``n_filters`` random k x k patches of ``images`` (training images only),
     centred, unit norm, and each filter's mean absolute response over ``images``."""
-    x = _float_images(images)
+    x = float_images(images)
     g = torch.Generator().manual_seed(int(seed))
     n, c, h, w = x.shape
     i = torch.randint(0, n, (n_filters,), generator=g)
@@ -82,7 +82,7 @@ def draw_filters(images: torch.Tensor, n_filters: int = N_FILTERS, kernel: int =
 def random_features(x: torch.Tensor, filters: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] images -> [N, 2 F]: mean-pooled relu(r - b) and relu(-r - b) of each filter."""
     b, out = thresholds[None, :, None, None], []
-    for chunk in _float_images(x).split(CHUNK):  # the responses of a few images at a time fit in cache
+    for chunk in float_images(x).split(CHUNK):  # the responses of a few images at a time fit in cache
         r = F.conv2d(chunk, filters)
         out.append(torch.cat([F.relu(r - b).mean((2, 3)), F.relu(-r - b).mean((2, 3))], 1))
     return torch.cat(out)

@@ -28,7 +28,7 @@ def cell_images(paths) -> torch.Tensor:
     out = []
     for i in range(0, len(paths), BATCH):
         chunk = [read_cell_pixels(p).transpose(2, 0, 1) for p in paths[i:i + BATCH]]
-        out.append(baseline._float_images(torch.from_numpy(np.ascontiguousarray(np.stack(chunk)))))
+        out.append(baseline.float_images(torch.from_numpy(np.ascontiguousarray(np.stack(chunk)))))
     return torch.cat(out) if out else torch.zeros((0, 3, 1, 1))
 
 

@@ -14,7 +14,7 @@ from rasterio.warp import transform_bounds
 
 from ..core.errors import DataError
 from ..core.schema import IMPUTED_POLICIES
-from .columns import _key, _pick_columns, opening
+from .columns import column_key, pick_columns, opening
 from .grid import LAEA, cell_boxes, valid_ids
 
 CENSUS_COLUMNS = {
@@ -37,10 +37,10 @@ def edition(path: str | Path) -> str | None:
         infos = [pyogrio.read_info(path, layer=name) for name, _ in pyogrio.list_layers(path)]
     except Exception:  # not a vector file GDAL opens: not a census candidate
         return None
-    fields = {_key(f) for info in infos for f in info["fields"]}
-    if _key("idcar_200m") in fields:
+    fields = {column_key(f) for info in infos for f in info["fields"]}
+    if column_key("idcar_200m") in fields:
         return f"2019 {'GeoPackage' if Path(path).suffix.lower() == '.gpkg' else 'grid'} (idcar_200m)"
-    if _key("IdINSPIRE") in fields:
+    if column_key("IdINSPIRE") in fields:
         return f"2015 {'shapefile' if Path(path).suffix.lower() == '.shp' else 'grid'} (IdINSPIRE)"
     return None
 
@@ -153,14 +153,14 @@ def read_census(path: str | Path, bbox: Sequence[float] | None = None) -> gpd.Ge
     with opening(path, "census grid", "use INSEE's carreaux_200m_met.gpkg (or the 2015 shapefile) as downloaded, "
                  "or set ses.census_file"):
         infos = [pyogrio.read_info(path, layer=name) for name, _ in pyogrio.list_layers(path)]
-    ids = {_key(s) for s in CENSUS_COLUMNS["cell_id"]}
-    info = next((i for i in infos if ids & {_key(f) for f in i["fields"]}), infos[0])
+    ids = {column_key(s) for s in CENSUS_COLUMNS["cell_id"]}
+    info = next((i for i in infos if ids & {column_key(f) for f in i["fields"]}), infos[0])
     layer, fields, file_crs = info["layer_name"], list(info["fields"]), info["crs"]
-    cols = _pick_columns(fields, CENSUS_COLUMNS, path, "census grid", "INSEE's")
+    cols = pick_columns(fields, CENSUS_COLUMNS, path, "census grid", "INSEE's")
     if info.get("features") == 0:
         raise DataError(path, f"census layer '{layer}' holds no cell", "download the grid again (INSEE's "
                         "carreaux_200m_met.gpkg) or set ses.census_file to the file with the cells")
-    flag = next((f for f in fields if _key(f) in {_key(c) for c in IMPUTED_COLUMN}), None)
+    flag = next((f for f in fields if column_key(f) in {column_key(c) for c in IMPUTED_COLUMN}), None)
     _check_census_crs(path, layer, cols["cell_id"])
     read_bbox = None
     if bbox is not None:

@@ -10,18 +10,18 @@ import pyogrio.errors
 from ..core.errors import DataError
 
 
-def _key(name: str) -> str:
+def column_key(name: str) -> str:
     """Comparison key of a column name: lower case, no underscores."""
     return name.lower().replace("_", "")
 
 
-def _pick_columns(fields: Sequence[str], wanted: Mapping[str, Sequence[str]], path, what: str,
+def pick_columns(fields: Sequence[str], wanted: Mapping[str, Sequence[str]], path, what: str,
                   source: str = "the provider's") -> dict[str, str]:
     """Map each wanted name to the file's column among its accepted spellings (any case)."""
-    by_key = {_key(f): f for f in fields}
+    by_key = {column_key(f): f for f in fields}
     found, missing = {}, []
     for out, spellings in wanted.items():
-        hit = next((by_key[_key(s)] for s in spellings if _key(s) in by_key), None)
+        hit = next((by_key[column_key(s)] for s in spellings if column_key(s) in by_key), None)
         if hit is None:
             missing.append(f"{out} (one of {', '.join(spellings)})")
         else:

@@ -33,7 +33,7 @@ from ..core import runs
 from ..core.errors import DataError
 from ..core.files import atomic_path
 from .grid import CELL_PREFIX, LAEA
-from .tiles import _crs, _transformer, tile_crs
+from .tiles import as_crs, crs_transformer, tile_crs
 
 # What makes a cell image: the data read and the cell geometry. (Which cells and cities, and the void
 # threshold, may change between runs: the index is written anew, and each cell image is its own.)
@@ -112,12 +112,12 @@ class CellMosaic:
 def cell_mosaic(srcs: list, cells_3035: Sequence[Sequence[float]], crs=LAEA) -> CellMosaic:
     """The open tiles ``srcs`` (one CRS) mosaicked once over the union of the cells' footprints (each 2
     px wider than the cell, on the first tile's pixel grid): the only decoding ``read_cells`` does."""
-    dst_crs = _crs(crs) if isinstance(crs, str) else CRS.from_user_input(crs)
+    dst_crs = as_crs(crs) if isinstance(crs, str) else CRS.from_user_input(crs)
     with contextlib.ExitStack() as stack:
         srcs, src_crs = _checked_tiles(srcs, stack)
         first = srcs[0].transform
         rx, ry = abs(first.a), abs(first.e)
-        to_src = _transformer(dst_crs.to_wkt(), src_crs.to_wkt())
+        to_src = crs_transformer(dst_crs.to_wkt(), src_crs.to_wkt())
         feet = []
         for bounds in cells_3035:
             left, bottom, right, top = to_src.transform_bounds(*bounds, densify_pts=21)
@@ -194,7 +194,7 @@ def local_affine(transform, width: int, height: int, src_crs, dst_crs):
     cols, rows = (g.ravel() for g in np.meshgrid(np.linspace(0, width, 5), np.linspace(0, height, 5)))
     t = transform
     xs, ys = t.c + t.a * cols + t.b * rows, t.f + t.d * cols + t.e * rows
-    to_dst = _transformer(CRS.from_user_input(src_crs).to_wkt(), CRS.from_user_input(dst_crs).to_wkt())
+    to_dst = crs_transformer(CRS.from_user_input(src_crs).to_wkt(), CRS.from_user_input(dst_crs).to_wkt())
     X, Y = to_dst.transform(xs, ys)
     design = np.c_[cols, rows, np.ones_like(cols)]
     (a, b, c), (d, e, f) = (np.linalg.lstsq(design, v, rcond=None)[0] for v in (X, Y))

@@ -30,7 +30,7 @@ def too_small(where: str, labels, folds: int, val_share: float, fits: str | None
                      f"{scheme}: {len(labels)} cells, {per_quintile(labels)}", fix)
 
 
-def _fitting(make, folds: int) -> str | None:
+def fitting_share(make, folds: int) -> str | None:
     """The largest ``ses_train.folds`` below ``folds`` for which ``make(k)`` splits, as ``key=value``."""
     for k in range(folds - 1, 1, -1):
         try:
@@ -53,7 +53,7 @@ def stratified_folds(labels, folds: int, val_share: float, seed: int, where: str
     try:
         return _stratified(labels, folds, val_share, seed)
     except ValueError:  # scikit-learn's refusal of too few members of a class
-        fits = _fitting(lambda k: _stratified(labels, k, val_share, seed), folds)
+        fits = fitting_share(lambda k: _stratified(labels, k, val_share, seed), folds)
         raise too_small(where, labels, folds, val_share, fits) from None
 
 

@@ -70,10 +70,10 @@ def spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: float
     try:
         return _spatial_folds(cell_ids, labels, folds, val_share, block_m, buffer_m, seed, where)
     except ValueError:  # scikit-learn's refusal of a validation share it cannot draw
-        from .folds import _fitting, too_small
+        from .folds import fitting_share, too_small
 
         make = lambda k: _spatial_folds(cell_ids, labels, k, val_share, block_m, buffer_m, seed, where)  # noqa: E731
-        raise too_small(where, np.asarray(labels, dtype=int), folds, val_share, _fitting(make, folds),
+        raise too_small(where, np.asarray(labels, dtype=int), folds, val_share, fitting_share(make, folds),
                         f" in blocks of {block_m:g} m") from None
 
 

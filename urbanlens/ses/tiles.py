@@ -15,7 +15,7 @@ from pyproj import Transformer
 from rasterio.crs import CRS
 
 from ..core.errors import DataError
-from .columns import _pick_columns, opening
+from .columns import pick_columns, opening
 from .grid import L93
 
 _L93_PARAMS = {"lat_0": 46.5, "lon_0": 3.0, "x_0": 700000.0, "y_0": 6600000.0}
@@ -43,12 +43,12 @@ def _is_lambert93_wkt(wkt: str) -> bool:
 
 
 @lru_cache(maxsize=64)
-def _crs(value) -> CRS:
+def as_crs(value) -> CRS:
     return CRS.from_user_input(value)
 
 
 @lru_cache(maxsize=64)
-def _transformer(src_wkt: str, dst_wkt: str) -> Transformer:
+def crs_transformer(src_wkt: str, dst_wkt: str) -> Transformer:
     return Transformer.from_crs(CRS.from_wkt(src_wkt), CRS.from_wkt(dst_wkt), always_xy=True)
 
 
@@ -57,8 +57,8 @@ def tile_crs(ds, fallback=L93) -> CRS:
     ``fallback`` when the file has no CRS, otherwise the file's own."""
     crs = ds.crs
     if crs is None or not crs.to_wkt():
-        return _crs(fallback)
-    return _crs(L93) if is_lambert93(crs) else crs
+        return as_crs(fallback)
+    return as_crs(L93) if is_lambert93(crs) else crs
 
 
 RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
@@ -79,7 +79,7 @@ def _check_tile_crs(index: gpd.GeoDataFrame, paths) -> None:
                 crs = tile_crs(ds, fallback=index.crs)
         except rasterio.errors.RasterioIOError:
             continue  # unreadable: reported when its cells are read
-        if crs != _crs(index.crs.to_wkt()) and not (is_lambert93(crs) and is_lambert93(index.crs)):
+        if crs != as_crs(index.crs.to_wkt()) and not (is_lambert93(crs) and is_lambert93(index.crs)):
             raise DataError(path, f"tile CRS {crs.to_string()} differs from that of its index "
                             f"{index.attrs['index'].name} ({index.crs.to_string()})",
                             f"reproject the tile (gdalwarp -t_srs {index.crs.to_string()}) or fix the index")
@@ -151,7 +151,7 @@ def read_tile_index(aerial_dir: str | Path, product: str = "RVB") -> gpd.GeoData
     for shp in indexes:
         with opening(shp, "tile index", "unpack IGN's delivery again (dalles.shp with its .shx, .dbf and .prj)"):
             gdf = gpd.read_file(shp, engine="pyogrio")
-        nom = _pick_columns(list(gdf.columns), {"NOM": ("NOM",)}, shp, "tile index", "IGN's")["NOM"]
+        nom = pick_columns(list(gdf.columns), {"NOM": ("NOM",)}, shp, "tile index", "IGN's")["NOM"]
         gdf = gdf.rename(columns={nom: "NOM"})[["NOM", "geometry"]]
         if gdf.crs is None or is_lambert93(gdf.crs):
             gdf = gdf.set_crs(L93, allow_override=True)

@@ -13,7 +13,7 @@ import pyogrio
 
 from ..core.errors import DataError
 from . import archives
-from .columns import _key
+from .columns import column_key
 from .grid import LAEA
 
 _log = logging.getLogger("urbanlens")  # without logging set up, warnings go to stderr as they are
@@ -142,11 +142,11 @@ def _layers(datasets: Sequence[str]) -> list[tuple[str, str, list[str]]]:
 
 def _ua_schema(fields: Sequence[str]) -> tuple[int, str, str] | None:
     """(age rank, code column, class column) of a land-use layer, or None."""
-    keys = {_key(f): f for f in fields}
+    keys = {column_key(f): f for f in fields}
     for rank, (code, classes) in enumerate(UA_SCHEMAS):
-        cls = next((keys[_key(c)] for c in classes if _key(c) in keys), None)
-        if _key(code) in keys and cls:
-            return rank, keys[_key(code)], cls
+        cls = next((keys[column_key(c)] for c in classes if column_key(c) in keys), None)
+        if column_key(code) in keys and cls:
+            return rank, keys[column_key(code)], cls
     return None
 
 
@@ -186,7 +186,7 @@ def _landuse_layer(found: Path, layers) -> tuple[str, str, str, str]:
     for ds, name, fields in layers:
         schema = _ua_schema(fields)
         if schema and "boundary" not in name.lower():
-            n_codes = sum(_key(f).startswith("code") for f in fields)
+            n_codes = sum(column_key(f).startswith("code") for f in fields)
             candidates.append(((schema[0], "change" in name.lower(), n_codes, name), ds, name, schema))
     if not candidates:
         seen = "; ".join(f"{name}: {', '.join(fields[:8])}" for _, name, fields in layers) or "no vector layer"
@@ -226,7 +226,7 @@ BOUNDARY_KEY = "ses.ua_boundary"
 def layer_role(name: str) -> str | None:
     """``'boundary'`` for a functional urban area's boundary (``*_UA2012_Boundary``, ``*_UA2018_Boundary``,
     any other ``*boundary*``), ``'core city'`` for ``*_CityBoundary`` and ``*_UrbanCore``, else None."""
-    key = _key(name)
+    key = column_key(name)
     if any(c in key for c in CORE_CITY):
         return "core city"
     return "boundary" if "boundary" in key else None
@@ -244,7 +244,7 @@ def _pick_boundary(layers, landuse_source: str | None, wanted: str = "") -> tupl
     found = [(ds, name) for ds, name, _ in layers if layer_role(name) == "boundary"]
     if wanted:
         pick = [(ds, n) for ds, n in found + [(ds, n) for ds, n, _ in layers if layer_role(n) == "core city"]
-                if _key(n) == _key(wanted) or _key(Path(ds).name) == _key(wanted)]
+                if column_key(n) == column_key(wanted) or column_key(Path(ds).name) == column_key(wanted)]
         if not pick:
             shown = ", ".join(n for _, n in found) or "none"
             raise DataError(BOUNDARY_KEY, f"is '{wanted}', which names no layer of the city's Urban Atlas "
