@@ -3,21 +3,21 @@
 For each city of the config, its non-void census cells are labelled with the city's income quintiles
 (0 = poorest fifth, 4 = richest). EfficientNet-B0 reads a min-max-scaled cell image and outputs one
 sigmoid unit p, read as a binomial over the five ordered classes, trained with categorical cross-entropy.
-Folds by ses_train.cv: stratified (random cells, the paper's), spatial (whole blocks of block_m metres,
+Folds by ses.train.cv: stratified (random cells, the paper's), spatial (whole blocks of block_m metres,
 training cells within buffer_m of a test cell dropped) or city (each city tested by a model trained on
 the others). In each fold a share of the training cells validates: Adam, reduce-on-plateau
 and early stopping on the validation loss, restarted from the best weights at lr / 2^restart. The
 held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
 A simple baseline (colour/texture statistics and random convolutional features, ses.baseline) is fitted
 and scored on the same folds; metrics.json gives both with intervals from a bootstrap of spatial blocks
-(ses_train.bootstrap), the CNN's gain over the baseline and a permutation p-value of each AUC.
+(ses.train.bootstrap), the CNN's gain over the baseline and a permutation p-value of each AUC.
 Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
 (removed when the fold is done): a re-run of the same command skips finished folds and continues an
 interrupted one from its last epoch, ending where an uninterrupted run ends.
 
-    python efficientnet_training.py --config configs/ses_demo.yaml [--set ses_train.epochs=5]
+    python efficientnet_training.py --config configs/ses_demo.yaml [--set ses.train.epochs=5]
     torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs;
-                                                               ses_train.batch_size is the global batch)
+                                                               ses.train.batch_size is the global batch)
 """
 from urbanlens.core import entry
 from urbanlens.core.errors import DataError
@@ -30,7 +30,7 @@ from urbanlens.ses import training
 
 def main() -> None:
     stage = open_stage(__doc__, "efficientnet_training.py", "configs/ses_demo.yaml", ("ses",),
-                       amp="ses_train.amp", channels_last=True, report=report_html.render)  # NHWC on CUDA, CPU bf16
+                       amp="ses.train.amp", channels_last=True, report=report_html.render)  # NHWC on CUDA, CPU bf16
     cfg, place, ses_dir = stage.cfg, stage.place, stage.out  # the lock is shared by the ranks of one torchrun
     training.check_scheme(cfg, place)
     cells = ses_data.read_cells(ses_dir / "cells.gpkg")

@@ -10,12 +10,12 @@ m^2) -> polygon_stats.gpkg. Scores are averaged per
 land-use class -> landuse_summary.csv (per city, and pooled over cities in ses/), with the model's
 held-out skill (AUC poorest-vs-richest, bootstrap interval) and a ``meaningful`` flag that is False when
 that interval holds 0.5 or a class map is zero everywhere (urbanlens.ses.findings), or when the maps fail
-their sanity check (urbanlens.ses.map_sanity; cams.sanity_cells seeded cells, 0 = off): model
+their sanity check (urbanlens.ses.map_sanity; ses.cams.sanity_cells seeded cells, 0 = off): model
 randomisation and deletion against random pixel orders, in the columns of urbanlens.core.sanity.COLUMNS
 (sanity_randomisation_rho, sanity_deletion_gain, ..., maps_pass_sanity). Figures: observed vs
 predicted income map, a panel per sampled cell, rich vs poor score per land-use class.
 
-    python gradcaming_urban_areas.py --config configs/ses_demo.yaml [--set cams.batch_size=4]
+    python gradcaming_urban_areas.py --config configs/ses_demo.yaml [--set ses.cams.batch_size=4]
 
 Many machines: ``--shard I/N`` (numbered from 1) maps only the I-th of N contiguous runs of whole
 batches of each city's cells (cell-id order, so every cell has the batch companions of an unsharded run)
@@ -35,13 +35,13 @@ from urbanlens.ses import maps as ses_maps
 
 def main() -> None:
     stage = open_stage(__doc__, "gradcaming_urban_areas.py", "configs/ses_demo.yaml", ("ses",), shards.add_shard_args,
-                       amp="cams.amp", channels_last=True, report=report_html.render)  # lock: shared by --shard jobs
-    cfg, args, place, ses_dir, cc = stage.cfg, stage.args, stage.place, stage.out, stage.cfg.cams
+                       amp="ses.cams.amp", channels_last=True, report=report_html.render)  # lock: shared by --shard jobs
+    cfg, args, place, ses_dir, cc = stage.cfg, stage.args, stage.place, stage.out, stage.cfg.ses.cams
     cells = data.read_cells(ses_dir / "cells.gpkg").to_crs(ses_maps.CAM_CRS)
     rng = np.random.default_rng(cfg.seed)
 
     scored = {}  # per city mapped in full: its scores, pooled at the end
-    units = {"unit": cfg.ses_train.bootstrap, "block_m": cfg.ses_train.block_m}  # what the intervals resample
+    units = {"unit": cfg.ses.train.bootstrap, "block_m": cfg.ses.train.block_m}  # what the intervals resample
     any_trained = any((ses_dir / c / "metrics.json").is_file() for c in cfg.ses.cities)
     for city in cfg.ses.cities:
         city_dir = ses_dir / city

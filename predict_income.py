@@ -19,7 +19,7 @@ cell; 0 with one), scored_by ('out-of-fold (fold k)', 'all folds (not trained on
 scored)', or 'in-sample (every fold trained on it)', never counted as skill), census_income and observed_class where the census has the cell, non_void, nodata, path,
 geometry), ``expected_class.tif`` (EPSG:3035, one pixel per cell, pixel centres on the cell centres;
 band 1 expected class, band 2 fold spread, NaN elsewhere), ``agreement.json`` (Spearman between the
-expected class and the income, one-sided p and a bootstrap interval over ``ses_train.block_m`` blocks,
+expected class and the income, one-sided p and a bootstrap interval over ``ses.train.block_m`` blocks,
 separately for the withheld cells against their planted income in ``<data>/ses_truth_cells.csv`` when
 there is one, and for the census cells scored out-of-fold against their census income) and
 ``figures/`` (the map; observed vs predicted over the census cells scored out-of-fold). Re-runs skip
@@ -46,7 +46,7 @@ def arguments(parser):
 
 def main() -> None:
     stage = open_stage(__doc__, "predict_income.py", "configs/ses_demo.yaml", lambda cfg, args: ("ses", args.city, "predicted"),
-                       arguments, amp="ses_train.amp", channels_last=True, report=report_html.render)
+                       arguments, amp="ses.train.amp", channels_last=True, report=report_html.render)
     cfg, args, place, out = stage.cfg, stage.args, stage.place, stage.out
     start = time.time()
     ses_dir, city = results_dir(cfg, "ses"), args.city
@@ -57,7 +57,7 @@ def main() -> None:
     # 1. the city's fold models, refused when trained on images made otherwise than these
     checkpoints = prediction.fold_checkpoints(ses_dir / city)
     models, ckpts = prediction.load_fold_models(checkpoints, cfg, place.device)
-    size, edges = ckpts[0]["config"]["ses_model"]["input_size"], ckpts[0].get("quintile_edges")
+    size, edges = ckpts[0]["config"]["ses"]["model"]["input_size"], ckpts[0].get("quintile_edges")
 
     # 2. images of another area, other data or another cell size are not mixed with this run's
     rerun.claim(out, out / prediction.STAMP, "predict_income.py", cfg, prediction.RUN_KEYS,

@@ -2,14 +2,14 @@
 
 Any raster rasterio reads (GeoTIFF, JPEG 2000, PNG, JPEG; 8/16-bit or float, 1 to many bands) is made
 8-bit RGB first (config `image`: bands, and a 2-98 % stretch for data above 8 bits; see
-urbanlens/cities/rasters.py), resampled to `patch.ground_m` metres per pixel when that is set. Every site
+urbanlens/cities/rasters.py), resampled to `cities.patch.ground_m` metres per pixel when that is set. Every site
 but the last of a city trains the model; each image of the last site is cut into a left half (test) and
-a right half (val), and each half is patched with `patch.size` and `patch.stride` (paper: 480 and 240,
-361 patches per 4800 px image). Patches with more than `patch.max_nodata` nodata, or of one colour, are
+a right half (val), and each half is patched with `cities.patch.size` and `cities.patch.stride` (paper: 480 and 240,
+361 patches per 4800 px image). Patches with more than `cities.patch.max_nodata` nodata, or of one colour, are
 left out; a city left without train, val or test patches is left out. `test_b` is a fixed sample of
-`split.test_b_per_city` test patches per city. A re-run only writes what is missing.
+`cities.split.test_b_per_city` test patches per city. A re-run only writes what is missing.
 
-    python preprocessing.py --config configs/cities_demo.yaml [--set patch.stride=240]
+    python preprocessing.py --config configs/cities_demo.yaml [--set cities.patch.stride=240]
 """
 import time
 
@@ -39,14 +39,14 @@ def main() -> None:
                         "bash data_setup.sh --synthetic cities with this config)")
 
     # 1. plan: which patch of which image goes to which split (test_b is drawn once blanks are out)
-    plan, problems = plan_split(raw, cfg.patch.size, cfg.patch.stride, 0, cfg.seed, strict=cfg.strict,
+    plan, problems = plan_split(raw, cfg.cities.patch.size, cfg.cities.patch.stride, 0, cfg.seed, strict=cfg.strict,
                                 ground_m=opts["ground_m"])
     for p in problems:
         say(f"skipped: {p}")
     for line in unused_inputs(raw):  # nothing under the raw folder is passed over without a word
         say(f"not used: {line}")
     if plan.empty:
-        raise DataError(raw, "no usable city image (all skipped, see above)", "fix the files listed or lower patch.size")
+        raise DataError(raw, "no usable city image (all skipped, see above)", "fix the files listed or lower cities.patch.size")
 
     # 2. cut: each source image converted once, in parallel; files already there are kept, unless they
     #    were cut with other settings or from a source image changed since
@@ -59,7 +59,7 @@ def main() -> None:
         patches.clear_patches(out)
         say(f"{out} held patches made with other settings: cut again")
     runs.write_stamp(out / patches.STAMP, "preprocessing.py", cfg, patches.RUN_KEYS, sources)
-    result = cutting.cut(plan, raw, out, opts, cfg.patch.max_nodata, cfg.patch.jpeg_quality, cfg.workers)
+    result = cutting.cut(plan, raw, out, opts, cfg.cities.patch.max_nodata, cfg.cities.patch.jpeg_quality, cfg.workers)
     for source, problem in result.failed.items():
         if cfg.strict:
             raise DataError(f"{problem} (strict=true; --set strict=false lists and skips it)")
@@ -67,7 +67,7 @@ def main() -> None:
     for iata, counts in cutting.left_out_counts(result, plan).items():
         say(f"{iata}: left out {sum(counts.values())} blank patches ("
             + ", ".join(f"{n} {why}" for why, n in counts.items())
-            + f"; patch.max_nodata={cfg.patch.max_nodata})")
+            + f"; cities.patch.max_nodata={cfg.cities.patch.max_nodata})")
     plan = result.kept(plan)
     table = cutting.sources_frame(result.sources)
 
@@ -84,13 +84,13 @@ def main() -> None:
     if opts["ground_m"] is None and spread > 1.5:
         say(f"cities' ground resolutions differ {spread:.1f}x ("
             + ", ".join(f"{c} {r:g} m/px" for c, r in sorted(per_city.items()))
-            + "): their patches cover different ground; set patch.ground_m (e.g. the coarsest) to resample")
+            + "): their patches cover different ground; set cities.patch.ground_m (e.g. the coarsest) to resample")
 
     # 4. test_b, the manifest, and no file of an earlier split left behind
-    plan = patches.add_test_b(plan, cfg.split.test_b_per_city, cfg.seed)
+    plan = patches.add_test_b(plan, cfg.cities.split.test_b_per_city, cfg.seed)
     short = plan[plan["split"] == "test_b"].groupby("iata").size()
-    for iata, n in short[short < cfg.split.test_b_per_city].items():
-        say(f"{iata}: {n} test_b patches, fewer than split.test_b_per_city={cfg.split.test_b_per_city} "
+    for iata, n in short[short < cfg.cities.split.test_b_per_city].items():
+        say(f"{iata}: {n} test_b patches, fewer than cities.split.test_b_per_city={cfg.cities.split.test_b_per_city} "
             "(all its test patches)")
     linked = cutting.link_test_b(plan, out)
     write_csv(plan, out / "manifest.csv")

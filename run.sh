@@ -65,10 +65,10 @@ run_cities() {
 run_site_validation() {  # demo: the classifier trained again, validated on a held-out train site instead of the test site's other half
   local args=("$@")
   local results; results=$(cfg_get paths.results "${args[@]}")
-  local site=(--set split.val=site --set "paths.results=$results/val_site")
+  local site=(--set cities.split.val=site --set "paths.results=$results/val_site")
   $PY train_classification.py "${args[@]}" "${site[@]}"
   $PY test_classification.py "${args[@]}" "${site[@]}"
-  echo "[cities] split.val=site results in $results/val_site/cities"
+  echo "[cities] cities.split.val=site results in $results/val_site/cities"
 }
 
 run_new_city() {  # demo: a held-out synthetic city, a new twin of one demo city -> which demo city it resembles
@@ -121,10 +121,10 @@ check_flags() {  # COMMAND ARGS...: only --config FILE and --set KEY=VALUE, each
     case "$1" in
       --config|--set)
         if [ $# -lt 2 ] || [[ "$2" == -* ]]; then
-          usage_error "$cmd" "$1 needs a value ($([ "$1" = --set ] && echo "KEY=VALUE, e.g. --set train.epochs=5" || echo "a config file, e.g. configs/ses.yaml"))"
+          usage_error "$cmd" "$1 needs a value ($([ "$1" = --set ] && echo "KEY=VALUE, e.g. --set cities.train.epochs=5" || echo "a config file, e.g. configs/ses.yaml"))"
         fi
         if [ "$1" = --set ] && [[ "$2" != *=* ]]; then
-          usage_error "$cmd" "--set $2: expected KEY=VALUE, e.g. --set train.epochs=5"
+          usage_error "$cmd" "--set $2: expected KEY=VALUE, e.g. --set cities.train.epochs=5"
         fi
         shift 2 ;;
       --config=*|--set=*) shift ;;

@@ -5,7 +5,7 @@ The new city's images (--images DIR: any layout of image files, or the raw layou
 size, patch size and stride, blank-patch rule, JPEG quality; settings from the config, which must match
 those the model's patches were cut with: a model trained on other bands or another ground size is
 refused, naming the difference). The classifier (<results>/cities/checkpoints/best.pt) embeds every
-patch and the known cities' test patches (test.split). Writes <results>/cities/new/<NAME>/:
+patch and the known cities' test patches (cities.test.split). Writes <results>/cities/new/<NAME>/:
 similar_cities.csv (each known city: cosine similarity of the new city's mean embedding to the known
 city's mean test embedding, share of the new patches predicted as it, 95 % intervals over resamples of
 the new city's source images, share of resamples ranking it first; most similar first),
@@ -36,7 +36,7 @@ def options(parser):
 
 def main() -> None:
     stage = open_stage(__doc__, "similar_cities.py", "configs/cities_demo.yaml", similar.new_city, options,
-                       amp="train.amp", channels_last="train.channels_last", report=report_html.render)
+                       amp="cities.train.amp", channels_last="cities.train.channels_last", report=report_html.render)
     cfg, args, place, out = stage.cfg, stage.args, stage.place, stage.out
     images, name, results = Path(args.images), out.name, results_dir(cfg, "cities")
 
@@ -52,13 +52,13 @@ def main() -> None:
 
     # 3. Embeddings: the new patches, and the known cities' test patches.
     logits, emb, _ = similar.embed(model, newplace.JpegPatches(new.jpegs, transform, size), cfg, place, "new patches")
-    known = data.split_dataset(manifest, cfg.test.split, patches_dir, classes, transform, size)
+    known = data.split_dataset(manifest, cfg.cities.test.split, patches_dir, classes, transform, size)
     known_emb = similar.known_embeddings(model, cfg, known, results / "new" / newplace.KNOWN, best_pt, place)
 
     # 4. Ranking of the known cities, with intervals over the new city's source images.
     folders = manifest.drop_duplicates("iata").set_index("iata")["city"]
     table = newplace.rank_cities(emb, logits.argmax(axis=1), new.frame["source"].to_numpy(), known_emb, known.labels,
-                                 classes, [folders[c] for c in classes], cfg.newplace.bootstrap, cfg.seed)
+                                 classes, [folders[c] for c in classes], cfg.cities.newplace.bootstrap, cfg.seed)
     write_csv(table, out / "similar_cities.csv")
     top = table.head(3)
     save_figure(figures.similar_cities_figure(table, f"{name}: which known city it looks like "

@@ -1,17 +1,17 @@
 """Train the city classifier: which city does a satellite patch come from?
 
 A torchvision backbone (paper: ResNet-50 from ImageNet weights) with a new final layer over the cities,
-inputs resized to model.input_size with random horizontal and vertical flips and ImageNet normalisation,
-Adam (learning rate per train.schedule; the paper's is constant), cross-entropy, class-balanced sampling
-(train.balanced). Each epoch writes <results>/cities/checkpoints/last.pt and a
+inputs resized to cities.model.input_size with random horizontal and vertical flips and ImageNet normalisation,
+Adam (learning rate per cities.train.schedule; the paper's is constant), cross-entropy, class-balanced sampling
+(cities.train.balanced). Each epoch writes <results>/cities/checkpoints/last.pt and a
 row of <results>/cities/train_log.csv; best.pt keeps the epoch of highest validation accuracy. The
-validation patches are the paper's (right halves of the test site's images) or, with split.val=site, those
+validation patches are the paper's (right halves of the test site's images) or, with cities.split.val=site, those
 of a train site held out of training (urbanlens/cities/validation.py).
 Patches changed since last.pt was trained (re-cut, other image or patch settings) are refused, also
 with --resume: overwrite=true trains anew on them.
 Re-running the same command continues from last.pt (an interrupted run loses at most the epoch it was
 in; a finished one is left as it is); --resume also continues one trained with other settings (e.g. more
-train.epochs); overwrite=true starts over. Under torchrun, DistributedDataParallel (train.batch_size is
+cities.train.epochs); overwrite=true starts over. Under torchrun, DistributedDataParallel (cities.train.batch_size is
 global).
 """
 import os
@@ -34,14 +34,14 @@ def options(parser):
 
 def main() -> None:
     stage = open_stage(__doc__, "train_classification.py", "configs/cities_demo.yaml", ("cities",), options,
-                       amp="train.amp", channels_last="train.channels_last", report=report_html.render)
+                       amp="cities.train.amp", channels_last="cities.train.channels_last", report=report_html.render)
     cfg, place = stage.cfg, stage.place
 
     # Data: the patches of the site-based split, classes = sorted IATA codes.
     manifest = patches.read_manifest(data_dir(cfg))
     classes = patches.class_names(manifest, data_dir(cfg, "cities", "patches", "manifest.csv"))  # two or more
-    manifest = validation.training_splits(manifest, cfg.split.val)  # which patches train and which validate
-    model = build_backbone(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.weights_path)
+    manifest = validation.training_splits(manifest, cfg.cities.split.val)  # which patches train and which validate
+    model = build_backbone(cfg.cities.model.backbone, len(classes), cfg.cities.model.pretrained, cfg.cities.model.weights_path)
     model = place.model(model)  # (before the store: missing weights stop at once)
     train_set, val_set = training.datasets(cfg, manifest, classes, place)
     sampler, train_loader, val_loader = training.loaders(cfg, train_set, val_set, place)
@@ -50,8 +50,8 @@ def main() -> None:
     opt = training.optimiser(cfg, model, len(train_loader), place)
     done, best_acc = training.resume_point(cfg, stage.args.resume, stage.out, model, opt, classes, place)
     if place.main:
-        print(f"[train] {len(train_set)} train / {len(val_set)} val patches (split.val={cfg.split.val}), "
-              f"{len(classes)} cities, {cfg.model.backbone} on {place.describe()}, {len(train_loader)} steps per epoch")
+        print(f"[train] {len(train_set)} train / {len(val_set)} val patches (cities.split.val={cfg.cities.split.val}), "
+              f"{len(classes)} cities, {cfg.cities.model.backbone} on {place.describe()}, {len(train_loader)} steps per epoch")
     training.run_epochs(cfg, model, opt, sampler, train_loader, val_loader, classes, stage.out, done, best_acc, place)
 
 

@@ -2,7 +2,7 @@
 
     python bench/cams.py [--px 800] [--batch 8] [--repeats 2] [--device auto] [--amp off]
 
-EfficientNet-B0 of the income model (untrained, ``ses_model.pretrained=false``) at --px (default: the
+EfficientNet-B0 of the income model (untrained, ``ses.model.pretrained=false``) at --px (default: the
 paper's 800 px on CUDA, 224 px on a CPU, where 800 px takes minutes a cell), the two maps
 the stage computes per cell (poorest and richest class, ``urbanlens.core.cam.guided_gradcam`` with
 clip percentile 99) on --batch random cells: at batch 1 (each cell alone) and at --batch in one call.
@@ -47,14 +47,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each (the fastest counts)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--amp", default="off", help="cams.amp: auto | bf16 | fp16 | off")
+    ap.add_argument("--amp", default="off", help="ses.cams.amp: auto | bf16 | fp16 | off")
     args = ap.parse_args()
     device = runtime.select_device(args.device)
     args.px = args.px or (800 if device.type == "cuda" else 224)
     if device.type == "cpu":
         single_thread()
     header("cams", args)
-    cfg = config.load_config(None, ["ses_model.pretrained=false", f"ses_model.input_size={args.px}"])
+    cfg = config.load_config(None, ["ses.model.pretrained=false", f"ses.model.input_size={args.px}"])
     torch.manual_seed(0)
     model = loops.to_device(ses_model.build_ses_model(cfg).eval(), device, True, args.amp)
     layer = backbones.last_conv_layer(model)

@@ -51,11 +51,11 @@ from urbanlens.ses import (
 
 def make_tiles(workdir: Path, city_m: float, res: float, seed: int, fmt: str, workers: int) -> gpd.GeoDataFrame:
     """Render a synthetic city's orthophoto tiles; return the tile index [path, geometry] (EPSG:2154)."""
-    cfg = load_config(None, [f"france.city_size_m={city_m}", f"france.resolution_m={res}",
-                             "france.nodata_fraction=0", f"seed={seed}"])
+    cfg = load_config(None, [f"ses.world.city_size_m={city_m}", f"ses.world.resolution_m={res}",
+                             "ses.world.nodata_fraction=0", f"seed={seed}"])
     city = world_plan.plan_city("Paris", 0, float(city_m), seed)
     driver, ext = world.aerial_driver() if fmt == "jp2" else ("GTiff", "tif")
-    jobs, index = world.tile_jobs(city, workdir / "tiles", cfg.france, seed, driver, ext)
+    jobs, index = world.tile_jobs(city, workdir / "tiles", cfg.ses.world, seed, driver, ext)
     world.render_all(jobs, workers, progress=True)
     index["path"] = [j.path for j in jobs]
     return index[["path", "geometry"]]

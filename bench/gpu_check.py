@@ -6,14 +6,14 @@ training / mapping speed at the papers' sizes, with peak GPU memory.
 
 Parts (``--parts``, comma-separated, default all):
   pipelines  every stage of both demo pipelines (configs/cities_demo.yaml, ses_demo.yaml) as the scripts
-             run them, on a temporary data and results folder, with --set device=cuda, train.amp and
-             ses_train.amp ``auto`` (float16 + loss scaling), cams.amp ``bf16``, NHWC layout
+             run them, on a temporary data and results folder, with --set device=cuda, cities.train.amp and
+             ses.train.amp ``auto`` (float16 + loss scaling), ses.cams.amp ``bf16``, NHWC layout
   ddp        one training step of a small ResNet in two processes under DistributedDataParallel (NCCL;
              run only where two GPUs are visible): the two replicas' weights agree afterwards
   speed      the project's step (loops.train_step: autocast, grad scaler, channels_last) and a plain
              float32 NCHW step, images per second and peak GPU memory: ResNet-50 at 224 px, batch 128
              (the city classifier); EfficientNet-B0 at 800 px, batch 10 (the income model); guided Grad-CAM
-             of both classes per cell at 800 px (cams.batch_size cells a batch), float32 vs bf16. The first
+             of both classes per cell at 800 px (ses.cams.batch_size cells a batch), float32 vs bf16. The first
              batch's loss under AMP agrees with float32 within 1 %.
   store      a uint8 store built under torchrun by 2 ranks (tests/ddp_store_build.py): decoding longer than
              the process group's timeout (2 s) passes when every rank builds its share, and the former
@@ -49,12 +49,12 @@ STAGES = {"cities": ["-m urbanlens.cities.world", "preprocessing.py", "train_cla
                      "test_classification.py", "saliency.py"],
           "ses": ["-m urbanlens.ses.world", "generate_fr_ua_aerial_data.py", "efficientnet_training.py",
                   "gradcaming_urban_areas.py"]}
-TINY = {"cities": ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=96",
-                   "patch.size=48", "patch.stride=48", "split.test_b_per_city=2", "model.input_size=32",
-                   "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2", "test.bootstrap=20",
-                   "saliency.per_city=1"],
-        "ses": ["france.city_size_m=1000", "france.withhold=0", "france.cities=[Paris]", "ses.cities=[Paris]", "ses.cell_px=32",
-                "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.batch_size=4", "cams.panels=1"]}
+TINY = {"cities": ["cities.world.n_cities=3", "cities.world.n_sites=2", "cities.world.images_per_site=1", "cities.world.image_size=96",
+                   "cities.patch.size=48", "cities.patch.stride=48", "cities.split.test_b_per_city=2", "cities.model.input_size=32",
+                   "cities.train.epochs=1", "cities.train.batch_size=4", "cities.train.max_steps_per_epoch=2", "cities.test.bootstrap=20",
+                   "cities.saliency.per_city=1"],
+        "ses": ["ses.world.city_size_m=1000", "ses.world.withhold=0", "ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.cell_px=32",
+                "ses.model.input_size=32", "ses.train.epochs=1", "ses.train.batch_size=4", "ses.cams.panels=1"]}
 
 
 # ------------------------------------------------------------------ parts
@@ -62,7 +62,7 @@ def pipeline_commands(which: str, work: Path, device: str, tiny: bool) -> list[l
     """The stage commands of one demo pipeline on ``work``'s data and results folders."""
     amp = "bf16" if device == "cpu" else "auto"  # CPU autocast is bfloat16 only
     sets = [f"device={device}", f"paths.data={work / 'data'}", f"paths.results={work / 'results'}",
-            f"train.amp={amp}", "train.channels_last=true", f"ses_train.amp={amp}", "cams.amp=bf16",
+            f"cities.train.amp={amp}", "cities.train.channels_last=true", f"ses.train.amp={amp}", "ses.cams.amp=bf16",
             *(TINY[which] if tiny else [])]
     args = ["--config", f"configs/{which}_demo.yaml", *[a for s in sets for a in ("--set", s)]]
     return [[sys.executable, *stage.split(), *args] for stage in STAGES[which]]
@@ -166,7 +166,7 @@ def _step_rows(name, build, size, batch, loss_fn, n_out, device, amp, steps) -> 
 
 
 def _cam_rows(size, batch, device, steps) -> list[tuple]:
-    cfg = config.load_config(None, ["ses_model.pretrained=false", f"ses_model.input_size={size}"])
+    cfg = config.load_config(None, ["ses.model.pretrained=false", f"ses.model.input_size={size}"])
     torch.manual_seed(0)
     model = ses_model.build_ses_model(cfg)
     layer = backbones.last_conv_layer(model)
@@ -214,7 +214,7 @@ def run_speed(device: torch.device, tiny: bool) -> list[tuple]:
     r, e, c = ((32, 4), (32, 2), (32, 2)) if tiny else ((224, 128), (800, 10), (800, 8))
     steps = 1 if tiny else 5
     resnet = lambda: torchvision.models.get_model("resnet18" if tiny else "resnet50", num_classes=8)  # noqa: E731
-    ses_cfg = config.load_config(None, ["ses_model.pretrained=false", f"ses_model.input_size={e[0]}"])
+    ses_cfg = config.load_config(None, ["ses.model.pretrained=false", f"ses.model.input_size={e[0]}"])
     effnet = lambda: ses_model.build_ses_model(ses_cfg)  # noqa: E731
     return (_step_rows(f"ResNet-{18 if tiny else 50} {r[0]} px, batch {r[1]}", resnet, *r, F.cross_entropy, 8, device, amp, steps)
             + _step_rows(f"EfficientNet-B0 {e[0]} px, batch {e[1]}", effnet, *e, F.nll_loss, 5, device, amp, steps)

@@ -6,7 +6,7 @@ A synthetic French city (urbanlens.ses.world, one city, JPEG 2000 tiles at --res
 For each cell count (ses.max_cells = N, then factor x N) the real stage scripts run as child processes,
 each on its own results folder:
   extraction       generate_fr_ua_aerial_data.py (one worker), cells of --cell-px (the paper's 800 px)
-  activation maps  gradcaming_urban_areas.py at ses_model.input_size = --cams-px, with an untrained SES
+  activation maps  gradcaming_urban_areas.py at ses.model.input_size = --cams-px, with an untrained SES
                    model saved as the best fold's checkpoint in the layout efficientnet_training.py writes
                    (metrics.json + fold_0/best.pt)
 Peak memory is the child's maximum resident set size as the kernel accounts it (os.wait4).
@@ -57,10 +57,10 @@ def verdict(stage: str, peak_n: float, peak_kn: float, n: int, factor: int, px: 
 
 def overrides(workdir: Path, n: int, args) -> list[str]:
     return [f"paths.data={workdir / 'data'}", f"paths.results={workdir / f'results_{n}'}",
-            "france.cities=[Paris]", "ses.cities=[Paris]", f"france.city_size_m={args.city_m}",
-            f"france.resolution_m={args.res}", f"ses.cell_px={args.cell_px}", f"ses_model.input_size={args.cams_px}",
+            "ses.world.cities=[Paris]", "ses.cities=[Paris]", f"ses.world.city_size_m={args.city_m}",
+            f"ses.world.resolution_m={args.res}", f"ses.cell_px={args.cell_px}", f"ses.model.input_size={args.cams_px}",
             f"ses.max_cells={n}",
-            "workers=1", f"cams.batch_size={args.batch}", "cams.panels=2", f"seed={args.seed}"]
+            "workers=1", f"ses.cams.batch_size={args.batch}", "ses.cams.panels=2", f"seed={args.seed}"]
 
 
 def fake_training(cfg) -> None:
@@ -78,7 +78,7 @@ def fake_training(cfg) -> None:
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.momentum = 1.0  # running statistics = those of the next batch
     with torch.no_grad():
-        model.train()(torch.rand(8, 3, cfg.ses_model.input_size, cfg.ses_model.input_size))
+        model.train()(torch.rand(8, 3, cfg.ses.model.input_size, cfg.ses.model.input_size))
     city_dir = Path(cfg.paths.results) / "ses" / cfg.ses.cities[0]
     runtime.save_checkpoint(city_dir / "fold_0" / "best.pt", model.eval(), cfg, epoch=0)
     files.write_json(city_dir / "metrics.json", {"best_fold": 0})
@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--cams-px", type=int, default=800, help="network input of the activation maps = map side")
     ap.add_argument("--stages", default=None, help="comma-separated: extraction, cams (default: both on CUDA; "
                     "extraction alone on a CPU, where the maps of 4N cells of 800 px take hours)")
-    ap.add_argument("--batch", type=int, default=4, help="cams.batch_size (keep it <= --n)")
+    ap.add_argument("--batch", type=int, default=4, help="ses.cams.batch_size (keep it <= --n)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where the world and results go (default: temporary)")
     args, _ = ap.parse_known_args()

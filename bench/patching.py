@@ -34,9 +34,9 @@ from urbanlens.core.config import load_config  # noqa: E402
 
 
 def make_world(data: Path, cities: int, images: int, image_px: int, seed: int) -> Path:
-    cfg = load_config(None, [f"paths.data={data}", f"world.n_cities={cities}", "world.n_sites=2",
-                             f"world.images_per_site={images}", f"world.image_size={image_px}",
-                             "world.feature_scale=5.0", f"seed={seed}"])
+    cfg = load_config(None, [f"paths.data={data}", f"cities.world.n_cities={cities}", "cities.world.n_sites=2",
+                             f"cities.world.images_per_site={images}", f"cities.world.image_size={image_px}",
+                             "cities.world.feature_scale=5.0", f"seed={seed}"])
     return cities_world.generate_world(cfg) / "raw"
 
 

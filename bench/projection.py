@@ -158,7 +158,7 @@ def network_seconds(px, repeats):
     from urbanlens.ses.model import build_ses_model
 
     torch.set_num_threads(1)
-    cfg = load_config(None, ["ses_model.pretrained=false", f"ses_model.input_size={px}"])
+    cfg = load_config(None, ["ses.model.pretrained=false", f"ses.model.input_size={px}"])
     model = build_ses_model(cfg).eval()
     x = torch.rand(1, 3, px, px, requires_grad=True)
 

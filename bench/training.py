@@ -73,10 +73,10 @@ def write_cells(images, folder: Path, noise: float, seed: int) -> list[Path]:
 
 def paper_files(args, work: Path) -> tuple[list[Path], list[Path]]:
     """Paper-size inputs of the loader case: JPEG patches (configs/cities.yaml) and cell PNGs (ses.yaml)."""
-    cc = load_config(str(ROOT / CONFIGS["cities", "paper"]), ["model.pretrained=false", "device=cpu"])
-    sc = load_config(str(ROOT / CONFIGS["ses", "paper"]), ["ses_model.pretrained=false", "device=cpu"])
-    patches = write_jpegs(draw_images(args.files, cc.patch.size, cc.world.feature_scale, args.seed),
-                          work / "loader_cities", cc.patch.jpeg_quality)
+    cc = load_config(str(ROOT / CONFIGS["cities", "paper"]), ["cities.model.pretrained=false", "device=cpu"])
+    sc = load_config(str(ROOT / CONFIGS["ses", "paper"]), ["ses.model.pretrained=false", "device=cpu"])
+    patches = write_jpegs(draw_images(args.files, cc.cities.patch.size, cc.cities.world.feature_scale, args.seed),
+                          work / "loader_cities", cc.cities.patch.jpeg_quality)
     px = sc.ses.cell_px
     return patches, write_cells(draw_images(args.cells, px, px / 96, args.seed), work / "loader_ses", args.noise, args.seed)
 
@@ -102,16 +102,16 @@ def gpu_part(args) -> float | None:
         print("[training] GPU part skipped: no CUDA GPU visible")
         return None
     device = torch.device(GPU)
-    cfg = load_config(str(ROOT / CONFIGS["cities", "paper"]), ["model.pretrained=false"])
-    batch, size, n_classes = args.gpu_batch or cfg.train.batch_size, cfg.model.input_size, cfg.world.n_cities
+    cfg = load_config(str(ROOT / CONFIGS["cities", "paper"]), ["cities.model.pretrained=false"])
+    batch, size, n_classes = args.gpu_batch or cfg.cities.train.batch_size, cfg.cities.model.input_size, cfg.cities.world.n_cities
     g = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randn(batch, 3, size, size, generator=g).to(device),
                 torch.randint(0, n_classes, (batch,), generator=g).to(device)) for _ in range(args.gpu_steps)]
     torch.manual_seed(args.seed)
-    init = backbones.build_backbone(cfg.model.backbone, n_classes, False, None).state_dict()
+    init = backbones.build_backbone(cfg.cities.model.backbone, n_classes, False, None).state_dict()
 
     def fresh():
-        m = backbones.build_backbone(cfg.model.backbone, n_classes, False, None)
+        m = backbones.build_backbone(cfg.cities.model.backbone, n_classes, False, None)
         m.load_state_dict(init)
         return m
 
@@ -125,8 +125,8 @@ def gpu_part(args) -> float | None:
     rel = abs(l_amp - l_fp32) / abs(l_fp32)
     print(f"[training] gpu: first-batch loss amp {l_amp:.5f} vs fp32 {l_fp32:.5f} (relative difference {rel:.1e})")
     assert rel < 1e-2, f"mixed-precision loss differs from fp32 by {rel:.1e}"
-    opt_a = torch.optim.Adam(amp_model.parameters(), lr=cfg.train.lr)
-    opt_f = torch.optim.Adam(fp32_model.parameters(), lr=cfg.train.lr)
+    opt_a = torch.optim.Adam(amp_model.parameters(), lr=cfg.cities.train.lr)
+    opt_f = torch.optim.Adam(fp32_model.parameters(), lr=cfg.cities.train.lr)
     scaler = placement.grad_scaler(device, "auto")
 
     def timed(fn):
@@ -139,7 +139,7 @@ def gpu_part(args) -> float | None:
                                             Placement(device, "auto", True)))
     fp32_s = timed(lambda: plain_fp32_steps(fp32_model, opt_f, batches, device))
     n = batch * args.gpu_steps
-    print(f"[training] gpu: {torch.cuda.get_device_name(0)}; {cfg.model.backbone} at {size} px, batch {batch}, "
+    print(f"[training] gpu: {torch.cuda.get_device_name(0)}; {cfg.cities.model.backbone} at {size} px, batch {batch}, "
           f"{args.gpu_steps} steps per run")
     print(table([("amp + channels_last (project)", amp_s), ("plain fp32 NCHW", fp32_s)], n, "image",
                 "plain fp32 NCHW"))

@@ -116,10 +116,10 @@ def build_timed(fn) -> tuple[object, float]:
 
 def cities_loader_case(files: list[Path], args, work: Path, device) -> dict:
     """``files``: paper-size JPEG patches (repeated to --loader-items)."""
-    cfg = load_config(str(ROOT / "configs/cities.yaml"), ["model.pretrained=false"])
-    size, batch = cfg.model.input_size, cfg.train.batch_size
+    cfg = load_config(str(ROOT / "configs/cities.yaml"), ["cities.model.pretrained=false"])
+    size, batch = cfg.cities.model.input_size, cfg.cities.train.batch_size
     n, reads = len(files), min(args.loader_reads, len(files))
-    labels = np.arange(n) % cfg.world.n_cities
+    labels = np.arange(n) % cfg.cities.world.n_cities
     shape = (3, size, size)
     path = work / "cities_store"
     _, build_s = build_timed(lambda: store.build(path, files, lambda f: cities_data.decode_for_store(f, size), shape,
@@ -144,7 +144,7 @@ def cities_loader_case(files: list[Path], args, work: Path, device) -> dict:
     for a, r in zip(cities_data.train_batches(args.seed, 1)(x), ref):
         assert any(torch.equal(a, v) for v in (r, r.flip(-1), r.flip(-2), r.flip(-1).flip(-2))), \
             "cities store training item is no flip of the per-item path's"
-    print(f"[training] loader cities: {n} patches of {cfg.patch.size} px -> {size} px store "
+    print(f"[training] loader cities: {n} patches of {cfg.cities.patch.size} px -> {size} px store "
           f"({n * np.prod(shape) / 2**20:.0f} MB) built in {build_s:.2f} s with {cfg.workers} workers "
           f"({n / build_s:.0f} patches/s, once); a pass reads {reads} at random, batch {batch}, {cfg.workers} "
           f"loader workers, device step on {device}; equal to the per-item path: identical")
@@ -154,8 +154,8 @@ def cities_loader_case(files: list[Path], args, work: Path, device) -> dict:
 
 def ses_loader_case(files: list[Path], args, work: Path, device) -> dict:
     """``files``: paper-size cell PNGs (repeated to --loader-cells)."""
-    cfg = load_config(str(ROOT / "configs/ses.yaml"), ["ses_model.pretrained=false"])
-    tc, size = cfg.ses_train, cfg.ses_model.input_size
+    cfg = load_config(str(ROOT / "configs/ses.yaml"), ["ses.model.pretrained=false"])
+    tc, size = cfg.ses.train, cfg.ses.model.input_size
     n, reads = len(files), min(args.loader_cell_reads, len(files))
     labels = np.arange(n) % ses_model.N_CLASSES
     path = work / "ses_store"

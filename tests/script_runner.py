@@ -32,8 +32,8 @@ def assert_no_traceback(proc: subprocess.CompletedProcess, args=()) -> None:
 
 
 # the city demo config, smaller: 8 cities (4 twin pairs), one 384 px image per site, 32 px model input
-CITIES_SMALL = ["world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=100",
-                "model.input_size=32", "train.epochs=6", "workers=1"]
+CITIES_SMALL = ["cities.world.image_size=384", "cities.world.images_per_site=1", "cities.split.test_b_per_city=100",
+                "cities.model.input_size=32", "cities.train.epochs=6", "workers=1"]
 
 
 def run_cities_stage(args, root, extra=(), results="results", launcher=(sys.executable,), check=True):

@@ -238,14 +238,14 @@ def test_resume_continues_epoch_count_and_matches_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_other_cities_or_model():
-    cfg = load_config(None, ["model.backbone=resnet18", "model.input_size=64"])
+    cfg = load_config(None, ["cities.model.backbone=resnet18", "cities.model.input_size=64"])
     state = {"classes": ["AAA", "BBB"], "config": cfg.to_dict()}
-    training.check_resumable(state, ["AAA", "BBB"], cfg.model, "last.pt")  # compatible: no exit
+    training.check_resumable(state, ["AAA", "BBB"], cfg.cities.model, "last.pt")  # compatible: no exit
     with pytest.raises(errors.CheckpointError, match="last.pt: trained on cities AAA, BBB"):
-        training.check_resumable(state, ["AAA", "CCC"], cfg.model, "last.pt")
-    other = load_config(None, ["model.backbone=resnet18", "model.input_size=32"])
-    with pytest.raises(errors.CheckpointError, match="model.input_size=64"):
-        training.check_resumable(state, ["AAA", "BBB"], other.model, "last.pt")
+        training.check_resumable(state, ["AAA", "CCC"], cfg.cities.model, "last.pt")
+    other = load_config(None, ["cities.model.backbone=resnet18", "cities.model.input_size=32"])
+    with pytest.raises(errors.CheckpointError, match="cities.model.input_size=64"):
+        training.check_resumable(state, ["AAA", "BBB"], other.cities.model, "last.pt")
 
 
 def test_lr_schedules():
@@ -431,7 +431,7 @@ def test_site_validation_refuses_a_city_with_two_sites_in_one_line():
 
     with pytest.raises(errors.DataError) as e:
         validation.training_splits(_site_manifest(2), "site")
-    assert "AAA has 2 sites" in str(e.value) and "split.val=paper" in str(e.value) and "\n" not in str(e.value)
+    assert "AAA has 2 sites" in str(e.value) and "cities.split.val=paper" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_baseline_training_sample_is_capped_and_stratified_by_city():
@@ -468,7 +468,7 @@ def test_a_training_stamp_from_before_split_val_is_the_paper_scheme_and_site_ret
 
     cfg = load_config("configs/cities_demo.yaml")
     old = runs.make_stamp("train_classification.py", cfg, training.RUN_KEYS)
-    del old["settings"]["split.val"]                     # a run from before the key
+    del old["settings"]["cities.split.val"]                     # a run from before the key
     assert runs.differences(old, cfg, training.RUN_KEYS) == []
-    site = load_config("configs/cities_demo.yaml", ["split.val=site"])
-    assert runs.differences(old, site, training.RUN_KEYS) == ["split.val"]
+    site = load_config("configs/cities_demo.yaml", ["cities.split.val=site"])
+    assert runs.differences(old, site, training.RUN_KEYS) == ["cities.split.val"]

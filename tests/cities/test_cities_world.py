@@ -12,7 +12,7 @@ from urbanlens.core import errors
 from urbanlens.core.config import load_config
 from urbanlens.core.files import read_json
 
-TINY = ["world.n_cities=4", "world.n_sites=2", "world.images_per_site=1", "world.image_size=160",
+TINY = ["cities.world.n_cities=4", "cities.world.n_sites=2", "cities.world.images_per_site=1", "cities.world.image_size=160",
         "workers=1"]
 
 
@@ -103,7 +103,7 @@ def test_world_skips_when_built_and_rebuilds_on_change(tmp_path, capsys):
     generate_world(tiny_cfg(tmp_path))
     assert "world exists" in capsys.readouterr().out
     assert img.stat().st_mtime_ns == mtime and (root / "patches").is_dir()
-    generate_world(tiny_cfg(tmp_path, "world.n_cities=2"))
+    generate_world(tiny_cfg(tmp_path, "cities.world.n_cities=2"))
     assert len(list((root / "raw").iterdir())) == 2          # old cities gone
     assert not (root / "patches").exists()                    # stale patches gone
 

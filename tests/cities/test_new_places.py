@@ -22,7 +22,7 @@ import similar_cities  # noqa: E402  (a top-level script, run in-process)
 
 @pytest.fixture(scope="module")
 def held_out(cities_world):
-    run_cities_stage(["-m", "urbanlens.cities.world", "--held-out"], cities_world, ["newplace.held_out=4"])
+    run_cities_stage(["-m", "urbanlens.cities.world", "--held-out"], cities_world, ["cities.newplace.held_out=4"])
     truth = json.loads((cities_world / "data" / "cities" / "new" / "truth.json").read_text())
     return cities_world, truth["held_out"]
 
@@ -31,7 +31,7 @@ def similar(root, images, *sets, name=None, monkeypatch):
     argv = ["similar_cities.py", "--config", str(ROOT / "configs" / "cities_demo.yaml"), "--images", str(images),
             *(["--name", name] if name else []),
             *[a for s in ("paths.data=" + str(root / "data"), "paths.results=" + str(root / "results"),
-                          "newplace.bootstrap=200", "workers=0", *sets)
+                          "cities.newplace.bootstrap=200", "workers=0", *sets)
               for a in ("--set", s)]]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("TQDM_DISABLE", "1")
@@ -103,6 +103,6 @@ def test_another_ground_size_or_other_bands_are_refused(held_out, tmp_path, monk
     root, twins = held_out
     src = root / "data" / "cities" / twins[0]["folder"]
     with pytest.raises(StaleRun, match=r"patch\.ground_m 2\.0 \(model: None\)"):
-        similar(root, _as_geotiffs(src, tmp_path / "a", res_m=1.0), "patch.ground_m=2.0", monkeypatch=monkeypatch)
+        similar(root, _as_geotiffs(src, tmp_path / "a", res_m=1.0), "cities.patch.ground_m=2.0", monkeypatch=monkeypatch)
     with pytest.raises(StaleRun, match=r"bands used 1,1,1 \(model: 1,2,3\)"):
         similar(root, _as_geotiffs(src, tmp_path / "b", res_m=1.0, bands=(1,)), monkeypatch=monkeypatch)

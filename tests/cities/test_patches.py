@@ -101,7 +101,7 @@ def test_split_by_site_and_halves(tmp_path):
     again, _ = plan_split(raw, size=40, stride=20, test_b_per_city=5, seed=0)
     pd.testing.assert_frame_equal(plan, again)
     other, _ = plan_split(raw, size=40, stride=20, test_b_per_city=5, seed=1)
-    assert not other[other.split == "test_b"][key].equals(tb[key])
+    assert not other[other.cities.split == "test_b"][key].equals(tb[key])
     many, _ = plan_split(raw, size=40, stride=20, test_b_per_city=10_000, seed=0)
     assert (many.split == "test_b").sum() == len(test)                # all of them if fewer
     assert list(plan.columns) == ["path", "city", "iata", "site", "source", "split", "y", "x", "size"]
@@ -140,8 +140,8 @@ def test_patch_files_match_the_source_pixels(tmp_path):
 
 def _run_preprocessing(data: Path) -> subprocess.CompletedProcess:
     args = [sys.executable, str(REPO / "preprocessing.py"), "--config", str(REPO / "configs/cities_demo.yaml"),
-            "--set", f"paths.data={data}", "--set", "patch.size=48", "--set", "patch.stride=24",
-            "--set", "split.test_b_per_city=4", "--set", "workers=2"]
+            "--set", f"paths.data={data}", "--set", "cities.patch.size=48", "--set", "cities.patch.stride=24",
+            "--set", "cities.split.test_b_per_city=4", "--set", "workers=2"]
     res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     return res
@@ -169,7 +169,7 @@ def test_preprocessing_rerun_does_not_redo_work(tmp_path):
 def test_patches_of_other_settings_are_not_reused(tmp_path):
     raw = make_raw(tmp_path / "raw", cities=("Alpha (AAA)",), sites=("s1", "s2"), images=1)
     out = tmp_path / "patches"
-    cfg40, cfg60 = (load_config(None, [f"patch.size={s}", "patch.stride=20"]) for s in (40, 60))
+    cfg40, cfg60 = (load_config(None, [f"cities.patch.size={s}", "cities.patch.stride=20"]) for s in (40, 60))
     sources = runs.fingerprint(tmp_path, sorted(raw.rglob("*.jpg")))
     assert patch_changes(out, cfg40, sources) == []                     # nothing there yet
     plan40, _ = plan_split(raw, 40, 20, 3, 0)
@@ -177,7 +177,7 @@ def test_patches_of_other_settings_are_not_reused(tmp_path):
     runs.write_stamp(out / STAMP, "preprocessing.py", cfg40, RUN_KEYS, sources)
     assert patch_changes(out, cfg40, sources) == []                     # same: kept
     assert (out / plan40.path.iloc[0]).exists()
-    assert patch_changes(out, cfg60, sources) == ["patch.size"]         # other: named, then emptied
+    assert patch_changes(out, cfg60, sources) == ["cities.patch.size"]         # other: named, then emptied
     clear_patches(out)
     assert not list(out.rglob("*.jpg"))
     plan60, _ = plan_split(raw, 60, 20, 3, 0)

@@ -24,9 +24,9 @@ CROPS = ROOT / "tests" / "data" / "cities"
 CITIES = {"Austin (AUS)": "austin_inria_rgb_uint8.tif", "Atlanta (ATL)": "atlanta_spacenet_pan_uint16.tif",
           "Rotterdam (RTM)": "rotterdam_spacenet_ms_float64.tif"}
 STRIP = 40
-SMALL = ["patch.size=32", "patch.stride=32", "split.test_b_per_city=50", "workers=1", "model.input_size=32",
-         "model.pretrained=false", "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8",
-         "test.bootstrap=20", "device=cpu"]
+SMALL = ["cities.patch.size=32", "cities.patch.stride=32", "cities.split.test_b_per_city=50", "workers=1", "cities.model.input_size=32",
+         "cities.model.pretrained=false", "cities.train.epochs=1", "cities.train.max_steps_per_epoch=2", "cities.train.batch_size=8",
+         "cities.test.bootstrap=20", "device=cpu"]
 
 
 def write_site(src: Path, dst: Path, rows: slice, strip_value=None, declare=None) -> None:
@@ -129,7 +129,7 @@ def test_nodata_patches_are_left_out_and_counted(cut):
 
 def test_short_test_b_and_mixed_resolutions_are_named(cut):
     _, proc = cut
-    assert "ATL: 9 test_b patches, fewer than split.test_b_per_city=50" in proc.stdout
+    assert "ATL: 9 test_b patches, fewer than cities.split.test_b_per_city=50" in proc.stdout
     assert "differ 3.3x (ATL 0.5 m/px, AUS 0.3 m/px, RTM 1 m/px)" in proc.stdout
 
 
@@ -145,14 +145,14 @@ def test_ground_m_resamples_to_the_same_ground(tmp_path):
 def test_scale_none_refuses_more_than_8_bits_and_fixed_is_applied(tmp_path):
     raw = make_raw(tmp_path)
     atl = raw / "Atlanta (ATL)" / "s2" / "a.tif"
-    with pytest.raises(errors.DataError, match="uint16 image with image.scale none"):
+    with pytest.raises(errors.DataError, match="uint16 image with cities.image.scale none"):
         rasters.convert(atl, {**rasters.DEFAULTS, "scale": "none"})
     rgb, _, info = rasters.convert(atl, {**rasters.DEFAULTS, "scale": "fixed", "scale_min": 0, "scale_max": 2047})
     with rasterio.open(atl) as ds:
         want = np.clip(np.rint(ds.read(1).astype(float) * 255 / 2047), 0, 255)
     assert np.array_equal(rgb[..., 0], want) and info["limits"] == "0..2047;0..2047;0..2047"
     with pytest.raises(errors.ConfigError, match="scale_min"):
-        rasters.options(load_config(None, ["image.scale=fixed"]))
+        rasters.options(load_config(None, ["cities.image.scale=fixed"]))
 
 
 def test_changed_patches_are_refused_by_training_and_test(tmp_path):
@@ -176,6 +176,6 @@ def test_changed_patches_are_refused_by_training_and_test(tmp_path):
         assert proc.returncode != 0 and len(err) == 1, proc.stderr
         assert "trained on other patches" in err[0] and "manifest.csv modified" in err[0] and "overwrite=true" in err[0]
     # other patch settings are named as such
-    stage("preprocessing.py", data, results, "overwrite=true", "patch.max_nodata=0.5")
-    cmd_resume = stage("train_classification.py", data, results, "train.epochs=2", check=False)
-    assert cmd_resume.returncode != 0 and "patches:patch.max_nodata" in cmd_resume.stderr
+    stage("preprocessing.py", data, results, "overwrite=true", "cities.patch.max_nodata=0.5")
+    cmd_resume = stage("train_classification.py", data, results, "cities.train.epochs=2", check=False)
+    assert cmd_resume.returncode != 0 and "patches:cities.patch.max_nodata" in cmd_resume.stderr

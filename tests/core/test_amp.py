@@ -45,30 +45,30 @@ def test_cpu_bf16_autocast_runs_in_bfloat16():
 
 
 def test_config_takes_the_choices_and_reads_old_booleans(tmp_path):
-    cfg = config.load_config(None, ["train.amp=bf16", "ses_train.amp=false", "cams.amp=off"])
-    assert (cfg.train.amp, cfg.ses_train.amp, cfg.cams.amp) == ("bf16", "off", "off")
+    cfg = config.load_config(None, ["cities.train.amp=bf16", "ses.train.amp=false", "ses.cams.amp=off"])
+    assert (cfg.cities.train.amp, cfg.ses.train.amp, cfg.ses.cams.amp) == ("bf16", "off", "off")
     old = tmp_path / "old.yaml"
-    old.write_text("train:\n  amp: true\nses_train:\n  amp: false\n")
+    old.write_text("cities:\n  train:\n    amp: true\nses:\n  train:\n    amp: false\n")
     cfg = config.load_config(old)
-    assert (cfg.train.amp, cfg.ses_train.amp) == ("auto", "off")
+    assert (cfg.cities.train.amp, cfg.ses.train.amp) == ("auto", "off")
     defaults = config.load_config(None)
-    assert (defaults.train.amp, defaults.ses_train.amp, defaults.cams.amp) == ("auto", "auto", "off")
-    with pytest.raises(ConfigError, match="'train.amp' must be one of auto, bf16, fp16, off"):
-        config.load_config(None, ["train.amp=fp32"])
+    assert (defaults.cities.train.amp, defaults.ses.train.amp, defaults.ses.cams.amp) == ("auto", "auto", "off")
+    with pytest.raises(ConfigError, match="'cities.train.amp' must be one of auto, bf16, fp16, off"):
+        config.load_config(None, ["cities.train.amp=fp32"])
 
 
 def test_a_stamp_with_an_old_boolean_or_without_cams_amp_is_the_same_run():
     cfg = config.load_config(None)
-    stamp = runs.make_stamp("train_classification.py", cfg, ["train"])
-    stamp["settings"]["train.amp"] = True  # written before amp had choices
-    assert runs.differences(stamp, cfg, ["train"]) == []
-    stamp["settings"]["train.amp"] = False
-    assert runs.differences(stamp, cfg, ["train"]) == ["train.amp"]
+    stamp = runs.make_stamp("train_classification.py", cfg, ["cities.train"])
+    stamp["settings"]["cities.train.amp"] = True  # written before amp had choices
+    assert runs.differences(stamp, cfg, ["cities.train"]) == []
+    stamp["settings"]["cities.train.amp"] = False
+    assert runs.differences(stamp, cfg, ["cities.train"]) == ["cities.train.amp"]
     maps_stamp = runs.make_stamp("gradcaming_urban_areas.py", cfg, ses_maps.RUN_KEYS)
-    del maps_stamp["settings"]["cams.amp"]  # written before cams.amp existed: float32 maps
+    del maps_stamp["settings"]["ses.cams.amp"]  # written before ses.cams.amp existed: float32 maps
     assert runs.differences(maps_stamp, cfg, ses_maps.RUN_KEYS) == []
-    bf16 = config.load_config(None, ["cams.amp=bf16"])
-    assert runs.differences(maps_stamp, bf16, ses_maps.RUN_KEYS) == ["cams.amp"]  # the maps are redone
+    bf16 = config.load_config(None, ["ses.cams.amp=bf16"])
+    assert runs.differences(maps_stamp, bf16, ses_maps.RUN_KEYS) == ["ses.cams.amp"]  # the maps are redone
 
 
 def test_channels_last_applies_on_cpu_under_autocast_only():
@@ -109,8 +109,8 @@ def test_city_classifier_step_learns_under_cpu_bf16():
 
 def test_ses_model_step_learns_under_cpu_bf16():
     torch.manual_seed(0)
-    cfg = config.load_config(None, ["ses_model.pretrained=false", "ses_model.input_size=32", "ses_model.dropout=0",
-                                    "ses_model.stochastic_depth=0"])
+    cfg = config.load_config(None, ["ses.model.pretrained=false", "ses.model.input_size=32", "ses.model.dropout=0",
+                                    "ses.model.stochastic_depth=0"])
     g = torch.Generator().manual_seed(2)
     x, y = torch.rand(10, 3, 32, 32, generator=g), torch.arange(10) % 5
     losses, dtypes = _train_on_one_batch(ses_model.build_ses_model(cfg), x, y, F.nll_loss, 12, 3e-3)
@@ -125,7 +125,7 @@ def test_guided_gradcam_under_cpu_bf16_agrees_with_float32():
     correlation > 0.99 per map, mean absolute difference < 0.01, 99 % of pixels within 0.1. Single pixels
     near a guidance threshold or the clip value can differ by much more (up to ~0.6 seen), so no bound is
     put on the largest difference."""
-    cfg = config.load_config(None, ["ses_model.pretrained=false", "ses_model.input_size=96"])
+    cfg = config.load_config(None, ["ses.model.pretrained=false", "ses.model.input_size=96"])
     torch.manual_seed(1)
     model = ses_model.build_ses_model(cfg).eval()
     layer = backbones.last_conv_layer(model)

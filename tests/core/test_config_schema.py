@@ -93,27 +93,27 @@ def test_the_edges_of_each_range_and_each_choice_load():
         edges = [v for v, open_ in ((spec.lo, spec.lo_open), (spec.hi, spec.hi_open)) if v is not None and not open_]
         for value in [spec.type(v) for v in edges] + [c.replace(":N", ":1") for c in spec.choices]:
             sets = [f"{key}={_yaml(value)}"]
-            if key in ("cams.poor_class", "cams.rich_class"):  # the pair must differ (schema.check_pairs)
-                sets.append(f"{'cams.rich_class' if key == 'cams.poor_class' else 'cams.poor_class'}={3 if value == 2 else 2}")
+            if key in ("ses.cams.poor_class", "ses.cams.rich_class"):  # the pair must differ (schema.check_pairs)
+                sets.append(f"{'ses.cams.rich_class' if key == 'ses.cams.poor_class' else 'ses.cams.poor_class'}={3 if value == 2 else 2}")
             got = load_config(None, sets)
             for part in key.split("."):
                 got = got[part]
             assert got == value and type(got) is type(value), key
         if spec.nullable:
             load_config(None, [f"{key}=null"])
-    assert load_config(None, ["image.bands=[3, 2, 1]", "image.scale_min=0", "train.lr=1e-4"]).train.lr == 1e-4
+    assert load_config(None, ["cities.image.bands=[3, 2, 1]", "cities.image.scale_min=0", "cities.train.lr=1e-4"]).cities.train.lr == 1e-4
 
 
 def test_wrong_values_from_a_file_name_the_file(tmp_path):
-    for key, text in [("train.lr", ".nan"), ("ses.cities", "[Paris, Lyon, Paris]"), ("saliency.method", "cam"),
-                      ("model.epochs_typo", "3")]:
-        section, leaf = key.split(".")
+    for key, text in [("cities.train.lr", ".nan"), ("ses.cities", "[Paris, Lyon, Paris]"), ("cities.saliency.method", "cam"),
+                      ("cities.model.epochs_typo", "3")]:
+        *sections, leaf = key.split(".")
         p = tmp_path / "c.yaml"
-        p.write_text(f"{section}:\n  {leaf}: {text}\n")
+        p.write_text("".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections)) + f"{'  ' * len(sections)}{leaf}: {text}\n")
         with pytest.raises(ConfigError, match=f"^{p}: .*'{key}'"):
             load_config(p)
     with pytest.raises(ConfigError, match="'Paris' is listed twice"):
-        load_config(None, ["france.cities=[Paris, Lyon, Paris]"])
+        load_config(None, ["ses.world.cities=[Paris, Lyon, Paris]"])
 
 
 CHOICE_LISTS = ("AMP_CHOICES", "DEVICES", "BACKBONES", "SCHEDULES", "CAM_METHODS", "SPLITS", "SCALES",
@@ -140,7 +140,7 @@ def test_the_code_keeps_no_copy_of_a_choice_list():
     assert tuple(spellings) == schema.ORTHO_PRODUCTS
 
 
-@pytest.mark.parametrize("override", ["train.lr=[1,", "a=: b", "ses.cities=[Paris, Lyon", "train.epochs={3",
+@pytest.mark.parametrize("override", ["cities.train.lr=[1,", "a=: b", "ses.cities=[Paris, Lyon", "cities.train.epochs={3",
                                       'paths.data="unclosed', "seed=*x"])
 def test_malformed_yaml_in_set_names_the_override(override):
     with pytest.raises(ConfigError) as e:
@@ -151,12 +151,12 @@ def test_malformed_yaml_in_set_names_the_override(override):
 def test_config_files_that_cannot_be_used(tmp_path, monkeypatch):
     cases = {"folder": (tmp_path / "adir", "is a folder"), "empty": (tmp_path / "empty.yaml", "empty"),
              "comments": (tmp_path / "comments.yaml", "empty"), "latin1": (tmp_path / "latin1.yaml", "not UTF-8"),
-             "twice": (tmp_path / "twice.yaml", "'train' written twice, line 3")}
+             "twice": (tmp_path / "twice.yaml", "'train' written twice, line 4")}
     cases["folder"][0].mkdir()
     cases["empty"][0].write_text("")
     cases["comments"][0].write_text("# nothing set\n")
     cases["latin1"][0].write_bytes("ses: {cities: [Orl\xe9ans]}\n".encode("latin-1"))
-    cases["twice"][0].write_text("train: {epochs: 3}\nmodel: {input_size: 64}\ntrain: {lr: 0.01}\n")
+    cases["twice"][0].write_text("cities:\n  train: {epochs: 3}\n  model: {input_size: 64}\n  train: {lr: 0.01}\n")
     for path, words in cases.values():
         with pytest.raises(ConfigError) as e:
             load_config(path)
@@ -175,8 +175,8 @@ def test_config_files_that_cannot_be_used(tmp_path, monkeypatch):
 def test_a_script_prints_one_error_line_and_exits_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "preprocessing.py", "--config", "configs/cities_demo.yaml",
-                        "--set", "train.lr=.nan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                        "--set", "cities.train.lr=.nan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
                        check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --set train.lr=.nan: 'train.lr' must be a finite number")
+    assert len(lines) == 1 and lines[0].startswith("error: --set cities.train.lr=.nan: 'cities.train.lr' must be a finite number")

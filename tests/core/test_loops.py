@@ -196,8 +196,8 @@ def test_a_gpu_index_the_machine_lacks_is_a_device_error(monkeypatch):
 
 
 def test_rank_batch_splits_the_global_batch_or_names_the_key():
-    assert [loops.rank_batch(12, w, "ses_train.batch_size") for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
-    assert loops.rank_batch(7, 1, "train.batch_size") == 7  # one process: the batch as configured
-    with pytest.raises(ConfigError, match=r"ses_train.batch_size: the global batch of 10 does not split evenly over 4 "
-                                          r"processes; set ses_train.batch_size to a multiple of 4 \(e.g. 8\)"):
-        loops.rank_batch(10, 4, "ses_train.batch_size")
+    assert [loops.rank_batch(12, w, "ses.train.batch_size") for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    assert loops.rank_batch(7, 1, "cities.train.batch_size") == 7  # one process: the batch as configured
+    with pytest.raises(ConfigError, match=r"ses.train.batch_size: the global batch of 10 does not split evenly over 4 "
+                                          r"processes; set ses.train.batch_size to a multiple of 4 \(e.g. 8\)"):
+        loops.rank_batch(10, 4, "ses.train.batch_size")

@@ -10,7 +10,7 @@ import pytest
 from urbanlens.core import errors, files, runs
 from urbanlens.core.config import load_config
 
-KEYS = ("seed", "patch", "train.lr")
+KEYS = ("seed", "cities.patch", "cities.train.lr")
 
 
 def _inputs(tmp_path, names=("a.jpg", "b.jpg")):
@@ -27,17 +27,17 @@ def test_same_settings_and_inputs_are_the_same_run(tmp_path):
     stamp = runs.write_stamp(tmp_path / "s.stamp.json", "stage.py", cfg, KEYS, inputs)
     assert runs.compare(stamp, cfg, KEYS, inputs) == []
     # values outside the keys (workers, device, other sections) do not make another run
-    other = load_config(None, ["seed=3", "workers=5", "device=cpu", "test.batch_size=2"])
+    other = load_config(None, ["seed=3", "workers=5", "device=cpu", "cities.test.batch_size=2"])
     assert runs.compare(stamp, other, KEYS, _inputs(tmp_path)) == []
     saved = files.read_json(stamp)
-    assert saved["stage"] == "stage.py" and saved["settings"]["patch.size"] == cfg.patch.size
+    assert saved["stage"] == "stage.py" and saved["settings"]["cities.patch.size"] == cfg.cities.patch.size
     assert set(saved["inputs"]) == {"a.jpg", "b.jpg"}
 
 
 def test_changed_keys_are_named_in_key_order(tmp_path):
     stamp = runs.write_stamp(tmp_path / "s.stamp.json", "stage.py", load_config(None), KEYS)
-    other = load_config(None, ["train.lr=0.5", "patch.stride=7", "seed=9"])
-    assert runs.compare(stamp, other, KEYS) == ["seed", "patch.stride", "train.lr"]
+    other = load_config(None, ["cities.train.lr=0.5", "cities.patch.stride=7", "seed=9"])
+    assert runs.compare(stamp, other, KEYS) == ["seed", "cities.patch.stride", "cities.train.lr"]
     extra = runs.write_stamp(tmp_path / "e.stamp.json", "stage.py", load_config(None), KEYS, extra={"version": 1})
     assert runs.compare(extra, load_config(None), KEYS, extra={"version": 2}) == ["version"]
 
@@ -109,11 +109,11 @@ def test_a_failed_write_leaves_the_old_stamp_whole(tmp_path, monkeypatch):
 def test_refuse_is_one_line_naming_change_and_way_out(tmp_path):
     changes = [f"input f{i}.jpg modified" for i in range(9)]
     with pytest.raises(errors.StaleRun) as e:
-        runs.refuse(tmp_path, "holds patches cut with other settings", ["patch.size", *changes],
+        runs.refuse(tmp_path, "holds patches cut with other settings", ["cities.patch.size", *changes],
                     "use --set overwrite=true")
     text = str(e.value)
     assert "\n" not in text and text.startswith(f"{tmp_path}: holds patches")
-    assert "patch.size" in text and "and 6 more" in text and text.endswith("; use --set overwrite=true")
+    assert "cities.patch.size" in text and "and 6 more" in text and text.endswith("; use --set overwrite=true")
 
 
 def test_stamps_of_the_same_run_are_byte_identical(tmp_path):

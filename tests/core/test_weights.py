@@ -84,7 +84,7 @@ def test_offline_gives_the_way_out(served, monkeypatch):
     with pytest.raises(errors.WeightsUnavailable) as e:
         backbones.imagenet_state_dict("resnet18", url=f"http://127.0.0.1:{closed}/{good}", timeout_s=5)
     msg = str(e.value)
-    assert "download" in msg and "model.weights_path" in msg and "model.pretrained=false" in msg
+    assert "download" in msg and "cities.model.weights_path" in msg and "cities.model.pretrained=false" in msg
     assert "\n" not in msg and not (cache / good).exists()
     monkeypatch.setenv("URBANLENS_OFFLINE", "1")  # never even tries
     with pytest.raises(errors.WeightsUnavailable, match="URBANLENS_OFFLINE"):

@@ -91,24 +91,24 @@ def test_metrics_carry_baseline_gain_units_and_validation(trained):
 
 
 def test_site_validation_trains_tests_and_is_recorded(world):
-    """split.val=site: the validation patches come from a train site; the test stage records the scheme
+    """cities.split.val=site: the validation patches come from a train site; the test stage records the scheme
     and refuses a config that says another one."""
-    short = ["split.val=site", "train.epochs=1", "train.max_steps_per_epoch=2", "test.baseline=false",
-             "test.bootstrap=20", "test.permutations=20"]
+    short = ["cities.split.val=site", "cities.train.epochs=1", "cities.train.max_steps_per_epoch=2", "cities.test.baseline=false",
+             "cities.test.bootstrap=20", "cities.test.permutations=20"]
     proc = run_stage(["train_classification.py"], world, short, results="siteval")
     manifest = pd.read_csv(world / "data" / "cities" / "patches" / "manifest.csv")
     train = manifest[manifest["split"] == "train"]
     held = train.groupby("iata")["site"].max()            # each city's last train site validates
     n_val = int((train["site"] == train["iata"].map(held)).sum())
-    assert "split.val=site" in proc.stdout and train.groupby("iata")["site"].nunique().min() == 2
+    assert "cities.split.val=site" in proc.stdout and train.groupby("iata")["site"].nunique().min() == 2
     assert f"[train] {len(train) - n_val} train / {n_val} val patches" in proc.stdout
     run_stage(["test_classification.py"], world, short, results="siteval")
     out = world / "siteval" / "cities"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["validation"] == "site" and "baseline" not in metrics
     assert not (out / "baseline_predictions.csv").exists()
-    refused = run_stage(["test_classification.py"], world, [*short, "split.val=paper"], results="siteval", check=False)
-    assert refused.returncode == 2 and "trained with split.val=site" in refused.stderr
+    refused = run_stage(["test_classification.py"], world, [*short, "cities.split.val=paper"], results="siteval", check=False)
+    assert refused.returncode == 2 and "trained with cities.split.val=site" in refused.stderr
 
 
 def test_most_planted_twins_are_found(trained):
@@ -125,7 +125,7 @@ def test_saliency_panels_follow_the_sample(trained):
     larger one behind."""
     root, out = trained
     for per_city in (2, 1):
-        proc = run_stage(["saliency.py"], root, [f"saliency.per_city={per_city}", "saliency.method=gradcam"])
+        proc = run_stage(["saliency.py"], root, [f"cities.saliency.per_city={per_city}", "cities.saliency.method=gradcam"])
         index = pd.read_csv(out / "saliency" / "index.csv")
         cities = json.loads((out / "metrics.json").read_text())["per_city"]
         assert sorted(index["iata"].unique()) == sorted(cities) and len(index) == per_city * len(cities)
@@ -139,11 +139,11 @@ def _weights(path):
 
 
 def test_resume_matches_an_uninterrupted_run(world):
-    # a constant learning rate: with a schedule, changing train.epochs changes the first epoch too
-    short = ["train.max_steps_per_epoch=3", "train.schedule=constant"]
-    run_stage(["train_classification.py"], world, [*short, "train.epochs=2"], results="straight")
-    run_stage(["train_classification.py"], world, [*short, "train.epochs=1"], results="resumed")
-    proc = run_stage(["train_classification.py", "--resume"], world, [*short, "train.epochs=2"], results="resumed")
+    # a constant learning rate: with a schedule, changing cities.train.epochs changes the first epoch too
+    short = ["cities.train.max_steps_per_epoch=3", "cities.train.schedule=constant"]
+    run_stage(["train_classification.py"], world, [*short, "cities.train.epochs=2"], results="straight")
+    run_stage(["train_classification.py"], world, [*short, "cities.train.epochs=1"], results="resumed")
+    proc = run_stage(["train_classification.py", "--resume"], world, [*short, "cities.train.epochs=2"], results="resumed")
     assert "resuming" in proc.stdout
     ck = world / "resumed" / "cities" / "checkpoints" / "last.pt"
     assert torch.load(ck, map_location="cpu", weights_only=False)["epoch"] == 2
@@ -156,7 +156,7 @@ def test_resume_matches_an_uninterrupted_run(world):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_torchrun_ddp_trains_and_the_checkpoint_evaluates(world):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    ddp = ["train.epochs=1", "train.max_steps_per_epoch=2", "device=cpu", "workers=0"]
+    ddp = ["cities.train.epochs=1", "cities.train.max_steps_per_epoch=2", "device=cpu", "workers=0"]
     proc = run_stage(["train_classification.py"], world, ddp, results="ddp", launcher=launcher, check=False)
     if proc.returncode != 0 and "train_classification" not in proc.stderr + proc.stdout:
         pytest.skip(f"torchrun could not start here: {proc.stderr[-300:]}")
@@ -169,8 +169,8 @@ def test_torchrun_ddp_trains_and_the_checkpoint_evaluates(world):
 
 def test_missing_imagenet_weights_is_one_clear_line(world):
     proc = run_stage(["train_classification.py"], world,
-                     ["model.pretrained=true", f"model.weights_path={world / 'nowhere.pth'}"],
+                     ["cities.model.pretrained=true", f"cities.model.weights_path={world / 'nowhere.pth'}"],
                      results="noweights", check=False)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ImageNet weights") and "model.pretrained=false" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ImageNet weights") and "cities.model.pretrained=false" in err[0]

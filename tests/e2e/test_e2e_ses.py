@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
 # the paper's random folds: on 2 km cities spatial folds (the demo's) leave the model near chance in
 # 15 epochs (Spearman 0.04 over the held-out cells), which is what spatial folds are for, not a bug
-SMALL = ["france.city_size_m=2000", "ses_model.backbone=resnet18", "ses_model.input_size=64",
-         "ses_train.epochs=15", "cams.panels=2", "ses_train.cv=stratified", "france.withhold=0"]
+SMALL = ["ses.world.city_size_m=2000", "ses.model.backbone=resnet18", "ses.model.input_size=64",
+         "ses.train.epochs=15", "ses.cams.panels=2", "ses.train.cv=stratified", "ses.world.withhold=0"]
 
 
 def run_stage(args, root, extra=()):

@@ -3,7 +3,7 @@ beat spatial folds by a clear margin only when the world plants a district leaka
 an income shift shared by the cells of a district, useless in a district the model never saw).
 
 The world: the demo's two cities drawn at 4 m (32 px cells), the leakage at strength 2; Lyon's folds are
-made with ses_train.cv stratified and spatial (1 km blocks, whole districts). What is compared is the
+made with ses.train.cv stratified and spatial (1 km blocks, whole districts). What is compared is the
 pooled held-out AUC poorest-vs-richest of the simple baseline that efficientnet_training.py fits on
 exactly the CNN's folds (metrics.json ``baseline``), with its 95 % block-bootstrap interval.
 
@@ -22,24 +22,24 @@ from script_runner import run_script
 
 CONFIG = "configs/ses_demo.yaml"
 CITY = "Lyon"
-SMALL = ["france.city_size_m=3000", "france.resolution_m=4.0", f"ses.cities=[{CITY}]", "ses.cell_px=32",
-         "ses_model.backbone=resnet18", "ses_model.input_size=32", "ses_train.epochs=1",
-         "ses_train.precise_bn=false", "workers=0", "device=cpu", "ses_train.block_m=1000",
-         "france.structure=0"]  # income in land-use composition only, whatever the demo plants
+SMALL = ["ses.world.city_size_m=3000", "ses.world.resolution_m=4.0", f"ses.cities=[{CITY}]", "ses.cell_px=32",
+         "ses.model.backbone=resnet18", "ses.model.input_size=32", "ses.train.epochs=1",
+         "ses.train.precise_bn=false", "workers=0", "device=cpu", "ses.train.block_m=1000",
+         "ses.world.structure=0"]  # income in land-use composition only, whatever the demo plants
 MARGIN = 0.1  # "a clear margin" of AUC
 
 
 def held_out_auc(root, leakage: float) -> dict:
     """{scheme: (AUC, lo, hi)} for a world with the given planted leakage."""
     data, base = root / "data", root / "extracted"
-    sets = [*SMALL, f"france.leakage={leakage}"]
+    sets = [*SMALL, f"ses.world.leakage={leakage}"]
     run_script(["-m", "urbanlens.ses.world"], data, base, sets, CONFIG)
     run_script(["generate_fr_ua_aerial_data.py"], data, base, sets, CONFIG)
     out = {}
     for cv in ("stratified", "spatial"):
         results = root / cv
         shutil.copytree(base, results)
-        run_script(["efficientnet_training.py"], data, results, [*sets, f"ses_train.cv={cv}"], CONFIG)
+        run_script(["efficientnet_training.py"], data, results, [*sets, f"ses.train.cv={cv}"], CONFIG)
         m = json.loads((results / "ses" / CITY / "metrics.json").read_text())
         assert m["cv"] == cv
         auc = m["baseline"]["intervals"]["bootstrap"]["auc_poor_rich"]

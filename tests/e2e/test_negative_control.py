@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
 SHUFFLES = 10          # per city: 20 shuffled models in all
 SIZE = 32              # model input, pixels
-SMALL = ["france.city_size_m=2000", "france.withhold=0"]  # the world of tests/test_e2e_ses.py
+SMALL = ["ses.world.city_size_m=2000", "ses.world.withhold=0"]  # the world of tests/test_e2e_ses.py
 
 
 @pytest.fixture(scope="module")

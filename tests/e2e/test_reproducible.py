@@ -23,12 +23,12 @@ from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 7
-CITIES = [f"seed={SEED}", "world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=20",
-          "model.input_size=32", "train.epochs=2", "train.max_steps_per_epoch=2", "workers=1"]
-SES = [f"seed={SEED}", "france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "france.withhold=0",
-       "ses.cell_px=64", "ses_model.input_size=64", "ses_model.pretrained=false", "ses_train.epochs=2",
-       "ses_train.restarts=0", "ses_train.batch_size=8", "workers=1",
-       "ses_train.block_m=400"]  # the demo's spatial folds, blocks scaled to the 1 km city
+CITIES = [f"seed={SEED}", "cities.world.image_size=384", "cities.world.images_per_site=1", "cities.split.test_b_per_city=20",
+          "cities.model.input_size=32", "cities.train.epochs=2", "cities.train.max_steps_per_epoch=2", "workers=1"]
+SES = [f"seed={SEED}", "ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=1000", "ses.world.withhold=0",
+       "ses.cell_px=64", "ses.model.input_size=64", "ses.model.pretrained=false", "ses.train.epochs=2",
+       "ses.train.restarts=0", "ses.train.batch_size=8", "workers=1",
+       "ses.train.block_m=400"]  # the demo's spatial folds, blocks scaled to the 1 km city
 
 
 def stage(args, config, sets, data, results):

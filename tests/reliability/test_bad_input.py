@@ -26,12 +26,12 @@ from urbanlens.ses import results
 from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[2]
-CITIES = ["world.n_cities=3", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
-          "patch.size=48", "patch.stride=48", "split.test_b_per_city=4", "workers=1", "model.input_size=32",
-          "saliency.sanity_patches=0"]  # the maps' sanity check is tested in test_sanity.py / test_e2e_*
-SES = ["france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "ses.cell_px=16", "workers=1",
-       "france.withhold=0",
-       "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.cv=stratified", "cams.sanity_cells=0"]
+CITIES = ["cities.world.n_cities=3", "cities.world.n_sites=2", "cities.world.images_per_site=1", "cities.world.image_size=192",
+          "cities.patch.size=48", "cities.patch.stride=48", "cities.split.test_b_per_city=4", "workers=1", "cities.model.input_size=32",
+          "cities.saliency.sanity_patches=0"]  # the maps' sanity check is tested in test_sanity.py / test_e2e_*
+SES = ["ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=1000", "ses.cell_px=16", "workers=1",
+       "ses.world.withhold=0",
+       "ses.model.input_size=32", "ses.train.epochs=1", "ses.train.cv=stratified", "ses.cams.sanity_cells=0"]
 CENSUS = "census_data/carreaux_200m_met.gpkg"
 UA = "UA_data/FR001L2_PARIS_UA2018_v013/Data/FR001L2_PARIS_UA2018_v013.gpkg"
 
@@ -142,10 +142,10 @@ def test_image_smaller_than_the_patch_is_listed(cities):
     good = _all_sources(raw)
     Image.new("RGB", (40, 40), (90, 90, 90)).save(sorted(raw.iterdir())[0] / "site_01" / "tiny.jpg")
     proc = ok(run(["preprocessing.py"], root))
-    assert any("tiny.jpg" in l and "too small" in l and "patch.size 48" in l for l in proc.stdout.splitlines())
+    assert any("tiny.jpg" in l and "too small" in l and "cities.patch.size 48" in l for l in proc.stdout.splitlines())
     assert sorted(_manifest(root)["source"].unique()) == good
-    one_line_error(run(["preprocessing.py"], root, ["patch.size=200", "overwrite=true"]),
-                   "no usable city image", "patch.size")
+    one_line_error(run(["preprocessing.py"], root, ["cities.patch.size=200", "overwrite=true"]),
+                   "no usable city image", "cities.patch.size")
 
 
 def test_city_folder_without_iata_stops(cities):
@@ -180,9 +180,9 @@ def test_patches_of_another_run_are_kept_unless_overwrite(cities):
     ok(run(["preprocessing.py"], root))
     out = root / "data" / "cities" / "patches"
     before = snapshot(out)
-    one_line_error(run(["preprocessing.py"], root, ["patch.size=64"]), str(out), "size", "overwrite=true")
+    one_line_error(run(["preprocessing.py"], root, ["cities.patch.size=64"]), str(out), "size", "overwrite=true")
     assert snapshot(out) == before
-    ok(run(["preprocessing.py"], root, ["patch.size=64", "overwrite=true"]))
+    ok(run(["preprocessing.py"], root, ["cities.patch.size=64", "overwrite=true"]))
     assert set(_manifest(root)["size"]) == {64}
 
 
@@ -191,9 +191,9 @@ def test_patches_of_another_run_are_kept_unless_overwrite(cities):
 def test_config_typo_wrong_type_and_missing_paths(cities, tmp_path):
     root, _ = cities
     typo = tmp_path / "typo.yaml"
-    typo.write_text("patch: {szie: 48}\n")
-    one_line_error(run(["preprocessing.py"], root, config=typo), str(typo), "'patch.szie'", "patch.size")
-    one_line_error(run(["preprocessing.py"], root, ["patch.stride=wide"]), "patch.stride", "must be int")
+    typo.write_text("cities:\n  patch: {szie: 48}\n")
+    one_line_error(run(["preprocessing.py"], root, config=typo), str(typo), "'cities.patch.szie'", "cities.patch.size")
+    one_line_error(run(["preprocessing.py"], root, ["cities.patch.stride=wide"]), "cities.patch.stride", "must be int")
     one_line_error(run(["preprocessing.py"], root, config=tmp_path / "nowhere.yaml"), "nowhere.yaml", "not found")
     line = one_line_error(run(["preprocessing.py"], root, [f"paths.data={tmp_path / 'no_data'}"]),
                           "no city images", "data_setup.sh")
@@ -220,7 +220,7 @@ def patched(patched_world, tmp_path):
 def _checkpoint(root, backbone="resnet18", classes=("AAA", "BBB"), recorded=None, n_out=None):
     """A checkpoint as train_classification.py writes it: ``backbone`` weights with ``n_out`` outputs,
     recording ``recorded`` as its backbone and ``classes``."""
-    cfg = load_config(ROOT / "configs/cities_demo.yaml", ["model.input_size=32", f"model.backbone={recorded or backbone}"])
+    cfg = load_config(ROOT / "configs/cities_demo.yaml", ["cities.model.input_size=32", f"cities.model.backbone={recorded or backbone}"])
     model = build_backbone(backbone, n_out or len(classes))
     path = root / "results" / "cities" / "checkpoints" / "best.pt"
     runtime.save_checkpoint(path, model, cfg, epoch=1, classes=list(classes))
@@ -267,7 +267,7 @@ def test_training_refuses_checkpoints_of_other_settings(patched):
     path = _checkpoint(root, "resnet18", classes)
     shutil.copy(path, path.with_name("last.pt"))
     before = snapshot(path.parent)
-    one_line_error(run(["train_classification.py"], root, ["train.epochs=1", "train.max_steps_per_epoch=1"]),
+    one_line_error(run(["train_classification.py"], root, ["cities.train.epochs=1", "cities.train.max_steps_per_epoch=1"]),
                    "last.pt", "other settings", "overwrite=true", "--resume")
     assert snapshot(path.parent) == before
 
@@ -460,7 +460,7 @@ def test_activation_maps_with_a_checkpoint_of_another_backbone(ses, ses_world):
 
     root, _, _ = ses
     shutil.copytree(ses_world / "results", root / "results")
-    trained = load_config(ROOT / "configs/ses_demo.yaml", [*SES, "ses_model.backbone=resnet18"])
+    trained = load_config(ROOT / "configs/ses_demo.yaml", [*SES, "ses.model.backbone=resnet18"])
     recorded = load_config(ROOT / "configs/ses_demo.yaml", SES)  # says efficientnet_b0
     city_dir = root / "results" / "ses" / "Paris"
     runtime.save_checkpoint(city_dir / "fold_0" / "best.pt", ses_model.build_ses_model(trained), recorded, fold=0)

@@ -66,7 +66,7 @@ def test_a_city_too_small_for_its_validation_share_is_refused_naming_what_fits()
     with pytest.raises(DataError) as err:  # 3 folds: 1 or 2 training cells a quintile, no stratified validation
         ses_folds.stratified_folds(_labels([3, 3, 3, 3, 2]), 2, 0.2, seed=0, where="cells.gpkg: Lille")
     msg = str(err.value)
-    assert msg.startswith("cells.gpkg: Lille: too small for ses_train.folds=2 with ses_train.val_share=0.2")
+    assert msg.startswith("cells.gpkg: Lille: too small for ses.train.folds=2 with ses.train.val_share=0.2")
     assert "14 cells, 3/3/3/3/2 cells per income quintile" in msg and "add cells" in msg
 
 
@@ -75,8 +75,8 @@ def test_a_city_with_fewer_cells_in_a_quintile_than_folds_gets_the_folds_that_fi
     with pytest.raises(DataError) as err:
         ses_folds.stratified_folds(labels, 5, 0.2, seed=0, where="cells.gpkg: Nice")
     msg = str(err.value)
-    assert "Nice" in msg and "6/6/6/6/4 cells per income quintile" in msg and "set ses_train.folds=" in msg
-    k = int(msg.split("set ses_train.folds=")[1].split(",")[0])
+    assert "Nice" in msg and "6/6/6/6/4 cells per income quintile" in msg and "set ses.train.folds=" in msg
+    k = int(msg.split("set ses.train.folds=")[1].split(",")[0])
     assert len(ses_folds.stratified_folds(labels, k, 0.2, seed=0)) == k   # the setting named does fit
 
 
@@ -95,10 +95,10 @@ def test_spatial_and_city_folds_refuse_small_input_in_one_line():
 
 
 @pytest.mark.parametrize("sets, keys", [
-    (["cams.poor_class=2", "cams.rich_class=2"], ("cams.poor_class", "cams.rich_class")),
-    (["image.scale_min=300", "image.scale_max=200"], ("image.scale_min", "image.scale_max")),
-    (["ses_train.cv=spatial", "ses_train.block_m=400", "ses_train.buffer_m=400"], ("ses_train.buffer_m", "ses_train.block_m")),
-    (["ses_train.cv=spatial", "ses_train.block_m=100"], ("ses_train.block_m", "ses.cell_size_m")),
+    (["ses.cams.poor_class=2", "ses.cams.rich_class=2"], ("ses.cams.poor_class", "ses.cams.rich_class")),
+    (["cities.image.scale_min=300", "cities.image.scale_max=200"], ("cities.image.scale_min", "cities.image.scale_max")),
+    (["ses.train.cv=spatial", "ses.train.block_m=400", "ses.train.buffer_m=400"], ("ses.train.buffer_m", "ses.train.block_m")),
+    (["ses.train.cv=spatial", "ses.train.block_m=100"], ("ses.train.block_m", "ses.cell_size_m")),
 ])
 def test_contradicting_keys_are_refused_naming_both(sets, keys):
     with pytest.raises(ConfigError) as err:
@@ -108,15 +108,15 @@ def test_contradicting_keys_are_refused_naming_both(sets, keys):
 
 
 def test_ordered_pairs_that_agree_pass():
-    cfg = load_config(None, ["cams.poor_class=1", "cams.rich_class=3", "image.scale_min=0", "image.scale_max=1",
-                             "ses_train.cv=stratified", "ses_train.buffer_m=5000", "patch.size=100", "patch.stride=100"])
-    assert cfg.cams.rich_class == 3 and cfg.ses_train.buffer_m == 5000   # the buffer matters under cv: spatial only
+    cfg = load_config(None, ["ses.cams.poor_class=1", "ses.cams.rich_class=3", "cities.image.scale_min=0", "cities.image.scale_max=1",
+                             "ses.train.cv=stratified", "ses.train.buffer_m=5000", "cities.patch.size=100", "cities.patch.stride=100"])
+    assert cfg.ses.cams.rich_class == 3 and cfg.ses.train.buffer_m == 5000   # the buffer matters under cv: spatial only
 
 
 def test_a_cam_needs_a_feature_map_of_two_by_two():
-    assert schema.cam_map_problem("model.input_size", 64) is None
-    line = schema.cam_map_problem("model.input_size", 48, "patch.size")
-    assert "'model.input_size' is 48" in line and "'patch.size'" in line and "1 x 1" in line and "at least 64" in line
+    assert schema.cam_map_problem("cities.model.input_size", 64) is None
+    line = schema.cam_map_problem("cities.model.input_size", 48, "cities.patch.size")
+    assert "'cities.model.input_size' is 48" in line and "'cities.patch.size'" in line and "1 x 1" in line and "at least 64" in line
 
 
 # ----------------------------------------------------------------------------- run.sh's own usage
@@ -134,9 +134,9 @@ def test_run_sh_prints_its_own_usage_listing_every_command():
 
 @pytest.mark.parametrize("args, says", [
     (("nosuch",), "error: bash run.sh nosuch: unknown command 'nosuch'"),
-    (("ses", "--sett", "ses_train.epochs=1"), "error: bash run.sh ses: unknown flag '--sett' (did you mean --set?)"),
+    (("ses", "--sett", "ses.train.epochs=1"), "error: bash run.sh ses: unknown flag '--sett' (did you mean --set?)"),
     (("cities", "--conifg", "configs/cities.yaml"), "unknown flag '--conifg' (did you mean --config?)"),
-    (("ses", "--set", "ses_train.epochs"), "--set ses_train.epochs: expected KEY=VALUE"),
+    (("ses", "--set", "ses.train.epochs"), "--set ses.train.epochs: expected KEY=VALUE"),
     (("cities", "--config"), "--config needs a value"),
     (("ses", "configs/ses.yaml"), "unexpected argument 'configs/ses.yaml'"),
 ])

@@ -36,9 +36,9 @@ from urbanlens.ses.model import binomial_log_probs
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-CITIES = ["world.n_cities=2", "world.n_sites=2", "world.images_per_site=1", "world.image_size=192",
-          "patch.size=48", "patch.stride=48", "split.test_b_per_city=4", "workers=0", "model.input_size=32",
-          "train.epochs=2", "train.schedule=constant", "train.batch_size=16"]
+CITIES = ["cities.world.n_cities=2", "cities.world.n_sites=2", "cities.world.images_per_site=1", "cities.world.image_size=192",
+          "cities.patch.size=48", "cities.patch.stride=48", "cities.split.test_b_per_city=4", "workers=0", "cities.model.input_size=32",
+          "cities.train.epochs=2", "cities.train.schedule=constant", "cities.train.batch_size=16"]
 SAMPLE = ROOT / "tests" / "data" / "insee_carreaux_200m_sample.gpkg"
 
 
@@ -87,8 +87,8 @@ def cities_patches(tmp_path_factory):
 def test_a_diverging_city_classifier_stops_with_one_line_and_saves_no_checkpoint(cities_patches, tmp_path,
                                                                                 capsys, monkeypatch):
     (tmp_path / "data").symlink_to(cities_patches / "data")
-    code, _, err = stage("train_classification", tmp_path, [*CITIES, "train.lr=1e6"], capsys, monkeypatch)
-    line = one_line(code, err, "epoch 1, step", "train.lr", "neither saved nor scored", "NaN or infinite")
+    code, _, err = stage("train_classification", tmp_path, [*CITIES, "cities.train.lr=1e6"], capsys, monkeypatch)
+    line = one_line(code, err, "epoch 1, step", "cities.train.lr", "neither saved nor scored", "NaN or infinite")
     assert "learning rate 1e+06" in line and "x chance level" in line  # huge yet finite: still divergence
     assert not list((tmp_path / "results" / "cities").rglob("*.pt"))
     assert not (tmp_path / "results" / "cities" / "train_log.csv").exists()
@@ -110,9 +110,9 @@ def test_one_city_or_one_training_patch_stops_training_with_one_line(cities_patc
 
 
 def test_ses_cross_validation_by_city_with_one_city_stops_with_one_line(tmp_path, capsys, monkeypatch):
-    code, _, err = stage("efficientnet_training", tmp_path, ["ses.cities=[Paris]", "ses_train.cv=city"], capsys,
+    code, _, err = stage("efficientnet_training", tmp_path, ["ses.cities=[Paris]", "ses.train.cv=city"], capsys,
                          monkeypatch, config="configs/ses_demo.yaml")
-    one_line(code, err, "ses_train.cv=city", "at least 2 cities")
+    one_line(code, err, "ses.train.cv=city", "at least 2 cities")
 
 
 class Cell(nn.Module):
@@ -135,9 +135,9 @@ def _cells(n: int, nan: bool = False, seed: int = 0) -> TensorDataset:
 
 
 def _ses_cfg():
-    return load_config(ROOT / "configs/ses_demo.yaml", ["ses_train.epochs=3", "ses_train.batch_size=4",
-                                                         "ses_train.restarts=0", "ses_train.precise_bn=false",
-                                                         "ses_train.amp=off"]).ses_train
+    return load_config(ROOT / "configs/ses_demo.yaml", ["ses.train.epochs=3", "ses.train.batch_size=4",
+                                                         "ses.train.restarts=0", "ses.train.precise_bn=false",
+                                                         "ses.train.amp=off"]).ses_train
 
 
 @pytest.mark.parametrize("where", ["train", "val"])
@@ -147,7 +147,7 @@ def test_a_diverging_income_model_stops_and_writes_no_state(tmp_path, where):
     state = tmp_path / "fold_0" / "last.pt"
     with pytest.raises(TrainingDiverged) as e:
         fitting.fit(Cell(), train, val, _ses_cfg(), Placement(CPU), checkpoint=state)
-    assert "epoch 1" in str(e.value) and "ses_train.lr" in str(e.value)
+    assert "epoch 1" in str(e.value) and "ses.train.lr" in str(e.value)
     assert ("training loss is nan" if where == "train" else "validation loss is nan") in str(e.value)
     assert not state.exists()
     fit = fitting.fit(Cell(), _cells(12), _cells(8, seed=1), _ses_cfg(), Placement(CPU))  # the same run, finite inputs

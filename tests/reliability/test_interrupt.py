@@ -32,14 +32,14 @@ ROOT = Path(__file__).resolve().parents[2]
 RNG = random.Random(20240605)  # draws the kill points
 TEMP = re.compile(r"^\..+\.tmp-")
 # cities: the e2e test's tiny world, three short epochs
-CITIES = ["world.image_size=384", "world.images_per_site=1", "split.test_b_per_city=100",
-          "model.input_size=32", "train.epochs=3", "train.max_steps_per_epoch=3", "workers=1"]
+CITIES = ["cities.world.image_size=384", "cities.world.images_per_site=1", "cities.split.test_b_per_city=100",
+          "cities.model.input_size=32", "cities.train.epochs=3", "cities.train.max_steps_per_epoch=3", "workers=1"]
 # SES: one 1 km city, 64 px cells, a from-scratch model with a restart after early stopping
-SES = ["cams.sanity_cells=0", "france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=1000", "ses.cell_px=64", "ses_train.cv=stratified",
-       "france.withhold=0",
-       "ses_model.input_size=64", "ses_model.pretrained=false", "ses_train.epochs=2", "ses_train.restarts=1",
-       "ses_train.early_stop_patience=2", "ses_train.batch_size=8", "cams.batch_size=2", "cams.panels=1",
-       "workers=1", "ses_train.checkpoint_every=1"]  # the state after every epoch (the demo: every 10th)
+SES = ["ses.cams.sanity_cells=0", "ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=1000", "ses.cell_px=64", "ses.train.cv=stratified",
+       "ses.world.withhold=0",
+       "ses.model.input_size=64", "ses.model.pretrained=false", "ses.train.epochs=2", "ses.train.restarts=1",
+       "ses.train.early_stop_patience=2", "ses.train.batch_size=8", "ses.cams.batch_size=2", "ses.cams.panels=1",
+       "workers=1", "ses.train.checkpoint_every=1"]  # the state after every epoch (the demo: every 10th)
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -236,9 +236,9 @@ def test_a_rerun_continues_only_a_checkpoint_of_the_same_settings():
     saved = runs.make_stamp("train_classification.py", cfg, training.RUN_KEYS)
     assert runs.differences(saved, cfg, training.RUN_KEYS) == []
     assert runs.differences(saved, load_config(ROOT / "configs" / "cities_demo.yaml",
-                                               ["workers=7", "device=cpu", "test.batch_size=3"]), training.RUN_KEYS) == []
-    other = load_config(ROOT / "configs" / "cities_demo.yaml", ["train.lr=0.01", "seed=4", "patch.stride=32"])
-    assert runs.differences(saved, other, training.RUN_KEYS) == ["seed", "patch.stride", "train.lr"]
+                                               ["workers=7", "device=cpu", "cities.test.batch_size=3"]), training.RUN_KEYS) == []
+    other = load_config(ROOT / "configs" / "cities_demo.yaml", ["cities.train.lr=0.01", "seed=4", "cities.patch.stride=32"])
+    assert runs.differences(saved, other, training.RUN_KEYS) == ["seed", "cities.patch.stride", "cities.train.lr"]
 
 
 # ----------------------------------------------------------------------------------------- SES

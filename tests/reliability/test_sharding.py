@@ -21,8 +21,8 @@ from script_runner import assert_no_traceback
 ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
 # the smallest world whose cities still hold two cells per income quintile (two folds)
-TINY = ["cams.sanity_cells=0", "france.city_size_m=1200", "france.withhold=0", "ses_model.input_size=32", "ses_train.epochs=1", "ses_train.precise_bn=false",
-        "cams.batch_size=8", "cams.panels=1", "workers=0", "device=cpu", "ses_train.cv=stratified"]
+TINY = ["ses.cams.sanity_cells=0", "ses.world.city_size_m=1200", "ses.world.withhold=0", "ses.model.input_size=32", "ses.train.epochs=1", "ses.train.precise_bn=false",
+        "ses.cams.batch_size=8", "ses.cams.panels=1", "workers=0", "device=cpu", "ses.train.cv=stratified"]
 EXTRACT_SHARDS, CAM_SHARDS = 3, 2
 
 

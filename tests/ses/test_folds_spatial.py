@@ -91,7 +91,7 @@ def test_leave_city_out():
 
 def test_cv_choice_checked_at_load():
     with pytest.raises(ConfigError, match="stratified, spatial, city"):
-        config.load_config("configs/ses.yaml", ["ses_train.cv=random"])
+        config.load_config("configs/ses.yaml", ["ses.train.cv=random"])
 
 
 def test_intervals_hold_the_estimate():

@@ -1,4 +1,4 @@
-"""predict_income.py on a synthetic city whose census withholds 40 % of the cells (france.withhold): the
+"""predict_income.py on a synthetic city whose census withholds 40 % of the cells (ses.world.withhold): the
 model trained on the census cells maps the withheld cells, and its map follows their planted income; each
 census cell is scored by the fold model that did not train on it, the others by the mean of all folds,
 and agreement.json reports the two kinds of cells apart; the GeoTIFF's pixels are the INSPIRE cells; a
@@ -27,9 +27,9 @@ from urbanlens.ses import world as ses_world
 
 ROOT = Path(__file__).resolve().parents[2]
 CITY = "Paris"
-SETTINGS = ["france.cities=[Paris]", "ses.cities=[Paris]", "france.city_size_m=2400", "france.resolution_m=4.0",
-            "france.withhold=0.4", "france.withhold_mode=random", "france.noise=0.0", "ses_model.backbone=resnet18", "ses_model.input_size=64",
-            "ses_train.cv=stratified", "ses_train.epochs=8", "ses_train.checkpoint_every=100", "workers=0",
+SETTINGS = ["ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=2400", "ses.world.resolution_m=4.0",
+            "ses.world.withhold=0.4", "ses.world.withhold_mode=random", "ses.world.noise=0.0", "ses.model.backbone=resnet18", "ses.model.input_size=64",
+            "ses.train.cv=stratified", "ses.train.epochs=8", "ses.train.checkpoint_every=100", "workers=0",
             "device=cpu"]
 
 

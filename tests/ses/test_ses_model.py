@@ -18,7 +18,7 @@ from urbanlens.ses import model as ses_model
 
 def small_cfg(**overrides):
     sets = [f"{k}={v}" for k, v in overrides.items()]
-    return config.load_config(None, ["ses_model.pretrained=false", "ses_model.input_size=32", *sets])
+    return config.load_config(None, ["ses.model.pretrained=false", "ses.model.input_size=32", *sets])
 
 
 # ----------------------------------------------------------------------------------------- binomial head
@@ -164,15 +164,15 @@ def test_ses_model_outputs_log_probs_and_exposes_last_conv_layer():
 
 
 def test_resnet_backbone_and_offline_pretrained_error(tmp_path, monkeypatch):
-    model = ses_model.build_ses_model(small_cfg(**{"ses_model.backbone": "resnet18"})).eval()
+    model = ses_model.build_ses_model(small_cfg(**{"ses.model.backbone": "resnet18"})).eval()
     assert backbones.last_conv_layer(model) is model.features[-1]
     assert model.fc.in_features == 512
     with torch.no_grad():
         assert model(torch.rand(1, 3, 32, 32)).shape == (1, 5)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setenv("URBANLENS_OFFLINE", "1")  # no download attempt from a test
-    with pytest.raises(backbones.WeightsUnavailable, match="ses_model.weights_path"):
-        ses_model.build_ses_model(small_cfg(**{"ses_model.pretrained": "true"}))
+    with pytest.raises(backbones.WeightsUnavailable, match="ses.model.weights_path"):
+        ses_model.build_ses_model(small_cfg(**{"ses.model.pretrained": "true"}))
 
 
 def test_load_cell_image_resizes_and_min_max_scales(tmp_path):
@@ -239,15 +239,15 @@ def _fake_cells(root, n_per_class=12, px=24, seed=0):
 def test_tiny_training_run_beats_chance(tmp_path):
     torch.manual_seed(0)
     files, labels = _fake_cells(tmp_path)
-    cfg = small_cfg(**{"ses_model.input_size": 24, "ses_model.backbone": "resnet18", "ses_train.epochs": 6,
-                       "ses_train.batch_size": 12, "ses_train.lr": 0.003, "ses_train.restarts": 1,
-                       "ses_train.early_stop_patience": 4})
+    cfg = small_cfg(**{"ses.model.input_size": 24, "ses.model.backbone": "resnet18", "ses.train.epochs": 6,
+                       "ses.train.batch_size": 12, "ses.train.lr": 0.003, "ses.train.restarts": 1,
+                       "ses.train.early_stop_patience": 4})
     data = ses_data.CellDataset(files, labels, 24, cache=True)
     split = ses_folds.stratified_folds(labels, 2, 0.25, seed=0)[0]
     model = ses_model.build_ses_model(cfg)
     rows = []
-    fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), cfg.ses_train,
-                      Placement("cpu", cfg.ses_train.amp, True), seed=0, progress=rows.append)
+    fit = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), cfg.ses.train,
+                      Placement("cpu", cfg.ses.train.amp, True), seed=0, progress=rows.append)
     assert rows == fit.log and 1 <= len(rows) <= 12
     assert {r["run"] for r in rows} <= {0, 1}
     assert fit.best_val_loss == min(r["val_loss"] for r in rows)
@@ -282,9 +282,9 @@ def test_training_stage_writes_folds_summary_and_resumes(tmp_path):
     gpd.GeoDataFrame(rows, crs="EPSG:3035").to_file(ses_dir / "cells.gpkg", layer="cells")
 
     root = Path(__file__).resolve().parents[2]
-    sets = [f"paths.results={tmp_path / 'results'}", "ses.cities=[Lyon]", "ses_model.backbone=resnet18",
-            "ses_model.pretrained=false", "ses_model.input_size=16", "ses_train.epochs=2",
-            "ses_train.restarts=0", "ses_train.batch_size=8", "workers=0"]
+    sets = [f"paths.results={tmp_path / 'results'}", "ses.cities=[Lyon]", "ses.model.backbone=resnet18",
+            "ses.model.pretrained=false", "ses.model.input_size=16", "ses.train.epochs=2",
+            "ses.train.restarts=0", "ses.train.batch_size=8", "workers=0"]
 
     def run(*extra):
         cmd = [sys.executable, "efficientnet_training.py", "--config", "configs/ses_demo.yaml",
@@ -315,6 +315,6 @@ def test_training_stage_writes_folds_summary_and_resumes(tmp_path):
     stamp = (city / "fold_0" / "best.pt").stat().st_mtime_ns
     assert run().returncode == 0
     assert (city / "fold_0" / "best.pt").stat().st_mtime_ns == stamp
-    proc = run("ses_train.lr=0.01")
+    proc = run("ses.train.lr=0.01")
     assert proc.returncode != 0 and "overwrite=true" in proc.stderr
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1

@@ -27,9 +27,9 @@ from urbanlens.ses import world as ses_world
 from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["france.cities=[Paris, Lyon]", "france.city_size_m=1000", "france.resolution_m=4.0",
-        "france.nodata_fraction=0.03", "ses.cities=[Paris, Lyon]", "ses.cell_px=32", "workers=1",
-        "france.withhold=0"]  # the whole census (the demo's withheld cells: tests/test_predict_income.py)
+TINY = ["ses.world.cities=[Paris, Lyon]", "ses.world.city_size_m=1000", "ses.world.resolution_m=4.0",
+        "ses.world.nodata_fraction=0.03", "ses.cities=[Paris, Lyon]", "ses.cell_px=32", "workers=1",
+        "ses.world.withhold=0"]  # the whole census (the demo's withheld cells: tests/test_predict_income.py)
 
 
 def tiny_config(data, results=None, extra=()):
@@ -65,7 +65,7 @@ def test_same_seed_gives_byte_identical_world(world, tmp_path):
 
 def test_urban_atlas_layout_and_schema(world):
     cfg, _, data, truth = world
-    for city in cfg.france.cities:
+    for city in cfg.ses.world.cities:
         stem = next(p.name for p in (data / "UA_data").iterdir() if city.upper() in p.name)
         assert re.fullmatch(r"FR\d{3}L2_[A-Z]+_UA2018_v013", stem)
         gpkg = data / "UA_data" / stem / "Data" / f"{stem}.gpkg"
@@ -94,7 +94,7 @@ def test_census_schema_and_planted_income(world):
     for cid, geom in zip(census["idcar_200m"], census.geometry):
         assert geom.equals(grid.cell_box(cid))
     # income follows land-use composition: shares measured here independently with an overlay
-    lu = pd.concat([urban_atlas.read_urban_atlas(data / cfg.ses.ua_dir, c)[0] for c in cfg.france.cities])
+    lu = pd.concat([urban_atlas.read_urban_atlas(data / cfg.ses.ua_dir, c)[0] for c in cfg.ses.world.cities])
     pieces = gpd.overlay(census[["idcar_200m", "geometry"]], gpd.GeoDataFrame(lu, crs=3035), how="intersection")
     pieces["share"] = pieces.area / 40000.0
     shares = pieces.pivot_table(index="idcar_200m", columns="ua_code", values="share", aggfunc="sum", fill_value=0)
@@ -104,7 +104,7 @@ def test_census_schema_and_planted_income(world):
     assert r > 0.6, r
     assert all(truth["class_effects"][c] > 0 for c in truth["rich_codes"])
     assert all(truth["class_effects"][c] < 0 for c in truth["poor_codes"])
-    assert truth["seed"] == cfg.seed and truth["params"]["france"]["noise"] == cfg.france.noise
+    assert truth["seed"] == cfg.seed and truth["params"]["france"]["noise"] == cfg.ses.world.noise
 
 
 def test_orthophotos_follow_the_land_use(world):
@@ -114,7 +114,7 @@ def test_orthophotos_follow_the_land_use(world):
     assert all(re.fullmatch(r"\d\d-2021-\d{4}-\d{4}-LA93-4M00-E080\.(jp2|tif)", n) for n in tiles["NOM"])
     with rasterio.open(tiles["path"].iloc[0]) as src:
         assert src.crs.to_epsg() == 2154 and src.res == (4.0, 4.0) and src.count == 3
-        assert src.bounds.right - src.bounds.left == cfg.france.tile_size_m
+        assert src.bounds.right - src.bounds.left == cfg.ses.world.tile_size_m
     landuse, _ = urban_atlas.read_urban_atlas(data / cfg.ses.ua_dir, "Paris")
     colours = {}
     for code in ("50000", "14100", "12100"):
@@ -145,7 +145,7 @@ def test_rebuild_is_skipped_and_other_parameters_refused(world, monkeypatch, cap
     monkeypatch.setattr(sys, "argv", argv)
     ses_world.main()
     assert "nothing to do" in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", [*argv, "--set", "france.noise=0.5"])
+    monkeypatch.setattr(sys, "argv", [*argv, "--set", "ses.world.noise=0.5"])
     with pytest.raises(errors.StaleRun, match="overwrite=true"):
         ses_world.main()
 
@@ -221,7 +221,7 @@ def test_blocks_mode_withholds_whole_blocks_near_the_asked_share():
         world_plan.withheld_cells(city, ids, 0.2, 0, "rings", 400)
 
 
-# --- france.structure: income planted in the houses' arrangement, at equal colour statistics ---------
+# --- ses.world.structure: income planted in the houses' arrangement, at equal colour statistics ---------
 
 def _house_patches(code: str, n: int = 60, px: int = 64, turn_deg: float = 1.7):
     """``n`` 200 m cells of pure ``code`` drawn with structure on, sampled at ``px`` pixels on a grid turned
@@ -269,11 +269,11 @@ def test_structure_is_invisible_to_colour_statistics_but_not_to_arrangement(code
 
 
 def test_structure_plants_income_in_arrangement(tmp_path):
-    """With france.structure = 1, composition no longer sets income; among cells of mostly houses,
+    """With ses.world.structure = 1, composition no longer sets income; among cells of mostly houses,
     arranged ones earn more than scattered ones as planted; ses_truth.json records the component."""
-    cfg, _ = tiny_config(tmp_path / "data", extra=["france.structure=1", "france.cities=[Paris]"])
-    city = world_plan.plan_city("Paris", 0, float(cfg.france.city_size_m), cfg.seed)
-    _, truth = world_plan.census_for_city(city, float(cfg.france.noise), cfg.seed, 0.0, 1.0)
+    cfg, _ = tiny_config(tmp_path / "data", extra=["ses.world.structure=1", "ses.world.cities=[Paris]"])
+    city = world_plan.plan_city("Paris", 0, float(cfg.ses.world.city_size_m), cfg.seed)
+    _, truth = world_plan.census_for_city(city, float(cfg.ses.world.noise), cfg.seed, 0.0, 1.0)
     houses = truth.get("share_11230", 0.0) + truth.get("share_11240", 0.0)
     mostly = houses > 0.3
     li = np.log(truth["income"])

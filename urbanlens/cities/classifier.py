@@ -21,9 +21,9 @@ def classifier_from_checkpoint(state: dict, path: str | Path) -> tuple[nn.Module
     A checkpoint of another stage, or whose weights do not fit the backbone and classes it records, exits
     with one line naming ``path``.
     """
-    trained, classes = state.get("config", {}).get("model") or {}, state.get("classes")
+    trained, classes = state.get("config", {}).get("cities", {}).get("model") or {}, state.get("classes")
     if not classes or trained.get("backbone") not in BACKBONES or "input_size" not in trained:
-        raise CheckpointError(f"{path}: not a city-classifier checkpoint (no classes or model.backbone recorded); "
+        raise CheckpointError(f"{path}: not a city-classifier checkpoint (no classes or cities.model.backbone recorded); "
                  "use the best.pt that train_classification.py writes")
     model = build_backbone(trained["backbone"], len(classes), pretrained=False)
     runtime.load_weights(model, state["model"], path, f"{trained['backbone']} with {len(classes)} classes")

@@ -18,19 +18,19 @@ from . import metrics as cities_metrics
 
 
 def validation_scheme(cfg, results: Path, best_pt: Path) -> str:
-    """The split.val the model was trained under; refused when the config names another."""
-    scheme = training.trained_validation(results) or cfg.split.val
-    if scheme != cfg.split.val:
-        raise ConfigError(f"{best_pt}: trained with split.val={scheme}, the config says split.val={cfg.split.val}; "
-                          f"test with --set split.val={scheme}, or train again under split.val={cfg.split.val}")
+    """The cities.split.val the model was trained under; refused when the config names another."""
+    scheme = training.trained_validation(results) or cfg.cities.split.val
+    if scheme != cfg.cities.split.val:
+        raise ConfigError(f"{best_pt}: trained with cities.split.val={scheme}, the config says cities.split.val={cfg.cities.split.val}; "
+                          f"test with --set cities.split.val={scheme}, or train again under cities.split.val={cfg.cities.split.val}")
     return scheme
 
 
 def predict_split(model, cfg, manifest: pd.DataFrame, patches_dir: Path, classes, size: int, place):
-    """Logits, penultimate embeddings and labels of the patches of test.split, in manifest order."""
-    test_set = data.split_dataset(manifest, cfg.test.split, patches_dir, classes,
+    """Logits, penultimate embeddings and labels of the patches of cities.test.split, in manifest order."""
+    test_set = data.split_dataset(manifest, cfg.cities.test.split, patches_dir, classes,
                                   data.transforms(size, train=False), size)
-    loader = loops.make_loader(test_set, cfg.test.batch_size, cfg.workers, place.device)
+    loader = loops.make_loader(test_set, cfg.cities.test.batch_size, cfg.workers, place.device)
     return loops.predict(model, loader, place, embeddings=True)
 
 
@@ -38,14 +38,14 @@ def model_scores(cfg, labels, logits, rows: pd.DataFrame, classes, record: dict)
     """metrics.json's scores (``record``: split, validation and checkpoint entries placed before the
     intervals), the accuracy's permutation p-value and the bootstrap resamples over source images."""
     pred, sources = logits.argmax(axis=1), rows["source"].to_numpy()
-    n_boot = cfg.test.bootstrap
+    n_boot = cfg.cities.test.bootstrap
     boot = intervals.bootstrap_scores(labels, pred, sources, classes, n_boot, cfg.seed)
     metrics = cities_metrics.classification_metrics(labels, logits, classes)
     metrics["per_site"] = cities_metrics.per_site_accuracy(labels, pred, rows["iata"], rows["site"])
     metrics.update(**record, intervals=intervals.metric_intervals(labels, pred, sources, classes, n_boot, cfg.seed,
                                                                   scores=boot))
-    permutation = {"permutations": cfg.test.permutations,
-                   "accuracy": null.accuracy_p_value(labels, pred, cfg.test.permutations, cfg.seed)}
+    permutation = {"permutations": cfg.cities.test.permutations,
+                   "accuracy": null.accuracy_p_value(labels, pred, cfg.cities.test.permutations, cfg.seed)}
     return metrics, permutation, boot
 
 
@@ -54,10 +54,10 @@ def baseline_scores(cfg, manifest: pd.DataFrame, scheme: str, rows: pd.DataFrame
     """The simple baseline fitted on the training patches the model trained on, scored on the same test
     patches: its metrics.json entries (``baseline``, ``gain_over_baseline`` over the same resamples), its
     accuracy's permutation p-value and its log-probabilities."""
-    sources, n_boot = rows["source"].to_numpy(), cfg.test.bootstrap
+    sources, n_boot = rows["source"].to_numpy(), cfg.cities.test.bootstrap
     train_rows = validation.training_splits(manifest, scheme)
     base_lp, fitted = cities_baseline.fit_score(train_rows[train_rows["split"] == "train"], rows, patches_dir,
-                                                classes, cfg.test.baseline_max_train, cfg.seed)
+                                                classes, cfg.cities.test.baseline_max_train, cfg.seed)
     base_pred = base_lp.argmax(axis=1)
     base = cities_metrics.classification_metrics(labels, base_lp, classes)
     base_boot = intervals.bootstrap_scores(labels, base_pred, sources, classes, n_boot, cfg.seed)  # same resamples
@@ -67,7 +67,7 @@ def baseline_scores(cfg, manifest: pd.DataFrame, scheme: str, rows: pd.DataFrame
                                                                     cfg.seed, scores=base_boot)},
                "gain_over_baseline": intervals.paired_gain(labels, pred, base_pred, sources, classes, n_boot,
                                                            cfg.seed, scores=boot, scores_ref=base_boot)}
-    return entries, null.accuracy_p_value(labels, base_pred, cfg.test.permutations, cfg.seed), base_lp
+    return entries, null.accuracy_p_value(labels, base_pred, cfg.cities.test.permutations, cfg.seed), base_lp
 
 
 def prediction_frame(rows: pd.DataFrame, classes, labels, pred, confidence) -> pd.DataFrame:
@@ -97,9 +97,9 @@ def city_similarity(cfg, out: Path, confusions: pd.DataFrame, embeddings, labels
     matrices = {"confusion": similarity.confusion_similarity(confusions.to_numpy()),
                 "embedding": similarity.embedding_similarity(embeddings, labels, len(classes))}
     pairs = pd.concat([similarity.similar_pairs(s, classes, m) for m, s in matrices.items()], ignore_index=True)
-    top_k = cfg.test.stability_top_k or max(1, len(classes) // 2)
+    top_k = cfg.cities.test.stability_top_k or max(1, len(classes) // 2)
     pairs = intervals.with_stability(pairs, intervals.pair_stability(labels, pred, embeddings, sources, classes, top_k,
-                                                                     cfg.test.bootstrap, cfg.seed))
+                                                                     cfg.cities.test.bootstrap, cfg.seed))
     write_csv(similarity.similarity_table(matrices, classes), out / "similarity.csv")
     write_csv(pairs, out / "similar_pairs.csv")
     for method, sim in matrices.items():

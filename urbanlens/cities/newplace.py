@@ -2,7 +2,7 @@
 
 The new city's images (any layout of image files under one folder, e.g. ``<site>/<image>``) are cut
 the way preprocessing cuts the known ones: the same reader and 8-bit conversion (``rasters.convert``:
-bands, scaling, ``patch.ground_m``), the same patch grid over the whole image, the same blank-patch rule
+bands, scaling, ``cities.patch.ground_m``), the same patch grid over the whole image, the same blank-patch rule
 (``cutting.blank_reason``) and the same JPEG encoding, kept in memory. The trained classifier embeds
 every patch; the new city's mean embedding is compared (cosine) with each known city's mean test
 embedding, and the share of its patches predicted as each known city is counted. Both carry a
@@ -36,7 +36,7 @@ from .intervals import resamples
 from .patches import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, patch_grid
 from .similarity import class_means, cosine_similarity
 
-CUT_KEYS = ("image.bands", "image.scale", "image.scale_min", "image.scale_max", "patch.size", "patch.ground_m")
+CUT_KEYS = ("cities.image.bands", "cities.image.scale", "cities.image.scale_min", "cities.image.scale_max", "cities.patch.size", "cities.patch.ground_m")
 
 
 GROUND_TOLERANCE = 1.5  # ground resolutions further apart than this factor cover different ground per patch
@@ -99,12 +99,12 @@ def cut_new(folder: str | Path, opts: dict, size: int, stride: int, max_nodata: 
                                 else f"{img}: unreadable image ({type(e).__name__}); replace or delete it")
             continue
         if opts["ground_m"] is not None and info["res_m"] is None:
-            out.problems.append(f"{img}: not georeferenced, so patch.ground_m={opts['ground_m']} cannot be "
+            out.problems.append(f"{img}: not georeferenced, so cities.patch.ground_m={opts['ground_m']} cannot be "
                                 "applied; left out")
             continue
         grid = patch_grid(*rgb.shape[:2], size, stride)
         if not grid:
-            out.problems.append(f"{img}: {rgb.shape[0]} x {rgb.shape[1]} px, smaller than patch.size {size}; left out")
+            out.problems.append(f"{img}: {rgb.shape[0]} x {rgb.shape[1]} px, smaller than cities.patch.size {size}; left out")
             continue
         out.sources.append({"source": source, **info})
         if georef is not None:

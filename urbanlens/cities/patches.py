@@ -6,7 +6,7 @@ each half is patched on its own, so no test patch overlaps a val patch. ``test_b
 sample of test patches per city. Offsets are always in full-image pixel coordinates.
 
 Images are any raster rasterio reads (urbanlens/cities/rasters.py converts each to 8-bit RGB, resampled
-to ``patch.ground_m`` when set); offsets are in the pixels of that converted image.
+to ``cities.patch.ground_m`` when set); offsets are in the pixels of that converted image.
 
 Written: ``<patches>/<split>/<City Name (IATA)>/<site>__<imagestem>__y<y>_x<x>.jpg``,
 ``<patches>/manifest.csv`` (one row per file; test_b files are hard links to the test ones) and
@@ -158,8 +158,8 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
                     problem(f"{img}: unreadable image ({type(e).__name__}); replace or delete it")
                     continue
                 if ground_m is not None and head["res_m"] is None:
-                    problem(f"{img}: not georeferenced, so patch.ground_m={ground_m} cannot be applied; left out: "
-                            "give it a georeference (e.g. a world file) or set patch.ground_m to null")
+                    problem(f"{img}: not georeferenced, so cities.patch.ground_m={ground_m} cannot be applied; left out: "
+                            "give it a georeference (e.g. a world file) or set cities.patch.ground_m to null")
                     continue
                 width, height = head["out_width"], head["out_height"]
                 source = img.relative_to(raw_dir).as_posix()
@@ -170,8 +170,8 @@ def plan_split(raw_dir: str | Path, size: int, stride: int, test_b_per_city: int
                     parts = [("test", 0, half), ("val", half, width - half)]
                 if any(not patch_grid(height, w, size, stride) for _, _, w in parts):
                     need = f"{size} x {2 * size if last else size}"
-                    problem(f"{img}: {height} x {width} px, too small for patch.size {size} (this site needs "
-                            f"at least {need} px, height x width); left out: lower patch.size or remove it")
+                    problem(f"{img}: {height} x {width} px, too small for cities.patch.size {size} (this site needs "
+                            f"at least {need} px, height x width); left out: lower cities.patch.size or remove it")
                     continue
                 for split, x0, w in parts:
                     for y, x in patch_grid(height, w, size, stride):
@@ -245,7 +245,7 @@ def write_patches(plan: pd.DataFrame, raw_dir: str | Path, out_dir: str | Path, 
     return res.written + cutting.link_test_b(kept, out_dir)
 
 
-RUN_KEYS = ("image", "patch", "split.test_b_per_city", "seed")  # what makes a patch and decides the split
+RUN_KEYS = ("cities.image", "cities.patch", "cities.split.test_b_per_city", "seed")  # what makes a patch and decides the split
 
 
 SOURCES = "sources.csv"  # per source image: dtype, bands used, scaling limits, ground resolution, patches kept

@@ -2,18 +2,18 @@
 
 Read through rasterio: 8/16-bit integers and floats, 1, 3, 4 or more bands, pixel- or band-interleaved.
 
-- Bands (``image.bands``): a list of 1-based band numbers, else the bands tagged red, green and blue
+- Bands (``cities.image.bands``): a list of 1-based band numbers, else the bands tagged red, green and blue
   (GDAL colour interpretation), else the first three; an image with fewer than three bands repeats its
   first band (panchromatic -> grey RGB).
 - Nodata: the file's own mask (internal mask, alpha band or declared nodata value; a pixel is a hole
   only where every band used is, as GDAL's per-band nodata masks say) and NaN in any band used.
-- Scaling to 8 bits (``image.scale``): ``auto`` (default) is ``none`` for uint8 images and
+- Scaling to 8 bits (``cities.image.scale``): ``auto`` (default) is ``none`` for uint8 images and
   ``percentile`` otherwise; ``percentile`` maps each band's 2nd..98th percentile over the valid pixels
-  of the image to 0..255; ``fixed`` maps ``image.scale_min``..``image.scale_max``; ``none`` takes 8-bit
+  of the image to 0..255; ``fixed`` maps ``cities.image.scale_min``..``cities.image.scale_max``; ``none`` takes 8-bit
   values as they are and refuses any other type. Values beyond the limits become 0 or 255: with
   ``percentile`` about 2 % of pixels a band at each end. The limits used are returned (and recorded
   per source image by preprocessing), so nothing is clipped unseen. Holes are 0.
-- Ground (``patch.ground_m``): a georeferenced image is resampled (average when shrinking, bilinear when
+- Ground (``cities.patch.ground_m``): a georeferenced image is resampled (average when shrinking, bilinear when
   enlarging) to that many metres per pixel, so patches of every city cover the same ground.
 
 Baseline JPEG files read at their own resolution are decoded by Pillow (its chroma upsampling; GDAL's
@@ -41,19 +41,19 @@ DEFAULTS = {"bands": None, "scale": "auto", "scale_min": None, "scale_max": None
 
 
 def options(cfg) -> dict:
-    """The reading options of a config (``image`` section and ``patch.ground_m``), checked."""
-    img = cfg.image
+    """The reading options of a config (``image`` section and ``cities.patch.ground_m``), checked."""
+    img = cfg.cities.image
     if img.scale not in SCALES:
-        raise ConfigError(f"image.scale: '{img.scale}' is not one of {', '.join(SCALES)}; pick one")
+        raise ConfigError(f"cities.image.scale: '{img.scale}' is not one of {', '.join(SCALES)}; pick one")
     if img.scale == "fixed" and (img.scale_min is None or img.scale_max is None or img.scale_max <= img.scale_min):
-        raise ConfigError(f"image.scale fixed needs image.scale_min < image.scale_max, got {img.scale_min} and "
-                          f"{img.scale_max}; set both, e.g. --set image.scale_min=0 --set image.scale_max=2047")
+        raise ConfigError(f"cities.image.scale fixed needs cities.image.scale_min < cities.image.scale_max, got {img.scale_min} and "
+                          f"{img.scale_max}; set both, e.g. --set cities.image.scale_min=0 --set cities.image.scale_max=2047")
     bands = list(img.bands) if img.bands is not None else None
     if bands is not None and (not bands or any(not isinstance(b, int) or b < 1 for b in bands)):
-        raise ConfigError(f"image.bands: {img.bands} must be a list of 1-based band numbers, e.g. [3, 2, 1]")
-    ground = cfg.patch.ground_m
+        raise ConfigError(f"cities.image.bands: {img.bands} must be a list of 1-based band numbers, e.g. [3, 2, 1]")
+    ground = cfg.cities.patch.ground_m
     if ground is not None and not ground > 0:
-        raise ConfigError(f"patch.ground_m must be > 0 metres per pixel or null, got {ground}")
+        raise ConfigError(f"cities.patch.ground_m must be > 0 metres per pixel or null, got {ground}")
     return {"bands": bands, "scale": img.scale, "scale_min": img.scale_min, "scale_max": img.scale_max,
             "ground_m": ground}
 
@@ -81,8 +81,8 @@ def choose_bands(colorinterp, count: int, bands: list[int] | None, where: str = 
     if bands is not None:
         bad = [b for b in bands if b > count]
         if bad:
-            raise DataError(f"{where}: image.bands {bands} asks for band {bad[0]} of a {count}-band image; "
-                            "set image.bands to bands it has, or null")
+            raise DataError(f"{where}: cities.image.bands {bands} asks for band {bad[0]} of a {count}-band image; "
+                            "set cities.image.bands to bands it has, or null")
         return (bands * 3)[:3] if len(bands) < 3 else bands[:3]
     tags = {ci: i + 1 for i, ci in reversed(list(enumerate(colorinterp)))}
     if all(c in tags for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
@@ -185,8 +185,8 @@ def convert(path: str | Path, opts: dict) -> tuple[np.ndarray, np.ndarray, dict]
         if scale == "auto":
             scale = "none" if dtype == "uint8" else "percentile"
         if scale == "none" and dtype != "uint8":
-            raise DataError(f"{path}: {dtype} image with image.scale none (8-bit only); set image.scale to auto, "
-                            "percentile or fixed (with image.scale_min and image.scale_max)")
+            raise DataError(f"{path}: {dtype} image with cities.image.scale none (8-bit only); set cities.image.scale to auto, "
+                            "percentile or fixed (with cities.image.scale_min and cities.image.scale_max)")
         values, valid = _read(path, ds, idx, (oh, ow))
         width, height, count = ds.width, ds.height, ds.count
     limits = stretch_limits(values, valid, scale, opts["scale_min"], opts["scale_max"])

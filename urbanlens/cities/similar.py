@@ -13,12 +13,12 @@ from ..core.errors import ConfigError, DataError
 from ..core.files import atomic_path, save_figure, write_csv
 from . import data, figures, newplace, patches, rasters, training
 
-RUN_KEYS = ("seed", "image", "patch", "test.split", "newplace")  # what the outputs depend on, besides the inputs
+RUN_KEYS = ("seed", "cities.image", "cities.patch", "cities.test.split", "cities.newplace")  # what the outputs depend on, besides the inputs
 
 
 def embed(model, dataset, cfg, place, desc):
     """Logits, penultimate embeddings and labels of ``dataset`` (progress bar ``desc``)."""
-    loader = loops.make_loader(dataset, cfg.test.batch_size, cfg.workers, place.device)
+    loader = loops.make_loader(dataset, cfg.cities.test.batch_size, cfg.workers, place.device)
     return loops.predict(model, loader, place, embeddings=True, desc=desc)
 
 
@@ -42,31 +42,31 @@ def cut_like_the_model(cfg, images: Path, patches_dir: Path, best_pt: Path) -> n
     """The new city cut as preprocessing cuts; problems listed (an error under strict), and refused when
     the cut differs from that of the model's patches."""
     opts = rasters.options(cfg)
-    new = newplace.cut_new(images, opts, cfg.patch.size, cfg.patch.stride, cfg.patch.max_nodata,
-                           cfg.patch.jpeg_quality)
+    new = newplace.cut_new(images, opts, cfg.cities.patch.size, cfg.cities.patch.stride, cfg.cities.patch.max_nodata,
+                           cfg.cities.patch.jpeg_quality)
     for problem in new.problems:
         if cfg.strict:
             raise DataError(f"{problem} (strict=true; --set strict=false lists and skips it)")
         print(f"[similar] skipped: {problem}")
     if new.frame.empty:
-        raise DataError(images, "no usable patch in these images (see above)", "fix the files listed or lower patch.size")
+        raise DataError(images, "no usable patch in these images (see above)", "fix the files listed or lower cities.patch.size")
     known_sources = pd.read_csv(patches_dir / patches.SOURCES)
     differences = newplace.cut_differences(training.patch_settings(cfg.paths.data), cfg, known_sources,
                                            pd.DataFrame(new.sources))
     if differences:
         runs.refuse(best_pt, f"was trained on images cut otherwise than those in {images}", differences,
                     "cut them alike: run with the config the model was trained with (its patches' settings are in "
-                    f"{patches_dir / patches.STAMP}), or set patch.ground_m and train a model on patches of that ground size")
+                    f"{patches_dir / patches.STAMP}), or set cities.patch.ground_m and train a model on patches of that ground size")
     return new
 
 
 def known_embeddings(model, cfg, known, cache: Path, best_pt: Path, place):
     """The embeddings of the known cities' test patches (dataset ``known``), made once per model and split
     and shared by every new city through ``cache``."""
-    key = newplace.known_key(best_pt, cfg.test.split, known.files, place.device.type, cfg.train.amp)
+    key = newplace.known_key(best_pt, cfg.cities.test.split, known.files, place.device.type, cfg.cities.train.amp)
     known_emb = newplace.read_known(cache, key)
     if known_emb is None:
-        _, known_emb, _ = embed(model, known, cfg, place, f"known {cfg.test.split} patches")
+        _, known_emb, _ = embed(model, known, cfg, place, f"known {cfg.cities.test.split} patches")
         newplace.write_known(cache, key, known_emb)
     return known_emb
 
@@ -92,9 +92,9 @@ def nearest_panel(path: Path, new: newplace.NewPatches, emb, known, known_emb, t
     """nearest_patches.png: seeded patches spread over the new city's images beside their nearest test
     patches of the ``top_iata`` cities."""
     top_idx = [classes.index(c) for c in top_iata]
-    picks = newplace.pick_patches(new.frame["source"].to_numpy(), cfg.newplace.panel_patches, cfg.seed)
+    picks = newplace.pick_patches(new.frame["source"].to_numpy(), cfg.cities.newplace.panel_patches, cfg.seed)
     nearest = newplace.nearest_patches(emb, picks, known_emb, known.labels, top_idx)
     save_figure(figures.nearest_patches_figure(
         [newplace.patch_image(new.jpegs[i]) for i in picks],
         [[data.read_image(known.files[k]).permute(1, 2, 0).numpy() for k in row] for row in nearest],
-        top_iata, f"{name}: patches beside their nearest {cfg.test.split} patches"), path)
+        top_iata, f"{name}: patches beside their nearest {cfg.cities.test.split} patches"), path)

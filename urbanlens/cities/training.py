@@ -58,7 +58,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int):
 
 def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: str | Path) -> None:
     """Exit with one line when a checkpoint was trained on other cities or with another model."""
-    trained = state.get("config", {}).get("model", {})
+    trained = state.get("config", {}).get("cities", {}).get("model", {})
     if list(state.get("classes", [])) != list(classes):
         raise CheckpointError(f"{path}: trained on cities {', '.join(state.get('classes', []))}, not on those of the "
                  f"manifest ({', '.join(classes)}); train without --resume or use another paths.results")
@@ -68,7 +68,7 @@ def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: 
                      f"train without --resume or set --set model.{key}={trained.get(key)}")
 
 
-RUN_KEYS = ("seed", "paths.data", "patch", "split", "model", "train", "store")  # what decides a trained classifier
+RUN_KEYS = ("seed", "paths.data", "cities.patch", "cities.split", "cities.model", "cities.train", "store")  # what decides a trained classifier
 
 
 STAMP = "train_classification.stamp.json"  # the run stamp (urbanlens.core.runs) in <results>/cities
@@ -94,13 +94,13 @@ def patch_settings(data_dir: str | Path) -> dict:
 
 
 def trained_validation(results: str | Path) -> str | None:
-    """The validation scheme (``split.val``) the classifier under ``results`` was trained with, from its
+    """The validation scheme (``cities.split.val``) the classifier under ``results`` was trained with, from its
     run stamp (``paper`` for runs from before the key); None when there is no stamp."""
     try:
         stamp = runs.read_stamp(Path(results) / STAMP, "train_classification.py")
     except FileNotFoundError:
         return None
-    return stamp["settings"].get("split.val", ADDED["split.val"])
+    return stamp["settings"].get("cities.split.val", ADDED["cities.split.val"])
 
 
 def data_changes(changes: list[str]) -> list[str]:
@@ -152,14 +152,14 @@ def write_log(rows: list[dict], path: str | Path) -> Path:
 
 def datasets(cfg, manifest: pd.DataFrame, classes: list[str], place: Placement):
     """(train, val) datasets of the patches ``manifest`` assigns to them. With ``store`` they are decoded
-    once at ``model.input_size`` into <patches>/store/ (again when the patches change; in ``workers``
+    once at ``cities.model.input_size`` into <patches>/store/ (again when the patches change; in ``workers``
     processes, under torchrun every rank its share), flips and normalisation then happen per batch on the
     device; without, each patch is decoded, resized, flipped and normalised in the loader every epoch."""
-    patches_dir, size = data_dir(cfg, "cities", "patches"), cfg.model.input_size
+    patches_dir, size = data_dir(cfg, "cities", "patches"), cfg.cities.model.input_size
     if cfg.store:
         train_set, val_set = (data.split_store(
             manifest, s, patches_dir, classes, size, f"[train] store {s}" if place.main else None,
-            validation.store_name(s, cfg.split.val), cfg.workers, place.world_size > 1) for s in ("train", "val"))
+            validation.store_name(s, cfg.cities.split.val), cfg.workers, place.world_size > 1) for s in ("train", "val"))
     else:
         train_set = data.split_dataset(manifest, "train", patches_dir, classes, data.transforms(size, train=True),
                                        size)
@@ -171,14 +171,14 @@ def datasets(cfg, manifest: pd.DataFrame, classes: list[str], place: Placement):
 
 
 def loaders(cfg, train_set, val_set, place: Placement):
-    """(epoch sampler, train loader, val loader): ``train.batch_size`` is the global batch, split over
-    the ranks (``loops.rank_batch``); class-balanced draws (``train.balanced``), at most
-    ``train.max_steps_per_epoch`` steps."""
-    batch = loops.rank_batch(cfg.train.batch_size, place.world_size, "train.batch_size")
+    """(epoch sampler, train loader, val loader): ``cities.train.batch_size`` is the global batch, split over
+    the ranks (``loops.rank_batch``); class-balanced draws (``cities.train.balanced``), at most
+    ``cities.train.max_steps_per_epoch`` steps."""
+    batch = loops.rank_batch(cfg.cities.train.batch_size, place.world_size, "cities.train.batch_size")
     draws = len(train_set)
-    if cfg.train.max_steps_per_epoch > 0:
-        draws = min(draws, cfg.train.max_steps_per_epoch * batch * place.world_size)
-    sampler = sampling.EpochSampler(train_set.labels, cfg.train.balanced, draws, cfg.seed, place.rank,
+    if cfg.cities.train.max_steps_per_epoch > 0:
+        draws = min(draws, cfg.cities.train.max_steps_per_epoch * batch * place.world_size)
+    sampler = sampling.EpochSampler(train_set.labels, cfg.cities.train.balanced, draws, cfg.seed, place.rank,
                                     place.world_size)
     train_loader = loops.make_loader(train_set, batch, cfg.workers, place.device, sampler)
     val_loader = loops.make_loader(loops.shard(val_set, place.rank, place.world_size), batch, cfg.workers,
@@ -189,10 +189,10 @@ def loaders(cfg, train_set, val_set, place: Placement):
 
 
 def optimiser(cfg, model: nn.Module, steps_per_epoch: int, place: Placement) -> loops.Optimiser:
-    """Adam at ``train.lr`` under ``train.schedule``, with the loss scaler of ``place``'s precision."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    scheduler = lr_schedule(optimizer, cfg.train.schedule, cfg.train.epochs * steps_per_epoch)
-    return loops.Optimiser(optimizer, scheduler, place.scaler(), "train.lr")
+    """Adam at ``cities.train.lr`` under ``cities.train.schedule``, with the loss scaler of ``place``'s precision."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.cities.train.lr)
+    scheduler = lr_schedule(optimizer, cfg.cities.train.schedule, cfg.cities.train.epochs * steps_per_epoch)
+    return loops.Optimiser(optimizer, scheduler, place.scaler(), "cities.train.lr")
 
 
 def resume_point(cfg, resume: bool, out: Path, model: nn.Module, opt: loops.Optimiser, classes: list[str],
@@ -220,7 +220,7 @@ def resume_point(cfg, resume: bool, out: Path, model: nn.Module, opt: loops.Opti
             best_pt.unlink(missing_ok=True)
     done, best_acc = 0, -1.0
     if state is not None:
-        check_resumable(state, classes, cfg.model, last_pt)
+        check_resumable(state, classes, cfg.cities.model, last_pt)
         done, best_acc = restore(state, model, opt.optimizer, opt.scaler, opt.scheduler)
         if place.main:
             print(f"[train] resuming from {last_pt} after epoch {done}")
@@ -234,7 +234,7 @@ def resume_point(cfg, resume: bool, out: Path, model: nn.Module, opt: loops.Opti
 
 def run_epochs(cfg, model: nn.Module, opt: loops.Optimiser, sampler, train_loader, val_loader, classes: list[str],
                out: Path, done: int, best_acc: float, place: Placement) -> float:
-    """Epochs ``done`` + 1 .. ``train.epochs``: each writes a row of train_log.csv and last.pt, and best.pt
+    """Epochs ``done`` + 1 .. ``cities.train.epochs``: each writes a row of train_log.csv and last.pt, and best.pt
     when its validation accuracy is the best so far (ties: the later epoch). The sampling and
     augmentation of epoch e depend only on (seed, e), so a resumed run draws the same batches as an
     uninterrupted one. A diverged epoch stops the run unsaved. Returns the best validation accuracy."""
@@ -242,13 +242,13 @@ def run_epochs(cfg, model: nn.Module, opt: loops.Optimiser, sampler, train_loade
     log = read_log(log_csv, done)
     model = wrap_distributed(model, place.device)
     start = time.time()
-    for epoch in range(done + 1, cfg.train.epochs + 1):
+    for epoch in range(done + 1, cfg.cities.train.epochs + 1):
         t0 = time.time()
         sampling.begin_epoch(sampler, cfg.seed, epoch, place.rank)
         lr_used = opt.lr  # at the start of the epoch
         augment = data.train_batches(cfg.seed, epoch, place.rank) if cfg.store else None
         tr = loops.train_epoch(model, train_loader, opt, F.cross_entropy, place, augment=augment, min_batch=2,
-                               desc=f"epoch {epoch}/{cfg.train.epochs}", epoch=epoch,
+                               desc=f"epoch {epoch}/{cfg.cities.train.epochs}", epoch=epoch,
                                max_loss=loops.loss_limit(len(classes)))  # diverged: no save
         va = loops.check_validation(loops.evaluate(model, val_loader, F.cross_entropy, place), epoch, lr_used,
                                     opt.lr_key)
@@ -269,6 +269,6 @@ def run_epochs(cfg, model: nn.Module, opt: loops.Optimiser, sampler, train_loade
         print(f"[train] epoch {epoch}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} | "
               f"val loss {va['loss']:.3f} acc {va['acc']:.3f}{' *' if improved else ''} | {time.time() - t0:.0f} s")
     if place.main:
-        print(f"[train] {cfg.train.epochs} epochs ({cfg.train.epochs - done} run now) in {time.time() - start:.0f} s; "
+        print(f"[train] {cfg.cities.train.epochs} epochs ({cfg.cities.train.epochs - done} run now) in {time.time() - start:.0f} s; "
               f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
     return best_acc

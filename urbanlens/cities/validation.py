@@ -1,4 +1,4 @@
-"""Which patches choose the model: the validation scheme ``split.val``.
+"""Which patches choose the model: the validation scheme ``cities.split.val``.
 
 ``paper``: the manifest as preprocessing.py cut it; the validation patches are the right halves of the
 test site's images, so early stopping and ``best.pt`` see the site the model is tested on.
@@ -23,9 +23,9 @@ def validation_sites(manifest: pd.DataFrame) -> dict[str, str]:
     for iata in sorted(manifest["iata"].unique()):
         sites = sorted(train.loc[train["iata"] == iata, "site"].unique())
         if len(sites) < 2:
-            raise DataError(f"split.val=site: city {iata} has {len(sites) + 1} sites, the scheme needs 3 or more "
+            raise DataError(f"cities.split.val=site: city {iata} has {len(sites) + 1} sites, the scheme needs 3 or more "
                             "(training sites, a validation site, the test site); add a site folder and re-run "
-                            "preprocessing.py, or use --set split.val=paper")
+                            "preprocessing.py, or use --set cities.split.val=paper")
         out[iata] = sites[-1]
     return out
 

@@ -3,16 +3,16 @@
 Each city is a point in a normalised style space ``[0, 1]^D`` (street-grid orientation and spacing,
 street width, lot and building size, building density, vegetation, water, roof palette, pavement
 colour, building height, street irregularity). Cities come in pairs: twin B is twin A moved by
-``world.twin_distance`` in a random direction, while pair centres are spread far apart, so the
+``cities.world.twin_distance`` in a random direction, while pair centres are spread far apart, so the
 planted truth "which cities look alike" is known. Sites of a city stray from its style by
-``world.site_jitter``; every image is drawn procedurally from its site's style with its own seeded
+``cities.world.site_jitter``; every image is drawn procedurally from its site's style with its own seeded
 random generator, so the same seed and config give byte-identical files.
 
 Drawing is vectorised numpy on pixel coordinates: every layer (street grid, lots, buildings, shadows,
 trees, parks, river) is a function of (x, y) and a few small per-image random tables, evaluated in
 horizontal strips so that 4800 x 4800 images need only a few hundred MB.
 
-    python -m urbanlens.cities.world --config configs/cities_demo.yaml [--set world.n_cities=12]
+    python -m urbanlens.cities.world --config configs/cities_demo.yaml [--set cities.world.n_cities=12]
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def city_styles(n_cities: int, seed: int, twin_distance: float) -> list[dict]:
     vector (clipped to the cube); pair centres are spread apart, so non-twins are much farther.
     """
     if n_cities < 2:
-        raise ConfigError(f"world.n_cities must be at least 2, got {n_cities}")
+        raise ConfigError(f"cities.world.n_cities must be at least 2, got {n_cities}")
     rng = np.random.default_rng([seed, 7001])
     dim = len(STYLE_KEYS)
     n_pairs = n_cities // 2
@@ -144,7 +144,7 @@ def city_folder(style: dict) -> str:
 
 
 def _image_jobs(cfg, root: Path, styles: list[dict]) -> list[tuple]:
-    w = cfg.world
+    w = cfg.cities.world
     jobs = []
     for ci, style in enumerate(styles):
         for si in range(w.n_sites):
@@ -165,7 +165,7 @@ def _render_job(job: tuple) -> str:
     return path
 
 
-RUN_KEYS = ("seed", "world")  # what the world is made from
+RUN_KEYS = ("seed", "cities.world")  # what the world is made from
 
 
 STAMP = "world.stamp.json"  # the run stamp (urbanlens.core.runs) in <paths.data>/cities
@@ -192,7 +192,7 @@ def generate_world(cfg) -> Path:
         raise StaleRun(f"{root / 'raw'}: holds images the generator did not make; "
                          "move them away or point paths.data elsewhere")
     runs.write_stamp(stamp, "python -m urbanlens.cities.world", cfg, RUN_KEYS)
-    w = cfg.world
+    w = cfg.cities.world
     styles = city_styles(w.n_cities, cfg.seed, w.twin_distance)
     jobs = _image_jobs(cfg, root, styles)
     bar = tqdm(total=len(jobs), desc="world", unit="img")
@@ -208,14 +208,14 @@ def generate_world(cfg) -> Path:
     twins = [[s["iata"], s["twin"]] for s in styles[0::2] if s["twin"]]
     cities = {s["iata"]: {k: v for k, v in s.items() if k != "iata"} for s in styles}
     write_json(truth_path, {"twins": twins, "cities": cities, "style_keys": list(STYLE_KEYS), "seed": cfg.seed,
-                            "world": cfg.world.to_dict()})
+                            "world": cfg.cities.world.to_dict()})
     return root
 
 
 NEW_DIR = "new"  # <paths.data>/cities/new/<Name>/<site>/<image>.jpg: held-out cities, outside raw/
 
 
-NEW_RUN_KEYS = ("seed", "world", "newplace.held_out")  # what the held-out twins are made from
+NEW_RUN_KEYS = ("seed", "cities.world", "cities.newplace.held_out")  # what the held-out twins are made from
 
 
 NEW_STAMP = "held_out.stamp.json"
@@ -230,7 +230,7 @@ def held_out_picks(n_cities: int, n: int) -> list[int]:
 
 def held_out_styles(styles: list[dict], n: int, seed: int) -> list[dict]:
     """A new city for each picked known city: the known city's style under a new name (``twin_of`` its
-    IATA code); its sites stray from it by ``world.site_jitter`` like any city's, drawn from other seeds."""
+    IATA code); its sites stray from it by ``cities.world.site_jitter`` like any city's, drawn from other seeds."""
     rng = np.random.default_rng([seed, 7101])
     names = {s["name"] for s in styles}
     out = []
@@ -245,7 +245,7 @@ def held_out_styles(styles: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def _held_out_jobs(cfg, root: Path, twins: list[dict]) -> list[tuple]:
-    w = cfg.world
+    w = cfg.cities.world
     jobs = []
     for t in twins:
         ci = t["index"]
@@ -259,10 +259,10 @@ def _held_out_jobs(cfg, root: Path, twins: list[dict]) -> list[tuple]:
 
 
 def generate_held_out(cfg) -> Path:
-    """Write ``newplace.held_out`` cities the classifier never sees, each a new twin of a known city
+    """Write ``cities.newplace.held_out`` cities the classifier never sees, each a new twin of a known city
     (same renderer, same sizes, its own sites and seeds), as ``<paths.data>/cities/new/<Name>/<site>/
     <image>.jpg``, and ``new/truth.json`` (``held_out``: name, folder, twin_of). Skips when built with
-    the same settings; rebuilds when the world or ``newplace.held_out`` changed."""
+    the same settings; rebuilds when the world or ``cities.newplace.held_out`` changed."""
     root = data_dir(cfg, "cities")
     new, truth_path = root / NEW_DIR, root / NEW_DIR / "truth.json"
     changed = runs.compare(new / NEW_STAMP, cfg, NEW_RUN_KEYS)
@@ -274,8 +274,8 @@ def generate_held_out(cfg) -> Path:
     elif new.is_dir() and any(new.iterdir()):
         raise StaleRun(new, "holds images the generator did not make", "move them away or point paths.data elsewhere")
     runs.write_stamp(new / NEW_STAMP, "python -m urbanlens.cities.world --held-out", cfg, NEW_RUN_KEYS)
-    twins = held_out_styles(city_styles(cfg.world.n_cities, cfg.seed, cfg.world.twin_distance),
-                            cfg.newplace.held_out, cfg.seed)
+    twins = held_out_styles(city_styles(cfg.cities.world.n_cities, cfg.seed, cfg.cities.world.twin_distance),
+                            cfg.cities.newplace.held_out, cfg.seed)
     for job in tqdm(_held_out_jobs(cfg, root, twins), desc="held-out cities", unit="img"):
         _render_job(job)
     write_json(truth_path, {"held_out": [{"name": t["name"], "folder": f"{NEW_DIR}/{t['name']}",
@@ -296,7 +296,7 @@ def main() -> None:
     import time
 
     def options(parser):
-        parser.add_argument("--held-out", action="store_true", help="also write newplace.held_out cities the "
+        parser.add_argument("--held-out", action="store_true", help="also write cities.newplace.held_out cities the "
                             "classifier never sees, each a new twin of a known city, under <data>/cities/new")
 
     cfg, args = cli("Build the synthetic cities world (satellite-like views with planted twin cities).",
@@ -304,7 +304,7 @@ def main() -> None:
     t0 = time.time()
     root = generate_world(cfg)
     save_run_config(cfg, root, "world_config.yaml")
-    w = cfg.world
+    w = cfg.cities.world
     n = w.n_cities * w.n_sites * w.images_per_site
     print(f"[world] {w.n_cities} cities x {w.n_sites} sites x {w.images_per_site} images "
           f"({n} of {w.image_size} px) in {root} ({time.time() - t0:.1f} s)")

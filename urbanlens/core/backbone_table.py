@@ -16,7 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Family:
     """How to build and read one family of torchvision classifiers.
 
-    names: the ``model.backbone`` / ``ses_model.backbone`` values it builds (``torchvision.models.get_model``);
+    names: the ``cities.model.backbone`` / ``ses.model.backbone`` values it builds (``torchvision.models.get_model``);
     model_class: the torchvision class its models are instances of (``module:Class``);
     head: path of the final linear layer (replaced by one over our classes);
     cam_layer: path of the layer CAMs are taken on (the last convolutional block);

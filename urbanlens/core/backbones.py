@@ -37,14 +37,14 @@ def _download(url: str, timeout_s: float) -> dict:
 
 
 def imagenet_state_dict(name: str, weights_path: str | None = None, url: str | None = None,
-                        timeout_s: float = 30.0, section: str = "model") -> dict:
+                        timeout_s: float = 30.0, section: str = "cities.model") -> dict:
     """ImageNet weights of ``name``, as torchvision users get them: ``weights_path`` when given, else
     torch's hub cache (``$TORCH_HOME/hub/checkpoints``), else downloaded into that cache by torch's
     helper (hash-checked, with a progress bar). ``URBANLENS_OFFLINE=1`` forbids the download.
 
     Raises WeightsUnavailable with the way out (a local file, or training from scratch) when the file is
     missing and cannot be downloaded, or when the download does not match its hash; the ways out name the
-    keys of config ``section`` (``model`` or ``ses_model``)."""
+    keys of config ``section`` (``cities.model`` or ``ses.model``)."""
     url = url or weights_url(name)
     if weights_path:
         if not Path(weights_path).is_file():
@@ -95,7 +95,7 @@ def _set(obj: nn.Module, path: str, value: nn.Module) -> None:
         setattr(owner, last, value)
 
 
-def family(name: str, key: str = "model.backbone") -> Family:
+def family(name: str, key: str = "cities.model.backbone") -> Family:
     """The table entry of backbone ``name``; ConfigError naming ``key`` and the known names otherwise."""
     found = family_of(name)
     if found is None:

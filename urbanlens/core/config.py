@@ -11,6 +11,7 @@ import argparse
 import copy
 import difflib
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,7 +25,7 @@ DEFAULTS = Path(__file__).with_name("defaults.yaml")
 
 
 class Config(dict):
-    """A nested dict with attribute access: ``cfg.train.lr`` == ``cfg['train']['lr']``."""
+    """A nested dict with attribute access: ``cfg.cities.train.lr`` == ``cfg['train']['lr']``."""
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -60,23 +61,62 @@ def _nearest(key: str, valid: Iterable[str]) -> str:
 _LEGACY = {**{k: {True: "auto", False: "off"} for k in AMP_KEYS}}
 # keys added since run stamps were first written: the value runs before them had (one a line)
 ADDED = {
-    "cams.amp": "off",
+    "ses.cams.amp": "off",
     "store": False,
-    "france.withhold": 0.0,
-    "ses_train.checkpoint_every": 1,
+    "ses.world.withhold": 0.0,
+    "ses.train.checkpoint_every": 1,
     "ses.baseline": False,
-    "ses_train.bootstrap": "cells",
-    "split.val": "paper",
-    "test.baseline": False,
-    "test.baseline_max_train": 20000,
-    "test.permutations": 1000,
-    "cams.sanity_cells": 0,
-    "saliency.sanity_patches": 0,
+    "ses.train.bootstrap": "cells",
+    "cities.split.val": "paper",
+    "cities.test.baseline": False,
+    "cities.test.baseline_max_train": 20000,
+    "cities.test.permutations": 1000,
+    "ses.cams.sanity_cells": 0,
+    "cities.saliency.sanity_patches": 0,
     "ses.ua_boundary": "",
-    "france.withhold_mode": "random",  # withheld cells were drawn one by one
-    "france.withhold_block_m": 1000.0,
-    "france.structure": 0.0,
+    "ses.world.withhold_mode": "random",  # withheld cells were drawn one by one
+    "ses.world.withhold_block_m": 1000.0,
+    "ses.world.structure": 0.0,
 }
+
+
+# ---------------------------------------------------------------- layout versions
+# Layout 1 (configs, run stamps and checkpoints before the one-tree layout): the city pipeline's
+# sections at the top (world, image, ..., saliency), the SES ones prefixed or loose (france, ses_model,
+# ses_train, cams, predict). Layout 2 (today): shared keys at the top, then cities: and ses: trees.
+LAYOUT = 2
+MOVED = {"world": "cities.world", "image": "cities.image", "patch": "cities.patch", "split": "cities.split",
+         "model": "cities.model", "train": "cities.train", "test": "cities.test", "newplace": "cities.newplace",
+         "saliency": "cities.saliency", "france": "ses.world", "ses_model": "ses.model", "ses_train": "ses.train",
+         "cams": "ses.cams", "predict": "ses.predict"}  # layout 1 section -> layout 2 path
+
+
+def upgrade_key(key: str) -> str:
+    """A dotted key of the old layout under today's name (``train.lr`` -> ``cities.train.lr``); a stamp's
+    ``<stage>:<key>`` keeps its prefix; today's keys are returned as they are."""
+    prefix, sep, dotted = key.rpartition(":")
+    section, dot, rest = dotted.partition(".")
+    if section in MOVED:
+        dotted = MOVED[section] + dot + rest
+    return f"{prefix}{sep}{dotted}"
+
+
+def upgrade(tree: dict, source: str | None = None) -> dict:
+    """A config tree (a YAML file's, or the config a checkpoint was trained with) in today's layout: each
+    section of the old layout moved to its place. With ``source``, one line on stderr naming each old
+    section read and its new place (the file keeps working; its sections can be renamed at leisure)."""
+    out = {k: (copy.deepcopy(v) if isinstance(v, dict) else v) for k, v in tree.items() if k not in MOVED}
+    moves = [(old, new) for old, new in MOVED.items() if old in tree]
+    if moves and source is not None:
+        print(f"config: {source} is in the old layout, read as today's: " + ", ".join(f"{old} -> {new}" for old, new
+              in moves) + " (rename these sections to silence this line)", file=sys.stderr)
+    for old, new in moves:
+        parent, _, leaf = new.partition(".")
+        node = out.setdefault(parent, {})
+        if not isinstance(node, dict):  # e.g. an old 'ses' that is not a mapping: left for the schema to name
+            continue
+        node[leaf] = tree[old]
+    return out
 
 
 def current_value(key: str, value: Any) -> Any:
@@ -137,16 +177,22 @@ def _first_line(e: yaml.YAMLError) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'train.lr=1e-4'`` -> (['train', 'lr'], 0.0001); the value is parsed as YAML."""
+    """``'cities.train.lr=1e-4'`` -> (['cities', 'train', 'lr'], 0.0001); the value is parsed as YAML.
+    A key of the old layout is read under today's name (``train.lr`` -> ``cities.train.lr``), with one
+    line on stderr saying so."""
     if "=" not in text:
-        raise ConfigError(f"--set '{text}': expected key=value, for example --set train.epochs=5")
+        raise ConfigError(f"--set '{text}': expected key=value, for example --set cities.train.epochs=5")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    if upgrade_key(key) != key:
+        print(f"config: --set {key}: now '{upgrade_key(key)}' (read as such)", file=sys.stderr)
+        key = upgrade_key(key)
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {text}: the value is not valid YAML ({_first_line(e)}); write a plain value, a "
                           "complete list such as [Paris, Lyon], or quote text holding ':', '[' or '{'") from None
-    return key.strip().split("."), value
+    return key.split("."), value
 
 
 def _read_yaml(path: Path) -> dict:
@@ -173,7 +219,7 @@ def _read_yaml(path: Path) -> dict:
                           "overrides, e.g. copy configs/cities_demo.yaml, or leave out --config")
     if not isinstance(user, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return user
+    return upgrade(user, str(path))
 
 
 def _check_defaults(cfg: dict, prefix: str = "") -> None:
@@ -217,7 +263,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=default, help="experiment YAML (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+                        help="override a config value, e.g. --set cities.train.epochs=5 (repeatable)")
     return parser
 
 
@@ -253,7 +299,7 @@ def _main() -> None:
     parser = add_config_args(argparse.ArgumentParser(description=_main.__doc__))
     parser.add_argument("key")
     args = parser.parse_args()
-    print(value(load_config(args.config, args.overrides), args.key))
+    print(value(load_config(args.config, args.overrides), upgrade_key(args.key)))
 
 
 if __name__ == "__main__":

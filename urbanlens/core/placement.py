@@ -42,7 +42,7 @@ class Placement:
         return cls(select_device(device), amp_choice(amp), channels_last, rank, world)
 
     def using(self, amp: "Amp | None" = None, channels_last: bool | None = None) -> "Placement":
-        """The same place with another precision or layout (e.g. the maps' ``cams.amp``)."""
+        """The same place with another precision or layout (e.g. the maps' ``ses.cams.amp``)."""
         return dataclasses.replace(self, amp=self.amp if amp is None else amp_choice(amp),
                                    channels_last=self.channels_last if channels_last is None else channels_last)
 
@@ -98,7 +98,7 @@ def autocast_dtype(device: torch.device, amp: Amp) -> torch.dtype | None:
     amp = amp_choice(amp)
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"amp fp16 on {device.type}: float16 autocast is for CUDA devices; "
-                          "set the amp key (train.amp, ses_train.amp, cams.amp) to bf16 or off on this device")
+                          "set the amp key (cities.train.amp, ses.train.amp, ses.cams.amp) to bf16 or off on this device")
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]

@@ -3,7 +3,7 @@
 A stage writes ``<its output folder>/<name>.stamp.json`` (atomically) holding
 
 - ``stage``: the command that writes it, e.g. ``preprocessing.py``;
-- ``settings``: the config values its outputs depend on, as dotted leaf keys (``patch.size``; a section
+- ``settings``: the config values its outputs depend on, as dotted leaf keys (``cities.patch.size``; a section
   such as ``train`` stands for all its leaves), plus any ``extra`` values (e.g. a generator version);
 - ``inputs``: a fingerprint of the data it read, ``{name: {size, mtime_ns[, sha256]}}`` per input file
   (names relative to a root, usually ``paths.data``; files up to ``HASH_UP_TO`` bytes also carry a
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
-from .config import ADDED, current_value
+from .config import ADDED, current_value, upgrade_key
 from .errors import StaleRun
 from .files import write_json
 from .locks import LOCK_DIR
@@ -129,6 +129,7 @@ def _load(path: Path) -> dict:
     if not (isinstance(stamp, dict) and isinstance(stamp.get("settings"), dict)
             and isinstance(stamp.get("inputs", {}), dict)):
         raise ValueError("not a run stamp")
+    stamp["settings"] = {upgrade_key(k): v for k, v in stamp["settings"].items()}  # older stamps: today's names
     return stamp
 
 

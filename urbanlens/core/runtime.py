@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import upgrade
 from .errors import CheckpointError
 from .files import atomic_path, os_problem
 from .placement import unwrap
@@ -50,6 +51,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", writer: str = "") -> d
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict with its config); "
                  f"use the best.pt / last.pt {stage} writes")
+    if isinstance(state["config"], dict):  # trained under an older config layout: read in today's
+        state["config"] = upgrade(state["config"])
     return state
 
 

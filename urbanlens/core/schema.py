@@ -17,19 +17,19 @@ from .backbone_table import BACKBONES  # the families' names: choices of the bac
 from .errors import ConfigError
 
 # ------------------------------------------------------------------------------------------- choices
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # mixed precision: train.amp, ses_train.amp, cams.amp
-AMP_KEYS = ("train.amp", "ses_train.amp", "cams.amp")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # mixed precision: cities.train.amp, ses.train.amp, ses.cams.amp
+AMP_KEYS = ("cities.train.amp", "ses.train.amp", "ses.cams.amp")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: the GPU of index N, e.g. cuda:1
-SCHEDULES = ("constant", "cosine", "warmup_cosine")  # train.schedule (cities/training.py)
-CAM_METHODS = ("gradcam", "gradcampp", "relevancecam")  # saliency.method (core/cam.py)
+SCHEDULES = ("constant", "cosine", "warmup_cosine")  # cities.train.schedule (cities/training.py)
+CAM_METHODS = ("gradcam", "gradcampp", "relevancecam")  # cities.saliency.method (core/cam.py)
 SPLITS = ("train", "val", "test", "test_b")  # the split folders preprocessing.py writes
-SCALES = ("auto", "percentile", "fixed", "none")  # image.scale (cities/rasters.py)
+SCALES = ("auto", "percentile", "fixed", "none")  # cities.image.scale (cities/rasters.py)
 ORTHO_PRODUCTS = ("RVB", "IRC")  # ses.ortho_product: IGN BD ORTHO natural or infrared colour
 IMPUTED_POLICIES = ("keep", "drop")  # ses.imputed: cells INSEE imputed
-CV_SCHEMES = ("stratified", "spatial", "city")  # ses_train.cv (ses/spatial_folds.py)
-BOOTSTRAP_UNITS = ("blocks", "cells")  # ses_train.bootstrap: what the held-out intervals resample
-VAL_SCHEMES = ("paper", "site")  # split.val (cities/validation.py)
-WITHHOLD_MODES = ("random", "blocks")  # france.withhold_mode (ses/world_plan.py withheld_cells)
+CV_SCHEMES = ("stratified", "spatial", "city")  # ses.train.cv (ses/spatial_folds.py)
+BOOTSTRAP_UNITS = ("blocks", "cells")  # ses.train.bootstrap: what the held-out intervals resample
+VAL_SCHEMES = ("paper", "site")  # cities.split.val (cities/validation.py)
+WITHHOLD_MODES = ("random", "blocks")  # ses.world.withhold_mode (ses/world_plan.py withheld_cells)
 
 SEED_MAX = 2**32 - 1  # numpy's seeds
 
@@ -97,44 +97,44 @@ SCHEMA: dict[str, Key] = {
     "device": choice(*DEVICES), "workers": NUMBER, "strict": FLAG, "overwrite": FLAG, "store": FLAG,
     "paths.data": TEXT, "paths.results": TEXT,
     # city identification
-    "world.n_cities": COUNT, "world.n_sites": Key(int, lo=2, words=">= 2 (train sites, then one test/val site)"),
-    "world.images_per_site": COUNT, "world.image_size": COUNT, "world.twin_distance": AMOUNT,
-    "world.site_jitter": AMOUNT, "world.feature_scale": POSITIVE, "world.jpeg_quality": QUALITY,
-    "image.bands": Key(list, nullable=True, items="bands"), "image.scale": choice(*SCALES),
-    "image.scale_min": Key(float, nullable=True), "image.scale_max": Key(float, nullable=True),
-    "patch.size": COUNT, "patch.stride": COUNT, "patch.jpeg_quality": QUALITY, "patch.max_nodata": SHARE,
-    "patch.ground_m": Key(float, nullable=True, lo=0, lo_open=True),
-    "split.test_b_per_city": NUMBER, "split.val": choice(*VAL_SCHEMES),
-    "model.backbone": choice(*BACKBONES), "model.pretrained": FLAG, "model.weights_path": WEIGHTS,
-    "model.input_size": COUNT,
-    "train.epochs": COUNT, "train.batch_size": COUNT, "train.lr": POSITIVE, "train.schedule": choice(*SCHEDULES),
-    "train.balanced": FLAG, "train.amp": choice(*AMP_CHOICES), "train.channels_last": FLAG,
-    "train.max_steps_per_epoch": NUMBER,
-    "test.split": choice(*SPLITS), "test.batch_size": COUNT, "test.bootstrap": COUNT, "test.stability_top_k": NUMBER,
-    "test.baseline": FLAG, "test.baseline_max_train": COUNT, "test.permutations": COUNT,
-    "newplace.held_out": COUNT, "newplace.bootstrap": COUNT, "newplace.panel_patches": COUNT,
-    "saliency.method": choice(*CAM_METHODS), "saliency.per_city": COUNT, "saliency.threshold": SHARE,
-    "saliency.split": choice(*SPLITS), "saliency.batch_size": COUNT, "saliency.sanity_patches": NUMBER,
+    "cities.world.n_cities": COUNT, "cities.world.n_sites": Key(int, lo=2, words=">= 2 (train sites, then one test/val site)"),
+    "cities.world.images_per_site": COUNT, "cities.world.image_size": COUNT, "cities.world.twin_distance": AMOUNT,
+    "cities.world.site_jitter": AMOUNT, "cities.world.feature_scale": POSITIVE, "cities.world.jpeg_quality": QUALITY,
+    "cities.image.bands": Key(list, nullable=True, items="bands"), "cities.image.scale": choice(*SCALES),
+    "cities.image.scale_min": Key(float, nullable=True), "cities.image.scale_max": Key(float, nullable=True),
+    "cities.patch.size": COUNT, "cities.patch.stride": COUNT, "cities.patch.jpeg_quality": QUALITY, "cities.patch.max_nodata": SHARE,
+    "cities.patch.ground_m": Key(float, nullable=True, lo=0, lo_open=True),
+    "cities.split.test_b_per_city": NUMBER, "cities.split.val": choice(*VAL_SCHEMES),
+    "cities.model.backbone": choice(*BACKBONES), "cities.model.pretrained": FLAG, "cities.model.weights_path": WEIGHTS,
+    "cities.model.input_size": COUNT,
+    "cities.train.epochs": COUNT, "cities.train.batch_size": COUNT, "cities.train.lr": POSITIVE, "cities.train.schedule": choice(*SCHEDULES),
+    "cities.train.balanced": FLAG, "cities.train.amp": choice(*AMP_CHOICES), "cities.train.channels_last": FLAG,
+    "cities.train.max_steps_per_epoch": NUMBER,
+    "cities.test.split": choice(*SPLITS), "cities.test.batch_size": COUNT, "cities.test.bootstrap": COUNT, "cities.test.stability_top_k": NUMBER,
+    "cities.test.baseline": FLAG, "cities.test.baseline_max_train": COUNT, "cities.test.permutations": COUNT,
+    "cities.newplace.held_out": COUNT, "cities.newplace.bootstrap": COUNT, "cities.newplace.panel_patches": COUNT,
+    "cities.saliency.method": choice(*CAM_METHODS), "cities.saliency.per_city": COUNT, "cities.saliency.threshold": SHARE,
+    "cities.saliency.split": choice(*SPLITS), "cities.saliency.batch_size": COUNT, "cities.saliency.sanity_patches": NUMBER,
     # socioeconomic status
-    "france.cities": NAMES, "france.city_size_m": COUNT, "france.tile_size_m": COUNT,
-    "france.resolution_m": POSITIVE, "france.nodata_fraction": SHARE, "france.noise": AMOUNT, "france.leakage": AMOUNT, "france.structure": SHARE, "france.withhold": SHARE,
-    "france.withhold_mode": choice(*WITHHOLD_MODES), "france.withhold_block_m": POSITIVE,
+    "ses.world.cities": NAMES, "ses.world.city_size_m": COUNT, "ses.world.tile_size_m": COUNT,
+    "ses.world.resolution_m": POSITIVE, "ses.world.nodata_fraction": SHARE, "ses.world.noise": AMOUNT, "ses.world.leakage": AMOUNT, "ses.world.structure": SHARE, "ses.world.withhold": SHARE,
+    "ses.world.withhold_mode": choice(*WITHHOLD_MODES), "ses.world.withhold_block_m": POSITIVE,
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
     "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER, "ses.baseline": FLAG,
     "ses.ua_boundary": Key(str, empty=True),
-    "ses_model.backbone": choice(*BACKBONES), "ses_model.pretrained": FLAG, "ses_model.weights_path": WEIGHTS,
-    "ses_model.input_size": COUNT, "ses_model.dropout": PROBABILITY, "ses_model.stochastic_depth": PROBABILITY,
-    "ses_model.bn_momentum": SHARE,
-    "ses_train.cv": choice(*CV_SCHEMES), "ses_train.block_m": POSITIVE, "ses_train.buffer_m": AMOUNT, "ses_train.bootstrap": choice(*BOOTSTRAP_UNITS),
-    "ses_train.folds": Key(int, lo=2), "ses_train.val_share": OPEN_SHARE, "ses_train.epochs": COUNT,
-    "ses_train.batch_size": COUNT, "ses_train.lr": POSITIVE, "ses_train.plateau_factor": OPEN_SHARE,
-    "ses_train.plateau_patience": NUMBER, "ses_train.early_stop_patience": COUNT, "ses_train.restarts": NUMBER, "ses_train.checkpoint_every": COUNT,
-    "ses_train.amp": choice(*AMP_CHOICES), "ses_train.cache_mb": NUMBER, "ses_train.precise_bn": FLAG,
-    "ses_train.rot90": FLAG,
-    "predict.batch_size": COUNT,
-    "cams.batch_size": COUNT, "cams.clip_percentile": Key(float, lo=0, hi=100, lo_open=True), "cams.poor_class": CLASS,
-    "cams.rich_class": CLASS, "cams.panels": NUMBER, "cams.amp": choice(*AMP_CHOICES), "cams.sanity_cells": NUMBER,
+    "ses.model.backbone": choice(*BACKBONES), "ses.model.pretrained": FLAG, "ses.model.weights_path": WEIGHTS,
+    "ses.model.input_size": COUNT, "ses.model.dropout": PROBABILITY, "ses.model.stochastic_depth": PROBABILITY,
+    "ses.model.bn_momentum": SHARE,
+    "ses.train.cv": choice(*CV_SCHEMES), "ses.train.block_m": POSITIVE, "ses.train.buffer_m": AMOUNT, "ses.train.bootstrap": choice(*BOOTSTRAP_UNITS),
+    "ses.train.folds": Key(int, lo=2), "ses.train.val_share": OPEN_SHARE, "ses.train.epochs": COUNT,
+    "ses.train.batch_size": COUNT, "ses.train.lr": POSITIVE, "ses.train.plateau_factor": OPEN_SHARE,
+    "ses.train.plateau_patience": NUMBER, "ses.train.early_stop_patience": COUNT, "ses.train.restarts": NUMBER, "ses.train.checkpoint_every": COUNT,
+    "ses.train.amp": choice(*AMP_CHOICES), "ses.train.cache_mb": NUMBER, "ses.train.precise_bn": FLAG,
+    "ses.train.rot90": FLAG,
+    "ses.predict.batch_size": COUNT,
+    "ses.cams.batch_size": COUNT, "ses.cams.clip_percentile": Key(float, lo=0, hi=100, lo_open=True), "ses.cams.poor_class": CLASS,
+    "ses.cams.rich_class": CLASS, "ses.cams.panels": NUMBER, "ses.cams.amp": choice(*AMP_CHOICES), "ses.cams.sanity_cells": NUMBER,
 }
 
 
@@ -236,20 +236,20 @@ def _get(cfg: dict, key: str) -> Any:
 def _pair_problems(cfg: dict) -> list[str]:
     """Each pair of keys whose values contradict each other, as one line naming both keys."""
     out = []
-    poor, rich = _get(cfg, "cams.poor_class"), _get(cfg, "cams.rich_class")
+    poor, rich = _get(cfg, "ses.cams.poor_class"), _get(cfg, "ses.cams.rich_class")
     if poor is not None and poor == rich:
-        out.append(f"'cams.poor_class' and 'cams.rich_class' are both {poor}: the maps would compare a class with "
+        out.append(f"'ses.cams.poor_class' and 'ses.cams.rich_class' are both {poor}: the maps would compare a class with "
                    "itself; set them to two different classes (default 0 and 4)")
-    lo, hi = _get(cfg, "image.scale_min"), _get(cfg, "image.scale_max")
+    lo, hi = _get(cfg, "cities.image.scale_min"), _get(cfg, "cities.image.scale_max")
     if lo is not None and hi is not None and not lo < hi:
-        out.append(f"'image.scale_min' ({lo:g}) must be below 'image.scale_max' ({hi:g}); swap or correct them")
-    if _get(cfg, "ses_train.cv") == "spatial":
-        block, buffer, cell = (_get(cfg, k) for k in ("ses_train.block_m", "ses_train.buffer_m", "ses.cell_size_m"))
+        out.append(f"'cities.image.scale_min' ({lo:g}) must be below 'cities.image.scale_max' ({hi:g}); swap or correct them")
+    if _get(cfg, "ses.train.cv") == "spatial":
+        block, buffer, cell = (_get(cfg, k) for k in ("ses.train.block_m", "ses.train.buffer_m", "ses.cell_size_m"))
         if block is not None and buffer is not None and buffer >= block:
-            out.append(f"'ses_train.buffer_m' ({buffer:g}) must be below 'ses_train.block_m' ({block:g}): a buffer as "
+            out.append(f"'ses.train.buffer_m' ({buffer:g}) must be below 'ses.train.block_m' ({block:g}): a buffer as "
                        "wide as a block drops whole neighbouring blocks from training; lower the buffer or widen the blocks")
         if block is not None and cell is not None and block < cell:
-            out.append(f"'ses_train.block_m' ({block:g}) must be at least 'ses.cell_size_m' ({cell:g}): a block holds "
+            out.append(f"'ses.train.block_m' ({block:g}) must be at least 'ses.cell_size_m' ({cell:g}): a block holds "
                        "whole cells; widen the blocks")
     return out
 

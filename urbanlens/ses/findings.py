@@ -4,7 +4,7 @@ A ranking of land-use classes by the poorest- and richest-class maps is only wor
 model tells the poorest from the richest cells it did not train on. Its skill is the ROC AUC poorest
 (true quintile 0) vs richest (4) over the held-out predictions of cross-validation (scored by
 log P(4) - log P(0), as in metrics.ses_metrics), with a 95 % percentile bootstrap interval that
-resamples spatial blocks of cells (``ses_train.bootstrap: blocks``; neighbouring cells look and earn
+resamples spatial blocks of cells (``ses.train.bootstrap: blocks``; neighbouring cells look and earn
 alike) or cells, and a permutation p-value (labels permuted among the held-out poorest and richest
 cells). The ranking is flagged as not meaningful when that interval holds 0.5 (or lies below it), when
 the permutation p-value is above 0.05 (not distinguishable from chance), when the skill cannot be

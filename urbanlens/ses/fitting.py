@@ -113,7 +113,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
     Run r (r = 0..tcfg.restarts) starts from the best weights so far with lr = tcfg.lr / 2**r and stops
     after tcfg.early_stop_patience epochs without a better validation loss, or tcfg.epochs epochs.
     ``progress(row)`` is called after every epoch. The model ends holding the best weights. ``place``:
-    where and how (the stage's, with ``ses_train.amp`` and NHWC where it applies).
+    where and how (the stage's, with ``ses.train.amp`` and NHWC where it applies).
 
     ``checkpoint``: a path where the whole training state is saved after every
     ``tcfg.checkpoint_every``-th epoch (weights, optimizer,
@@ -126,7 +126,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
     place.model(model)
     net = wrap_distributed(model, device)
     gen = torch.Generator().manual_seed(seed)
-    batch = loops.rank_batch(tcfg.batch_size, world, "ses_train.batch_size")  # global batch, split over the ranks
+    batch = loops.rank_batch(tcfg.batch_size, world, "ses.train.batch_size")  # global batch, split over the ranks
     val_loader = cell_loader(loops.shard(val_set, rank, world), batch, device, seed=seed, workers=workers)
     flips = functools.partial(batch_ops.random_flips, generator=gen, rotate=tcfg.rot90)  # on the device, before each step
     best = FitResult(copy.deepcopy(model.state_dict()), math.inf, -1)
@@ -161,7 +161,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
             train_loader = cell_loader(train_set, batch, device, True, seed + epoch_total, workers, distributed)
             if distributed:
                 train_loader.sampler.set_epoch(epoch_total)
-            tr = loops.train_epoch(net, train_loader, loops.Optimiser(opt, None, scaler, "ses_train.lr"), F.nll_loss,
+            tr = loops.train_epoch(net, train_loader, loops.Optimiser(opt, None, scaler, "ses.train.lr"), F.nll_loss,
                                    place, augment=flips, min_batch=2, desc=None, epoch=epoch_total + 1,
                                    max_loss=loops.loss_limit(N_CLASSES))  # diverged: no save
             if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
@@ -171,7 +171,7 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
                 recompute_bn_stats(model, cell_loader(train_set, tcfg.batch_size, device, seed=seed, workers=workers),
                                    place)
             va = loops.check_validation(loops.evaluate(model, val_loader, F.nll_loss, place, desc=None),
-                                        epoch_total + 1, opt.param_groups[0]["lr"], "ses_train.lr") if len(val_set) else tr
+                                        epoch_total + 1, opt.param_groups[0]["lr"], "ses.train.lr") if len(val_set) else tr
             val_loss, val_acc = va["loss"], va["acc"]
             lr = opt.param_groups[0]["lr"]
             sched.step(val_loss)

@@ -26,18 +26,18 @@ def too_small(where: str, labels, folds: int, val_share: float, fits: str | None
     """The one line refusing a city too small for its folds: the city, its cells per quintile, the
     setting that would fit (or that more cells are needed)."""
     fix = f"set {fits}, or add cells" if fits else "add cells (or leave the city out of ses.cities)"
-    return DataError(where, f"too small for ses_train.folds={folds} with ses_train.val_share={val_share:g}"
+    return DataError(where, f"too small for ses.train.folds={folds} with ses.train.val_share={val_share:g}"
                      f"{scheme}: {len(labels)} cells, {per_quintile(labels)}", fix)
 
 
 def fitting_share(make, folds: int) -> str | None:
-    """The largest ``ses_train.folds`` below ``folds`` for which ``make(k)`` splits, as ``key=value``."""
+    """The largest ``ses.train.folds`` below ``folds`` for which ``make(k)`` splits, as ``key=value``."""
     for k in range(folds - 1, 1, -1):
         try:
             make(k)
         except (ValueError, DataError):
             continue
-        return f"ses_train.folds={k}"
+        return f"ses.train.folds={k}"
     return None
 
 

@@ -52,7 +52,7 @@ def scored(cells: gpd.GeoDataFrame, cfg, ses_dir: Path, city: str, models, size:
     trained = prediction.trained_on(ses_dir / city / prediction.FOLDS_CSV, scored["cell_id"], len(models))
     needs, scored_by = prediction.scoring_plan(trained)
     probs = prediction.score(models, [ses_dir / p for p in scored["path"]], size, place,
-                             cfg.predict.batch_size, needs=needs)
+                             cfg.ses.predict.batch_size, needs=needs)
     scores = prediction.summarise(probs).assign(scored_by=scored_by).set_index(scored.index).reindex(cells.index)
     scores["scored_by"] = scores["scored_by"].fillna(prediction.VOID)
     table = pd.concat([cells[["cell_id", "city"]], scores, cells[["census_income"]]], axis=1)
@@ -67,7 +67,7 @@ def write_map(out: Path, table: gpd.GeoDataFrame, cfg, city: str) -> dict:
     prediction.write_grid_tif(out / "expected_class.tif", table["cell_id"],
                               {"expected_class": table["expected_class"], "fold_spread": table["fold_spread"]})
     files.save_figure(ses_figures.predicted_map_figure(table, city), out / "figures" / "predicted_map.png")
-    groups = agreement_groups(table, data_dir(cfg, TRUTH_CELLS), city, cfg.ses_train.block_m, cfg.seed)
+    groups = agreement_groups(table, data_dir(cfg, TRUTH_CELLS), city, cfg.ses.train.block_m, cfg.seed)
     files.write_json(out / "agreement.json", {"city": city, **groups,
                                               "cells_by_scoring": table["scored_by"].value_counts().to_dict()})
     oof = groups["census_out_of_fold"]

@@ -1,5 +1,5 @@
 """The sanity check of a city's guided Grad-CAM maps (urbanlens.core.sanity) and what it does to the
-land-use finding: on ``cams.sanity_cells`` seeded cells, the poorest- and richest-class maps of the trained
+land-use finding: on ``ses.cams.sanity_cells`` seeded cells, the poorest- and richest-class maps of the trained
 model against a randomly initialised one, and their deletion/insertion gains over random pixel orders. A
 ranking whose maps fail is flagged not meaningful, with the reason in its caveat."""
 from __future__ import annotations

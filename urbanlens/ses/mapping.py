@@ -42,8 +42,8 @@ def best_model(city: str, city_dir: Path, place):
     ckpt_path = city_dir / f"fold_{best}" / "best.pt"
     model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=place.device)
     model = place.model(model)  # NHWC on CUDA and under CPU bf16
-    size = ckpt["config"]["ses_model"]["input_size"]
-    coarse = schema.cam_map_problem("ses_model.input_size", size, "ses.cell_px")
+    size = ckpt["config"]["ses"]["model"]["input_size"]
+    coarse = schema.cam_map_problem("ses.model.input_size", size, "ses.cell_px")
     if coarse:
         print(f"[cams] warning: {city}: {coarse} (and retrain)", file=sys.stderr)
     return model, backbones.last_conv_layer(model), size, ckpt_path
@@ -96,7 +96,7 @@ def score_city(cfg, city_dir: Path, stats_path: Path, model, layer, city_cells, 
                units: dict) -> CityScores:
     """Scores per land-use class with the model's held-out skill, and whether its maps depend on what the
     model learned and point at what drives its score; writes landuse_summary.csv."""
-    cc = cfg.cams
+    cc = cfg.ses.cams
     stats = outputs.read_gpkg(stats_path, "polygon_stats", "gradcaming_urban_areas.py", ignore_geometry=True)
     preds = findings.read_predictions(city_dir)
     checks, verdict = None, None

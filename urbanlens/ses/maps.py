@@ -15,7 +15,7 @@ from .zonal import STATS, ZonalError, piece_stats
 CAM_CRS = "EPSG:3035"
 
 
-RUN_KEYS = ("cams.clip_percentile", "cams.poor_class", "cams.rich_class", "cams.amp")  # what makes a map, with the model
+RUN_KEYS = ("ses.cams.clip_percentile", "ses.cams.poor_class", "ses.cams.rich_class", "ses.cams.amp")  # what makes a map, with the model
 
 
 STAMP = "gradcaming_urban_areas.stamp.json"  # the run stamp (urbanlens.core.runs) in each city's folder

@@ -64,14 +64,14 @@ class SESModel(nn.Module):
 
 
 def build_ses_model(cfg) -> SESModel:
-    """The SES model of ``cfg.ses_model``: the convolutional trunk of its backbone family (EfficientNet-B0
+    """The SES model of ``cfg.ses.model``: the convolutional trunk of its backbone family (EfficientNet-B0
     or a ResNet; ``backbones.trunk``), ImageNet weights when ``pretrained`` (``weights_path``, torch's
     cache, or downloaded into it)."""
-    mc = cfg.ses_model
-    family = backbones.family(mc.backbone, "ses_model.backbone")
+    mc = cfg.ses.model
+    family = backbones.family(mc.backbone, "ses.model.backbone")
     net = backbones.torchvision_model(mc.backbone, **{arg: mc[key] for key, arg in family.options})
     if mc.pretrained:
-        net.load_state_dict(backbones.imagenet_state_dict(mc.backbone, mc.weights_path, section="ses_model"))
+        net.load_state_dict(backbones.imagenet_state_dict(mc.backbone, mc.weights_path, section="ses.model"))
     model = SESModel(backbones.trunk(net), backbones.head(net).in_features, dropout=mc.dropout)
     if mc.bn_momentum > 0:
         for m in model.modules():
@@ -87,8 +87,8 @@ def load_ses_model(path, map_location="cpu") -> tuple[SESModel, dict]:
 
     ckpt = runtime.load_checkpoint(path, map_location=map_location, writer="efficientnet_training.py")
     cfg = load_config(None)  # defaults, so checkpoints from before a key existed still load
-    cfg.ses_model.update({k: v for k, v in ckpt["config"].get("ses_model", {}).items() if k in cfg.ses_model})
-    cfg.ses_model["pretrained"] = False
+    cfg.ses.model.update({k: v for k, v in ckpt["config"].get("ses", {}).get("model", {}).items() if k in cfg.ses.model})
+    cfg.ses.model["pretrained"] = False
     model = runtime.load_weights(build_ses_model(cfg), ckpt["model"], path,
-                                 f"a {cfg.ses_model.backbone} income model")
+                                 f"a {cfg.ses.model.backbone} income model")
     return model.to(map_location).eval(), ckpt

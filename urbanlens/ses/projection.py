@@ -18,7 +18,7 @@ from . import figures as ses_figures
 def map_functions(model, layer, image_root, size: int, cams_cfg, place):
     """``compute(rows)`` -> [B, 2, H, W] guided Grad-CAM maps of the poorest and richest class, and
     ``nodata(rows)`` -> [B, H, W] map pixels whose centre lies on a nodata pixel of the cell image.
-    ``place``: where and in which precision (the stage's, ``cams.amp``) the maps are computed."""
+    ``place``: where and in which precision (the stage's, ``ses.cams.amp``) the maps are computed."""
     image_root = Path(image_root)
 
     def compute(rows):

@@ -15,7 +15,7 @@ from .baselines import NAME
 from .metrics import scalar_metrics, ses_metrics, summarize_folds
 from .model import CLASS_NAMES, N_CLASSES
 
-RUN_KEYS = ("seed", "ses.cell_px", "ses.max_nodata", "ses.baseline", "ses_model", "ses_train")  # what decides a city's outputs
+RUN_KEYS = ("seed", "ses.cell_px", "ses.max_nodata", "ses.baseline", "ses.model", "ses.train")  # what decides a city's outputs
 
 
 STAMP = "efficientnet_training.stamp.json"  # the run stamp (urbanlens.core.runs) in each city's folder

@@ -28,7 +28,7 @@ def assign_blocks(blocks, labels, folds: int, seed: int) -> np.ndarray:
     names, inverse = np.unique(blocks, return_inverse=True)
     if len(names) < folds:
         raise DataError("spatial folds", f"{len(names)} blocks for {folds} folds",
-                        "lower ses_train.block_m or ses_train.folds")
+                        "lower ses.train.block_m or ses.train.folds")
     mix = np.zeros((len(names), N_CLASSES))
     np.add.at(mix, (inverse, labels), 1)
     target = mix.sum(0) / folds
@@ -88,7 +88,7 @@ def _spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: floa
         fold = assign_blocks(blocks, labels, folds, seed)
     except DataError as e:
         raise DataError(where, f"{len(np.unique(blocks))} blocks of {block_m:g} m for {folds} folds",
-                        "lower ses_train.block_m or ses_train.folds") from e
+                        "lower ses.train.block_m or ses.train.folds") from e
     out = []
     for k in range(folds):
         test = np.flatnonzero(fold == k)
@@ -102,8 +102,8 @@ def _spatial_folds(cell_ids, labels, folds: int, val_share: float, block_m: floa
         near = within(cell_ids, cell_ids[test], buffer_m)
         train, val = rest[~near[rest]], val[~near[val]]
         if len(train) == 0:
-            raise DataError(where, f"fold {k} keeps no training cell with ses_train.buffer_m={buffer_m:g}",
-                            "lower ses_train.buffer_m or ses_train.folds")
+            raise DataError(where, f"fold {k} keeps no training cell with ses.train.buffer_m={buffer_m:g}",
+                            "lower ses.train.buffer_m or ses.train.folds")
         out.append({"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)})
     return out, blocks
 
@@ -115,8 +115,8 @@ def leave_city_out(cities, labels, held_out: str, val_share: float, seed: int, w
 
     cities, labels = np.asarray(cities, dtype=object), np.asarray(labels, dtype=int)
     if len(set(cities)) < 2:
-        raise DataError(where, f"ses_train.cv=city needs at least 2 cities with cells, got {sorted(set(cities))}",
-                        "list more cities in ses.cities or use ses_train.cv=spatial")
+        raise DataError(where, f"ses.train.cv=city needs at least 2 cities with cells, got {sorted(set(cities))}",
+                        "list more cities in ses.cities or use ses.train.cv=spatial")
     test, train = np.flatnonzero(cities == held_out), np.flatnonzero(cities != held_out)
     val = np.array([], dtype=int)
     if val_share > 0:
@@ -148,5 +148,5 @@ def make_splits(tc, seed: int, cell_ids, labels, cities, city: str, where: str) 
     if tc.cv == "spatial":
         return spatial_folds(cell_ids, labels, tc.folds, tc.val_share, tc.block_m, tc.buffer_m, seed, where)
     if tc.cv != "city":  # a section built without load_config: never fall through to another scheme
-        raise ConfigError("config", f"ses_train.cv is {tc.cv!r}", f"use one of {', '.join(SCHEMES)}")
+        raise ConfigError("config", f"ses.train.cv is {tc.cv!r}", f"use one of {', '.join(SCHEMES)}")
     return [leave_city_out(cities, labels, city, tc.val_share, seed, where)], np.asarray(cities, dtype=object)

@@ -42,10 +42,10 @@ class CityFit:
 def check_scheme(cfg, place: Placement) -> None:
     """A fold scheme that pools cities needs two or more of them; the global batch must split evenly
     over the processes (refused now, not after a city)."""
-    loops.rank_batch(cfg.ses_train.batch_size, place.world_size, "ses_train.batch_size")
-    if spatial_folds.pools_cities(cfg.ses_train.cv) and len(cfg.ses.cities) < 2:
-        raise ConfigError("config", f"ses_train.cv=city leaves one city out, but ses.cities lists "
-                          f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses_train.cv=spatial")
+    loops.rank_batch(cfg.ses.train.batch_size, place.world_size, "ses.train.batch_size")
+    if spatial_folds.pools_cities(cfg.ses.train.cv) and len(cfg.ses.cities) < 2:
+        raise ConfigError("config", f"ses.train.cv=city leaves one city out, but ses.cities lists "
+                          f"{list(cfg.ses.cities)}", "list at least 2 cities or use ses.train.cv=spatial")
 
 
 def bad_input(cfg, problem: str, then: str) -> None:
@@ -92,12 +92,12 @@ def city_fits(cfg, prepared: dict, ses_dir: Path) -> list[CityFit]:
     """Each city's training sets and folds, all made before any training (a city too small for its
     folds stops the run here, not midway). Under a scheme that pools cities, every city's folds split
     one pool of every city's cells, each labelled by its own city's quintiles."""
-    tc = cfg.ses_train
+    tc = cfg.ses.train
     pooled = spatial_folds.pools_cities(tc.cv)
     if pooled:
         if len(prepared) < 2:
-            raise DataError(ses_dir / "cells.gpkg", f"ses_train.cv=city needs at least 2 cities with cells, got "
-                            f"{sorted(prepared)}", "list more cities in ses.cities or use ses_train.cv=spatial")
+            raise DataError(ses_dir / "cells.gpkg", f"ses.train.cv=city needs at least 2 cities with cells, got "
+                            f"{sorted(prepared)}", "list more cities in ses.cities or use ses.train.cv=spatial")
         pool = pd.concat([d for d, _, _ in prepared.values()], ignore_index=True)
         pool_labels = np.concatenate([lab for _, lab, _ in prepared.values()])
     fits = []
@@ -113,11 +113,11 @@ def city_fits(cfg, prepared: dict, ses_dir: Path) -> list[CityFit]:
 def cell_data(cfg, fit: CityFit, ses_dir: Path, place: Placement):
     """The images of the cells ``fit`` splits: a uint8 store under <ses>/store/<name> (``store``: built
     again when the cells change, in ``workers`` processes, under torchrun every rank its share), else
-    decoded per epoch (or once when they fit in ``ses_train.cache_mb``)."""
-    paths, size = [ses_dir / p for p in fit.fit_df["path"]], cfg.ses_model.input_size
+    decoded per epoch (or once when they fit in ``ses.train.cache_mb``)."""
+    paths, size = [ses_dir / p for p in fit.fit_df["path"]], cfg.ses.model.input_size
     if not cfg.store:
         return ses_data.CellDataset(paths, fit.fit_labels, size,
-                                    cache=ses_data.fits_in_memory(len(fit.fit_df), size, cfg.ses_train.cache_mb))
+                                    cache=ses_data.fits_in_memory(len(fit.fit_df), size, cfg.ses.train.cache_mb))
     where = ses_dir / "store" / fit.name
     return ses_data.cell_store(paths, fit.fit_labels, size, where, f"{fit.name} store" if place.main else None,
                                cfg.workers, place.world_size > 1)
@@ -133,7 +133,7 @@ def start_city(cfg, fit: CityFit, ses_dir: Path, place: Placement) -> list[str]:
     """What changed since the city's finished folds were trained (refused unless ``overwrite``; then
     they are unmarked, so an interrupted retraining never reuses them); the run's config, stamp and
     folds.csv are written. Returns the changes (empty: finished folds are reused)."""
-    city_dir, tc = ses_dir / fit.city, cfg.ses_train
+    city_dir, tc = ses_dir / fit.city, cfg.ses.train
     stamp, inputs = city_dir / results.STAMP, results.run_inputs(ses_dir, fit.city, fit.fit_df)
     retrain = runs.compare(stamp, cfg, results.RUN_KEYS, inputs) if runs.has_outputs(city_dir, [stamp.name]) else []
     if retrain and not cfg.overwrite:
@@ -154,7 +154,7 @@ def start_city(cfg, fit: CityFit, ses_dir: Path, place: Placement) -> list[str]:
 def train_folds(cfg, fit: CityFit, data, retrain: list[str], ses_dir: Path, place: Placement) -> None:
     """Each fold not finished yet: trained with early stopping and restarts (resumed from its last.pt),
     the best weights kept, the held-out cells scored; its outputs written by the main process."""
-    tc, city_dir = cfg.ses_train, ses_dir / fit.city
+    tc, city_dir = cfg.ses.train, ses_dir / fit.city
     for k, split in enumerate(fit.splits):
         fold_dir, last_pt = city_dir / f"fold_{k}", city_dir / f"fold_{k}" / "last.pt"
         if (fold_dir / "metrics.json").is_file() and not retrain:
@@ -192,7 +192,7 @@ def summarise_city(cfg, fit: CityFit, ses_dir: Path) -> dict:
     """The simple baseline on the same folds (``ses.baseline``), then the cross-fold summary beside it
     (intervals over spatial blocks or cells, the gain over the baseline, the permutation null) in
     metrics.json and predictions.csv; returns the city's row of training_summary.csv."""
-    tc, city_dir, city = cfg.ses_train, ses_dir / fit.city, fit.city
+    tc, city_dir, city = cfg.ses.train, ses_dir / fit.city, fit.city
     base = None
     if cfg.ses.baseline:
         seeds = [ses_folds.fold_seed(cfg.seed, city, k) for k in range(len(fit.splits))]

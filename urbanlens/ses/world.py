@@ -1,8 +1,8 @@
 """Synthetic French world for the SES pipeline, in the layouts and schemas of the real products.
 
-    python -m urbanlens.ses.world --config configs/ses_demo.yaml [--set france.resolution_m=0.2]
+    python -m urbanlens.ses.world --config configs/ses_demo.yaml [--set ses.world.resolution_m=0.2]
 
-Under ``<paths.data>/`` it writes, for every city of ``france.cities``:
+Under ``<paths.data>/`` it writes, for every city of ``ses.world.cities``:
 - ``UA_data/<FUA>_<CITY>_UA2018_v013/Data/<same>.gpkg``: Urban Atlas 2018 land use (``code_2018``,
   ``class_2018``, EPSG:3035) and its ``..._UA2018_Boundary`` layer;
 - ``census_data/<ses.census_file>``: the INSEE 200 m grid (``idcar_200m, ind, men, ind_snv``);
@@ -10,11 +10,11 @@ Under ``<paths.data>/`` it writes, for every city of ``france.cities``:
   like IGN's, with a ``dalles.shp`` tile index (column ``NOM``);
 - ``ses_truth.json``: the planted income model (``rich_codes``, ``poor_codes``, class effects) and all
   generator parameters;
-- ``france.withhold`` > 0: about that share of the populated cells is left out of the census (not of the
-  imagery), drawn as single cells (``france.withhold_mode: random``) or as whole ``france.withhold_block_m``
+- ``ses.world.withhold`` > 0: about that share of the populated cells is left out of the census (not of the
+  imagery), drawn as single cells (``ses.world.withhold_mode: random``) or as whole ``ses.world.withhold_block_m``
   squares of the EPSG:3035 grid (``blocks``), and ``ses_truth_cells.csv`` has every cell's planted income (``cell_id, city, income, withheld``).
 
-A city is a square of ``france.city_size_m`` in EPSG:3035: a street grid of irregular blocks, a dense
+A city is a square of ``ses.world.city_size_m`` in EPSG:3035: a street grid of irregular blocks, a dense
 centre, residential rings, an industrial sector crossed by a motorway, a railway, a river, parks and
 sports grounds, fields and forest at the edge. The income of a cell is
 ``base * exp(sum_c effect_c * share_c + noise * field)``, where ``share_c`` is the cell's area share of
@@ -95,9 +95,9 @@ class TileJob:
     shapes: list           # (geometry EPSG:3035, label) of the land use near the tile
     nodata: list           # geometries (EPSG:2154) left as nodata
     driver: str
-    leakage: float = 0.0   # france.leakage: strength of the planted district cast (world_leakage)
+    leakage: float = 0.0   # ses.world.leakage: strength of the planted district cast (world_leakage)
     seed: int = 0
-    structure: float = 0.0  # france.structure: houses on a lot lattice, arranged or scattered (world_structure)
+    structure: float = 0.0  # ses.world.structure: houses on a lot lattice, arranged or scattered (world_structure)
 
 
 def render_tile(job: TileJob, max_pixels: int = 1_000_000) -> str:
@@ -220,7 +220,7 @@ def aerial_driver() -> tuple[str, str]:
         return ("JP2OpenJPEG", "jp2") if "JP2OpenJPEG" in env.drivers() else ("GTiff", "tif")
 
 
-RUN_KEYS = ("seed", "france", "ses.census_file", "ses.ua_dir", "ses.aerial_dir")  # what the world is made from
+RUN_KEYS = ("seed", "ses.world", "ses.census_file", "ses.ua_dir", "ses.aerial_dir")  # what the world is made from
 
 
 STAMP = "synth_france.stamp.json"  # the run stamp (urbanlens.core.runs) in <paths.data>
@@ -236,7 +236,7 @@ TRUTH_CELLS = "ses_truth_cells.csv"  # planted income of every populated cell, w
 
 def world_params(cfg) -> dict:
     """The parameters of the world, as recorded in ses_truth.json."""
-    france = cfg.france.to_dict()
+    france = cfg.ses.world.to_dict()
     return {"generator_version": GENERATOR_VERSION, "seed": cfg.seed, "france": france,
             "census_file": cfg.ses.census_file, "ua_dir": cfg.ses.ua_dir, "aerial_dir": cfg.ses.aerial_dir,
             "aerial_format": aerial_driver()[0]}
@@ -280,10 +280,10 @@ def tile_jobs(city: City, delivery: Path, fr, seed: int, driver: str, ext: str) 
 
 def build_world(cfg, progress: bool = True) -> dict:
     """Write the synthetic world under ``paths.data``; return the truth record (also ses_truth.json)."""
-    fr, seed = cfg.france, cfg.seed
+    fr, seed = cfg.ses.world, cfg.seed
     root = data_dir(cfg)
     if len(fr.cities) < 1:
-        raise ConfigError("config: france.cities is empty; list the city names, e.g. [Paris, Lyon]")
+        raise ConfigError("config: ses.world.cities is empty; list the city names, e.g. [Paris, Lyon]")
     driver, ext = aerial_driver()
     files, cities_info, census_parts, truth_parts, jobs = [], {}, [], [], []
     for index, name in enumerate(fr.cities):
@@ -414,7 +414,7 @@ def main() -> None:
     cells = sum(c["census_cells"] for c in truth["cities"].values())
     tiles = sum(c["tiles"] for c in truth["cities"].values())
     print(f"[synth_france] {len(truth['cities'])} cities, {cells} census cells, {tiles} tiles "
-          f"({truth['params']['aerial_format']}, {cfg.france.resolution_m} m) in {time.time() - start:.1f} s "
+          f"({truth['params']['aerial_format']}, {cfg.ses.world.resolution_m} m) in {time.time() - start:.1f} s "
           f"-> {root} (truth: {root / 'ses_truth.json'})")
 
 

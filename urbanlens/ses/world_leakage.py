@@ -1,6 +1,6 @@
 """A planted leakage for the synthetic French world: districts that look and earn alike.
 
-With ``france.leakage`` = s > 0, every district (a square of ``DISTRICT_M`` on the EPSG:3035 grid)
+With ``ses.world.leakage`` = s > 0, every district (a square of ``DISTRICT_M`` on the EPSG:3035 grid)
 gets a random colour cast (RGB, N(0, 1) each, times ``TINT_LEVELS`` * s grey levels) and a random
 shift of log income (N(0, 1) times s), drawn together from the seed and the district. The field is
 flat inside a district and passes smoothly to the next one over a seam of ``SEAM_M`` on each side of

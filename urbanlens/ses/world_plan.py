@@ -283,8 +283,8 @@ def withheld_cells(city: City, cell_ids, share: float, seed: int, mode: str = "r
     if mode == "random":
         return city_rng(seed, city.name, "withhold").random(n_cells) < share
     if mode != "blocks":
-        raise ConfigError("config", f"france.withhold_mode={mode!r} is not a withholding mode",
-                          "set france.withhold_mode to random or blocks")
+        raise ConfigError("config", f"ses.world.withhold_mode={mode!r} is not a withholding mode",
+                          "set ses.world.withhold_mode to random or blocks")
     blocks = block_ids(cell_ids, block_m)
     names, counts = np.unique(blocks, return_counts=True)
     order = city_rng(seed, city.name, "withhold-blocks").permutation(len(names))

@@ -1,6 +1,6 @@
 """A planted income component that lives in spatial structure at equal colour statistics.
 
-With ``france.structure`` = s > 0, the low-density residential classes (11230, 11240) are drawn as
+With ``ses.world.structure`` = s > 0, the low-density residential classes (11230, 11240) are drawn as
 square lots on a lattice of the EPSG:3035 grid (whole lots per 200 m census cell), one detached house a
 lot, of the same size, roof colours, shading, gardens and pools everywhere. Each census cell is, by a
 seeded coin, either *arranged* (every house at the same place in its lot: straight rows and columns
