@@ -145,7 +145,7 @@ def test_ses_folds_and_metrics_are_equal(ses_runs):
 def test_every_ses_stage_saves_seed_and_resolved_config(ses_runs):
     root, configs = ses_runs
     truth = files.read_json(root / "data" / "ses_truth.json")
-    assert truth["seed"] == SEED and truth["params"]["france"] == configs["world"]["france"]
+    assert truth["seed"] == SEED and truth["params"]["france"] == configs["world"]["ses"]["world"]
     ses = root / "results_a" / "ses"
     assert_saved_config(ses / "extract_config.yaml", configs["extract"])
     assert_saved_config(ses / "Paris" / "train_config.yaml", configs["train", "a"])

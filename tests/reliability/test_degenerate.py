@@ -137,7 +137,7 @@ def _cells(n: int, nan: bool = False, seed: int = 0) -> TensorDataset:
 def _ses_cfg():
     return load_config(ROOT / "configs/ses_demo.yaml", ["ses.train.epochs=3", "ses.train.batch_size=4",
                                                          "ses.train.restarts=0", "ses.train.precise_bn=false",
-                                                         "ses.train.amp=off"]).ses_train
+                                                         "ses.train.amp=off"]).ses.train
 
 
 @pytest.mark.parametrize("where", ["train", "val"])

@@ -64,7 +64,7 @@ def test_folds_balanced_over_quintiles_as_blocks_allow():
 
 def test_stratified_folds_unchanged_and_csv_names_scheme():
     ids, labels = square_city()
-    tc = config.load_config("configs/ses.yaml").ses_train
+    tc = config.load_config("configs/ses.yaml").ses.train
     splits, blocks = spatial_folds.make_splits(tc, 3, ids, labels, None, "Paris", "t")
     ref = folds.stratified_folds(labels, tc.folds, tc.val_share, 3)
     for a, b in zip(splits, ref):
@@ -72,7 +72,7 @@ def test_stratified_folds_unchanged_and_csv_names_scheme():
             np.testing.assert_array_equal(a[p], b[p])
     frame = folds.folds_frame(ids, splits, tc.cv, blocks)
     assert set(frame["scheme"]) == {"stratified"} and list(frame.columns) == ["fold", "cell_id", "part", "scheme", "block"]
-    tc = config.load_config("configs/ses_demo.yaml").ses_train
+    tc = config.load_config("configs/ses_demo.yaml").ses.train
     assert tc.cv == "spatial"
     splits, blocks = spatial_folds.make_splits(tc, 3, ids, labels, None, "Paris", "t")
     frame = folds.folds_frame(ids, splits, tc.cv, blocks)
