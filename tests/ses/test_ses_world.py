@@ -321,3 +321,19 @@ def test_structure_is_learnable_where_the_baseline_reads_nothing():
     cnn_auc = roc_auc_score(arranged[held], cnn)
     print("held-out AUC arranged vs scattered: CNN", cnn_auc, "baseline", base_auc)
     assert cnn_auc > 0.9 and base_auc < 0.75, (cnn_auc, base_auc)
+
+
+def test_house_share_turns_blocks_into_houses_and_zero_keeps_the_plan():
+    """ses.world.house_share redraws that share of the blocks inside the rural edge as houses, from a random
+    stream of its own: the geometry, the rural ring and every other block keep their plan; 0 is the plan."""
+    plain = world_plan.plan_city("Paris", 0, 2400.0, 0)
+    assert world_plan.plan_city("Paris", 0, 2400.0, 0, 0.0).landuse.equals(plain.landuse)
+    more = world_plan.plan_city("Paris", 0, 2400.0, 0, 0.7).landuse
+    assert more.geometry.geom_equals_exact(plain.landuse.geometry, 0).all()
+    changed = more["code_2018"] != plain.landuse["code_2018"]
+    assert changed.sum() > 20 and more.loc[changed, "code_2018"].isin(["11230", "11240"]).all()
+    assert more["class_2018"].equals(more["code_2018"].map(world_plan.UA_CLASSES))
+    rural = plain.landuse["code_2018"].isin(["21000", "31000", "23000", "12210", "12220", "12230", "50000"])
+    assert not changed[rural].any()
+    area = lambda lu: lu.area[lu["code_2018"].isin(["11230", "11240"])].sum() / lu.area.sum()  # noqa: E731
+    assert area(more) > area(plain.landuse) + 0.2

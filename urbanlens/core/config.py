@@ -77,6 +77,7 @@ ADDED = {
     "ses.world.withhold_mode": "random",  # withheld cells were drawn one by one
     "ses.world.withhold_block_m": 1000.0,
     "ses.world.structure": 0.0,
+    "ses.world.house_share": 0.0,  # the plan as drawn
 }
 
 

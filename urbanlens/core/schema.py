@@ -117,7 +117,7 @@ SCHEMA: dict[str, Key] = {
     "cities.saliency.split": choice(*SPLITS), "cities.saliency.batch_size": COUNT, "cities.saliency.sanity_patches": NUMBER,
     # socioeconomic status
     "ses.world.cities": NAMES, "ses.world.city_size_m": COUNT, "ses.world.tile_size_m": COUNT,
-    "ses.world.resolution_m": POSITIVE, "ses.world.nodata_fraction": SHARE, "ses.world.noise": AMOUNT, "ses.world.leakage": AMOUNT, "ses.world.structure": SHARE, "ses.world.withhold": SHARE,
+    "ses.world.resolution_m": POSITIVE, "ses.world.nodata_fraction": SHARE, "ses.world.noise": AMOUNT, "ses.world.leakage": AMOUNT, "ses.world.structure": SHARE, "ses.world.house_share": SHARE, "ses.world.withhold": SHARE,
     "ses.world.withhold_mode": choice(*WITHHOLD_MODES), "ses.world.withhold_block_m": POSITIVE,
     "ses.cities": NAMES, "ses.census_file": TEXT, "ses.imputed": choice(*IMPUTED_POLICIES), "ses.ua_dir": TEXT,
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,

@@ -287,7 +287,7 @@ def build_world(cfg, progress: bool = True) -> dict:
     driver, ext = aerial_driver()
     files, cities_info, census_parts, truth_parts, jobs = [], {}, [], [], []
     for index, name in enumerate(fr.cities):
-        city = plan_city(name, index, float(fr.city_size_m), seed)
+        city = plan_city(name, index, float(fr.city_size_m), seed, float(fr.house_share))
         # Urban Atlas: <FUA>_<CITY>_UA2018_v013/Data/<same>.gpkg with a land-use and a boundary layer
         ua_path = root / cfg.ses.ua_dir / city.stem / "Data" / f"{city.stem}.gpkg"
         landuse, boundary = ua_layers(city)

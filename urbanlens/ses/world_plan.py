@@ -154,8 +154,20 @@ def _block_class(rng, rho: float, in_poor_sector: bool) -> str:
     return _pick(rng, {"21000": 0.45, "31000": 0.30, "23000": 0.15, "11240": 0.10})
 
 
-def plan_city(name: str, index: int, size: float, seed: int) -> City:
-    """Land-use polygons of one synthetic city, EPSG:3035."""
+def more_houses(codes: list, rhos: list, share: float, rng) -> list:
+    """``codes`` of the blocks with each one inside the rural edge (relative distance ``rhos`` < 0.95)
+    redrawn as detached houses with probability ``share`` (11230 within 0.62 of the centre, 11240
+    beyond); every code unchanged for share 0."""
+    if share <= 0:
+        return list(codes)
+    draw = rng.random(len(codes))
+    return [("11230" if r < 0.62 else "11240") if r < 0.95 and d < share else c
+            for c, r, d in zip(codes, rhos, draw)]
+
+
+def plan_city(name: str, index: int, size: float, seed: int, houses: float = 0.0) -> City:
+    """Land-use polygons of one synthetic city, EPSG:3035; ``houses`` > 0 turns that share of the blocks
+    inside the rural edge into detached houses (``more_houses``, a random stream of its own)."""
     rng = city_rng(seed, name, "plan")
     x0, y0, fua, dept = city_origin(name, index, size)
     half = size / 2
@@ -189,7 +201,7 @@ def plan_city(name: str, index: int, size: float, seed: int) -> City:
     gx, gy = _cuts(rng, size, 80, 200), _cuts(rng, size, 80, 200)
     wx = np.where(rng.random(len(gx)) < 0.2, 16.0, 8.0)
     wy = np.where(rng.random(len(gy)) < 0.2, 16.0, 8.0)
-    rows = []
+    rows, rhos = [], []
     for i in range(len(gx) - 1):
         for j in range(len(gy) - 1):
             block = shapely.box(gx[i] + wx[i] / 2, gy[j] + wy[j] / 2,
@@ -199,7 +211,9 @@ def plan_city(name: str, index: int, size: float, seed: int) -> City:
             ang = math.atan2(c[1], c[0]) - poor_angle
             in_poor = abs(math.atan2(math.sin(ang), math.cos(ang))) < math.radians(70)
             rows.append((_block_class(rng, rho, in_poor), block))
-    blocks = gpd.GeoDataFrame({"code": [r[0] for r in rows]}, geometry=[r[1] for r in rows])
+            rhos.append(rho)
+    codes = more_houses([r[0] for r in rows], rhos, houses, city_rng(seed, name, "houses"))
+    blocks = gpd.GeoDataFrame({"code": codes}, geometry=[r[1] for r in rows])
     blocks["geometry"] = shapely.intersection(shapely.difference(blocks.geometry.values, taken, grid_size=GRID),
                                               boundary, grid_size=GRID)
     parts = [blocks]
