@@ -24,7 +24,7 @@ import time
 import geopandas as gpd
 import pandas as pd
 
-from urbanlens.core import entry, locks, outputs, runs, shards
+from urbanlens.core import entry, gis_style, locks, outputs, runs, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import atomic_path, save_run_config, write_json
@@ -126,6 +126,7 @@ def main() -> None:
                    "nodata", "geometry"]]
     with atomic_path(index_path) as tmp:
         index.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
+        gis_style.style_gpkg(tmp, "cells", "income")
     save_run_config(cfg, out, name="extract_config.yaml")
     write_json(out / "extract_counts.json", counts)  # census rows dropped per city, and why
     if not args.shard:  # an index without a usable cell is a stop, not a success (one shard may hold none)

@@ -18,7 +18,8 @@ expected_class, p_0..p_4, fold_spread (spread of the expected class over the mod
 cell; 0 with one), scored_by ('out-of-fold (fold k)', 'all folds (not trained on)', 'void (not
 scored)', or 'in-sample (every fold trained on it)', never counted as skill), census_income and observed_class where the census has the cell, non_void, nodata, path,
 geometry), ``expected_class.tif`` (EPSG:3035, one pixel per cell, pixel centres on the cell centres;
-band 1 expected class, band 2 fold spread, NaN elsewhere), ``agreement.json`` (Spearman between the
+band 1 expected class, band 2 fold spread, NaN elsewhere), ``income_class.tif`` (the expected class
+rounded, uint8, 255 elsewhere, with a colour table and class names), ``agreement.json`` (Spearman between the
 expected class and the income, one-sided p and a bootstrap interval over ``ses_train.block_m`` blocks,
 separately for the withheld cells against their planted income in ``<data>/ses_truth_cells.csv`` when
 there is one, and for the census cells scored out-of-fold against their census income) and
@@ -34,7 +35,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from urbanlens.core import entry, files, locks, runs, runtime, shards
+from urbanlens.core import entry, files, gis_style, locks, runs, runtime, shards
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.ses import agreement, extraction, prediction, urban_atlas
@@ -122,6 +123,7 @@ def main() -> None:
                                  crs=ses_grid.LAEA)
     with files.atomic_path(table_path) as tmp:
         table.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
+        gis_style.style_gpkg(tmp, "cells", "expected_class", breaks=np.arange(prediction.N_CLASSES + 1) - 0.5)
     files.save_run_config(cfg, out, "predict_config.yaml")
     if args.shard:
         print(f"[{tag}] {city}: {len(table)} cells ({cut} cut now) in {time.time() - start:.1f} s -> {table_path}")
@@ -130,7 +132,10 @@ def main() -> None:
     # 5. the map on the 200 m grid and the figures
     tif = out / "expected_class.tif"
     prediction.write_grid_tif(tif, table["cell_id"], {"expected_class": table["expected_class"],
-                                                      "fold_spread": table["fold_spread"]})
+                                                      "fold_spread": table["fold_spread"]},
+                              labels=prediction.class_names(edges))
+    prediction.write_class_tif(out / "income_class.tif", table["cell_id"], table["expected_class"],
+                               prediction.class_names(edges))  # the expected class rounded, with names and colours
     files.save_figure(ses_figures.predicted_map_figure(table, city), out / "figures" / "predicted_map.png")
     groups = agreement_groups(table, data_dir(cfg, TRUTH_CELLS), city, cfg.ses_train.block_m, cfg.seed)
     files.write_json(out / "agreement.json", {"city": city, **groups,

@@ -27,7 +27,7 @@ from scipy.special import softmax
 
 from urbanlens.cities import data, figures, newplace, patches, rasters
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, locks, loops, runs, runtime
+from urbanlens.core import entry, gis_style, locks, loops, runs, runtime
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError, DataError
 from urbanlens.core.files import atomic_path, save_figure, save_run_config, write_csv
@@ -121,6 +121,7 @@ def main() -> None:
     if geo is not None:
         with atomic_path(out / "patches.gpkg") as tmp:
             geo.to_file(tmp, layer="patches", driver="GPKG", engine="pyogrio")
+            gis_style.style_gpkg(tmp, "patches", "nearest_similarity")
     top_idx = [classes.index(c) for c in top["iata"]]
     picks = newplace.pick_patches(groups, cfg.newplace.panel_patches, cfg.seed)
     nearest = newplace.nearest_patches(emb, picks, known_emb, known_labels, top_idx)
