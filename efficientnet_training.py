@@ -10,7 +10,8 @@ and early stopping on the validation loss, restarted from the best weights at lr
 held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
 A simple baseline (colour/texture statistics and random convolutional features, ses.baseline) is fitted
 and scored on the same folds; metrics.json gives both with intervals from a bootstrap of spatial blocks
-(ses_train.bootstrap), the CNN's gain over the baseline and a permutation p-value of each AUC.
+(ses_train.bootstrap), the CNN's gain over the baseline and a permutation p-value of each AUC;
+MODEL_CARD.md beside them says what the models were trained on, those numbers and where not to use them.
 Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
 (removed when the fold is done): a re-run of the same command skips finished folds and continues an
 interrupted one from its last epoch, ending where an uninterrupted run ends.
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from urbanlens.core import config, entry, files, locks, runs, runtime
+from urbanlens.core import config, entry, files, locks, model_card, runs, runtime
 from urbanlens.core.errors import ConfigError, DataError, TrainingDiverged
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import baselines, fitting, metrics, results, skips, spatial_folds
@@ -183,6 +184,7 @@ def main() -> None:
                 summary["baseline"]["seconds"] = round(secs, 1)
             files.write_csv(preds, city_dir / "predictions.csv")
             files.write_json(city_dir / "metrics.json", summary)
+            model_card.write_ses_card(city_dir, cfg, results.STAMP, summary)
             mean, std = summary["mean"], summary["std"]
             rows.append({"city": city, "n_cells": len(df), "best_fold": summary["best_fold"],
                          **{f"{k}_mean": mean[k] for k in metrics.METRICS},

@@ -15,7 +15,8 @@ The accuracy gets a p-value against labels permuted among the test patches (``pe
 not distinguishable from chance). With test.baseline, the simple baseline of urbanlens/core/baseline.py,
 fitted on the training patches, is scored on the same patches (``baseline``, baseline_predictions.csv),
 and the CNN's gain over it gets an interval from the same resampled source images (``gain_over_baseline``).
-metrics.json records the validation scheme the model was trained under (``validation``: split.val).
+metrics.json records the validation scheme the model was trained under (``validation``: split.val);
+MODEL_CARD.md is rewritten with these metrics.
 """
 import os
 
@@ -31,7 +32,7 @@ from urbanlens.cities import baseline as cities_baseline
 from urbanlens.cities import data, figures, intervals, null, patches, report, similarity, validation
 from urbanlens.cities import metrics as cities_metrics
 from urbanlens.cities import training as cities_training
-from urbanlens.core import entry, locks, loops, runtime
+from urbanlens.core import entry, locks, loops, model_card, runtime
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.core.files import save_figure, save_run_config, write_csv, write_json
@@ -97,6 +98,7 @@ def main() -> None:
     confusions = cities_metrics.confusion_frame(labels, pred, classes)
     lo, hi = metrics["intervals"]["accuracy"]
     write_json(out / "metrics.json", metrics)
+    model_card.write_cities_card(out, cfg, cities_training.STAMP, metrics)
     write_csv(prediction_frame(rows, classes, labels, pred, softmax(logits, axis=1).max(axis=1)), out / "predictions.csv")
     write_csv(confusions, out / "confusion_matrix.csv", index=True)
     save_figure(figures.confusion_matrix_figure(confusions.to_numpy(), classes, title=report.with_note(
