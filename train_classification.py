@@ -12,7 +12,8 @@ with --resume: overwrite=true trains anew on them.
 Re-running the same command continues from last.pt (an interrupted run loses at most the epoch it was
 in; a finished one is left as it is); --resume also continues one trained with other settings (e.g. more
 train.epochs); overwrite=true starts over. Under torchrun, DistributedDataParallel (train.batch_size is
-global).
+global). At the end, <results>/cities/MODEL_CARD.md says what the model was trained on (test_classification.py
+adds its metrics).
 """
 import os
 
@@ -29,7 +30,7 @@ from urbanlens.cities import data, patches
 from urbanlens.cities import sampling as cities_sampling
 from urbanlens.cities import training as cities_training
 from urbanlens.cities import validation
-from urbanlens.core import batch_ops, entry, locks, loops, runs, runtime
+from urbanlens.core import batch_ops, entry, locks, loops, model_card, runs, runtime, tensorboard_log
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import cli, data_dir, results_dir
 from urbanlens.core.errors import DataError
@@ -140,6 +141,7 @@ def main() -> None:
             log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                         "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})
             cities_training.write_log(log, log_csv)
+            tensorboard_log.write_events(out, log)  # when tensorboard is installed
             improved = va["acc"] >= best_acc  # ties: the later, longer-trained epoch
             best_acc = max(best_acc, va["acc"])
             extra = dict(classes=classes, best_val_acc=best_acc, scaler=scaler.state_dict(),
@@ -155,6 +157,7 @@ def main() -> None:
     if main:
         print(f"[train] {cfg.train.epochs} epochs ({cfg.train.epochs - done} run now) in {time.time() - start:.0f} s; "
               f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
+        model_card.write_cities_card(out, cfg, cities_training.STAMP)  # the test stage adds its metrics
     runtime.cleanup_distributed()
 
 
