@@ -63,7 +63,10 @@ def test_income_class_raster_has_colour_table_and_class_names(tmp_path):
     assert nodata == prediction.CLASS_NODATA
     assert sorted(grid.ravel().tolist()) == [0, 2, 2, 3, 4, 255]  # rounded; NaN is nodata
     assert cmap[0] != cmap[4] and cmap[0][3] == 255
-    assert gis_style.read_category_names(path) == names
+    assert gis_style.read_category_names(path) == names  # as GDAL reads them
+    rat = ET.parse(f"{path}.aux.xml").getroot().findall(".//GDALRasterAttributeTable/Row")
+    assert [[f.text for f in r][:2] for r in rat] == [[str(k), n] for k, n in enumerate(names)]
+    assert tuple(int(f.text) for f in rat[4][2:]) == cmap[4]
     assert names[0] == "class 0 (income <= 100)" and names[4] == "class 4 (income > 400)"
     palette = ET.parse(tmp_path / "income_class.qml").getroot().findall(".//paletteEntry")
     assert [p.get("label") for p in palette] == names

@@ -166,13 +166,17 @@ def pam_classes(names: Sequence[str], colors: Mapping[int, Sequence[int]], band:
 
 
 def read_category_names(path) -> list[str]:
-    """The category names of band 1 of the raster at ``path`` (from its ``.aux.xml``; [] when none)."""
+    """The category names of band 1 of the raster at ``path`` as GDAL reads them (from its ``.aux.xml``):
+    GDAL writes them out in a VRT copy, since rasterio has no getter; [] when there are none."""
+    import tempfile
     import xml.etree.ElementTree as ET
 
-    aux = Path(f"{path}.aux.xml")
-    if not aux.is_file():
-        return []
-    band = ET.parse(aux).getroot().find("PAMRasterBand[@band='1']")
+    import rasterio.shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vrt = Path(tmp) / "copy.vrt"
+        rasterio.shutil.copy(str(path), str(vrt), driver="VRT")
+        band = ET.parse(vrt).getroot().find("VRTRasterBand[@band='1']")
     return [] if band is None else [c.text or "" for c in band.findall("CategoryNames/Category")]
 
 
