@@ -166,6 +166,17 @@ def test_maps_and_tables_open_styled(predicted):
             assert con.execute("SELECT f_table_name, useAsDefault FROM layer_styles").fetchall() == [(layer, 1)]
 
 
+def test_model_card_is_beside_the_city_models(predicted):
+    root = predicted[0]
+    city_dir = root / "results" / "ses" / CITY
+    metrics = json.loads((city_dir / "metrics.json").read_text())
+    card = (city_dir / "MODEL_CARD.md").read_text()
+    auc = metrics["intervals"]["bootstrap"]["auc_poor_rich"]
+    assert f"auc_poor_rich: {auc['value']:.3f} (95% CI {auc['lo']:.3f} to {auc['hi']:.3f})" in card
+    assert f"{metrics['n_cells']} cells of {CITY}; cross-validation `{metrics['cv']}`" in card
+    assert "synthetic world" in card.split("## Known limits")[1]
+
+
 def test_model_of_other_images_is_refused(predicted):
     root, _, _ = predicted
     with pytest.raises(ConfigError, match=r"ses\.cell_px: model 64, images 32"):
