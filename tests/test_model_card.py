@@ -133,3 +133,14 @@ def test_without_tensorboard_nothing_is_written(tmp_path, monkeypatch):
 def test_real_tensorboard_writes_an_event_file(tmp_path):
     assert tensorboard_log.write_events(tmp_path, [{"epoch": 1, "train_loss": 1.0}])
     assert list(tmp_path.glob(tensorboard_log.EVENTS))
+
+
+def test_run_sh_help_lists_every_subcommand():
+    text = (ROOT / "run.sh").read_text()
+    dispatch = text[text.rindex('case "$cmd" in'):]  # the last dispatch: the commands that run
+    commands = set(re.findall(r"^\s+([a-z][a-z-]*)\)", dispatch, re.M))
+    assert {"demo", "setup", "test", "cities", "ses", "bench", "gpu-check"} <= commands
+    usage = subprocess.run(["bash", "run.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    listed = {line.split()[0] for line in usage.splitlines()[1:] if line.strip()}
+    listed |= {w for line in usage.splitlines() for w in line.replace("|", " ").split()[:3]}
+    assert commands <= listed, commands - listed
