@@ -115,8 +115,9 @@ def test_graduated_breaks_are_quantiles_of_the_finite_values():
     assert gis_style.graduated_breaks([np.nan]) == [0.0, 1.0]
 
 
-def test_cog_options_give_one_overview_level_at_least():
-    assert gis_style.cog_options(64, 64)["overview_count"] == 1
-    assert gis_style.cog_options(4000, 4000)["overview_count"] == 3
-    assert gis_style.cog_options(10, 10, categorical=True)["overview_resampling"] == "nearest"
-    assert gis_style.cog_options(1, 1)["overviews"] == "NONE"
+def test_cog_layout_gives_one_overview_level_at_least():
+    assert gis_style.cog_layout(64, 64) == (32, [2])
+    assert gis_style.cog_layout(4000, 4000) == (512, [2, 4, 8])
+    assert gis_style.cog_layout(10, 3) == (16, [2])
+    assert gis_style.cog_layout(1, 1)[1] == [] and gis_style.cog_options(1, 1)["overviews"] == "NONE"
+    assert gis_style.cog_options(10, 10, categorical=True)["predictor"] == "no"

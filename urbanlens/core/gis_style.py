@@ -13,7 +13,7 @@ What QGIS reads, and so what is written:
 - a GeoPackage layer's default style is its row of the ``layer_styles`` table with
   ``useAsDefault`` true, in the schema QGIS creates when it saves a style into a GeoPackage.
 
-Rasters are written by GDAL's own COG driver (shipped with rasterio), with overviews down to one tile
+Rasters are laid out by GDAL's own COG driver (shipped with rasterio), with overviews down to one tile
 (at least one level). Every function except the writers is pure.
 """
 from __future__ import annotations
@@ -187,18 +187,24 @@ def qml_path(path) -> Path:
     return Path(path).with_suffix(".qml")
 
 
-def cog_options(width: int, height: int, categorical: bool = False) -> dict:
-    """Creation options of GDAL's COG driver for a ``width`` x ``height`` raster: tiles no larger than
-    needed (16 to 512 pixels), overviews down to one tile and at least one level (GDAL's default makes
-    none for a raster within one tile; none for a single pixel), averaged (nearest for classes), deflate with a predictor."""
+def cog_layout(width: int, height: int) -> tuple[int, list[int]]:
+    """(tile side, overview factors) of a ``width`` x ``height`` COG: tiles no larger than needed (16 to
+    512 pixels), overviews halving down to one tile and at least one level (GDAL's default makes none
+    for a raster within one tile); none for a single pixel."""
     side = max(width, height, 1)
     block = int(min(MAX_BLOCK, max(MIN_BLOCK, 2 ** int(np.floor(np.log2(max(side // 2, 1)))))))
-    if side < 2:  # one pixel: nothing to overview
-        return dict(driver="COG", blocksize=block, overviews="NONE", compress="deflate")
+    if side < 2:
+        return block, []
     levels = int(np.ceil(np.log2(side / block))) if side > block else 1
-    return dict(driver="COG", blocksize=block, overviews="IGNORE_EXISTING", overview_count=levels,
-                overview_resampling="nearest" if categorical else "average", compress="deflate",
-                predictor="no" if categorical else "yes")
+    return block, [2 ** k for k in range(1, levels + 1)]
+
+
+def cog_options(width: int, height: int, categorical: bool = False) -> dict:
+    """Creation options of GDAL's COG driver copying a tiled GeoTIFF whose overviews are built already
+    (``cog_layout``): deflate, with a floating-point predictor for continuous values."""
+    block, factors = cog_layout(width, height)
+    return dict(driver="COG", blocksize=block, overviews="FORCE_USE_EXISTING" if factors else "NONE",
+                compress="deflate", predictor="no" if categorical else "yes")
 
 
 def write_cog(path, data: np.ndarray, crs, transform, nodata=None, names: Sequence[str] = (),
@@ -208,25 +214,37 @@ def write_cog(path, data: np.ndarray, crs, transform, nodata=None, names: Sequen
     described by ``names[b]``; then its ``.qml`` style (``qml``) beside it. ``classes`` (class names,
     value k is ``classes[k]``) makes it a class raster: band 1 carries the colour table ``colors``
     (``class_colormap`` when None), the category names go into its ``.aux.xml`` and the default style
-    is the paletted one with those names."""
+    is the paletted one with those names.
+
+    The pixels and overviews (averaged; nearest for classes) go into a tiled GeoTIFF in memory first,
+    which GDAL's COG driver then lays out: its own overview building costs several times as much for
+    the small per-cell maps."""
     import rasterio
+    import rasterio.shutil
+    from rasterio.enums import Resampling
+    from rasterio.io import MemoryFile
 
     data = np.asarray(data)
     categorical = classes is not None
     if categorical:
         colors = colors or class_colormap(len(classes))
         qml = qml or qml_paletted(colors, dict(enumerate(classes)))
-    profile = dict(width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=str(data.dtype),
-                   crs=crs, transform=transform, nodata=nodata,
-                   **cog_options(data.shape[2], data.shape[1], categorical))
+    height, width = data.shape[1:]
+    block, factors = cog_layout(width, height)
+    profile = dict(driver="GTiff", width=width, height=height, count=data.shape[0], dtype=str(data.dtype),
+                   crs=crs, transform=transform, nodata=nodata, tiled=True, blockxsize=block, blockysize=block)
     path = Path(path)
-    with files.atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
+    with MemoryFile(ext=".tif") as memory:
+        with memory.open(**profile) as dst:
             dst.write(data)
             for b, name in enumerate(names[:data.shape[0]], 1):
                 dst.set_band_description(b, name)
             if categorical:
                 dst.write_colormap(1, colors)
+            if factors:
+                dst.build_overviews(factors, Resampling.nearest if categorical else Resampling.average)
+        with files.atomic_path(path) as tmp:
+            rasterio.shutil.copy(memory.name, str(tmp), **cog_options(width, height, categorical))
     if categorical:
         files.write_text(f"{path}.aux.xml", pam_classes(classes, colors))
     if qml is not None:
