@@ -10,7 +10,8 @@ and early stopping on the validation loss, restarted from the best weights at lr
 held-out fold is predicted and scored; a cross-fold summary names the best fold (lowest val loss).
 A simple baseline (colour/texture statistics and random convolutional features, ses.baseline) is fitted
 and scored on the same folds; metrics.json gives both with intervals from a bootstrap of spatial blocks
-(ses.train.bootstrap), the CNN's gain over the baseline and a permutation p-value of each AUC.
+(ses.train.bootstrap), the CNN's gain over the baseline and a permutation p-value of each AUC;
+MODEL_CARD.md beside them says what the models were trained on, those numbers and where not to use them.
 Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
 (removed when the fold is done): a re-run of the same command skips finished folds and continues an
 interrupted one from its last epoch, ending where an uninterrupted run ends.

@@ -87,7 +87,7 @@ def main() -> None:
         return
 
     # 5. the map on the 200 m grid, the figures and the agreement with known incomes
-    groups = income_map.write_map(out, table, cfg, city)
+    groups = income_map.write_map(out, table, cfg, city, edges)
     print(f"[{tag}] {city}: {income_map.describe(table, groups)} in {time.time() - start:.1f} s -> {table_path}, "
           f"{out / 'expected_class.tif'}, {out / 'agreement.json'}")
 

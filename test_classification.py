@@ -15,7 +15,8 @@ The accuracy gets a p-value against labels permuted among the test patches (``pe
 not distinguishable from chance). With cities.test.baseline, the simple baseline of urbanlens/core/baseline.py,
 fitted on the training patches, is scored on the same patches (``baseline``, baseline_predictions.csv),
 and the CNN's gain over it gets an interval from the same resampled source images (``gain_over_baseline``).
-metrics.json records the validation scheme the model was trained under (``validation``: cities.split.val).
+metrics.json records the validation scheme the model was trained under (``validation``: cities.split.val);
+MODEL_CARD.md is rewritten with these metrics.
 """
 import os
 
@@ -65,7 +66,7 @@ def main() -> None:
     else:
         (out / "baseline_predictions.csv").unlink(missing_ok=True)  # not left from a run it does not belong to
     metrics["permutation"] = permutation
-    confusions = evaluation.write_scores(out, metrics, rows, classes, labels, logits, cfg.cities.test.split)
+    confusions = evaluation.write_scores(out, metrics, rows, classes, labels, logits, cfg)
 
     # 5. City similarity, two ways, and its hierarchical clustering.
     pairs = evaluation.city_similarity(cfg, out, confusions, embeddings, labels, pred, rows["source"].to_numpy(),

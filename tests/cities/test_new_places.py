@@ -2,6 +2,7 @@
 seeds) come out most similar to the city they were made from, the outputs are complete, georeferenced
 images give patch footprints, and a model cut at another ground size or with other bands is refused."""
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def test_georeferenced_images_give_patch_footprints(held_out, tmp_path, monkeypa
     assert gdf.geometry.iloc[0].bounds == pytest.approx((x0 + first["x"] * 0.5, 5e6 - (first["y"] + 96) * 0.5,
                                                          x0 + (first["x"] + 96) * 0.5, 5e6 - first["y"] * 0.5))
     assert {"predicted", "probability", "nearest_city"} <= set(gdf.columns)
+    with sqlite3.connect(out / "patches.gpkg") as con:  # opens styled in QGIS
+        assert con.execute("SELECT f_table_name, useAsDefault FROM layer_styles").fetchall() == [("patches", 1)]
 
 
 def test_another_ground_size_or_other_bands_are_refused(held_out, tmp_path, monkeypatch):

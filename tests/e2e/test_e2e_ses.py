@@ -6,6 +6,7 @@ few cells EfficientNet-B0 trained from scratch stays at chance; ResNet-18 on the
 about a minute. The demo (bash run.sh ses) keeps EfficientNet-B0 on 3 km cities."""
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,10 @@ def test_geotiffs_carry_crs_and_cell_bounds(world):
             with rasterio.open(tif) as src:
                 assert src.crs.to_epsg() == 3035 and src.count == 2 and src.dtypes[0] == "float32"
                 np.testing.assert_allclose(tuple(src.bounds), grid.cell_box(tif.stem).bounds, rtol=0, atol=1e-6)
+                assert src.overviews(1) and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"  # opens fast, styled
+            assert tif.with_suffix(".qml").is_file()
+        with sqlite3.connect(root / "results" / "ses" / city / "polygon_stats.gpkg") as con:
+            assert con.execute("SELECT f_table_name, useAsDefault FROM layer_styles").fetchall() == [("polygon_stats", 1)]
 
 
 def test_polygon_stats_equal_rasterstats(world):

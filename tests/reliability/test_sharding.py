@@ -5,6 +5,7 @@ import filecmp
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,10 @@ def test_sharded_maps_equal_unsharded(world):
         assert_same_files(a / city, b / city, "landuse_summary.csv")
         assert_same_files(a / city, b / city, "figures/*.png")
         assert len(list((b / city).glob("polygon_stats.shard-*-of-2.gpkg"))) == CAM_SHARDS
+        for merged_or_not in (a, b):  # both open styled in QGIS
+            with sqlite3.connect(merged_or_not / city / "polygon_stats.gpkg") as con:
+                assert con.execute("SELECT f_table_name FROM layer_styles WHERE useAsDefault").fetchall() == \
+                    [("polygon_stats",)]
     assert_same_files(a, b, "landuse_*")  # pooled summary and its figure
 
 

@@ -147,6 +147,37 @@ def test_geotiff_pixels_are_the_inspire_cells(predicted):
     assert (out / "figures" / "predicted_map.png").is_file() and (out / "figures" / "observed_vs_predicted.png").is_file()
 
 
+def test_maps_and_tables_open_styled(predicted):
+    import sqlite3
+
+    from urbanlens.core import gis_style
+
+    root, out, table = predicted
+    for tif in ("expected_class.tif", "income_class.tif"):
+        with rasterio.open(out / tif) as src:
+            assert src.overviews(1) and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert (out / tif).with_suffix(".qml").is_file()
+    with rasterio.open(out / "income_class.tif") as src:
+        classes, cmap = src.read(1), src.colormap(1)
+    known = table["expected_class"].notna()
+    assert sorted(set(classes.ravel()) - {255}) == sorted(set(np.round(table["expected_class"][known]).astype(int)))
+    assert len({cmap[k] for k in range(5)}) == 5 and len(gis_style.read_category_names(out / "income_class.tif")) == 5
+    for gpkg, layer in ((out / "cells.gpkg", "cells"), (root / "results" / "ses" / "cells.gpkg", "cells")):
+        with sqlite3.connect(gpkg) as con:
+            assert con.execute("SELECT f_table_name, useAsDefault FROM layer_styles").fetchall() == [(layer, 1)]
+
+
+def test_model_card_is_beside_the_city_models(predicted):
+    root = predicted[0]
+    city_dir = root / "results" / "ses" / CITY
+    metrics = json.loads((city_dir / "metrics.json").read_text())
+    card = (city_dir / "MODEL_CARD.md").read_text()
+    auc = metrics["intervals"]["bootstrap"]["auc_poor_rich"]
+    assert f"auc_poor_rich: {auc['value']:.3f} (95% CI {auc['lo']:.3f} to {auc['hi']:.3f})" in card
+    assert f"{metrics['n_cells']} cells of {CITY}; cross-validation `{metrics['cv']}`" in card
+    assert "synthetic world" in card.split("## Known limits")[1]
+
+
 def test_model_of_other_images_is_refused(predicted):
     root, _, _ = predicted
     with pytest.raises(ConfigError, match=r"ses\.cell_px: model 64, images 32"):

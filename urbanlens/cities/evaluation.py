@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import softmax
 
-from ..core import loops
+from ..core import loops, model_card
 from ..core.errors import ConfigError
 from ..core.files import save_figure, write_csv, write_json
 from . import baseline as cities_baseline
@@ -76,12 +76,15 @@ def prediction_frame(rows: pd.DataFrame, classes, labels, pred, confidence) -> p
                          "predicted": [classes[i] for i in pred], "confidence": confidence})
 
 
-def write_scores(out: Path, metrics: dict, rows: pd.DataFrame, classes, labels, logits, split: str) -> pd.DataFrame:
-    """metrics.json, predictions.csv and the confusion matrix (.csv and .png); returns the confusions."""
+def write_scores(out: Path, metrics: dict, rows: pd.DataFrame, classes, labels, logits, cfg) -> pd.DataFrame:
+    """metrics.json, MODEL_CARD.md with these metrics, predictions.csv and the confusion matrix (.csv and
+    .png) of the split ``cities.test.split``; returns the confusions."""
+    split = cfg.cities.test.split
     pred = logits.argmax(axis=1)
     confusions = cities_metrics.confusion_frame(labels, pred, classes)
     lo, hi = metrics["intervals"]["accuracy"]
     write_json(out / "metrics.json", metrics)
+    model_card.write_cities_card(out, cfg, training.STAMP, metrics)
     write_csv(prediction_frame(rows, classes, labels, pred, softmax(logits, axis=1).max(axis=1)), out / "predictions.csv")
     write_csv(confusions, out / "confusion_matrix.csv", index=True)
     save_figure(figures.confusion_matrix_figure(confusions.to_numpy(), classes, title=report.with_note(

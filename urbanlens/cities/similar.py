@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from scipy.special import softmax
 
-from ..core import loops, runs
+from ..core import gis_style, loops, runs
 from ..core.errors import ConfigError, DataError
 from ..core.files import atomic_path, save_figure, write_csv
 from . import data, figures, newplace, patches, rasters, training
@@ -84,6 +84,7 @@ def write_patches(out: Path, new: newplace.NewPatches, logits, emb, known_emb, k
     if geo is not None:
         with atomic_path(out / "patches.gpkg") as tmp:
             geo.to_file(tmp, layer="patches", driver="GPKG", engine="pyogrio")
+            gis_style.style_gpkg(tmp, "patches", "nearest_similarity")
     return geo
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import batch_ops, loops, outputs, runs, runtime
+from ..core import batch_ops, loops, model_card, outputs, runs, runtime, tensorboard_log
 from ..core.config import ADDED
 from ..core.config import data_dir
 from ..core.errors import CheckpointError, ConfigError, DataError
@@ -257,6 +257,7 @@ def run_epochs(cfg, model: nn.Module, opt: loops.Optimiser, sampler, train_loade
         log.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                     "val_acc": va["acc"], "lr": lr_used, "seconds": time.time() - t0})
         write_log(log, log_csv)
+        tensorboard_log.write_events(out, log)  # when tensorboard is installed
         improved = va["acc"] >= best_acc  # ties: the later, longer-trained epoch
         best_acc = max(best_acc, va["acc"])
         extra = dict(classes=classes, best_val_acc=best_acc, scaler=opt.scaler.state_dict(),
@@ -269,6 +270,7 @@ def run_epochs(cfg, model: nn.Module, opt: loops.Optimiser, sampler, train_loade
         print(f"[train] epoch {epoch}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} | "
               f"val loss {va['loss']:.3f} acc {va['acc']:.3f}{' *' if improved else ''} | {time.time() - t0:.0f} s")
     if place.main:
+        model_card.write_cities_card(out, cfg, STAMP)  # the test stage adds its metrics
         print(f"[train] {cfg.cities.train.epochs} epochs ({cfg.cities.train.epochs - done} run now) in {time.time() - start:.0f} s; "
               f"best val acc {best_acc:.3f}; checkpoints in {out / 'checkpoints'}, log {log_csv}")
     return best_acc

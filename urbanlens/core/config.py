@@ -270,11 +270,20 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = None)
 
 def cli(description: str, default_config: str | None = None, extra=None) -> tuple[Config, argparse.Namespace]:
     """Parse ``--config``/``--set`` (plus ``extra(parser)`` arguments); a bad config raises ConfigError."""
-    parser = add_config_args(argparse.ArgumentParser(description=description), default_config)
+    default = _Default(default_config) if default_config is not None else None
+    parser = add_config_args(argparse.ArgumentParser(description=description), default)
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
-    return load_config(args.config, args.overrides), args
+    cfg = load_config(args.config, args.overrides)
+    from .entry import say_config
+
+    say_config(cfg, demo=default is not None and args.config is default, overrides=len(args.overrides))
+    return cfg, args
+
+
+class _Default(str):
+    """A script's default config path: argparse hands this very object back when no --config was given."""
 
 
 def data_dir(cfg: Config, *parts: str) -> Path:

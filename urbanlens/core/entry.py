@@ -34,6 +34,24 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def config_line(script: str, cfg, demo: bool = False, overrides: int = 0) -> str:
+    """The first line a script prints: ``<script>: config <path> (seed N, results <dir>)``, saying when
+    the path is the script's demo config taken because no ``--config`` was given, or that only the
+    built-in defaults apply, and how many ``--set`` overrides are on top."""
+    path = cfg.get("config_file")
+    what = f"config {path}" if path else "built-in defaults (urbanlens/core/defaults.yaml)"
+    if demo:
+        what = f"built-in defaults + {path} demo, no --config given"
+    sets = f" + {overrides} --set override{'s' if overrides != 1 else ''}" if overrides else ""
+    return f"{script}: {what}{sets} (seed {cfg['seed']}, results {cfg['paths']['results']})"
+
+
+def say_config(cfg, demo: bool = False, overrides: int = 0) -> None:
+    """Print ``config_line`` for the running script (once per job: rank 0 only under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(config_line(os.path.basename(sys.argv[0]) or "python", cfg, demo, overrides), flush=True)
+
+
 def keep(cm: ContextManager[T]) -> T:
     """Enter ``cm`` until the running ``main()`` ends (outside ``run``: until the process exits)."""
     if _stack is None:

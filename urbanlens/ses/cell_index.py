@@ -8,7 +8,7 @@ from pathlib import Path
 import geopandas as gpd
 import pandas as pd
 
-from ..core import outputs, shards
+from ..core import gis_style, outputs, shards
 from ..core.config import data_dir
 from ..core.files import atomic_path
 from . import census as ses_census
@@ -97,6 +97,7 @@ def write_index(cells: gpd.GeoDataFrame, index_path: Path) -> None:
     """The cell index, layer ``cells`` of a GeoPackage, columns ``COLUMNS``."""
     with atomic_path(index_path) as tmp:
         cells[COLUMNS].to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
+        gis_style.style_gpkg(tmp, "cells", "income")
 
 
 def describe(cells: gpd.GeoDataFrame, status: pd.DataFrame, merged_from: int | None, cfg, imputed_count: dict) -> str:

@@ -61,11 +61,16 @@ def scored(cells: gpd.GeoDataFrame, cfg, ses_dir: Path, city: str, models, size:
     return table, int(status["extracted"].sum())
 
 
-def write_map(out: Path, table: gpd.GeoDataFrame, cfg, city: str) -> dict:
-    """expected_class.tif, figures/predicted_map.png, agreement.json and, with 3 or more census cells
-    scored out-of-fold, figures/observed_vs_predicted.png; returns the agreement groups."""
+def write_map(out: Path, table: gpd.GeoDataFrame, cfg, city: str, edges) -> dict:
+    """expected_class.tif (its stops named by the classes of the quintile ``edges``), income_class.tif (the
+    expected class rounded, with colours and class names), figures/predicted_map.png, agreement.json and,
+    with 3 or more census cells scored out-of-fold, figures/observed_vs_predicted.png; returns the
+    agreement groups."""
+    names = prediction.class_names(edges)
     prediction.write_grid_tif(out / "expected_class.tif", table["cell_id"],
-                              {"expected_class": table["expected_class"], "fold_spread": table["fold_spread"]})
+                              {"expected_class": table["expected_class"], "fold_spread": table["fold_spread"]},
+                              labels=names)
+    prediction.write_class_tif(out / "income_class.tif", table["cell_id"], table["expected_class"], names)
     files.save_figure(ses_figures.predicted_map_figure(table, city), out / "figures" / "predicted_map.png")
     groups = agreement_groups(table, data_dir(cfg, TRUTH_CELLS), city, cfg.ses.train.block_m, cfg.seed)
     files.write_json(out / "agreement.json", {"city": city, **groups,

@@ -9,7 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from ..core import outputs, runs
+from ..core import gis_style, outputs, runs
 from .zonal import STATS, ZonalError, piece_stats
 
 CAM_CRS = "EPSG:3035"
@@ -46,26 +46,16 @@ def map_transform(bounds, shape: tuple[int, int]):
 
 
 def write_maps_tif(path, maps: np.ndarray, bounds, crs: str = CAM_CRS, names=("poor", "rich")) -> None:
-    """Write [M, H, W] maps as an M-band float32 GeoTIFF covering ``bounds`` in ``crs`` (atomically).
+    """Write [M, H, W] maps as an M-band float32 Cloud-Optimized GeoTIFF covering ``bounds`` in ``crs``
+    (atomically), with its QGIS style beside it (band 1 on a 0-1 colour ramp: the maps are in [0, 1]).
 
     Band b+1 holds maps[b] and is described by names[b]. NaN pixels are nodata: when there is one, the
     file's nodata value is NaN; a file without a NaN pixel has no nodata value (every pixel is data).
     """
-    import rasterio
-
-    from ..core.files import atomic_path
-
     maps = np.asarray(maps, dtype=np.float32)
-    profile = dict(driver="GTiff", width=maps.shape[2], height=maps.shape[1], count=maps.shape[0],
-                   dtype="float32", crs=crs, transform=map_transform(bounds, maps.shape[1:]),
-                   compress="deflate", predictor=3)
-    if np.isnan(maps).any():
-        profile["nodata"] = float("nan")
-    with atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(maps)
-            for b, name in enumerate(names[:maps.shape[0]]):
-                dst.set_band_description(b + 1, name)
+    gis_style.write_cog(path, maps, crs, map_transform(bounds, maps.shape[1:]),
+                        nodata=float("nan") if np.isnan(maps).any() else None, names=names,
+                        qml=gis_style.qml_pseudocolor(0.0, 1.0, ramp=gis_style.CAM_RAMP))
 
 
 def read_maps_tif(path):

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from ..core import files, outputs, runs
+from ..core import files, gis_style, outputs, runs
 from ..core.errors import CheckpointError, ConfigError, DataError
 from . import extraction, fitting
 from .columns import opening
@@ -238,24 +238,49 @@ def grid_transform(cell_ids: Sequence[str]):
     return from_origin(e.min(), n.max() + r, r, r), int((e.max() - e.min()) // r + 1), int((n.max() - n.min()) // r + 1)
 
 
-def write_grid_tif(path, cell_ids: Sequence[str], bands: dict[str, np.ndarray]) -> None:
-    """A float32 GeoTIFF (EPSG:3035), one pixel per cell of ``cell_ids``, one band per entry of ``bands``
-    (described by its name); pixels of no cell or of NaN values are nodata (NaN). Atomic."""
-    import rasterio
-
+def _grid(cell_ids: Sequence[str], bands: dict[str, np.ndarray], fill, dtype):
+    """([bands, H, W] of ``dtype`` with one pixel per cell, ``fill`` elsewhere; transform)."""
     transform, width, height = grid_transform(cell_ids)
     e, n, res = (np.array(v) for v in zip(*[parse_inspire_id(c) for c in cell_ids]))
     cols, rows = ((e - round(transform.c)) // res).astype(int), ((round(transform.f) - res - n) // res).astype(int)
-    grid = np.full((len(bands), height, width), np.nan, np.float32)
+    grid = np.full((len(bands), height, width), fill, dtype)
     for b, values in enumerate(bands.values()):
-        grid[b, rows, cols] = np.asarray(values, dtype=np.float32)
-    profile = dict(driver="GTiff", width=width, height=height, count=len(bands), dtype="float32", crs=LAEA,
-                   transform=transform, nodata=float("nan"), compress="deflate", predictor=3)
-    with files.atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(grid)
-            for b, name in enumerate(bands, 1):
-                dst.set_band_description(b, name)
+        grid[b, rows, cols] = np.asarray(values).astype(dtype)
+    return grid, transform
+
+
+def class_names(edges: Sequence[float] | None = None) -> list[str]:
+    """The names of the income classes 0..4 (training quintiles, 0 the poorest), with their income limits
+    when ``edges`` (the highest income of classes 0..3, as the checkpoint records them) are known."""
+    if not edges:
+        return [f"class {k} ({k + 1}/{N_CLASSES} income fifth{', poorest' if k == 0 else ', richest' if k == N_CLASSES - 1 else ''})"
+                for k in range(N_CLASSES)]
+    e = [float(x) for x in edges]
+    return ([f"class 0 (income <= {e[0]:.0f})"]
+            + [f"class {k} ({e[k - 1]:.0f} < income <= {e[k]:.0f})" for k in range(1, len(e))]
+            + [f"class {len(e)} (income > {e[-1]:.0f})"])
+
+
+def write_grid_tif(path, cell_ids: Sequence[str], bands: dict[str, np.ndarray], labels: Sequence[str] = ()) -> None:
+    """A float32 Cloud-Optimized GeoTIFF (EPSG:3035), one pixel per cell of ``cell_ids``, one band per
+    entry of ``bands`` (described by its name); pixels of no cell or of NaN values are nodata (NaN).
+    Atomic. Its QGIS style colours band 1 from class 0 to 4 (the expected class), the stops labelled
+    by ``labels`` (the class names) when given."""
+    grid, transform = _grid(cell_ids, bands, np.nan, np.float32)
+    qml = gis_style.qml_pseudocolor(0, N_CLASSES - 1, labels=labels or [str(k) for k in range(N_CLASSES)])
+    gis_style.write_cog(path, grid, LAEA, transform, nodata=float("nan"), names=list(bands), qml=qml)
+
+
+CLASS_NODATA = 255  # income_class.tif's pixels of no cell or of no class
+
+
+def write_class_tif(path, cell_ids: Sequence[str], classes, names: Sequence[str]) -> None:
+    """A uint8 class raster (EPSG:3035), one pixel per cell holding ``classes`` (NaN: nodata, CLASS_NODATA),
+    with a colour table, the class names ``names`` (value k is names[k]) and a paletted QGIS style. Atomic."""
+    c = np.asarray(classes, dtype=float)
+    c = np.where(np.isfinite(c), np.round(c), CLASS_NODATA)
+    grid, transform = _grid(cell_ids, {"income_class": c}, CLASS_NODATA, np.uint8)
+    gis_style.write_cog(path, grid, LAEA, transform, nodata=CLASS_NODATA, names=["income_class"], classes=names)
 
 
 def run_inputs(cfg, area_file=None) -> dict:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..core import cam, files, shards
+from ..core import cam, files, gis_style, shards
 from . import data, extraction, maps, zonal
 from . import figures as ses_figures
 
@@ -53,6 +53,7 @@ def project_cells(todo, compute, nodata, landuse, city: str, city_dir, stats_pat
             bar.update(len(batch))
         if not tmp.exists():  # no piece at all: an empty layer with the columns
             maps.empty_polygon_stats(landuse.crs).to_file(tmp, layer="polygon_stats", driver="GPKG")
+        gis_style.style_gpkg(tmp, "polygon_stats", "rich_score", ramp=gis_style.CAM_RAMP)
     return n_new, n_pieces
 
 
@@ -60,7 +61,9 @@ def merge_shards(stats_path, n: int, landuse, fresh_after: float) -> int:
     """The N shards' statistics of a city, checked and copied in order into ``stats_path``; pieces written."""
     parts = shards.shard_paths(stats_path, n, newer_than=fresh_after)
     with files.atomic_path(stats_path) as tmp:
-        return shards.append_layers(parts, tmp, "polygon_stats", maps.empty_polygon_stats(landuse.crs))
+        rows = shards.append_layers(parts, tmp, "polygon_stats", maps.empty_polygon_stats(landuse.crs))
+        gis_style.style_gpkg(tmp, "polygon_stats", "rich_score", ramp=gis_style.CAM_RAMP)
+    return rows
 
 
 def city_figures(city: str, city_dir, image_root, city_cells, all_cells, preds, landuse, summary, n_panels: int,

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import files, outputs, runs, runtime
+from ..core import files, outputs, runs, runtime, tensorboard_log
 from ..core.errors import DataError
 from .figures import confusion_figure
 from .fitting import FitResult
@@ -39,6 +39,7 @@ def write_fold_outputs(fold_dir, cfg, model, fit: FitResult, m: dict, prediction
     runtime.save_checkpoint(fold_dir / "best.pt", model, cfg, epoch=fit.best_epoch, classes=list(CLASS_NAMES),
                             val_loss=fit.best_val_loss, **info)
     files.write_csv(pd.DataFrame(fit.log), fold_dir / "train_log.csv")
+    tensorboard_log.write_events(fold_dir, fit.log)  # when tensorboard is installed
     files.write_csv(predictions, fold_dir / "predictions.csv")
     files.write_text(fold_dir / "classification_report.txt", m["classification_report"])
     files.write_csv(pd.DataFrame(m["confusion_matrix"], index=CLASS_NAMES, columns=CLASS_NAMES),

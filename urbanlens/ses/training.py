@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..core import files, loops, runs, runtime
+from ..core import files, loops, model_card, runs, runtime
 from ..core.errors import ConfigError, DataError, TrainingDiverged
 from ..core.placement import Placement
 from . import baselines, fitting, metrics, results, skips, spatial_folds
@@ -209,6 +209,7 @@ def summarise_city(cfg, fit: CityFit, ses_dir: Path) -> dict:
         summary["baseline"]["seconds"] = round(secs, 1)
     files.write_csv(preds, city_dir / "predictions.csv")
     files.write_json(city_dir / "metrics.json", summary)
+    model_card.write_ses_card(city_dir, cfg, results.STAMP, summary)
     mean, std = summary["mean"], summary["std"]
     print(f"[ses-train] {city}: {len(fit.df)} cells, {len(fit.splits)} folds; accuracy {mean['accuracy']:.3f}"
           f"±{std['accuracy']:.3f}; best fold {summary['best_fold']}; {results.closing_line(summary)} -> {city_dir}")
