@@ -101,7 +101,7 @@ def test_split_by_site_and_halves(tmp_path):
     again, _ = plan_split(raw, size=40, stride=20, test_b_per_city=5, seed=0)
     pd.testing.assert_frame_equal(plan, again)
     other, _ = plan_split(raw, size=40, stride=20, test_b_per_city=5, seed=1)
-    assert not other[other.cities.split == "test_b"][key].equals(tb[key])
+    assert not other[other.split == "test_b"][key].equals(tb[key])
     many, _ = plan_split(raw, size=40, stride=20, test_b_per_city=10_000, seed=0)
     assert (many.split == "test_b").sum() == len(test)                # all of them if fewer
     assert list(plan.columns) == ["path", "city", "iata", "site", "source", "split", "y", "x", "size"]

@@ -104,7 +104,7 @@ def _shuffled_finding(ses_dir, city_cells, x, seed, cams):
 def test_shuffled_incomes_give_rankings_flagged_not_meaningful(cells):
     torch.set_num_threads(1)
     ses_dir, per_city = cells
-    cams = config.load_config(None).cams
+    cams = config.load_config(None).ses.cams
     cams["sanity_cells"] = 8
     results = []
     for city, city_cells in per_city.items():

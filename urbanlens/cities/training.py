@@ -64,8 +64,8 @@ def check_resumable(state: dict, classes: Sequence[str], model_cfg: dict, path: 
                  f"manifest ({', '.join(classes)}); train without --resume or use another paths.results")
     for key in ("backbone", "input_size"):
         if trained.get(key) != model_cfg[key]:
-            raise CheckpointError(f"{path}: trained with model.{key}={trained.get(key)}, config says {model_cfg[key]}; "
-                     f"train without --resume or set --set model.{key}={trained.get(key)}")
+            raise CheckpointError(f"{path}: trained with cities.model.{key}={trained.get(key)}, config says {model_cfg[key]}; "
+                     f"train without --resume or set --set cities.model.{key}={trained.get(key)}")
 
 
 RUN_KEYS = ("seed", "paths.data", "cities.patch", "cities.split", "cities.model", "cities.train", "store")  # what decides a trained classifier
