@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import header, single_thread  # noqa: E402
-from urbanlens.core import backbones, cam, config, loops, runtime  # noqa: E402
+from urbanlens.core import backbones, cam, config, placement  # noqa: E402
 from urbanlens.ses import model as ses_model  # noqa: E402
 
 TOLERANCE = 1e-4  # maps are in [0, 1]; float32 reductions in another order differ by ~1e-6
@@ -49,17 +49,17 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", default="off", help="ses.cams.amp: auto | bf16 | fp16 | off")
     args = ap.parse_args()
-    device = runtime.select_device(args.device)
+    device = placement.select_device(args.device)
     args.px = args.px or (800 if device.type == "cuda" else 224)
     if device.type == "cpu":
         single_thread()
     header("cams", args)
     cfg = config.load_config(None, ["ses.model.pretrained=false", f"ses.model.input_size={args.px}"])
     torch.manual_seed(0)
-    model = loops.to_device(ses_model.build_ses_model(cfg).eval(), device, True, args.amp)
+    model = placement.to_device(ses_model.build_ses_model(cfg).eval(), device, True, args.amp)
     layer = backbones.last_conv_layer(model)
     x = torch.rand(args.batch, 3, args.px, args.px, generator=torch.Generator().manual_seed(1))
-    xb = loops.batch_to_device(x, device, True, args.amp)
+    xb = placement.batch_to_device(x, device, True, args.amp)
     maps_of(model, layer, xb[:1], args.amp)  # warm-up
     one_s, alone = timed(lambda: np.concatenate([maps_of(model, layer, xb[i:i + 1], args.amp)
                                                  for i in range(args.batch)]), device, args.repeats)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from urbanlens.core import runtime, store
+from urbanlens.core import placement, store
 
 SHAPE = (3, 8, 8)
 
@@ -29,7 +29,7 @@ def slow_decode(delay: float):
 
 def main() -> None:
     folder, timeout_s, delay, workers = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-    rank, world = runtime.setup_distributed()
+    rank, world = placement.setup_distributed()
     dist.barrier()  # every rank started: from here on the shortened timeout applies
     dist.set_timeout(timedelta(seconds=timeout_s))
     files = sorted(folder.glob("*.src"), key=lambda f: int(f.stem))

@@ -111,7 +111,7 @@ def test_configs_stamps_and_checkpoints_of_the_old_layout_read_as_today(tmp_path
 
     from urbanlens.core import runs, runtime
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     old = write(tmp_path, {"seed": 3, "train": {"epochs": 2}, "model": {"backbone": "resnet18"},
                            "france": {"city_size_m": 1000}, "ses": {"cell_px": 32}, "ses_train": {"lr": 0.01},
                            "cams": {"panels": 1}}, "old.yaml")
