@@ -10,7 +10,6 @@ import pandas as pd
 from ..core import report_page as rp
 
 TIMING = ("seconds",)  # left out: the page stays the same for the same results, however long they took
-MODEL_CARD = Path(__file__).resolve().parents[2] / "MODEL_CARD.md"
 
 
 def _pair(v) -> tuple:
@@ -131,8 +130,4 @@ PARTS = (("metrics", "Test metrics, baseline and null", metrics_part),
 
 def render(folder: Path) -> str:
     """The page of the city results folder ``folder`` (``<results>/cities``)."""
-    intro = rp.INTRO
-    if MODEL_CARD.is_file():
-        intro += f'<p>Model card: <a href="{rp.esc(MODEL_CARD.as_uri())}">MODEL_CARD.md</a>.</p>'
-    parts = [(a, t, rp.guarded(build, folder)) for a, t, build in PARTS]
-    return rp.page("urbanlens: city identification", intro, parts)
+    return rp.pipeline_page("urbanlens: city identification", Path(folder), PARTS)

@@ -86,6 +86,27 @@ def _at_chance(permutation: Mapping[str, Any] | None) -> list[str]:
     return [k for k, t in (permutation or {}).items() if isinstance(t, dict) and t.get("chance")]
 
 
+def _beside_baseline(lines: list, limits: list, metrics: Mapping[str, Any], name: str, same: str,
+                     baseline_text: str | None, level: float, key: str, beaten: str) -> None:
+    """The baseline's ``name`` (``baseline_text``, None when it was not run: ``key`` false), the gain over
+    it and the permutation null, added to ``lines``; what they limit, to ``limits``."""
+    base = metrics.get("baseline")
+    if base:
+        gain = (metrics.get("gain_over_baseline") or {}).get(name)
+        lines += [f"- baseline ({base.get('name')}), {same}: {name} {baseline_text}",
+                  f"- gain over the baseline ({name}): "
+                  + (with_interval(gain.get("value"), gain.get("lo"), gain.get("hi"), level) if gain else "n/a")
+                  + f"; {gain_verdict(gain)}"]
+        if gain and gain.get("hi") is not None and gain["hi"] < 0:
+            limits.append(f"The simple baseline beats {beaten}.")
+    else:
+        lines.append(f"- baseline: not run (`{key}: false`)")
+        limits.append("No baseline was scored: the metrics have nothing simple to stand beside.")
+    lines += _chance_lines(metrics.get("permutation"))
+    if _at_chance(metrics.get("permutation")):
+        limits.append(f"Not distinguishable from chance: {', '.join(_at_chance(metrics.get('permutation')))}.")
+
+
 # ---- the cities classifier -----------------------------------------------------------------------
 
 def cities_card(cfg: Mapping[str, Any], stamp_name: str, stamp_text: str | None, log: Sequence[Mapping[str, Any]],
@@ -122,22 +143,10 @@ def cities_card(cfg: Mapping[str, Any], stamp_name: str, stamp_text: str | None,
         if "top5_accuracy" in metrics:
             lines.append(f"- top-5 accuracy: {_num(metrics['top5_accuracy'])}")
         base = metrics.get("baseline")
-        if base:
-            biv = base.get("intervals", {})
-            gain = (metrics.get("gain_over_baseline") or {}).get("accuracy")
-            lines += [f"- baseline ({base.get('name')}), same patches: accuracy "
-                      f"{with_interval(base.get('accuracy'), *(biv.get('accuracy') or (None, None)), level)}",
-                      f"- gain over the baseline (accuracy): "
-                      + (with_interval(gain.get("value"), gain.get("lo"), gain.get("hi"), level) if gain else "n/a")
-                      + f"; {gain_verdict(gain)}"]
-            if gain and gain.get("hi") is not None and gain["hi"] < 0:
-                limits.append("The simple baseline beats this model on the same test patches.")
-        else:
-            lines.append("- baseline: not run (`cities.test.baseline: false`)")
-            limits.append("No baseline was scored: the accuracy has nothing simple to stand beside.")
-        lines += _chance_lines(metrics.get("permutation"))
-        if _at_chance(metrics.get("permutation")):
-            limits.append(f"Not distinguishable from chance: {', '.join(_at_chance(metrics.get('permutation')))}.")
+        biv = (base or {}).get("intervals", {})
+        _beside_baseline(lines, limits, metrics, "accuracy", "same patches", base and with_interval(
+            base.get("accuracy"), *(biv.get("accuracy") or (None, None)), level), level, "cities.test.baseline",
+            "this model on the same test patches")
         if iv.get("note"):
             limits.append(f"Intervals: {iv['note']}.")
         lines.append("")
@@ -196,22 +205,10 @@ def ses_card(cfg: Mapping[str, Any], stamp_name: str, stamp_text: str | None, me
             lines.append(f"- {name}: {with_interval(pooled[name], b.get('lo'), b.get('hi'), level)}")
     limits = []
     base = metrics.get("baseline")
-    if base:
-        bp, bboot = base.get("pooled", {}), base.get("intervals", {}).get("bootstrap", {})
-        gain = (metrics.get("gain_over_baseline") or {}).get("auc_poor_rich")
-        lines += [f"- baseline ({base.get('name')}), same folds: auc_poor_rich "
-                  f"{with_interval(bp.get('auc_poor_rich'), bboot.get('auc_poor_rich', {}).get('lo'), bboot.get('auc_poor_rich', {}).get('hi'), level)}",
-                  "- gain over the baseline (auc_poor_rich): "
-                  + (with_interval(gain.get("value"), gain.get("lo"), gain.get("hi"), level) if gain else "n/a")
-                  + f"; {gain_verdict(gain)}"]
-        if gain and gain.get("hi") is not None and gain["hi"] < 0:
-            limits.append("The simple baseline beats these models under the same folds.")
-    else:
-        lines.append("- baseline: not run (`ses.baseline: false`)")
-        limits.append("No baseline was scored: the metrics have nothing simple to stand beside.")
-    lines += _chance_lines(metrics.get("permutation"))
-    if _at_chance(metrics.get("permutation")):
-        limits.append(f"Not distinguishable from chance: {', '.join(_at_chance(metrics.get('permutation')))}.")
+    bp, bauc = (base or {}).get("pooled", {}), (base or {}).get("intervals", {}).get("bootstrap", {}).get("auc_poor_rich", {})
+    _beside_baseline(lines, limits, metrics, "auc_poor_rich", "same folds", base and with_interval(
+        bp.get("auc_poor_rich"), bauc.get("lo"), bauc.get("hi"), level), level, "ses.baseline",
+        "these models under the same folds")
     note = iv.get("over_folds", {}).get("note")
     if note:
         limits.append(f"Over folds: {note}.")

@@ -187,3 +187,24 @@ def refresh(cfg: Config, pipeline: str, render: Callable[[Path], str]) -> Path |
     out = write(render, results_dir(cfg, pipeline))
     print(f"[report] {out}")
     return out
+
+
+def figures(folder: Path, label: str, width: int = 560) -> str:
+    """Every PNG of ``folder`` (sorted), embedded, captioned ``<label>: <file stem>``."""
+    return "".join(image(fig, f"{label}: {fig.stem.replace('_', ' ')}", width) for fig in sorted(Path(folder).glob("*.png")))
+
+
+def model_cards(folder: Path) -> str:
+    """Links to the MODEL_CARD.md files in ``folder`` and one level below (relative, so the page keeps
+    working wherever the folder is copied)."""
+    cards = sorted([*Path(folder).glob("MODEL_CARD.md"), *Path(folder).glob("*/MODEL_CARD.md")])
+    links = ", ".join(f'<a href="{esc(c.relative_to(folder).as_posix())}">{esc(c.relative_to(folder).as_posix())}</a>'
+                      for c in cards)
+    return f"<p>Model cards: {links}.</p>" if cards else ""
+
+
+def pipeline_page(title: str, folder: Path, parts, script: str = "") -> str:
+    """A pipeline's whole page: the intro with its model cards, then each part (anchor, title, build)
+    built from ``folder`` (a part that fails says so instead of stopping the page)."""
+    built = [(a, t, guarded(build, folder)) for a, t, build in parts]
+    return page(title, INTRO + model_cards(folder), built, script)

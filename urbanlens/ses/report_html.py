@@ -11,7 +11,6 @@ import pandas as pd
 from ..core import report_page as rp
 from . import report_map
 
-MODEL_CARD = Path(__file__).resolve().parents[2] / "MODEL_CARD.md"
 METRICS = ("auc_poor_rich", "kappa_quadratic", "spearman")
 LANDUSE_COLUMNS = ("ua_class", "pieces", "rich_minus_poor", "rich_score_mean", "rich_score_lo", "rich_score_hi",
                    "poor_score_mean", "poor_score_lo", "poor_score_hi", "meaningful", "caveat", "maps_pass_sanity")
@@ -70,9 +69,7 @@ def city_metrics(folder: Path, city: str) -> str:
     note = iv.get("over_folds", {}).get("note")
     if note:
         text += f"<p>{rp.flag(note)}</p>"
-    for fig in sorted((folder / city / "figures").glob("*.png")):
-        text += rp.image(fig, f"{city}: {fig.stem.replace('_', ' ')}", 560)
-    return text
+    return text + rp.figures(folder / city / "figures", city)
 
 
 def training_part(folder: Path) -> str:
@@ -141,8 +138,7 @@ def prediction_part(folder: Path) -> str:
             body += pd.DataFrame(_agreement_rows(a)).to_html(index=False, escape=True, border=0)
             if a.get("cells_by_scoring"):
                 body += rp.pairs((k, rp.esc(v)) for k, v in a["cells_by_scoring"].items())
-        for fig in sorted((folder / c / "predicted" / "figures").glob("*.png")):
-            body += rp.image(fig, f"{c}: {fig.stem.replace('_', ' ')}", 560)
+        body += rp.figures(folder / c / "predicted" / "figures", c)
     return body
 
 
@@ -163,8 +159,5 @@ PARTS = (("extraction", "Cells and census", extraction_part),
 
 def render(folder: Path) -> str:
     """The page of the SES results folder ``folder`` (``<results>/ses``)."""
-    intro = rp.INTRO
-    if MODEL_CARD.is_file():
-        intro += f'<p>Model card: <a href="{rp.esc(MODEL_CARD.as_uri())}">MODEL_CARD.md</a>.</p>'
-    parts = [(a, t, rp.guarded(build, folder)) for a, t, build in PARTS]
-    return rp.page("urbanlens: socioeconomic status from aerial images", intro, parts, report_map.SCRIPT)
+    return rp.pipeline_page("urbanlens: socioeconomic status from aerial images", Path(folder), PARTS,
+                            report_map.SCRIPT)
