@@ -61,7 +61,6 @@ from .world_plan import (
     DENSITY,
     HOUSEHOLD_SIZE,
     NOISE_SIGMA_CELLS,
-    OUTSIDE,
     POOR_CODES,
     RICH_CODES,
     UA_CLASSES,
@@ -71,7 +70,7 @@ from .world_plan import (
     plan_city,
     withheld_cells,
 )
-from .world_textures import LABELS, TEXTURES, render_pixels
+from .world_textures import LABELS, OUTSIDE, TEXTURES, render_pixels
 
 GENERATOR_VERSION = 1
 

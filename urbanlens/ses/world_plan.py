@@ -14,6 +14,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..core.errors import ConfigError
 from .grid import LAEA, block_ids, inspire_id
+from . import world_structure
 from .world_leakage import income_shift
 
 # Urban Atlas 2018 nomenclature (spelling of the Copernicus product, double space included)
@@ -88,7 +89,6 @@ KNOWN_CITIES = {
 }
 
 
-OUTSIDE = "rural"   # texture of ground outside every city's Urban Atlas
 
 
 @dataclass
@@ -247,8 +247,6 @@ def census_for_city(city: City, noise: float, seed: int, leakage: float = 0.0,
     """The populated 200 m cells of a city: (census rows, per-cell truth); ``leakage`` > 0 shifts log
     income by the planted district field at the cell centres (world_leakage); ``structure`` > 0 moves
     that share of the planted signal from composition to the houses' arrangement (world_structure)."""
-    from . import world_structure  # imports the textures, which import this module
-
     rng = city_rng(seed, city.name, "census")
     x0, y0 = city.origin
     n = int(math.ceil(city.size / CELL_M))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .world_textures import _palette, _shade, _trees, _ground, _blend, hash2
+from .world_textures import pick_palette, shaded, with_trees, ground_texture, blended, hash2
 
 CELL_M = 200.0
 HOUSE_CODES = ("11230", "11240")
@@ -66,12 +66,12 @@ def tex_lots(x, y, code: str, seed: int) -> np.ndarray:
     du = lo + (hi - lo) * hash2(kx, ky + np.where(regular, 2**31, 0), salt + 1)
     dv = lo + (hi - lo) * hash2(kx, ky + np.where(regular, 2**31, 0), salt + 2)
     house = (u > du) & (u < du + size) & (v > dv) & (v < dv + size)
-    roof = _palette(hash2(ix, iy, salt + 3), [(186, 104, 76), (168, 120, 92), (112, 108, 106), (196, 130, 96)])
-    rgb = _trees(x, y, _ground(x, y, (108, 152, 80), 0.3, salt + 4), 0.3, salt + 5, 6.0)
+    roof = pick_palette(hash2(ix, iy, salt + 3), [(186, 104, 76), (168, 120, 92), (112, 108, 106), (196, 130, 96)])
+    rgb = with_trees(x, y, ground_texture(x, y, (108, 152, 80), 0.3, salt + 4), 0.3, salt + 5, 6.0)
     pool = ((hash2(ix, iy, salt + 6) < 0.1) & (np.abs(u - du - size / 2) < 0.1)
             & (v > dv + size + 0.02) & (v < dv + size + 0.02 + MARGIN_M / side * 0.8))
-    rgb = _blend(rgb, (72, 172, 204), pool)
-    return _blend(rgb, _shade(roof, np.where(u < du + size / 2, 0.88, 1.05)), house)
+    rgb = blended(rgb, (72, 172, 204), pool)
+    return blended(rgb, shaded(roof, np.where(u < du + size / 2, 0.88, 1.05)), house)
 
 
 def redraw_houses(rgb: np.ndarray, codes: np.ndarray, x, y, strength: float, seed: int) -> np.ndarray:
