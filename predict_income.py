@@ -30,7 +30,9 @@ cell-id order) and writes ``cells.shard-I-of-N.gpkg``; ``--merge N`` then writes
 """
 import time
 
-from urbanlens.core import entry, files, shards
+import numpy as np
+
+from urbanlens.core import entry, files, gis_style, shards
 from urbanlens.core.config import results_dir
 from urbanlens.core.errors import ConfigError
 from urbanlens.core.stage import open_stage
@@ -81,6 +83,7 @@ def main() -> None:
         table, cut = income_map.scored(cells, cfg, ses_dir, city, models, size, edges, place)
     with files.atomic_path(table_path) as tmp:
         table.to_file(tmp, layer="cells", driver="GPKG", engine="pyogrio")
+        gis_style.style_gpkg(tmp, "cells", "expected_class", breaks=np.arange(prediction.N_CLASSES + 1) - 0.5)
     files.save_run_config(cfg, out, "predict_config.yaml")
     if args.shard:
         print(f"[{tag}] {city}: {len(table)} cells ({cut} cut now) in {time.time() - start:.1f} s -> {table_path}")

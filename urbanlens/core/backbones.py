@@ -160,10 +160,13 @@ def trunk(model: nn.Module) -> nn.Sequential:
 
 def last_conv_layer(model: nn.Module) -> nn.Module:
     """The layer CAMs are taken on: the family's ``cam_layer`` (ResNet ``layer4``, EfficientNet
-    ``features[-1]``), or the model's own ``cam_layer()`` (the SES model: its trunk's last child)."""
+    ``features[-1]``), the model's own ``cam_layer()`` (the SES model: its trunk's last child), or the last
+    block of the ``features`` trunk of a model of one's own."""
     model = unwrap(model)
     if hasattr(model, "cam_layer"):
         return model.cam_layer()
+    if family_of_model(model) is None and isinstance(getattr(model, "features", None), nn.Sequential):
+        return model.features[-1]
     return _get(model, _known(model).cam_layer)
 
 
