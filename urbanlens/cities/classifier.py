@@ -6,12 +6,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..core import runtime
-from ..core.backbone_table import BACKBONES
+from ..core import runtime, schema
+from ..core.backbone_table import BACKBONES, SPEC_FORMS
 from ..core.backbones import build_backbone
 from ..core.errors import CheckpointError
 from ..core.placement import Placement
 from . import training
+
+BACKBONE_FORMS = (*BACKBONES, *SPEC_FORMS)
 
 
 def classifier_from_checkpoint(state: dict, path: str | Path) -> tuple[nn.Module, dict, list[str]]:
@@ -22,10 +24,10 @@ def classifier_from_checkpoint(state: dict, path: str | Path) -> tuple[nn.Module
     with one line naming ``path``.
     """
     trained, classes = state.get("config", {}).get("cities", {}).get("model") or {}, state.get("classes")
-    if not classes or trained.get("backbone") not in BACKBONES or "input_size" not in trained:
+    if not classes or not schema.matches(BACKBONE_FORMS, trained.get("backbone")) or "input_size" not in trained:
         raise CheckpointError(f"{path}: not a city-classifier checkpoint (no classes or cities.model.backbone recorded); "
                  "use the best.pt that train_classification.py writes")
-    model = build_backbone(trained["backbone"], len(classes), pretrained=False)
+    model = build_backbone(trained["backbone"], len(classes), pretrained=False, preprocessing=state.get("preprocessing"))
     runtime.load_weights(model, state["model"], path, f"{trained['backbone']} with {len(classes)} classes")
     return model, trained, list(classes)
 

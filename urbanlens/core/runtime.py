@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import preprocess
 from .config import upgrade
 from .errors import CheckpointError
 from .files import atomic_path, os_problem
@@ -21,9 +22,10 @@ def seed_everything(seed: int) -> None:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg, optimizer=None, epoch: int | None = None,
                     **extra) -> Path:
-    """A ``state_dict`` checkpoint with the config it was trained with (never a pickled model)."""
+    """A ``state_dict`` checkpoint with the config it was trained with and what its weights expect of their
+    input (``preprocessing``: normalisation, band order, input size; never a pickled model)."""
     state = {"model": unwrap(model).state_dict(), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg,
-             "epoch": epoch, **extra}
+             "epoch": epoch, "preprocessing": preprocess.of(unwrap(model)).to_dict(), **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     with atomic_path(path) as tmp:

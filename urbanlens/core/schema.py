@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .backbone_table import BACKBONES  # the families' names: choices of the backbone keys
+from .backbone_table import BACKBONES, SPEC_FORMS  # the families' names and timm:/torchgeo: forms: the backbone keys
 from .errors import ConfigError
 
 # ------------------------------------------------------------------------------------------- choices
@@ -105,7 +105,7 @@ SCHEMA: dict[str, Key] = {
     "cities.patch.size": COUNT, "cities.patch.stride": COUNT, "cities.patch.jpeg_quality": QUALITY, "cities.patch.max_nodata": SHARE,
     "cities.patch.ground_m": Key(float, nullable=True, lo=0, lo_open=True),
     "cities.split.test_b_per_city": NUMBER, "cities.split.val": choice(*VAL_SCHEMES),
-    "cities.model.backbone": choice(*BACKBONES), "cities.model.pretrained": FLAG, "cities.model.weights_path": WEIGHTS,
+    "cities.model.backbone": choice(*BACKBONES, *SPEC_FORMS), "cities.model.pretrained": FLAG, "cities.model.weights_path": WEIGHTS,
     "cities.model.input_size": COUNT,
     "cities.train.epochs": COUNT, "cities.train.batch_size": COUNT, "cities.train.lr": POSITIVE, "cities.train.schedule": choice(*SCHEDULES),
     "cities.train.balanced": FLAG, "cities.train.amp": choice(*AMP_CHOICES), "cities.train.channels_last": FLAG,
@@ -123,7 +123,7 @@ SCHEMA: dict[str, Key] = {
     "ses.aerial_dir": TEXT, "ses.ortho_product": choice(*ORTHO_PRODUCTS), "ses.cell_size_m": COUNT,
     "ses.cell_px": COUNT, "ses.max_nodata": SHARE, "ses.max_cells": NUMBER, "ses.baseline": FLAG,
     "ses.ua_boundary": Key(str, empty=True),
-    "ses.model.backbone": choice(*BACKBONES), "ses.model.pretrained": FLAG, "ses.model.weights_path": WEIGHTS,
+    "ses.model.backbone": choice(*BACKBONES, *SPEC_FORMS), "ses.model.pretrained": FLAG, "ses.model.weights_path": WEIGHTS,
     "ses.model.input_size": COUNT, "ses.model.dropout": PROBABILITY, "ses.model.stochastic_depth": PROBABILITY,
     "ses.model.bn_momentum": SHARE,
     "ses.train.cv": choice(*CV_SCHEMES), "ses.train.block_m": POSITIVE, "ses.train.buffer_m": AMOUNT, "ses.train.bootstrap": choice(*BOOTSTRAP_UNITS),
@@ -138,10 +138,16 @@ SCHEMA: dict[str, Key] = {
 }
 
 
+_FORMS = {"N": r"\d+", "NAME": r"[\w.\-]+", "Enum.MEMBER": r"\w+\.\w+"}  # x:N, timm:NAME, torchgeo:Enum.MEMBER
+
+
 def matches(choices: tuple[str, ...], value: Any) -> bool:
-    """``value`` is one of ``choices`` (``x:N`` matches ``x:0``, ``x:1``, ...)."""
-    return isinstance(value, str) and any(
-        value == c or (c.endswith(":N") and re.fullmatch(re.escape(c[:-1]) + r"\d+", value)) for c in choices)
+    """``value`` is one of ``choices`` (``x:N`` matches ``x:0``, ``x:1``, ...; ``timm:NAME`` any ``timm:<name>``;
+    ``torchgeo:Enum.MEMBER`` any ``torchgeo:<Enum>.<MEMBER>``)."""
+    def fits(c: str) -> bool:
+        head, sep, form = c.partition(":")
+        return bool(sep) and form in _FORMS and re.fullmatch(re.escape(head) + ":" + _FORMS[form], value) is not None
+    return isinstance(value, str) and any(value == c or fits(c) for c in choices)
 
 
 def _type_name(spec: Key) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import backbones, runtime
+from ..core import backbones, preprocess, runtime
 
 N_CLASSES = 5
 
@@ -41,13 +41,14 @@ class SESModel(nn.Module):
     """Convolutional ``features`` -> global average pooling -> dropout -> ``fc`` (one unit) -> binomial.
 
     ``forward`` returns log-probabilities [B, 5] of the income quintiles; ``logit`` the sigmoid input.
-    ``features`` is a backbone family's convolutional trunk; CAMs are taken on its last child.
+    ``features`` is a torchvision family's convolutional trunk (CAMs on its last child), or, ``pooled``, a
+    timm or torchgeo classifier without its final layer that pools by itself (CAMs on its family's layer).
     """
 
-    def __init__(self, features: nn.Module, in_features: int, dropout: float = 0.2):
+    def __init__(self, features: nn.Module, in_features: int, dropout: float = 0.2, pooled: bool = False):
         super().__init__()
         self.features = features
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = nn.Identity() if pooled else nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, 1)
 
@@ -59,20 +60,36 @@ class SESModel(nn.Module):
         return binomial_log_probs(self.logit(x))
 
     def cam_layer(self) -> nn.Module:
-        """The layer CAMs are taken on (``backbones.last_conv_layer``): the trunk's last block."""
-        return self.features[-1]
+        """The layer CAMs are taken on (``backbones.last_conv_layer``): the trunk's last block, or the
+        CAM layer of the pooled classifier's family."""
+        if isinstance(self.features, nn.Sequential):
+            return self.features[-1]
+        return backbones.last_conv_layer(self.features)
+
+    def cam_layout(self) -> str:
+        return "nchw" if isinstance(self.features, nn.Sequential) else backbones.cam_layout(self.features)
+
+    def cam_model(self) -> nn.Module:
+        """The module whose family decides the CAM layer, its layout and canonizer."""
+        return self.features
 
 
-def build_ses_model(cfg) -> SESModel:
-    """The SES model of ``cfg.ses.model``: the convolutional trunk of its backbone family (EfficientNet-B0
-    or a ResNet; ``backbones.trunk``), ImageNet weights when ``pretrained`` (``weights_path``, torch's
-    cache, or downloaded into it)."""
+def build_ses_model(cfg, preprocessing: dict | None = None) -> SESModel:
+    """The SES model of ``cfg.ses.model``: the convolutional trunk of a torchvision family (EfficientNet-B0
+    or a ResNet; ``backbones.trunk``), or a timm or torchgeo classifier without its final layer; pretrained
+    weights when ``pretrained`` (``weights_path``, the library's cache, or downloaded into it), and what
+    those weights expect of their input (``preprocessing``: as a checkpoint records it)."""
     mc = cfg.ses.model
-    family = backbones.family(mc.backbone, "ses.model.backbone")
-    net = backbones.torchvision_model(mc.backbone, **{arg: mc[key] for key, arg in family.options})
-    if mc.pretrained:
-        net.load_state_dict(backbones.imagenet_state_dict(mc.backbone, mc.weights_path, section="ses.model"))
-    model = SESModel(backbones.trunk(net), backbones.head(net).in_features, dropout=mc.dropout)
+    family = backbones.family_of(mc.backbone)
+    options = {arg: mc[key] for key, arg in family.options} if family else {}
+    net, record = backbones.classifier_and_preprocessing(mc.backbone, mc.pretrained, mc.weights_path, "ses.model",
+                                                         preprocessing, **options)
+    width = backbones.head(net).in_features
+    if family is not None:
+        model = SESModel(backbones.trunk(net), width, dropout=mc.dropout)
+    else:
+        model = SESModel(backbones.replace_head(net, 0), width, dropout=mc.dropout, pooled=True)
+    model = preprocess.attach(model, record)
     if mc.bn_momentum > 0:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -89,6 +106,6 @@ def load_ses_model(path, map_location="cpu") -> tuple[SESModel, dict]:
     cfg = load_config(None)  # defaults, so checkpoints from before a key existed still load
     cfg.ses.model.update({k: v for k, v in ckpt["config"].get("ses", {}).get("model", {}).items() if k in cfg.ses.model})
     cfg.ses.model["pretrained"] = False
-    model = runtime.load_weights(build_ses_model(cfg), ckpt["model"], path,
+    model = runtime.load_weights(build_ses_model(cfg, ckpt.get("preprocessing")), ckpt["model"], path,
                                  f"a {cfg.ses.model.backbone} income model")
     return model.to(map_location).eval(), ckpt
