@@ -48,7 +48,7 @@ def main() -> None:
         # 1. the best fold's model and the city's cells and land use
         if not mapping.has_model(city, city_dir, any_trained):  # training skipped the city: left out
             continue
-        model, layer, size, ckpt_path = mapping.best_model(city, city_dir, place)
+        model, layer, size, ckpt_path = mapping.best_model(city, city_dir, place, cfg)
         city_cells = mapping.mapped_cells(cells, city, ses_dir)
         landuse = mapping.land_use(cfg, city)
         files.save_run_config(cfg, city_dir, "cams_config.yaml")

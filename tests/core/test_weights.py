@@ -112,3 +112,55 @@ def test_build_backbone_downloads_real_shaped_weights(served, monkeypatch, tmp_p
     monkeypatch.setattr(backbones, "weights_url", lambda arch: server.url(f"{arch}-{digest}.pth"))
     model = backbones.build_backbone("resnet18", 4, pretrained=True)
     assert torch.equal(model.conv1.weight, net.conv1.weight) and model.fc.out_features == 4
+
+
+def _publish(state: dict, folder, stem: str) -> str:
+    """``state`` saved under ``folder`` as ``<stem>-<sha256 prefix>.pth`` (the name torch's hub checks); its name."""
+    tmp = folder / f"{stem}.tmp"
+    torch.save(state, tmp)
+    name = f"{stem}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.rename(folder / name)
+    return name
+
+
+def test_torchgeo_weights_download_through_torchs_hub_into_its_cache(served, tmp_path):
+    from urbanlens.core import weights_source
+
+    server = served[0]
+    source = weights_source.parse("torchgeo:ResNet18_Weights.SENTINEL2_RGB_MOCO")
+    published = backbones.torchgeo_model(source).state_dict()
+    published.pop("fc.weight"), published.pop("fc.bias")  # as torchgeo ships them: no classifier
+    name = _publish(published, tmp_path / "www", "resnet18_sentinel2_rgb_moco")
+    model = backbones.torchgeo_model(source, pretrained=True, url=server.url(name))
+    assert torch.equal(model.conv1.weight, published["conv1.weight"]) and len(server.requests) == 1
+    assert (served[4] / name).is_file()  # torch's hub cache, as torchgeo itself would leave it
+    backbones.torchgeo_model(source, pretrained=True, url=server.url(name))
+    assert len(server.requests) == 1  # the second time from the cache
+    wrong = name.replace(name[-12:-4], "0" * 8 if name[-12:-4] != "0" * 8 else "1" * 8)
+    (tmp_path / "www" / wrong).write_bytes((tmp_path / "www" / name).read_bytes())
+    with pytest.raises(errors.WeightsUnavailable, match="does not match its hash"):
+        backbones.torchgeo_model(source, pretrained=True, url=server.url(wrong))
+
+
+def test_timm_weights_through_timms_loader_from_a_mirror_and_offline(served, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    server = served[0]
+    published = backbones.timm_model("test_convnext").state_dict()
+    name = _publish(published, tmp_path / "www", "test_convnext")
+    model = backbones.timm_model("test_convnext", pretrained=True, url=server.url(name))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in published.items()) and len(server.requests) == 1
+    model = backbones.build_backbone("timm:test_convnext", 3)
+    assert backbones.head(model).out_features == 3
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    monkeypatch.setenv("URBANLENS_OFFLINE", "1")
+    with pytest.raises(errors.WeightsUnavailable) as e:
+        backbones.timm_model("test_convnext", pretrained=True, section="ses.model")
+    msg = str(e.value)
+    assert "URBANLENS_OFFLINE" in msg and "ses.model.weights_path" in msg and "ses.model.pretrained=false" in msg
+    assert "\n" not in msg and hub.HF_HUB_OFFLINE is False  # the hub's own switch is left as it was
+    local = tmp_path / "mine.pth"
+    torch.save(published, local)
+    model = backbones.timm_model("test_convnext", pretrained=True, weights_path=str(local))  # the way out
+    assert torch.equal(model.stem[0].weight, published["stem.0.weight"])

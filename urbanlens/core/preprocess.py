@@ -80,13 +80,15 @@ def _pre_hook(module: nn.Module, args: tuple):
     return (module.preprocess(args[0]),) + tuple(args[1:])
 
 
-def attach(model: nn.Module, record: Preprocessing) -> nn.Module:
+def attach(model: nn.Module, record: Preprocessing, hook: bool = True) -> nn.Module:
     """``model`` with ``record`` applied to its input on every call (nothing for ImageNet's own), and
-    ``record`` kept as ``model.preprocessing``."""
+    ``record`` kept as ``model.preprocessing``. ``hook=False``: the model applies its ``preprocess`` child
+    itself (the SES model, whose ``logit`` is called directly too)."""
     model.preprocessing = record
     if not record.is_imagenet():
         model.preprocess = Preprocess(record)
-        model.register_forward_pre_hook(_pre_hook)
+        if hook:
+            model.register_forward_pre_hook(_pre_hook)
     return model
 
 

@@ -35,12 +35,14 @@ def has_model(city: str, city_dir: Path, any_trained: bool) -> bool:
     return False
 
 
-def best_model(city: str, city_dir: Path, place):
+def best_model(city: str, city_dir: Path, place, cfg=None):
     """The best cross-validation fold's model (placed), its last convolutional layer, its input size and
     its checkpoint's path; a warning when that size is coarser than the maps need."""
     best = outputs.read_json(city_dir / "metrics.json", "efficientnet_training.py", ["best_fold"])["best_fold"]
     ckpt_path = city_dir / f"fold_{best}" / "best.pt"
     model, ckpt = ses_model.load_ses_model(ckpt_path, map_location=place.device)
+    if cfg is not None:
+        ses_model.check_backbone(ckpt, cfg, ckpt_path)
     model = place.model(model)  # NHWC on CUDA and under CPU bf16
     size = ckpt["config"]["ses"]["model"]["input_size"]
     coarse = schema.cam_map_problem("ses.model.input_size", size, "ses.cell_px")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core import backbones, preprocess, runtime
+from ..core.errors import ConfigError
 
 N_CLASSES = 5
 
@@ -53,6 +54,8 @@ class SESModel(nn.Module):
         self.fc = nn.Linear(in_features, 1)
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "preprocess"):  # what a timm or torchgeo backbone's weights expect (core.preprocess)
+            x = self.preprocess(x)
         z = torch.flatten(self.avgpool(self.features(x)), 1)
         return self.fc(self.dropout(z)).squeeze(1)
 
@@ -89,12 +92,22 @@ def build_ses_model(cfg, preprocessing: dict | None = None) -> SESModel:
         model = SESModel(backbones.trunk(net), width, dropout=mc.dropout)
     else:
         model = SESModel(backbones.replace_head(net, 0), width, dropout=mc.dropout, pooled=True)
-    model = preprocess.attach(model, record)
+    model = preprocess.attach(model, record, hook=False)  # applied by SESModel.logit
     if mc.bn_momentum > 0:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = mc.bn_momentum
     return model
+
+
+def check_backbone(ckpt: dict, cfg, path) -> None:
+    """ConfigError when the model in ``path`` was trained with another ``ses.model.backbone`` than ``cfg``
+    names: maps and predictions of one backbone are never mixed with, or taken for, another's."""
+    trained = (ckpt.get("config", {}).get("ses", {}).get("model", {}) or {}).get("backbone")
+    if trained is not None and trained != cfg.ses.model.backbone:
+        raise ConfigError(path, f"trained with ses.model.backbone={trained}, while this run says "
+                                f"{cfg.ses.model.backbone}", f"set --set ses.model.backbone={trained} to use it, or "
+                                "train with the new backbone first (efficientnet_training.py)")
 
 
 def load_ses_model(path, map_location="cpu") -> tuple[SESModel, dict]:

@@ -27,7 +27,7 @@ from . import extraction, fitting
 from .columns import opening
 from .data import CellDataset
 from .grid import LAEA, cell_boxes, inspire_id, parse_inspire_id
-from .model import N_CLASSES, load_ses_model
+from .model import N_CLASSES, check_backbone, load_ses_model
 
 # What the cell images of a prediction are made from (the scores are made anew by every run).
 RUN_KEYS = ("paths.data", "ses.ua_dir", "ses.aerial_dir", "ses.cell_size_m", "ses.cell_px", "ses.ortho_product",
@@ -118,6 +118,7 @@ def load_fold_models(paths: Sequence, cfg, device) -> tuple[list, list[dict]]:
     models, ckpts = [], []
     for path in paths:
         model, ckpt = load_ses_model(path, map_location=device)
+        check_backbone(ckpt, cfg, path)
         changed = image_mismatch(ckpt["config"], cfg)
         if changed:
             raise ConfigError(path, "trained on other images than these (" + "; ".join(changed) + ")",
