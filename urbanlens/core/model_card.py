@@ -62,6 +62,19 @@ def _stamp_section(stamp_name: str, stamp_text: str | None) -> list[str]:
             *_settings_lines(stamp.get("settings", {})), ""]
 
 
+def _weights_lines(model: Mapping[str, Any]) -> list[str]:
+    """Where the weights came from and under what licence (``docs/backbones.md``)."""
+    from .weights_source import licence
+
+    spec = str(model.get("backbone"))
+    if not (model.get("pretrained") or model.get("weights_path")):
+        return ["## Weights", "", f"- backbone `{spec}`, trained from scratch (random initial weights)", ""]
+    return ["## Weights", "", f"- backbone `{spec}`, started from its pretrained weights"
+            + (f" (file `{model.get('weights_path')}`)" if model.get("weights_path") else ""),
+            f"- licence of those weights: {licence(spec)}; yours inherit its terms",
+            "- their normalisation, band order and input size are recorded in each checkpoint (`preprocessing`)", ""]
+
+
 def _data_lines(cfg: Mapping[str, Any], synthetic: bool) -> list[str]:
     return [f"- data: `{cfg.get('paths', {}).get('data')}`"
             + (" (a synthetic world built by this project, not real imagery)" if synthetic else ""),
@@ -121,7 +134,7 @@ def cities_card(cfg: Mapping[str, Any], stamp_name: str, stamp_text: str | None,
              f"{'pretrained weights' if model.get('pretrained') or model.get('weights_path') else 'trained from scratch'}) "
              "telling apart the cities it was trained on. Weights: `checkpoints/best.pt` (the epoch of highest "
              "validation accuracy).", "",
-             "## Trained on", "", *_data_lines(cfg, synthetic),
+             *_weights_lines(model), "## Trained on", "", *_data_lines(cfg, synthetic),
              f"- validation scheme (`cities.split.val`): `{split.get('val')}`; test split (`cities.test.split`): `{test.get('split')}`"]
     if log:
         best = max(log, key=lambda r: (r.get("val_acc", -1), r.get("epoch", 0)))
@@ -191,7 +204,7 @@ def ses_card(cfg: Mapping[str, Any], stamp_name: str, stamp_text: str | None, me
              f"{model.get('input_size')} px input) scoring the 200 m census cells of {city} into 5 income classes "
              "(the city's training quintiles, class 0 the poorest) from orthophotos"
              + (f"; class limits (income): {', '.join(_num(float(e)) for e in edges)}" if edges else "") + ".", "",
-             "## Trained on", "", *_data_lines(cfg, synthetic),
+             *_weights_lines(model), "## Trained on", "", *_data_lines(cfg, synthetic),
              f"- {metrics.get('n_cells')} cells of {city}; cross-validation `{cv}` with {metrics.get('folds')} folds"
              + (f", blocks of {tc.get('block_m')} m, buffer {tc.get('buffer_m')} m" if cv == "spatial" else ""),
              f"- best fold: {metrics.get('best_fold')}", "",

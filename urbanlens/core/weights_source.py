@@ -156,14 +156,22 @@ def timm_preprocessing(model, fixed_size: int | None) -> Preprocessing:
                          size=fixed_size, weights_size=_side(size[-2:]) if size else None)
 
 
-def licence(model, source: Source) -> str:
-    """The licence its weights are published under, as far as the source says (timm's ``pretrained_cfg``)."""
-    if source.kind == "torchvision":
-        return "BSD-3-Clause (torchvision; ImageNet terms apply to the data)"
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    if source.kind == "timm":
-        return str(cfg.get("license") or "not stated by timm: see the model's page")
-    return f"see {source.weight.meta.get('repo') or 'the weights’ publication'} (torchgeo does not state it)"
+def licence(spec: str) -> str:
+    """The licence the weights of backbone key ``spec`` are published under, as far as their source says
+    (timm's ``pretrained_cfg``; torchgeo states none, so its repository is named). Nothing is downloaded."""
+    if spec in BACKBONES:
+        return "torchvision's ImageNet weights: BSD-3-Clause code, ImageNet's terms of access for the data"
+    kind, _, name = spec.partition(":")
+    try:
+        if kind == "timm":
+            from timm.models import get_pretrained_cfg
+
+            cfg = get_pretrained_cfg(name)
+            return f"{getattr(cfg, 'license', None) or 'not stated by timm'} (timm tag {getattr(cfg, 'hf_hub_id', None) or name})"
+        member = torchgeo_weight(name)
+        return f"not stated by torchgeo: see {member.meta.get('repo') or 'the weight publication'}"
+    except (ImportError, ConfigError):
+        return "unknown (the library that names it does not import here)"
 
 
 def _triple(v) -> tuple[float, float, float]:
