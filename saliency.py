@@ -23,7 +23,7 @@ from urbanlens.cities.figures import saliency_figure
 from urbanlens.cities.saliency import sample_patches, sanity_check
 from urbanlens.core import entry, sanity, schema
 from urbanlens.core.backbones import last_conv_layer
-from urbanlens.core.cam import class_activation_maps
+from urbanlens.core.cam import check_method, class_activation_maps, feature_grid
 from urbanlens.core.config import data_dir
 from urbanlens.core.errors import DataError
 from urbanlens.core.files import save_figure, save_run_config, write_csv
@@ -40,8 +40,10 @@ def main() -> None:
     model, trained, classes, _, _ = classifier.trained_classifier(cfg, out.parent, stage.place)
     model = model.eval()
     layer = last_conv_layer(model)
+    check_method(model, cfg.cities.saliency.method)  # e.g. Relevance-CAM where no canonizer fits: now, not later
     preprocess = data.transforms(trained["input_size"], train=False)
-    coarse = schema.cam_map_problem("cities.model.input_size", trained["input_size"], "cities.patch.size")
+    coarse = schema.cam_map_problem("cities.model.input_size", trained["input_size"], "cities.patch.size",
+                                    feature_grid(model, layer, trained["input_size"]))
     if coarse:  # the model is trained: say so, and explain what it can
         print(f"[saliency] warning: {coarse} (and retrain)", file=sys.stderr)
 

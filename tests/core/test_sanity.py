@@ -153,3 +153,30 @@ def test_cities_sanity_check_gives_one_value_per_patch():
     assert (np.abs(rho[np.isfinite(rho)]) <= 1).all() and (np.abs(dg) <= 1).all()  # NaN: a constant trained map
     again = sanity_check(model, model.layer4, batches, "gradcam", seed=0)
     np.testing.assert_array_equal(rho, again[0])  # seeded: the same random model and orders
+
+
+def test_randomised_timm_vit_keeps_its_preprocessing_and_is_checked():
+    """A timm ViT: its weight matrices, class token and position embedding are re-drawn, what its weights
+    expect of the input (the ``preprocess`` child and its pre-hook) is kept, and the cities' check runs on
+    its token maps."""
+    from urbanlens.cities.saliency import sanity_check
+    from urbanlens.core import backbones
+
+    torch.manual_seed(0)
+    model = backbones.build_backbone("timm:test_vit", 3, preprocessing={"mean": [0.5] * 3, "std": [0.25] * 3}).eval()
+    rand = sanity.randomised(model, seed=2)
+    ours, theirs = dict(model.named_parameters()), dict(rand.named_parameters())
+    redrawn = [k for k, p in ours.items() if p.dim() > 1]
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight"} <= set(redrawn)
+    assert all(not torch.equal(ours[k], theirs[k]) for k in redrawn)
+    for name, buffer in model.preprocess.named_buffers():
+        assert torch.equal(buffer, getattr(rand.preprocess, name))
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # its pre-hook still normalises the input as the weights expect
+        torch.testing.assert_close(rand(x), rand.forward_head(rand.forward_features(rand.preprocess(x))))
+        assert not torch.allclose(rand(x), rand.forward_head(rand.forward_features(x)))
+    assert any(m is backbones.last_conv_layer(rand) for m in rand.modules())
+    rho, dg, ig = sanity_check(model, backbones.last_conv_layer(model), [(x, [0, 1, 2])], "gradcampp", seed=0)
+    assert rho.shape == dg.shape == ig.shape == (3,) and np.isfinite([dg, ig]).all()
+    assert np.isfinite(rho).any() and (np.abs(rho[np.isfinite(rho)]) <= 1).all()

@@ -331,6 +331,28 @@ def prefix_tokens(model: nn.Module) -> int:
     return int(getattr(inner, "num_prefix_tokens", 0))
 
 
+def patch_grid(model: nn.Module) -> tuple[int, int] | None:
+    """The (rows, columns) of a vision transformer's patch grid at the input size it was built for
+    (``patch_embed.grid_size``); None for other models and for a patch embedding that records none."""
+    model = unwrap(model)
+    inner = model.cam_model() if hasattr(model, "cam_model") else model
+    grid = getattr(getattr(inner, "patch_embed", None), "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def family_name(model: nn.Module) -> str:
+    """How messages name the family of ``model`` (the SES model: of its trunk): its table key
+    (``resnet``, ``timm_vit``, ``torchvision_swin``), ``timm <Class>`` for a timm model of no entry, or
+    ``<Class> (no backbone family)``."""
+    inner = unwrap(model)
+    inner = inner.cam_model() if hasattr(inner, "cam_model") else inner
+    found = family_of_model(inner)
+    if found is TIMM_ANY:
+        return f"timm {type(inner).__name__}"
+    names = {id(f): k for k, f in (*FAMILIES.items(), *BUILT_FAMILIES.items())}
+    return names[id(found)] if found is not None else f"{type(inner).__name__} (no backbone family)"
+
+
 def canonizer(model: nn.Module):
     """A new zennit canonizer for Relevance-CAM on ``model``: its family's (ResNet: residual sums made
     explicit and batch norms merged), batch-norm merging only for models of no family; None for a family

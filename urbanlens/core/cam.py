@@ -2,7 +2,10 @@
 
 One hook helper (``LayerHooks``) captures a layer's activations and the gradient arriving at them; each
 CAM method is then a small function of ``(activations, gradients)`` returning low-resolution maps
-``[B, h, w]``. ``class_activation_maps`` runs a batch end to end (upsampled to the input size and
+``[B, h, w]``. Every family's CAM layer is read as feature maps [B, C, h, w] (``as_feature_maps``: vision
+transformers' patch tokens on their grid, Swin's channels-last maps permuted), so each method works on all
+of them; Relevance-CAM only where a zennit canonizer fits (``check_method`` refuses it elsewhere).
+``class_activation_maps`` runs a batch end to end (upsampled to the input size and
 min-max normalised per image); ``guided_gradcam`` is the product map of the SES study.
 
 Targets are class indices on the model *output*: logits for the city classifier, log-probabilities for
@@ -30,6 +33,34 @@ from .placement import Amp, autocast, unwrap
 from .schema import CAM_METHODS as METHODS
 
 
+def square_grid(n: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (rows, columns) of ``n`` patch tokens: ``grid`` (the patch embedding's own) when it holds ``n``
+    tokens, else the square of side sqrt(n) (a model fed another size than it was built for)."""
+    if grid is not None and grid[0] * grid[1] == n:
+        return int(grid[0]), int(grid[1])
+    side = round(n ** 0.5)
+    if side * side != n:
+        raise ValueError(f"{n} patch tokens fill no square grid and the patch embedding's grid {grid} holds "
+                         f"{'no' if grid is None else grid[0] * grid[1]} of them; give the model square images")
+    return side, side
+
+
+def as_feature_maps(t: torch.Tensor, layout: str = "nchw", prefix: int = 0,
+                    grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """A CAM layer's output (or the gradient arriving at it) as feature maps [B, C, h, w]: ``nchw`` as it
+    is; ``nhwc`` (Swin) permuted; ``tokens`` [B, N, C] (vision transformers) without its ``prefix`` leading
+    tokens (class, register tokens), the rest laid out row by row on the patch grid (``square_grid``)."""
+    if layout == "nchw":
+        return t
+    if layout == "nhwc":
+        return t.permute(0, 3, 1, 2)
+    if layout == "tokens":
+        patches = t[:, prefix:]
+        h, w = square_grid(patches.shape[1], grid)
+        return patches.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+    raise ValueError(f"unknown CAM layer layout '{layout}' (nchw, nhwc or tokens)")
+
+
 class LayerHooks:
     """Capture the output of ``layer`` during a forward pass and the gradient that later arrives at it.
 
@@ -39,24 +70,32 @@ class LayerHooks:
     >>> hooks.activations, hooks.gradients     # detached, [B, C, h, w]
 
     ``output`` is the live tensor (part of the graph) to differentiate with respect to. If the layer runs
-    more than once in a forward pass, the last call is kept.
+    more than once in a forward pass, the last call is kept. ``activations`` and ``gradients`` are feature
+    maps whatever the model's family puts out (``as_feature_maps`` with ``backbones.cam_layout(model)``):
+    a vision transformer's patch tokens on their grid, Swin's channels-last maps permuted.
     """
 
     def __init__(self, model: nn.Module, layer: nn.Module):
         self.model, self.layer = model, layer
+        self.layout = backbones.cam_layout(model)
+        self.prefix = backbones.prefix_tokens(model) if self.layout == "tokens" else 0
+        self.grid = backbones.patch_grid(model) if self.layout == "tokens" else None
         self.output: torch.Tensor | None = None
         self.activations: torch.Tensor | None = None
         self.gradients: torch.Tensor | None = None
         self._handle = None
 
+    def _maps(self, t: torch.Tensor) -> torch.Tensor:
+        return as_feature_maps(t, self.layout, self.prefix, self.grid)
+
     def _forward(self, module, inputs, output):
         self.output = output
-        self.activations = output.detach()
+        self.activations = self._maps(output.detach())
         if output.requires_grad:
             output.register_hook(self._backward)
 
     def _backward(self, grad: torch.Tensor) -> None:
-        self.gradients = grad.detach()
+        self.gradients = self._maps(grad.detach())
 
     def __enter__(self) -> "LayerHooks":
         self._handle = self.layer.register_forward_hook(self._forward)
@@ -67,6 +106,23 @@ class LayerHooks:
         self._handle = None
         self.output = None  # drop the graph
         return False
+
+
+def feature_grid(model: nn.Module, layer: nn.Module, size: int) -> tuple[int, int]:
+    """The (rows, columns) of ``layer``'s feature maps for square inputs of side ``size``: one forward pass
+    of a blank image, without gradients (a vision transformer resizing its input to its own size gives its
+    patch grid whatever ``size``). The model's train/eval flag is left as it was."""
+    model = unwrap(model)
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), LayerHooks(model, layer) as hooks:
+            model(x)
+    finally:
+        model.train(was_training)
+    return tuple(hooks.activations.shape[-2:])
 
 
 @contextlib.contextmanager
@@ -149,8 +205,29 @@ def lrp_composite(model: nn.Module):
     """The LRP rules of Relevance-CAM (Lee et al. 2021): z+ (alpha=1, beta=0) for convolutions, epsilon for
     the final linear layer, proportional (Norm) rule for average pooling and residual sums, activations
     passed through. Batch norms are merged into the preceding convolutions and ResNet's residual additions
-    made explicit by the canonizer of the model's backbone family (``backbones.canonizer``)."""
+    made explicit by the canonizer of the model's backbone family (``backbones.canonizer``). ConfigError
+    (``check_method``) for a family no canonizer fits."""
+    check_method(model, "relevancecam")
     return EpsilonPlus(canonizers=[backbones.canonizer(model)])
+
+
+def working_methods(model: nn.Module) -> tuple[str, ...]:
+    """The methods of ``METHODS`` that work on ``model``: all of them, less Relevance-CAM where no zennit
+    canonizer fits its family (vision transformers, Swin, ConvNeXt, timm's and torchgeo's models)."""
+    return tuple(m for m in METHODS if m != "relevancecam" or backbones.canonizer(model) is not None)
+
+
+def check_method(model: nn.Module, method: str, key: str = "cities.saliency.method") -> None:
+    """ConfigError naming ``key``, when ``method`` is unknown or does not work on ``model``'s family
+    (Relevance-CAM without a canonizer), with the methods that do: for a stage to call before its first map."""
+    works = working_methods(model)
+    if method in works:
+        return
+    if method not in METHODS:
+        raise ConfigError(key, f"unknown CAM method '{method}'", f"choose one of {', '.join(works)}")
+    raise ConfigError(key, f"'{method}' needs a zennit canonizer for the model's LRP rules and none fits the "
+                           f"{backbones.family_name(model)} family",
+                      f"choose one of {', '.join(works)} (--set {key}={works[0]})")
 
 
 def relevancecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, composite=None) -> torch.Tensor:
@@ -158,7 +235,8 @@ def relevancecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets, c
     ``lrp_composite`` unless another zennit composite is given); the initial relevance is the target
     output itself (one-hot times the score), so the relevance's sign does not depend on the score's.
     Channel weights are the spatial sums of the relevance at the layer; map = ReLU(sum_c w_c A_c).
-    Designed for torchvision ResNets (``layer4``); other models get batch-norm merging only."""
+    Designed for torchvision ResNets (``layer4``); models of no family get batch-norm merging only, and
+    families no canonizer fits are refused (``check_method``)."""
     model = unwrap(model)
     composite = composite if composite is not None else lrp_composite(model)
     with _explaining(model), composite.context(model) as lrp_model, LayerHooks(lrp_model, layer) as hooks:

@@ -268,15 +268,18 @@ def check_pairs(cfg: dict, source: str = "config") -> None:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
-CAM_STRIDE = 32  # every backbone of backbones.py: input pixels per cell of the CAM layer's feature map
+CAM_STRIDE = 32  # the convolutional families and Swin: input pixels per cell of the CAM layer's feature map
 
 
-def cam_map_problem(input_key: str, input_size: int, patch_key: str | None = None) -> str | None:
+def cam_map_problem(input_key: str, input_size: int, patch_key: str | None = None,
+                    grid: tuple[int, int] | None = None) -> str | None:
     """A line naming the keys when ``input_size`` gives the CAM layer a feature map under 2 x 2 (a map
-    of one value per image locates nothing), else None."""
-    cells = input_size // CAM_STRIDE
-    if cells >= 2:
+    of one value per image locates nothing), else None. ``grid``: the (rows, columns) the model's CAM
+    layer has at that size (``cam.feature_grid``; a vision transformer's patch grid does not shrink with
+    its input), else those of ``CAM_STRIDE``."""
+    rows, cols = grid if grid is not None else (input_size // CAM_STRIDE,) * 2
+    if min(rows, cols) >= 2:
         return None
     also = f" (images are resized from '{patch_key}' to it)" if patch_key else ""
-    return (f"'{input_key}' is {input_size}{also}: the CAM layer's feature map is {cells} x {cells}, so a map "
+    return (f"'{input_key}' is {input_size}{also}: the CAM layer's feature map is {rows} x {cols}, so a map "
             f"cannot say where in the image; set '{input_key}' to at least {2 * CAM_STRIDE}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import backbones, files, outputs, sanity, schema, shards
+from ..core import backbones, cam, files, outputs, sanity, schema, shards
 from ..core.config import data_dir
 from ..core.errors import DataError
 from . import data, findings, map_sanity, skips, urban_atlas, zonal
@@ -45,10 +45,11 @@ def best_model(city: str, city_dir: Path, place, cfg=None):
         ses_model.check_backbone(ckpt, cfg, ckpt_path)
     model = place.model(model)  # NHWC on CUDA and under CPU bf16
     size = ckpt["config"]["ses"]["model"]["input_size"]
-    coarse = schema.cam_map_problem("ses.model.input_size", size, "ses.cell_px")
+    layer = backbones.last_conv_layer(model)
+    coarse = schema.cam_map_problem("ses.model.input_size", size, "ses.cell_px", cam.feature_grid(model, layer, size))
     if coarse:
         print(f"[cams] warning: {city}: {coarse} (and retrain)", file=sys.stderr)
-    return model, backbones.last_conv_layer(model), size, ckpt_path
+    return model, layer, size, ckpt_path
 
 
 def mapped_cells(cells, city: str, ses_dir: Path):
