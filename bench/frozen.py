@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--epochs-ses", type=int, default=200, help="the run's epochs at most (configs/ses.yaml: "
                         "200 with early stopping; the fewer it runs, the more the embedding weighs)")
     parser.add_argument("--only", default="cities,ses")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # run.sh bench passes every benchmark the same flags
     header("frozen", args)
     results = []
     for key in args.only.split(","):
