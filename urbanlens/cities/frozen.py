@@ -1,6 +1,6 @@
 """The city classifier with a frozen backbone (``cities.train.freeze=backbone``): the train and validation
 patches are embedded once (cached in <results>/cities/embeddings/ with a run stamp, reused while the
-backbone, its weights, the input size and the patches are the same), then ``training.run_epochs`` trains
+backbone, its weights, the input size, the precision and the patches are the same), then ``training.run_epochs`` trains
 the final linear layer alone on them, with the run's optimiser, schedule, sampler and epoch choice, and
 writes best.pt / last.pt of the whole model as fine-tuning does."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ from ..core.placement import Placement
 from . import data, training
 
 CACHE = Path("embeddings") / "embeddings.pt"  # under <results>/cities
-KEYS = ("paths.data", "cities.patch", "cities.split", "cities.model")  # what decides the embeddings
+# what decides the embeddings (with the patches' fingerprint, the backbone's weights and their preprocessing)
+KEYS = ("paths.data", "cities.patch", "cities.split", "cities.model", "cities.train.amp")
 
 
 def unaugmented(dataset, cfg):

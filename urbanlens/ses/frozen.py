@@ -16,7 +16,8 @@ from ..core.placement import Placement
 from . import fitting, results
 from .model import binomial_log_probs
 
-KEYS = ("ses.cell_px", "ses.max_nodata", "ses.model")  # what decides the embeddings (with the cells)
+# what decides the embeddings (with the cells' fingerprint, the backbone's weights and their preprocessing)
+KEYS = ("ses.cell_px", "ses.max_nodata", "ses.model", "ses.train.amp")
 
 
 def cache_path(ses_dir: str | Path, name: str) -> Path:
