@@ -244,10 +244,7 @@ def test_torchrun_ses_model_loads_evaluates_and_maps(world):
     if ddp.returncode != 0 and "efficientnet_training" not in ddp.stderr + ddp.stdout:
         pytest.skip(f"torchrun could not start here: {ddp.stderr[-300:]}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    from urbanlens.core import runtime
-    from urbanlens.core.config import load_config
     from urbanlens.ses import data as ses_data
-    from urbanlens.ses import folds as ses_folds
     from urbanlens.ses import model as ses_model
 
     for city in CITIES:
@@ -267,11 +264,26 @@ def test_torchrun_ses_model_loads_evaluates_and_maps(world):
         with torch.no_grad():
             p = model.eval()(x).exp().numpy()
         np.testing.assert_allclose(p, held[[f"p_{k}" for k in range(5)]].to_numpy(), rtol=1e-4, atol=1e-6)
-        # ses.train.freeze=backbone: the backbone is the one the fold was built with, only the sigmoid unit learned
-        cfg = load_config(ROOT / "configs" / "ses_demo.yaml", [*TINY, *FROZEN])
-        runtime.seed_everything(ses_folds.fold_seed(cfg.seed, city, best))  # as the trainer seeds each fold
-        for k, v in ses_model.build_ses_model(cfg).state_dict().items():
-            assert torch.equal(v, ckpt["model"][k]) != k.startswith("fc."), k
-        assert (root / "A" / "ses" / "embeddings" / f"{city}.pt").is_file()
         # the activation-map stage ran on this model: one GeoTIFF per cell
         assert len(list((city_dir / "cams").glob("*.tif"))) == len(preds)
+
+
+def test_frozen_folds_keep_the_backbone_they_were_built_with(world):
+    """ses.train.freeze=backbone (the model of results A, under torchrun or, where it cannot start, in one
+    process): every fold checkpoint holds the backbone its fold was built with, tensor for tensor, and a
+    sigmoid unit that learned; the cities' embeddings are cached."""
+    from urbanlens.core import runtime
+    from urbanlens.core.config import load_config
+    from urbanlens.ses import folds as ses_folds
+    from urbanlens.ses import model as ses_model
+
+    root, _, _ = world
+    cfg = load_config(ROOT / "configs" / "ses_demo.yaml", [*TINY, *FROZEN])
+    for city in CITIES:
+        assert (root / "A" / "ses" / "embeddings" / f"{city}.pt").is_file()
+        for k in range(cfg.ses.train.folds):
+            trained = torch.load(root / "A" / "ses" / city / f"fold_{k}" / "best.pt", map_location="cpu",
+                                 weights_only=False)["model"]
+            runtime.seed_everything(ses_folds.fold_seed(cfg.seed, city, k))  # as the trainer seeds each fold
+            for name, initial in ses_model.build_ses_model(cfg).state_dict().items():
+                assert torch.equal(initial, trained[name]) != name.startswith("fc."), (city, k, name)
