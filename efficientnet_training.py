@@ -15,6 +15,9 @@ MODEL_CARD.md beside them says what the models were trained on, those numbers an
 Each city's split is saved as folds.csv. Every epoch saves the fold's training state to fold_<k>/last.pt
 (removed when the fold is done): a re-run of the same command skips finished folds and continues an
 interrupted one from its last epoch, ending where an uninterrupted run ends.
+With ses.train.freeze=backbone only the sigmoid unit (after dropout) learns, on the cells' pooled features
+computed once and cached in <results>/ses/embeddings/ (urbanlens/ses/frozen.py); the folds are trained,
+scored and saved as above.
 
     python efficientnet_training.py --config configs/ses_demo.yaml [--set ses.train.epochs=5]
     torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs;

@@ -11,9 +11,10 @@ Patches changed since last.pt was trained (re-cut, other image or patch settings
 with --resume: overwrite=true trains anew on them.
 Re-running the same command continues from last.pt (an interrupted run loses at most the epoch it was
 in; a finished one is left as it is); --resume also continues one trained with other settings (e.g. more
-cities.train.epochs); overwrite=true starts over. Under torchrun, DistributedDataParallel (cities.train.batch_size is
-global). At the end, <results>/cities/MODEL_CARD.md says what the model was trained on (test_classification.py
-adds its metrics).
+cities.train.epochs); overwrite=true starts over. With cities.train.freeze=backbone the backbone stays as built
+and only the final layer learns, on embeddings computed once and cached in <results>/cities/embeddings/. Under
+torchrun, DistributedDataParallel (cities.train.batch_size is global). At the end,
+<results>/cities/MODEL_CARD.md says what the model was trained on (test_classification.py adds its metrics).
 """
 import os
 
@@ -22,7 +23,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from urbanlens.cities import patches, report_html, training, validation
-from urbanlens.core import entry
+from urbanlens.cities import frozen as cities_frozen
+from urbanlens.core import entry, frozen
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import data_dir
 from urbanlens.core.stage import open_stage
@@ -53,6 +55,9 @@ def main() -> None:
     if place.main:
         print(f"[train] {len(train_set)} train / {len(val_set)} val patches (cities.split.val={cfg.cities.split.val}), "
               f"{len(classes)} cities, {cfg.cities.model.backbone} on {place.describe()}, {len(train_loader)} steps per epoch")
+    if frozen.frozen(cfg.cities.train.freeze) and done < cfg.cities.train.epochs:  # the final layer alone, on cached embeddings
+        model, train_loader, val_loader, place = cities_frozen.head_training(cfg, model, train_set, val_set, sampler,
+                                                                            stage.out, place)
     training.run_epochs(cfg, model, opt, sampler, train_loader, val_loader, classes, stage.out, done, best_acc, place)
 
 

@@ -1,5 +1,6 @@
 """Sharded data stages: n independent jobs plus a merge give exactly the files of one unsharded run; the
-SES trainer under torchrun (2 CPU processes, gloo) gives a model that loads, evaluates and maps."""
+SES trainer under torchrun (2 CPU processes, gloo, ses.train.freeze=backbone) gives a model that loads,
+evaluates and maps."""
 import argparse
 import filecmp
 import json
@@ -25,6 +26,7 @@ CITIES = ("Paris", "Lyon")
 TINY = ["ses.cams.sanity_cells=0", "ses.world.city_size_m=1200", "ses.world.withhold=0", "ses.model.input_size=32", "ses.train.epochs=1", "ses.train.precise_bn=false",
         "ses.cams.batch_size=8", "ses.cams.panels=1", "workers=0", "device=cpu", "ses.train.cv=stratified"]
 EXTRACT_SHARDS, CAM_SHARDS = 3, 2
+FROZEN = ["ses.train.freeze=backbone"]  # the torchrun model: its sigmoid unit alone, on embeddings gathered over the ranks
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -150,9 +152,9 @@ def world(tmp_path_factory):
                     for i in range(1, EXTRACT_SHARDS + 1)], root)
     merged = run(["generate_fr_ua_aerial_data.py", "--merge", str(EXTRACT_SHARDS)], root, "B")
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    ddp = run(["efficientnet_training.py"], root, "A", launcher=launcher, check=False)
+    ddp = run(["efficientnet_training.py"], root, "A", FROZEN, launcher=launcher, check=False)
     if ddp.returncode != 0:  # torchrun could not start here: one process, so the sharding tests still run
-        run(["efficientnet_training.py"], root, "A")
+        run(["efficientnet_training.py"], root, "A", FROZEN)
     for city in CITIES:  # B maps with A's model
         shutil.copytree(root / "A" / "ses" / city, root / "B" / "ses" / city)
     run_together([(["gradcaming_urban_areas.py"], "A")]
@@ -264,3 +266,24 @@ def test_torchrun_ses_model_loads_evaluates_and_maps(world):
         np.testing.assert_allclose(p, held[[f"p_{k}" for k in range(5)]].to_numpy(), rtol=1e-4, atol=1e-6)
         # the activation-map stage ran on this model: one GeoTIFF per cell
         assert len(list((city_dir / "cams").glob("*.tif"))) == len(preds)
+
+
+def test_frozen_folds_keep_the_backbone_they_were_built_with(world):
+    """ses.train.freeze=backbone (the model of results A, under torchrun or, where it cannot start, in one
+    process): every fold checkpoint holds the backbone its fold was built with, tensor for tensor, and a
+    sigmoid unit that learned; the cities' embeddings are cached."""
+    from urbanlens.core import runtime
+    from urbanlens.core.config import load_config
+    from urbanlens.ses import folds as ses_folds
+    from urbanlens.ses import model as ses_model
+
+    root, _, _ = world
+    cfg = load_config(ROOT / "configs" / "ses_demo.yaml", [*TINY, *FROZEN])
+    for city in CITIES:
+        assert (root / "A" / "ses" / "embeddings" / f"{city}.pt").is_file()
+        for k in range(cfg.ses.train.folds):
+            trained = torch.load(root / "A" / "ses" / city / f"fold_{k}" / "best.pt", map_location="cpu",
+                                 weights_only=False)["model"]
+            runtime.seed_everything(ses_folds.fold_seed(cfg.seed, city, k))  # as the trainer seeds each fold
+            for name, initial in ses_model.build_ses_model(cfg).state_dict().items():
+                assert torch.equal(initial, trained[name]) != name.startswith("fc."), (city, k, name)

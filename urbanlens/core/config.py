@@ -78,6 +78,8 @@ ADDED = {
     "ses.world.withhold_block_m": 1000.0,
     "ses.world.structure": 0.0,
     "ses.world.house_share": 0.0,  # the plan as drawn
+    "cities.train.freeze": "none",  # every layer fine-tuned
+    "ses.train.freeze": "none",
 }
 
 

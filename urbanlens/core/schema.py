@@ -20,6 +20,7 @@ from .errors import ConfigError
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # mixed precision: cities.train.amp, ses.train.amp, ses.cams.amp
 AMP_KEYS = ("cities.train.amp", "ses.train.amp", "ses.cams.amp")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # cuda:N: the GPU of index N, e.g. cuda:1
+FREEZE_CHOICES = ("none", "backbone")  # cities.train.freeze, ses.train.freeze: fine-tune, or a head on frozen embeddings
 SCHEDULES = ("constant", "cosine", "warmup_cosine")  # cities.train.schedule (cities/training.py)
 CAM_METHODS = ("gradcam", "gradcampp", "relevancecam")  # cities.saliency.method (core/cam.py)
 SPLITS = ("train", "val", "test", "test_b")  # the split folders preprocessing.py writes
@@ -109,7 +110,7 @@ SCHEMA: dict[str, Key] = {
     "cities.model.input_size": COUNT,
     "cities.train.epochs": COUNT, "cities.train.batch_size": COUNT, "cities.train.lr": POSITIVE, "cities.train.schedule": choice(*SCHEDULES),
     "cities.train.balanced": FLAG, "cities.train.amp": choice(*AMP_CHOICES), "cities.train.channels_last": FLAG,
-    "cities.train.max_steps_per_epoch": NUMBER,
+    "cities.train.max_steps_per_epoch": NUMBER, "cities.train.freeze": choice(*FREEZE_CHOICES),
     "cities.test.split": choice(*SPLITS), "cities.test.batch_size": COUNT, "cities.test.bootstrap": COUNT, "cities.test.stability_top_k": NUMBER,
     "cities.test.baseline": FLAG, "cities.test.baseline_max_train": COUNT, "cities.test.permutations": COUNT,
     "cities.newplace.held_out": COUNT, "cities.newplace.bootstrap": COUNT, "cities.newplace.panel_patches": COUNT,
@@ -131,7 +132,7 @@ SCHEMA: dict[str, Key] = {
     "ses.train.batch_size": COUNT, "ses.train.lr": POSITIVE, "ses.train.plateau_factor": OPEN_SHARE,
     "ses.train.plateau_patience": NUMBER, "ses.train.early_stop_patience": COUNT, "ses.train.restarts": NUMBER, "ses.train.checkpoint_every": COUNT,
     "ses.train.amp": choice(*AMP_CHOICES), "ses.train.cache_mb": NUMBER, "ses.train.precise_bn": FLAG,
-    "ses.train.rot90": FLAG,
+    "ses.train.rot90": FLAG, "ses.train.freeze": choice(*FREEZE_CHOICES),
     "ses.predict.batch_size": COUNT,
     "ses.cams.batch_size": COUNT, "ses.cams.clip_percentile": Key(float, lo=0, hi=100, lo_open=True), "ses.cams.poor_class": CLASS,
     "ses.cams.rich_class": CLASS, "ses.cams.panels": NUMBER, "ses.cams.amp": choice(*AMP_CHOICES), "ses.cams.sanity_cells": NUMBER,

@@ -161,8 +161,9 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
             train_loader = cell_loader(train_set, batch, device, True, seed + epoch_total, workers, distributed)
             if distributed:
                 train_loader.sampler.set_epoch(epoch_total)
+            augment = None if getattr(train_set, "embedded", False) else flips  # embeddings (core.frozen): none
             tr = loops.train_epoch(net, train_loader, loops.Optimiser(opt, None, scaler, "ses.train.lr"), F.nll_loss,
-                                   place, augment=flips, min_batch=2, desc=None, epoch=epoch_total + 1,
+                                   place, augment=augment, min_batch=2, desc=None, epoch=epoch_total + 1,
                                    max_loss=loops.loss_limit(N_CLASSES))  # diverged: no save
             if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
                 for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike

@@ -19,6 +19,7 @@ from ..core.placement import Placement
 from . import baselines, fitting, metrics, results, skips, spatial_folds
 from . import data as ses_data
 from . import folds as ses_folds
+from . import frozen as ses_frozen
 from . import model as ses_model
 
 
@@ -170,9 +171,11 @@ def train_folds(cfg, fit: CityFit, data, retrain: list[str], ses_dir: Path, plac
         with tqdm(total=tc.epochs * (tc.restarts + 1), desc=f"{fit.city} fold {k}", unit="ep", leave=False,
                   initial=len(resume["log"]) if resume else 0, **({} if place.main else {"disable": True})) as bar:
             try:
-                result = fitting.fit(model, data.subset(split["train"]), data.subset(split["val"]), tc, place,
-                                     seed=seed, workers=cfg.workers, progress=lambda row: fitting.show_epoch(bar, row),
-                                     checkpoint=last_pt, resume=resume)
+                net, train_set, val_set, fit_place = ses_frozen.fit_inputs(cfg, model, data, split, fit, ses_dir,
+                                                                           place)  # freeze=backbone: head, embeddings
+                result = fitting.fit(net, train_set, val_set, tc, fit_place, seed=seed, workers=cfg.workers,
+                                     progress=lambda row: fitting.show_epoch(bar, row), checkpoint=last_pt,
+                                     resume=resume)
             except TrainingDiverged as e:  # nothing of this fold is scored; say which fold it was
                 raise TrainingDiverged(f"{fit.city} fold {k}, {e}") from None
         test = split["test"]
