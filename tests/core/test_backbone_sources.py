@@ -105,3 +105,10 @@ def test_the_ses_model_applies_the_preprocessing_once(tmp_path):
     other = load_config(None, ["ses.model.backbone=efficientnet_b0"])
     with pytest.raises(ConfigError, match="ses.model.backbone=timm:test_vit"):
         check_backbone(ckpt, other, path)
+
+
+def test_a_backbone_written_without_its_prefix_is_told_the_prefix():
+    with pytest.raises(ConfigError, match="'timm:convnext_tiny'"):
+        load_config(None, ["ses.model.backbone=convnext_tiny"])
+    with pytest.raises(ConfigError, match="'torchgeo:ResNet50_Weights.FMOW_RGB_GASSL'"):
+        load_config(None, ["cities.model.backbone=ResNet50_Weights.FMOW_RGB_GASSL"])

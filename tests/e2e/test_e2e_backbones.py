@@ -48,6 +48,13 @@ def cities_runs(cities_world, tmp_path_factory):
         for module in ("train_classification", "test_classification", "saliency"):
             stage(module, "cities_demo.yaml", sets)
         runs[spec] = (results / "cities", sets)
+    # the ViT on frozen features (the ConvNeXt's frozen run: tests/e2e/test_frozen_cities.py)
+    results = tmp_path_factory.mktemp("frozen_vit")
+    sets = [f"paths.data={cities_world / 'data'}", f"paths.results={results}", *CITIES_SMALL, *TIMM,
+            "cities.model.backbone=timm:test_vit", "cities.train.freeze=backbone", "cities.train.lr=0.01"]
+    for module in ("train_classification", "test_classification"):
+        stage(module, "cities_demo.yaml", sets)
+    runs["frozen timm:test_vit"] = (results / "cities", sets)
     return runs
 
 
@@ -68,6 +75,17 @@ def test_the_checkpoint_carries_the_backbones_preprocessing(cities_runs, spec):
     state = runtime.load_checkpoint(out / "checkpoints" / "best.pt")
     assert state["config"]["cities"]["model"]["backbone"] == spec
     assert state["preprocessing"] == preprocess.of(backbones.build_backbone(spec, 2)).to_dict()
+
+
+def test_a_frozen_vit_keeps_its_initial_backbone_and_its_head_learns(cities_runs):
+    out, _ = cities_runs["frozen timm:test_vit"]
+    best = runtime.load_checkpoint(out / "checkpoints" / "best.pt")
+    runtime.seed_everything(0)  # as the stage seeds before building its model
+    initial = backbones.build_backbone("timm:test_vit", len(best["classes"])).state_dict()
+    changed = {k for k, v in initial.items() if not torch.equal(v, best["model"][k])}
+    assert changed == {"head.weight", "head.bias"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] > 1 / len(metrics["per_city"])  # a linear read of random ViT features
 
 
 def test_relevance_cam_is_refused_at_the_start_naming_what_works(cities_runs):

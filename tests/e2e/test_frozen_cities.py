@@ -1,4 +1,4 @@
-"""cities.train.freeze=backbone on the small cities world: only the final layer learns (best.pt's backbone is
+"""cities.train.freeze=backbone on the small cities world, with a timm ConvNeXt: only the final layer learns (best.pt's backbone is
 the seeded initial one, tensor for tensor), the test stage evaluates that checkpoint unchanged, and a second
 run with other head settings reuses the cached embeddings (computed again when the backbone changes:
 tests/core/test_frozen.py). Stages run in process (``entry.run(main)``, as their scripts do)."""
@@ -16,7 +16,8 @@ from script_runner import CITIES_SMALL, ROOT
 from urbanlens.core import entry, runtime
 from urbanlens.core.backbones import build_backbone, head
 
-FROZEN = ["cities.train.freeze=backbone", "cities.train.epochs=2", "cities.train.max_steps_per_epoch=4",
+BACKBONE = "timm:test_convnext"  # a tiny random-init timm ConvNeXt (tests/e2e/test_e2e_backbones.py: the others)
+FROZEN = [f"cities.model.backbone={BACKBONE}", "cities.model.input_size=64", "cities.train.freeze=backbone", "cities.train.epochs=2", "cities.train.max_steps_per_epoch=4",
           "cities.train.lr=0.01"]
 QUICK_TEST = ["cities.test.baseline=false", "cities.test.bootstrap=20", "cities.test.permutations=20"]
 
@@ -48,9 +49,10 @@ def test_only_the_head_learns_and_the_test_stage_reads_the_checkpoint(frozen_run
     assert "embeddings computed (no embeddings.pt yet)" in log
     best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     runtime.seed_everything(0)  # as the stage seeds before building its model
-    initial = build_backbone("resnet18", len(best["classes"]), pretrained=False)
-    head_keys = {k for k in initial.state_dict() if k.startswith("fc.")}
-    assert head(initial).in_features == best["model"]["fc.weight"].shape[1]
+    initial = build_backbone(BACKBONE, len(best["classes"]), pretrained=False)
+    head_name = next(n for n, m in initial.named_modules() if m is head(initial))
+    head_keys = {k for k in initial.state_dict() if k.startswith(f"{head_name}.")}
+    assert head(initial).in_features == best["model"][f"{head_name}.weight"].shape[1]
     for k, v in initial.state_dict().items():
         if k in head_keys:
             assert not torch.equal(v, best["model"][k]), f"{k} did not learn"

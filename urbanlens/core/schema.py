@@ -211,8 +211,12 @@ def check(key: str, value: Any, default: Any, source: str) -> Any:
     if spec.choices:
         if not matches(spec.choices, value):
             near = difflib.get_close_matches(str(value), spec.choices, n=1)
-            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(spec.choices)}, got {value!r}"
-                              + (f" (did you mean '{near[0]}'?)" if near else ""))
+            prefixed = [c.split(":")[0] for c in spec.choices if c.endswith((":NAME", ":Enum.MEMBER"))]
+            hint = (f" (did you mean '{near[0]}'?)" if near else
+                    f" (a {' or '.join(prefixed)} model takes its prefix, e.g. "
+                    f"'{prefixed[-1] if '_Weights.' in value else prefixed[0]}:{value}')"
+                    if prefixed and isinstance(value, str) and ":" not in value else "")
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(spec.choices)}, got {value!r}" + hint)
         return value
     coerced = _coerce(spec, value)
     if coerced is _WRONG:
