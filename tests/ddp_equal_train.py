@@ -9,8 +9,8 @@ bench/gpu_check.py's ``ddp`` part). Run from the repository root with PYTHONPATH
 
 The city classifier trains as train_classification.py trains it (``cities.training``: its sampler,
 ``resume_point``, ``run_epochs``), the income model one fold as ``ses.fitting.fit`` fits it (shuffled
-loader, flips): ResNet-18 from scratch at 16 px, 2 epochs of 3 steps, global batch 8. Rank 0 writes
-OUT/<trainer>.pt: the final weights and the per-epoch log. In float64: in float32 both runs carry
+loader, flips): ResNet-18 from scratch at 16 px, 2 epochs of 3 steps (global batches of 8, 8 and 4).
+Rank 0 writes OUT/<trainer>.pt: the final weights and the per-epoch log. In float64: in float32 both runs carry
 rounding errors of ~1e-5 of a gradient (batch norm over a few values), equal in size one process or two,
 which Adam's per-weight normalisation turns into differences of whole learning-rate steps within a few
 steps; in float64 what is left is rounding alone, so a real difference (another sample, flip or batch
@@ -28,7 +28,7 @@ import torch
 from urbanlens.core import backbones, config, placement, runtime
 
 TRAINERS = ("cities", "ses")
-GLOBAL_BATCH, SIZE, N_TRAIN, N_VAL, N_CLASSES = 8, 16, 24, 8, 4
+GLOBAL_BATCH, SIZE, N_TRAIN, N_VAL, N_CLASSES = 8, 16, 20, 8, 4  # global batches 8, 8, 4 (2 ranks: 4 + 4, 4 + 4, 2 + 2)
 # weights of 2 ranks equal those of 1 process up to rounding (another summation order of the gradients and
 # of the batch-norm moments): |a - b| <= WEIGHTS_RTOL x max(1, max |b|), tensor by tensor, in float64
 WEIGHTS_RTOL = 1e-6
