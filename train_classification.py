@@ -12,7 +12,7 @@ with --resume: overwrite=true trains anew on them.
 Re-running the same command continues from last.pt (an interrupted run loses at most the epoch it was
 in; a finished one is left as it is); --resume also continues one trained with other settings (e.g. more
 cities.train.epochs); overwrite=true starts over. Under torchrun, DistributedDataParallel (cities.train.batch_size is
-global). At the end, <results>/cities/MODEL_CARD.md says what the model was trained on (test_classification.py
+global, batch norm synchronised: N ranks train the model one process trains, docs/scaling.md). At the end, <results>/cities/MODEL_CARD.md says what the model was trained on (test_classification.py
 adds its metrics).
 """
 import os
