@@ -21,7 +21,9 @@ scored and saved as above.
 
     python efficientnet_training.py --config configs/ses_demo.yaml [--set ses.train.epochs=5]
     torchrun --nproc_per_node=N efficientnet_training.py ...   (data-parallel over N GPUs;
-                                                               ses.train.batch_size is the global batch)
+                                                               ses.train.batch_size is the global batch;
+                                                               batch norm synchronised: without dropout and
+                                                               stochastic depth, the one-process model)
 """
 from urbanlens.core import entry
 from urbanlens.core.errors import DataError

@@ -13,8 +13,9 @@ Re-running the same command continues from last.pt (an interrupted run loses at 
 in; a finished one is left as it is); --resume also continues one trained with other settings (e.g. more
 cities.train.epochs); overwrite=true starts over. With cities.train.freeze=backbone the backbone stays as built
 and only the final layer learns, on embeddings computed once and cached in <results>/cities/embeddings/. Under
-torchrun, DistributedDataParallel (cities.train.batch_size is global). At the end,
-<results>/cities/MODEL_CARD.md says what the model was trained on (test_classification.py adds its metrics).
+torchrun, DistributedDataParallel (cities.train.batch_size is global, batch norm synchronised: N ranks train the
+model one process trains, docs/scaling.md). At the end, <results>/cities/MODEL_CARD.md says what the model was
+trained on (test_classification.py adds its metrics).
 """
 import os
 

@@ -9,7 +9,10 @@ Parts (``--parts``, comma-separated, default all):
              run them, on a temporary data and results folder, with --set device=cuda, cities.train.amp and
              ses.train.amp ``auto`` (float16 + loss scaling), ses.cams.amp ``bf16``, NHWC layout
   ddp        one training step of a small ResNet in two processes under DistributedDataParallel (NCCL;
-             run only where two GPUs are visible): the two replicas' weights agree afterwards
+             run only where two GPUs are visible): the two replicas' weights agree afterwards. Then both
+             trainers in one process and under torchrun with 2 ranks, same global batch
+             (tests/ddp_equal_train.py, float64; on the CPU over gloo where fewer than two GPUs are
+             visible): the 2-rank weights equal the single-process ones within its WEIGHTS_RTOL
   speed      the project's step (loops.train_step: autocast, grad scaler, channels_last) and a plain
              float32 NCHW step, images per second and peak GPU memory: ResNet-50 at 224 px, batch 128
              (the city classifier); EfficientNet-B0 at 800 px, batch 10 (the income model); guided Grad-CAM
@@ -116,6 +119,36 @@ def run_ddp(device: str) -> list[tuple]:
     gap = out.get()
     amp = "auto" if device == "cuda" else "bf16"
     return [(f"DDP step, 2 processes ({backend})", amp, "", "", "ok" if gap == 0 else f"replicas differ by {gap:.1e}")]
+
+
+def run_ddp_equal(work: Path, device: str) -> list[tuple]:
+    """tests/ddp_equal_train.py in one process and under torchrun (2 ranks), then its comparison."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import ddp_equal_train as driver
+
+    where = "" if device != "cuda" or torch.cuda.device_count() >= 2 else ", on the CPU: 1 GPU visible"
+    device = "cpu" if where else device
+    script, env = str(ROOT / "tests" / "ddp_equal_train.py"), {**os.environ, "PYTHONPATH": str(ROOT),
+                                                              "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    start = time.perf_counter()
+    one = subprocess.Popen([sys.executable, script, str(work / "one"), "--device", device], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, str(work / "two"), "--device", device], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1200)
+    one_err = one.communicate(timeout=1200)[1]
+    seconds = f"{time.perf_counter() - start:.0f} s"
+    backend = "nccl" if device == "cuda" else "gloo"
+    if one.returncode or two.returncode:
+        err = (one_err if one.returncode else two.stderr).strip().splitlines() or ["?"]
+        return [(f"DDP = one process, both trainers ({backend}{where})", "fp64", seconds, "", f"FAIL: {err[-1][:200]}")]
+    rows = []
+    for name, d in driver.differences(work / "one", work / "two").items():
+        verdict = (f"weights within {d['max_rel_diff']:.1e} (limit {driver.WEIGHTS_RTOL:g}), "
+                   f"{'same' if d['same_log'] else 'OTHER'} epoch log")
+        rows.append((f"DDP = one process, {name} trainer, 2 ranks ({backend}{where})", "fp64", seconds, "",
+                     ("ok: " if d["ok"] else "FAIL: ") + verdict))
+    return rows
 
 
 def _timed(fn, device: torch.device, steps: int) -> tuple[float, float]:
@@ -247,7 +280,7 @@ def main() -> int:
     parts, rows, start = args.parts.split(","), [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="urbanlens-gpu-check-") as work:
         for part, run in (("pipelines", lambda: run_pipelines(Path(work), device.type, args.cpu_dry_run)),
-                          ("ddp", lambda: run_ddp(device.type)), ("speed", lambda: run_speed(device, args.cpu_dry_run)),
+                          ("ddp", lambda: run_ddp(device.type) + run_ddp_equal(Path(work), device.type)), ("speed", lambda: run_speed(device, args.cpu_dry_run)),
                           ("store", lambda: run_store(Path(work))), ("loader", lambda: run_loader(device, args.cpu_dry_run))):
             if part in parts:
                 try:

@@ -54,6 +54,27 @@ def test_sampler_shards_partition_the_single_process_epoch():
     assert sorted(list(parts[0]) + list(parts[1])) == sorted(whole)
 
 
+@pytest.mark.parametrize("balanced", [True, False])
+def test_ranks_batches_make_up_the_single_process_batches(balanced):
+    """Per-rank batch 3 of a global 6: the ranks' k-th batches hold the single-process batch k; of 21
+    draws the last one is left out under 2 ranks, so the last global batch splits evenly (2 + 2)."""
+    labels = np.array([0] * 15 + [1] * 6)
+    whole = list(cities_sampling.EpochSampler(labels, balanced, seed=2))
+    parts = [list(cities_sampling.EpochSampler(labels, balanced, seed=2, rank=r, world_size=2)) for r in range(2)]
+    assert [len(p) for p in parts] == [10, 10]
+    for k in range(3):
+        assert sorted(parts[0][3 * k:3 * k + 3] + parts[1][3 * k:3 * k + 3]) == sorted(whole[6 * k:6 * k + 6])
+    assert len(parts[0][9:]) == len(parts[1][9:]) == 1 and sorted(parts[0][9:] + parts[1][9:]) == sorted(whole[18:20])
+
+
+
+def test_store_batches_of_a_rank_flip_as_in_one_process():
+    x = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+    one = cities_data.train_batches(seed=1, epoch=2)(x)
+    for r in range(2):
+        assert torch.equal(cities_data.train_batches(1, 2, rank=r, world_size=2)(x[r::2]), one[r::2])
+
+
 # ---------------------------------------------------------------- dataset
 def _write_patches(root, cities=("BBB", "AAA"), per_city=3, size=20):
     rows = []

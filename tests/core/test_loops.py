@@ -158,6 +158,28 @@ def test_an_epoch_is_the_steps_of_its_batches():
     assert model.training
 
 
+def test_rank_share_of_one_process_is_the_shuffled_loaders_order():
+    """The order a distributed loader splits is the one a seeded shuffled loader takes in one process
+    (so single-process runs keep their order), and every seed its own."""
+    ds = data(13)
+    order = torch.cat([y for _, y in loops.make_loader(ds, 4, 0, CPU, shuffle=True, seed=9)]).tolist()
+    labels = ds.tensors[1]
+    assert labels[list(loops.RankShare(13, True, 9))].tolist() == order
+    assert list(loops.RankShare(13, True, 9)) != list(loops.RankShare(13, True, 10))
+    assert list(loops.RankShare(5, False, 9)) == [0, 1, 2, 3, 4]
+
+
+def test_rank_shares_make_up_each_global_batch():
+    """Global batch 4 over 2 ranks (per-rank 2): the ranks' k-th batches together are global batch k; of
+    13 items the 13th is left out, so the last global batch splits 2 + 2."""
+    whole = loops.RankShare(13, True, 1, 0, 2).global_order().tolist()
+    parts = [list(loops.RankShare(13, True, 1, r, 2)) for r in range(2)]
+    assert len(whole) == 12 and [len(p) for p in parts] == [6, 6]
+    assert whole == loops.shuffled_order(13, 1).tolist()[:12]
+    for k in range(3):
+        assert sorted(parts[0][2 * k:2 * k + 2] + parts[1][2 * k:2 * k + 2]) == sorted(whole[4 * k:4 * k + 4])
+
+
 # ------------------------------------------------------------------ DDP
 @pytest.fixture
 def one_rank_group(tmp_path):

@@ -204,6 +204,19 @@ def test_random_flips_only_flip_or_rotate():
     assert len(seen) == 8  # all rotations and reflections of the square occur
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_a_ranks_share_flips_as_in_one_process(rotate):
+    """Rank r of 2 holds every other image of the global batch (loops.RankShare): each image gets the flips
+    it gets in one process, batch after batch (the generator moves alike on every rank)."""
+    x = torch.arange(10 * 3 * 4 * 4, dtype=torch.float32).view(10, 3, 4, 4)
+    whole, parts = torch.Generator().manual_seed(3), [torch.Generator().manual_seed(3) for _ in range(2)]
+    for _ in range(2):
+        one = ses_data.random_flips(x, whole, rotate)
+        for r in range(2):
+            assert torch.equal(ses_data.random_flips(x[r::2], parts[r], rotate, share=(r, 2)), one[r::2])
+    assert not torch.equal(one, x)
+
+
 def test_recompute_bn_stats_gives_the_training_set_statistics():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.Dropout(0.5))

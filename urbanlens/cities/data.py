@@ -113,12 +113,13 @@ def split_store(manifest: pd.DataFrame, split: str, patches_dir: str | Path, cla
     return store.StoreDataset(path, len(files), shape, labels)
 
 
-def train_batches(seed: int, epoch: int, rank: int = 0):
+def train_batches(seed: int, epoch: int, rank: int = 0, world_size: int = 1):
     """A uint8 store batch on the device -> the training input: random horizontal and vertical flips
-    (drawn from a generator of (seed, epoch, rank), so a resumed epoch flips alike), ImageNet
+    (drawn from a generator of (seed, epoch), so a resumed epoch flips alike; under DDP each image of
+    rank ``rank``'s share flips as it does in one process: ``random_flips``'s ``share``), ImageNet
     normalisation. Equals ``transforms(size, train=True)`` item by item, up to which flips are drawn."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-    return lambda x: imagenet_normalize(random_flips(x, gen))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009)
+    return lambda x: imagenet_normalize(random_flips(x, gen, share=(rank, world_size)))
 
 
 def eval_batches(x: torch.Tensor) -> torch.Tensor:

@@ -21,17 +21,19 @@ class EpochSampler(Sampler[int]):
 
     ``balanced``: drawn with replacement with probability proportional to ``balanced_weights`` (what
     ``WeightedRandomSampler`` does); otherwise a random permutation (what ``DistributedSampler`` does).
-    Rank ``r`` of ``world_size`` takes every ``world_size``-th index of the same global draw, so the
-    union over ranks is the single-process epoch. ``num_samples`` (default: the dataset size) is the
-    global number of draws per epoch, rounded up to a multiple of ``world_size``.
+    Rank ``r`` of ``world_size`` takes every ``world_size``-th index of the same global draw, so with a
+    per-rank batch of B / ``world_size`` the ranks' k-th batches together hold the single-process epoch's
+    batch k. ``num_samples`` (default: the dataset size) is the global number of draws per epoch; under
+    DDP its last ``num_samples % world_size`` draws are left out, so that every global batch, the last
+    one too, splits evenly over the ranks.
     """
 
     def __init__(self, labels: Sequence[int], balanced: bool = True, num_samples: int | None = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         self.labels = np.asarray(labels)
         self.balanced = balanced
-        n = num_samples or len(self.labels)
-        self.total = math.ceil(n / world_size) * world_size
+        self.draws = num_samples or len(self.labels)
+        self.total = self.draws - self.draws % world_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
@@ -42,8 +44,8 @@ class EpochSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.balanced:
             w = torch.as_tensor(balanced_weights(self.labels), dtype=torch.double)
-            return torch.multinomial(w, self.total, replacement=True, generator=g)
-        reps = math.ceil(self.total / len(self.labels))
+            return torch.multinomial(w, self.draws, replacement=True, generator=g)[: self.total]
+        reps = math.ceil(self.draws / len(self.labels))
         return torch.cat([torch.randperm(len(self.labels), generator=g) for _ in range(reps)])[: self.total]
 
     def __iter__(self):

@@ -246,7 +246,7 @@ def run_epochs(cfg, model: nn.Module, opt: loops.Optimiser, sampler, train_loade
         t0 = time.time()
         sampling.begin_epoch(sampler, cfg.seed, epoch, place.rank)
         lr_used = opt.lr  # at the start of the epoch
-        augment = data.train_batches(cfg.seed, epoch, place.rank) if cfg.store and cfg.cities.train.freeze == "none" else None
+        augment = data.train_batches(cfg.seed, epoch, place.rank, place.world_size) if cfg.store and cfg.cities.train.freeze == "none" else None
         tr = loops.train_epoch(model, train_loader, opt, F.cross_entropy, place, augment=augment, min_batch=2,
                                desc=f"epoch {epoch}/{cfg.cities.train.epochs}", epoch=epoch,
                                max_loss=loops.loss_limit(len(classes)))  # diverged: no save

@@ -19,14 +19,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def random_flips(x: torch.Tensor, generator: torch.Generator | None = None,
-                 rotate: bool = False) -> torch.Tensor:
+                 rotate: bool = False, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Flip each image of a batch [B, C, H, W] horizontally and vertically, each with probability 1/2.
 
     ``rotate`` also swaps H and W with probability 1/2 (square images), which together with the two
     flips draws uniformly from all eight right-angle rotations and reflections. The draws come from
     ``generator`` (on the CPU), three per image, whatever the batch's device and dtype.
+
+    ``share`` (rank, world size): ``x`` is that DDP rank's share of a global batch of B x world size
+    images, every world size-th from the rank on (``loops.RankShare``). The draws are then those of the
+    whole global batch (every rank's generator alike), and each image gets the flips it gets in one
+    process.
     """
-    flips = torch.rand(3, x.shape[0], generator=generator) < 0.5
+    rank, world = share
+    flips = (torch.rand(3, x.shape[0] * world, generator=generator) < 0.5)[:, rank::world]
     x = x.clone()  # only the chosen images are rewritten
     h, v, t = (f.nonzero().flatten().to(x.device) for f in flips)
     if len(h):

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .backbones import logits_and_embeddings
@@ -28,19 +27,53 @@ LossFn = Callable[..., torch.Tensor]  # loss_fn(outputs, targets, reduction="mea
 
 
 # ------------------------------------------------------------------ loaders and DDP
+def shuffled_order(n: int, seed: int) -> torch.Tensor:
+    """The order in which ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
+    visits ``n`` items in one process: its iterator first draws the workers' base seed from that
+    generator, then its ``RandomSampler`` permutes with it."""
+    g = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    return torch.randperm(n, generator=g)
+
+
+class RankShare(Sampler[int]):
+    """This rank's share of one global order of ``n`` items: the seeded ``shuffled_order`` when
+    ``shuffle`` (the order of one process's shuffled loader), else 0..n-1. Rank ``rank`` takes every
+    ``world_size``-th item from ``rank`` on, so with a per-rank batch of B / ``world_size`` the ranks'
+    k-th batches together hold global batch k of B, whatever the number of ranks. The last
+    ``n % world_size`` items are left out, so that every global batch, the last one too, splits evenly
+    (each rank's mean loss then weighs alike, and DDP's average of the gradients is the global mean's)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+
+    def global_order(self) -> torch.Tensor:
+        order = shuffled_order(self.n, self.seed) if self.shuffle else torch.arange(self.n)
+        return order[: self.n - self.n % self.world_size]
+
+    def __iter__(self):
+        return iter(self.global_order()[self.rank:: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world_size
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device,
                 sampler: Sampler | None = None, shuffle: bool = False, seed: int | None = None,
                 distributed: bool = False, persistent_workers: bool = False) -> DataLoader:
     """A DataLoader over ``dataset`` in batches of ``batch_size`` (the last one may be smaller).
 
-    Order: ``sampler`` when given; else ``distributed`` -> a ``DistributedSampler`` (this rank's share,
-    shuffled with ``seed`` when ``shuffle``; call its ``set_epoch``); else shuffled when ``shuffle``.
+    Order: ``sampler`` when given; else ``distributed`` -> ``RankShare`` (this rank's share of the
+    order one process would take, shuffled with ``seed`` when ``shuffle``); else shuffled when ``shuffle``.
     ``seed``: the loader's own generator (shuffling and worker seeds), so iterating it leaves the global
     torch RNG untouched; None draws them from the global RNG. Pinned memory on CUDA."""
     if distributed:
         if sampler is not None:
             raise ValueError("make_loader: pass a sampler or distributed=True, not both")
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=0 if seed is None else seed)
+        if shuffle and seed is None:
+            raise ValueError("make_loader: a distributed shuffled loader needs a seed (every rank the same)")
+        rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        sampler = RankShare(len(dataset), shuffle, 0 if seed is None else seed, rank, world)
         shuffle = False
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
                       generator=None if seed is None else torch.Generator().manual_seed(seed),
@@ -178,8 +211,9 @@ def train_epoch(model: nn.Module, loader, opt: Optimiser, loss_fn: LossFn, place
                 desc: str | None = "train", epoch: int | None = None, max_loss: float = math.inf) -> dict:
     """One pass of ``train_step`` over ``loader`` (any iterable of (inputs, targets) batches), model in
     training mode (the scheduler of ``opt`` steps after every batch). ``augment`` maps each input batch
-    once it is on the device; a batch of fewer than ``min_batch`` items is skipped (a lone sample breaks
-    batch norm in training mode), and an epoch of such batches only is a DataError. Returns mean ``loss`` and
+    once it is on the device; a global batch (this rank's x ``place.world_size``: the samplers give
+    every rank an equal share) of fewer than ``min_batch`` items is skipped (a lone sample breaks batch
+    norm in training mode), and an epoch of such batches only is a DataError. Returns mean ``loss`` and
     ``acc`` over all ranks, and ``n``; a bar named ``desc`` shows the running means (none when None).
 
     Divergence (``TrainingDiverged``, naming ``epoch``, the step and ``opt.lr_key``): a non-finite batch loss,
@@ -191,7 +225,7 @@ def train_epoch(model: nn.Module, loader, opt: Optimiser, loss_fn: LossFn, place
     skipped = in_a_row = 0
     bar = _progress(loader, desc)
     for step, (x, y) in enumerate(bar, start=1):
-        if len(y) < min_batch:
+        if len(y) * place.world_size < min_batch:  # every rank alike, so all skip the same steps
             skipped += len(y)
             continue
         if augment is not None:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import sync_bn
 from .errors import ConfigError, DeviceError
 from .schema import AMP_CHOICES
 
@@ -185,9 +186,13 @@ def is_distributed() -> bool:
 
 
 def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel when torch.distributed is initialised (``torchrun``), else ``model``."""
+    """DistributedDataParallel when torch.distributed is initialised (``torchrun``), else ``model``. With
+    two or more ranks the batch-norm layers of ``model`` are synchronised first (``sync_bn.synchronise``:
+    statistics of the global batch), so the ranks train the model one process trains on that batch."""
     if not is_distributed():
         return model
+    if dist.get_world_size() > 1:
+        sync_bn.synchronise(model, device)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

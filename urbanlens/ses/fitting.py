@@ -128,7 +128,8 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
     gen = torch.Generator().manual_seed(seed)
     batch = loops.rank_batch(tcfg.batch_size, world, "ses.train.batch_size")  # global batch, split over the ranks
     val_loader = cell_loader(loops.shard(val_set, rank, world), batch, device, seed=seed, workers=workers)
-    flips = functools.partial(batch_ops.random_flips, generator=gen, rotate=tcfg.rot90)  # on the device, before each step
+    flips = functools.partial(batch_ops.random_flips, generator=gen, rotate=tcfg.rot90,
+                              share=(rank, world))  # on the device, before each step; each cell as in one process
     best = FitResult(copy.deepcopy(model.state_dict()), math.inf, -1)
     epoch_total, first_restart = 0, 0
     if resume is not None:
@@ -158,15 +159,14 @@ def fit(model: nn.Module, train_set, val_set, tcfg, place: Placement, seed: int 
                 continue
         for epoch in range(first_epoch, tcfg.epochs):
             t0 = time.perf_counter()
+            # under DDP each rank its share of the order one process takes (loops.RankShare)
             train_loader = cell_loader(train_set, batch, device, True, seed + epoch_total, workers, distributed)
-            if distributed:
-                train_loader.sampler.set_epoch(epoch_total)
             augment = None if getattr(train_set, "embedded", False) else flips  # embeddings (core.frozen): none
             tr = loops.train_epoch(net, train_loader, loops.Optimiser(opt, None, scaler, "ses.train.lr"), F.nll_loss,
                                    place, augment=augment, min_batch=2, desc=None, epoch=epoch_total + 1,
                                    max_loss=loops.loss_limit(N_CLASSES))  # diverged: no save
-            if distributed:  # each rank updated batch-norm statistics on its own batches: take rank 0's,
-                for buf in model.buffers():  # so that every rank validates (and steps its plateau) alike
+            if distributed:  # batch norm is synchronised (placement.wrap_distributed); rank 0's buffers all
+                for buf in model.buffers():  # the same, so that every rank validates (and steps its plateau) alike
                     torch.distributed.broadcast(buf, src=0)
             if tcfg.precise_bn:
                 recompute_bn_stats(model, cell_loader(train_set, tcfg.batch_size, device, seed=seed, workers=workers),
