@@ -12,7 +12,7 @@ os.environ["URBANLENS_OFFLINE"] = "1"  # tests that serve weights locally lift i
 
 @pytest.fixture(scope="session")
 def cities_world(tmp_path_factory):
-    """``root`` holding ``data/`` (the world of script_runner.CITIES_SMALL, cut into patches) and
+    """``root`` holding ``data/`` (the world of tests/conf/cities_small.yaml, cut into patches) and
     ``results/cities`` (a classifier trained and tested on it). Read it; write only into other folders
     (another ``results=``, or folders of the test's own)."""
     shared = tmp_path_factory.getbasetemp()

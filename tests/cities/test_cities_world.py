@@ -11,13 +11,12 @@ from urbanlens.cities.world_render import render_image
 from urbanlens.core import errors
 from urbanlens.core.config import load_config
 from urbanlens.core.files import read_json
-
-TINY = ["cities.world.n_cities=4", "cities.world.n_sites=2", "cities.world.images_per_site=1", "cities.world.image_size=160",
-        "workers=1"]
+from script_runner import CONF
 
 
 def tiny_cfg(data: Path, *extra: str):
-    return load_config(None, [f"paths.data={data}", *TINY, *extra])
+    """The built-in defaults with the smallest world (tests/conf/cities_world.yaml), data in ``data``."""
+    return load_config(CONF / "cities_world.yaml", [f"paths.data={data}", *extra])
 
 
 def _files(root: Path) -> dict[str, bytes]:

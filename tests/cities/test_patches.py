@@ -1,7 +1,5 @@
 """Patch grid, site-based split, test_b sample, patch files and resumable preprocessing."""
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +21,7 @@ from urbanlens.cities.patches import (
 )
 from urbanlens.core import errors, runs
 from urbanlens.core.config import load_config
-
-REPO = Path(__file__).resolve().parents[2]
+from script_runner import python, run, run_script, set_args
 
 
 def test_patch_grid_paper_numbers():
@@ -139,10 +136,9 @@ def test_patch_files_match_the_source_pixels(tmp_path):
 
 
 def _run_preprocessing(data: Path) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(REPO / "preprocessing.py"), "--config", str(REPO / "configs/cities_demo.yaml"),
-            "--set", f"paths.data={data}", "--set", "cities.patch.size=48", "--set", "cities.patch.stride=24",
-            "--set", "cities.split.test_b_per_city=4", "--set", "workers=2"]
-    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """preprocessing.py on ``data`` with the tiny world's patches (tests/conf/cities_tiny.yaml), overlapping by half."""
+    res = run_script(["preprocessing.py"], data, data / "results", ["cities.patch.stride=24", "workers=2"],
+                     "tests/conf/cities_tiny.yaml", env={"OMP_NUM_THREADS": "1"}, check=False)
     assert res.returncode == 0, res.stderr
     return res
 
@@ -195,9 +191,7 @@ def test_patches_of_other_settings_are_not_reused(tmp_path):
 
 def test_preprocessing_bad_folder_is_one_clear_line(tmp_path):
     make_raw(tmp_path / "cities" / "raw", cities=("Alpha (AAA)", "Beta"), size=(96, 96))
-    args = [sys.executable, str(REPO / "preprocessing.py"), "--config", str(REPO / "configs/cities_demo.yaml"),
-            "--set", f"paths.data={tmp_path}"]
-    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    res = run(python("preprocessing.py", "--config", "configs/cities_demo.yaml", *set_args([f"paths.data={tmp_path}"])))
     assert res.returncode != 0
     assert res.stderr.strip().startswith("error:") and "Beta" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 

@@ -24,9 +24,7 @@ CROPS = ROOT / "tests" / "data" / "cities"
 CITIES = {"Austin (AUS)": "austin_inria_rgb_uint8.tif", "Atlanta (ATL)": "atlanta_spacenet_pan_uint16.tif",
           "Rotterdam (RTM)": "rotterdam_spacenet_ms_float64.tif"}
 STRIP = 40
-SMALL = ["cities.patch.size=32", "cities.patch.stride=32", "cities.split.test_b_per_city=50", "workers=1", "cities.model.input_size=32",
-         "cities.model.pretrained=false", "cities.train.epochs=1", "cities.train.max_steps_per_epoch=2", "cities.train.batch_size=8",
-         "cities.test.bootstrap=20", "device=cpu"]
+CONFIG = "tests/conf/cities_real.yaml"  # 32 px patches, 2 training steps on the CPU
 
 
 def write_site(src: Path, dst: Path, rows: slice, strip_value=None, declare=None) -> None:
@@ -55,7 +53,7 @@ def make_raw(data: Path, atlanta_value=0) -> Path:
 
 
 def stage(script, data, results, *extra, check=True):
-    return run_script([script], data, results, (*SMALL, *extra), env={"OMP_NUM_THREADS": "1"}, check=check,
+    return run_script([script], data, results, extra, CONFIG, env={"OMP_NUM_THREADS": "1"}, check=check,
                       timeout=600)
 
 

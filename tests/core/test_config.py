@@ -1,12 +1,11 @@
 """Config loading: defaults as schema, typed overrides, errors that name the key and its nearest match."""
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from urbanlens.core.config import ConfigError, load_config, parse_override
+from script_runner import python, run
 
 
 def write(tmp_path, data, name="c.yaml"):
@@ -70,8 +69,7 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_cli_reports_one_line_and_exit_2():
-    r = subprocess.run([sys.executable, "-m", "urbanlens.core.config", "seed", "--config", "configs/cities_demo.yaml",
-                        "--set", "trian.epochs=3"], capture_output=True, text=True)
+    r = run(python("-m", "urbanlens.core.config", "seed", "--config", "configs/cities_demo.yaml", "--set", "trian.epochs=3"))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and re.search(r"did you mean '(cities|ses).train.epochs'", r.stderr)
 
@@ -105,13 +103,9 @@ def test_configs_stamps_and_checkpoints_of_the_old_layout_read_as_today(tmp_path
     answer under the new name; an old run stamp compares equal to today's run; an old checkpoint's
     config reads in today's layout."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from urbanlens.core import runs, runtime
 
-    root = Path(__file__).resolve().parents[2]
     old = write(tmp_path, {"seed": 3, "train": {"epochs": 2}, "model": {"backbone": "resnet18"},
                            "france": {"city_size_m": 1000}, "ses": {"cell_px": 32}, "ses_train": {"lr": 0.01},
                            "cams": {"panels": 1}}, "old.yaml")
@@ -126,8 +120,7 @@ def test_configs_stamps_and_checkpoints_of_the_old_layout_read_as_today(tmp_path
     assert load_config(None, ["ses_train.epochs=4"]).ses.train.epochs == 4
     assert "now 'ses.train.epochs'" in capsys.readouterr().err
     for key in ("train.epochs", "cities.train.epochs"):
-        out = subprocess.run([sys.executable, "-m", "urbanlens.core.config", key, "--config", str(new)], cwd=root,
-                             capture_output=True, text=True, check=True).stdout
+        out = run(python("-m", "urbanlens.core.config", key, "--config", new), returncode=0).stdout
         assert out.strip() == "2"
     # a stamp written under the old names (as runs made before this layout wrote them)
     cfg = load_config(new)

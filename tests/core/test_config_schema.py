@@ -4,8 +4,6 @@ ConfigError naming the key; values at the edges of its range and each of its cho
 defaults.yaml is covered without a new test, and one without a schema entry fails here."""
 import ast
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import yaml
 
 from urbanlens.core import schema
 from urbanlens.core.config import DEFAULTS, ConfigError, load_config
+from script_runner import python, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -173,10 +172,8 @@ def test_config_files_that_cannot_be_used(tmp_path, monkeypatch):
 
 
 def test_a_script_prints_one_error_line_and_exits_2():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "preprocessing.py", "--config", "configs/cities_demo.yaml",
-                        "--set", "cities.train.lr=.nan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                       check=False)
+    r = run(python("preprocessing.py", "--config", "configs/cities_demo.yaml", "--set", "cities.train.lr=.nan"),
+            env={"PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --set cities.train.lr=.nan: 'cities.train.lr' must be a finite number")

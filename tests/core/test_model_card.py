@@ -3,14 +3,13 @@ prints first, and the optional TensorBoard events beside train_log.csv."""
 import hashlib
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from urbanlens.core import entry, model_card, tensorboard_log
 from urbanlens.core.config import load_config
+from script_runner import python, run, set_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,9 +86,7 @@ def test_config_line_names_config_seed_and_results():
 
 
 def test_a_stage_prints_its_config_first(tmp_path):
-    proc = subprocess.run([sys.executable, "preprocessing.py", "--set", f"paths.data={tmp_path}",
-                           "--set", f"paths.results={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = run(python("preprocessing.py", *set_args([f"paths.data={tmp_path}", f"paths.results={tmp_path}"])), timeout=120)
     first = proc.stdout.splitlines()[0]
     assert re.fullmatch(rf"preprocessing\.py: built-in defaults \+ configs/cities_demo\.yaml demo, no --config "
                         rf"given \+ 2 --set overrides \(seed 0, results {re.escape(str(tmp_path))}\)", first), first
@@ -140,7 +137,7 @@ def test_run_sh_help_lists_every_subcommand():
     dispatch = text[text.rindex('case "$cmd" in'):]  # the last dispatch: the commands that run
     commands = set(re.findall(r"^\s+([a-z][a-z-]*)\)", dispatch, re.M))
     assert {"demo", "setup", "test", "cities", "ses", "bench", "gpu-check"} <= commands
-    usage = subprocess.run(["bash", "run.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    usage = run(["bash", "run.sh", "--help"], timeout=30).stdout
     listed = {line.split()[0] for line in usage.splitlines()[1:] if line.strip()}
     listed |= {w for line in usage.splitlines() for w in line.replace("|", " ").split()[:3]}
     assert commands <= listed, commands - listed

@@ -4,13 +4,11 @@ to a file (and heading) that exists, and every command it shows is a known comma
 import functools
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from script_runner import ROOT, run
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 # what a README command may start with: `bash run.sh ...`, `bash data_setup.sh ...`, `python X.py ...`, `python -m M ...`
@@ -52,7 +50,7 @@ def commands() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def help_text(*cmd: str) -> str:
-    proc = subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run(cmd, timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return proc.stdout + proc.stderr
 

@@ -3,7 +3,6 @@ no script error; numbers read from the results' files; parts whose stage has not
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import geopandas as gpd
@@ -17,6 +16,7 @@ from shapely.geometry import box
 from urbanlens.cities import report_html as cities_html
 from urbanlens.core import report_page
 from urbanlens.ses import report_html as ses_html
+from script_runner import run
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=5000"]
@@ -40,15 +40,14 @@ def open_in_browser(chromium, page: Path, profile: Path, screenshot: Path | None
     what the page's own load check wrote: ``ok`` (every image decoded, no script error), ``images`` and
     ``errors``."""
     url = page.resolve().as_uri()
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=60).stdout
+    dom = run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url], cwd=None, timeout=60).stdout
     body = re.search(r"<body([^>]*)>", dom)
     assert body, f"Chromium returned no page for {url}:\n{dom[:500]}"
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
     errors = re.search(r'<pre id="report-errors"[^>]*>(.*?)</pre>', dom, re.S)
     if screenshot is not None:
-        subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,1600",
-                        f"--screenshot={screenshot}", url], capture_output=True, timeout=60)
+        run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,1600",
+             f"--screenshot={screenshot}", url], cwd=None, timeout=60)
     return {"ok": attrs.get("data-ok"), "images": int(attrs.get("data-images", -1)),
             "errors": errors.group(1).strip() if errors else None}
 

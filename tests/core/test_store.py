@@ -2,8 +2,6 @@
 import os
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from urbanlens.cities import data as cities_data
 from urbanlens.core import batch_ops, errors, store
 from urbanlens.ses import data as ses_data
 from urbanlens.ses import fitting
+from script_runner import TORCHRUN, run
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,10 +147,8 @@ def test_store_build_under_torchrun_outlasts_the_process_group_timeout(tmp_path)
     rank times out."""
     for i in range(40):
         (tmp_path / f"{i}.src").write_text("x")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_store_build.py"), str(tmp_path), "2", "0.25", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=180)
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", ROOT / "tests" / "ddp_store_build.py", tmp_path, "2", "0.25", "2"]
+    proc = run(cmd, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = re.findall(r"shared rank (\d)/2: built=True seconds=([\d.]+) items_ok=True", proc.stdout)
     assert sorted(r for r, _ in shared) == ["0", "1"], proc.stdout

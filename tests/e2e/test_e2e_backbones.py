@@ -5,55 +5,40 @@ SES stages with a timm ConvNeXt go through training, maps and the income map. Ea
 its model's preprocessing, and a later stage refuses a model of another backbone.
 
 Stages run in this process, as their command lines would (their one-line exits are tested elsewhere)."""
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
 import pytest
 import torch
 
+from script_runner import CONF, run_in_process
+
 from urbanlens.core import backbones, preprocess, runtime
 from urbanlens.core.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
-CITIES_SMALL = ["cities.world.image_size=384", "cities.world.images_per_site=1", "cities.split.test_b_per_city=100",
-                "workers=0", "device=cpu"]
-TIMM = ["cities.model.pretrained=false", "cities.model.input_size=64", "cities.train.epochs=3",
+CITIES = CONF / "cities_small.yaml"  # the small world of tests/conftest.py's cities_world
+TIMM = ["workers=0", "device=cpu", "cities.model.pretrained=false", "cities.model.input_size=64", "cities.train.epochs=3",
         "cities.test.baseline=false", "cities.test.permutations=200", "cities.saliency.method=gradcam",
         "cities.saliency.per_city=1", "cities.saliency.sanity_patches=0"]
-
-
-def stage(module: str, config: str, sets, *args: str) -> None:
-    """Run a stage's main() in this process, as its command line would."""
-    old, sys.argv = sys.argv, [module, "--config", str(ROOT / "configs" / config), *args,
-                               *[a for s in sets for a in ("--set", s)]]
-    try:
-        importlib.import_module(module).main()
-    finally:
-        sys.argv = old
 
 
 @pytest.fixture(scope="module")
 def cities_runs(cities_world, tmp_path_factory):
     """The small world's patches, a classifier trained, tested and explained per backbone."""
-    sys.path.insert(0, str(ROOT))  # the top-level scripts
     runs = {}
     for spec in ("timm:test_convnext", "timm:test_vit"):
         results = tmp_path_factory.mktemp(spec.replace(":", "_"))
-        sets = [f"paths.data={cities_world / 'data'}", f"paths.results={results}", *CITIES_SMALL, *TIMM,
-                f"cities.model.backbone={spec}"]
+        sets = [f"paths.data={cities_world / 'data'}", f"paths.results={results}", *TIMM, f"cities.model.backbone={spec}"]
         for module in ("train_classification", "test_classification", "saliency"):
-            stage(module, "cities_demo.yaml", sets)
+            run_in_process(module, CITIES, sets)
         runs[spec] = (results / "cities", sets)
     # the ViT on frozen features (the ConvNeXt's frozen run: tests/e2e/test_frozen_cities.py)
     results = tmp_path_factory.mktemp("frozen_vit")
-    sets = [f"paths.data={cities_world / 'data'}", f"paths.results={results}", *CITIES_SMALL, *TIMM,
+    sets = [f"paths.data={cities_world / 'data'}", f"paths.results={results}", *TIMM,
             "cities.model.backbone=timm:test_vit", "cities.train.freeze=backbone", "cities.train.lr=0.01"]
     for module in ("train_classification", "test_classification"):
-        stage(module, "cities_demo.yaml", sets)
+        run_in_process(module, CITIES, sets)
     runs["frozen timm:test_vit"] = (results / "cities", sets)
     return runs
 
@@ -92,25 +77,22 @@ def test_relevance_cam_is_refused_at_the_start_naming_what_works(cities_runs):
     out, sets = cities_runs["timm:test_vit"]
     before = sorted(p.name for p in (out / "saliency").iterdir())
     with pytest.raises(ConfigError, match="cities.saliency.method.*gradcam"):
-        stage("saliency", "cities_demo.yaml", [*sets, "cities.saliency.method=relevancecam"])
+        run_in_process("saliency", CITIES, [*sets, "cities.saliency.method=relevancecam"])
     assert sorted(p.name for p in (out / "saliency").iterdir()) == before
 
 
-SES = ["ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=1600", "ses.world.resolution_m=4.0",
-       "ses.world.withhold=0.3", "ses.world.withhold_mode=random", "ses.model.backbone=timm:test_convnext",
-       "ses.model.pretrained=false", "ses.model.input_size=64", "ses.train.cv=stratified", "ses.train.folds=2",
-       "ses.train.epochs=2", "ses.cams.panels=1", "ses.cams.sanity_cells=4", "workers=0", "device=cpu"]
+SES_CONFIG = CONF / "ses_timm.yaml"
+SES: list[str] = []  # the file holds the world and settings
 
 
 @pytest.fixture(scope="module")
 def ses_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ses_timm")
-    sys.path.insert(0, str(ROOT))
     sets = [f"paths.data={root / 'data'}", f"paths.results={root / 'results'}", *SES]
     for module in ("urbanlens.ses.world", "generate_fr_ua_aerial_data", "efficientnet_training",
                    "gradcaming_urban_areas"):
-        stage(module, "ses_demo.yaml", sets)
-    stage("predict_income", "ses_demo.yaml", sets, "--city", "Paris")
+        run_in_process(module, SES_CONFIG, sets)
+    run_in_process("predict_income", SES_CONFIG, sets, "--city", "Paris")
     return root / "results" / "ses" / "Paris", sets
 
 
@@ -130,6 +112,6 @@ def test_ses_stages_run_through_maps_and_the_income_map_on_a_timm_backbone(ses_r
 def test_a_model_of_another_backbone_is_never_taken_for_this_ones(ses_run):
     city, sets = ses_run
     with pytest.raises(ConfigError, match="ses.model.backbone=timm:test_convnext"):
-        stage("predict_income", "ses_demo.yaml", [*sets, "ses.model.backbone=resnet18"], "--city", "Paris")
+        run_in_process("predict_income", SES_CONFIG, [*sets, "ses.model.backbone=resnet18"], "--city", "Paris")
     with pytest.raises(ConfigError, match="ses.model.backbone=timm:test_convnext"):
-        stage("gradcaming_urban_areas", "ses_demo.yaml", [*sets, "ses.model.backbone=resnet18"])
+        run_in_process("gradcaming_urban_areas", SES_CONFIG, [*sets, "ses.model.backbone=resnet18"])

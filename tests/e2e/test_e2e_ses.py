@@ -7,9 +7,6 @@ about a minute. The demo (bash run.sh ses) keeps EfficientNet-B0 on 3 km cities.
 import json
 import os
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -23,25 +20,15 @@ from sklearn.metrics import roc_auc_score
 from urbanlens.core import sanity
 from urbanlens.ses import extraction, findings, grid, zonal
 from urbanlens.ses import maps as ses_maps
-from script_runner import assert_no_traceback
+from script_runner import run_script
 
-ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
-# the paper's random folds: on 2 km cities spatial folds (the demo's) leave the model near chance in
-# 15 epochs (Spearman 0.04 over the held-out cells), which is what spatial folds are for, not a bug
-SMALL = ["ses.world.city_size_m=2000", "ses.model.backbone=resnet18", "ses.model.input_size=64",
-         "ses.train.epochs=15", "ses.cams.panels=2", "ses.train.cv=stratified", "ses.world.withhold=0"]
+CONFIG = "tests/conf/ses_e2e.yaml"  # 2 km cities, ResNet-18, the paper's random folds (the file says why)
 
 
 def run_stage(args, root, extra=()):
-    cmd = [sys.executable, *args, "--config", "configs/ses_demo.yaml",
-           "--set", f"paths.data={root / 'data'}", "--set", f"paths.results={root / 'results'}",
-           *[a for s in (*SMALL, *extra) for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert_no_traceback(proc, args)
-    return proc.stdout
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return run_script(args, root / "data", root / "results", extra, CONFIG, env=env).stdout
 
 
 @pytest.fixture(scope="module")

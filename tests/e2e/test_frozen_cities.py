@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from script_runner import CITIES_SMALL, ROOT
+from script_runner import CONF, ROOT, set_args
 
 from urbanlens.core import entry, runtime
 from urbanlens.core.backbones import build_backbone, head
@@ -24,12 +24,12 @@ QUICK_TEST = ["cities.test.baseline=false", "cities.test.bootstrap=20", "cities.
 
 def run_stage(script: str, root, sets) -> str:
     """``script``'s main through ``entry.run`` on the small world's data, results in ``root/frozen``; its stdout."""
-    sets = [f"paths.data={root / 'data'}", f"paths.results={root / 'frozen'}", *CITIES_SMALL, *sets]
+    sets = [f"paths.data={root / 'data'}", f"paths.results={root / 'frozen'}", *sets]
     term = signal.getsignal(signal.SIGTERM)
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
         mp.chdir(ROOT)
         mp.syspath_prepend(str(ROOT))
-        mp.setattr(sys, "argv", [script, "--config", "configs/cities_demo.yaml", *[a for s in sets for a in ("--set", s)]])
+        mp.setattr(sys, "argv", [script, "--config", str(CONF / "cities_small.yaml"), *set_args(sets)])
         try:
             entry.run(importlib.import_module(script).main)
         except SystemExit as e:

@@ -18,9 +18,6 @@ shuffled models (30 a city) had an interval above 0.5, mean AUC 0.52 (Paris) and
 keep the test near 45 s of CPU.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -35,22 +32,20 @@ from urbanlens.core import backbones, config, sanity
 from urbanlens.core.placement import Placement
 from urbanlens.ses import data, findings, map_sanity
 from urbanlens.ses.model import N_CLASSES, binomial_log_probs
+from script_runner import run_script
 
-ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
 SHUFFLES = 10          # per city: 20 shuffled models in all
 SIZE = 32              # model input, pixels
-SMALL = ["ses.world.city_size_m=2000", "ses.world.withhold=0"]  # the world of tests/test_e2e_ses.py
+CONFIG = "tests/conf/ses_e2e.yaml"  # the world of tests/e2e/test_e2e_ses.py
 
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory):
     root = tmp_path_factory.mktemp("ses_null")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TQDM_DISABLE": "1"}
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     for stage in (["-m", "urbanlens.ses.world"], ["generate_fr_ua_aerial_data.py"]):
-        cmd = [sys.executable, *stage, "--config", "configs/ses_demo.yaml", "--set", f"paths.data={root / 'data'}",
-               "--set", f"paths.results={root / 'results'}", *[a for s in SMALL for a in ("--set", s)]]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = run_script(stage, root / "data", root / "results", (), CONFIG, env=env, check=False, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     ses_dir = root / "results" / "ses"
     table = gpd.read_file(ses_dir / "cells.gpkg")

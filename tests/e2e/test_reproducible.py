@@ -5,41 +5,34 @@ equal metrics, and every stage saves the seed and the full resolved config besid
 resumed run equal to an uninterrupted one in test_interrupt.py.) A seed other than the default runs
 here, so a config that only looks right because it holds the defaults would fail."""
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
-from script_runner import without_timings
+from script_runner import assert_no_traceback, run_script, without_timings
 
 from urbanlens.core import files
 from urbanlens.core.config import load_config
-from script_runner import assert_no_traceback
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 7
-CITIES = [f"seed={SEED}", "cities.world.image_size=384", "cities.world.images_per_site=1", "cities.split.test_b_per_city=20",
-          "cities.model.input_size=32", "cities.train.epochs=2", "cities.train.max_steps_per_epoch=2", "workers=1"]
-SES = [f"seed={SEED}", "ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=1000", "ses.world.withhold=0",
-       "ses.cell_px=64", "ses.model.input_size=64", "ses.model.pretrained=false", "ses.train.epochs=2",
-       "ses.train.restarts=0", "ses.train.batch_size=8", "workers=1",
-       "ses.train.block_m=400"]  # the demo's spatial folds, blocks scaled to the 1 km city
+# the small cities world (tests/conf/cities_small.yaml), 20 test_b patches a city, 2 epochs of 2 steps
+CITIES = ("tests/conf/cities_small.yaml", [f"seed={SEED}", "cities.split.test_b_per_city=20", "cities.train.epochs=2",
+                                           "cities.train.max_steps_per_epoch=2"])
+# one 1 km city (tests/conf/ses_tiny.yaml); the demo's spatial folds, blocks scaled to the 1 km city
+SES = ("tests/conf/ses_tiny.yaml", [f"seed={SEED}", "ses.train.block_m=400"])
 
 
-def stage(args, config, sets, data, results):
+def stage(args, config_sets, data, results):
     """Run a stage as a user does; return (stdout, the full resolved config of that command)."""
-    sets = [f"paths.data={data}", f"paths.results={results}", *sets]
-    cmd = [sys.executable, *args, "--config", config, *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    config, sets = config_sets
+    proc = run_script(args, data, results, sets, config, env={"OMP_NUM_THREADS": "1"}, check=False, timeout=600)
     assert proc.returncode == 0, f"{args[-1]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert_no_traceback(proc, args)
-    resolved = load_config(ROOT / config, sets).to_dict()
+    resolved = load_config(ROOT / config, [f"paths.data={data}", f"paths.results={results}", *sets]).to_dict()
     resolved["config_file"] = config  # as the stage, started in the repository root, records it
     return proc.stdout, resolved
 
@@ -63,8 +56,7 @@ def cities(tmp_path_factory):
     """One synthetic world; preprocessing and training twice (a and b) from copies of it; testing once."""
     root = tmp_path_factory.mktemp("repro_cities")
     configs = {}
-    run = lambda args, x: stage(args, "configs/cities_demo.yaml", CITIES, root / f"data_{x}",  # noqa: E731
-                                root / f"results_{x}")
+    run = lambda args, x: stage(args, CITIES, root / f"data_{x}", root / f"results_{x}")  # noqa: E731
     _, configs["world"] = run(["-m", "urbanlens.cities.world"], "a")
     shutil.copytree(root / "data_a" / "cities" / "raw", root / "data_b" / "cities" / "raw")
     for x in "ab":
@@ -80,7 +72,7 @@ def ses_runs(tmp_path_factory):
     stage's saved config is checked in test_interrupt.py, which runs that stage anyway.)"""
     root = tmp_path_factory.mktemp("repro_ses")
     configs = {}
-    run = lambda args, x: stage(args, "configs/ses_demo.yaml", SES, root / "data", root / f"results_{x}")  # noqa: E731
+    run = lambda args, x: stage(args, SES, root / "data", root / f"results_{x}")  # noqa: E731
     _, configs["world"] = run(["-m", "urbanlens.ses.world"], "a")
     _, configs["extract"] = run(["generate_fr_ua_aerial_data.py"], "a")
     shutil.copytree(root / "results_a" / "ses", root / "results_b" / "ses")

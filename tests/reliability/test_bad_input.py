@@ -4,8 +4,6 @@ never a temporary or half-written output, and nothing valid lost."""
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -23,26 +21,23 @@ from urbanlens.core import runs, runtime
 from urbanlens.core.backbones import build_backbone
 from urbanlens.core.config import load_config
 from urbanlens.ses import results
-from script_runner import assert_no_traceback
+from script_runner import assert_no_traceback, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
-CITIES = ["cities.world.n_cities=3", "cities.world.n_sites=2", "cities.world.images_per_site=1", "cities.world.image_size=192",
-          "cities.patch.size=48", "cities.patch.stride=48", "cities.split.test_b_per_city=4", "workers=1", "cities.model.input_size=32",
-          "cities.saliency.sanity_patches=0"]  # the maps' sanity check is tested in test_sanity.py / test_e2e_*
-SES = ["ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=1000", "ses.cell_px=16", "workers=1",
-       "ses.world.withhold=0",
-       "ses.model.input_size=32", "ses.train.epochs=1", "ses.train.cv=stratified", "ses.cams.sanity_cells=0"]
+CITIES = "tests/conf/cities_tiny.yaml"  # 3 cities of 2 sites, 48 px patches, the maps' sanity check off
+SES = "tests/conf/ses_tiny.yaml"  # one 1 km city; here 16 px cells, one epoch, the maps' sanity check off
+SES_SETS = ["ses.cell_px=16", "ses.model.input_size=32", "ses.train.epochs=1", "ses.train.batch_size=16",
+            "ses.train.cv=stratified", "ses.cams.sanity_cells=0"]
 CENSUS = "census_data/carreaux_200m_met.gpkg"
 UA = "UA_data/FR001L2_PARIS_UA2018_v013/Data/FR001L2_PARIS_UA2018_v013.gpkg"
 
 
 def run(args, root, extra=(), config=None, ses=False):
     """A stage as a user runs it, with the small world's settings; paths under ``root``."""
-    config = config or ("configs/ses_demo.yaml" if ses else "configs/cities_demo.yaml")
-    sets = [f"paths.data={root / 'data'}", f"paths.results={root / 'results'}", *(SES if ses else CITIES), *extra]
-    cmd = [sys.executable, *args, "--config", str(config), *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    config = config or (SES if ses else CITIES)
+    sets = [*(SES_SETS if ses else ()), *extra]
+    return run_script(args, root / "data", root / "results", sets, str(config), env={"OMP_NUM_THREADS": "1"},
+                      check=False, timeout=300)
 
 
 def ok(proc):
@@ -446,7 +441,7 @@ def test_extraction_refuses_another_runs_cells(ses, ses_world):
 def test_ses_training_refuses_another_runs_models(ses, ses_world):
     root, _, _ = ses
     shutil.copytree(ses_world / "results", root / "results")
-    other = load_config(ROOT / "configs/ses_demo.yaml", [*SES, "seed=7"])
+    other = load_config(ROOT / SES, [*SES_SETS, "seed=7"])
     city_dir = root / "results" / "ses" / "Paris"
     city_dir.mkdir()
     (city_dir / "train_config.yaml").write_text(yaml.safe_dump(other.to_dict(), sort_keys=False))
@@ -460,8 +455,8 @@ def test_activation_maps_with_a_checkpoint_of_another_backbone(ses, ses_world):
 
     root, _, _ = ses
     shutil.copytree(ses_world / "results", root / "results")
-    trained = load_config(ROOT / "configs/ses_demo.yaml", [*SES, "ses.model.backbone=resnet18"])
-    recorded = load_config(ROOT / "configs/ses_demo.yaml", SES)  # says efficientnet_b0
+    trained = load_config(ROOT / SES, [*SES_SETS, "ses.model.backbone=resnet18"])
+    recorded = load_config(ROOT / SES, SES_SETS)  # says efficientnet_b0
     city_dir = root / "results" / "ses" / "Paris"
     runtime.save_checkpoint(city_dir / "fold_0" / "best.pt", ses_model.build_ses_model(trained), recorded, fold=0)
     (city_dir / "metrics.json").write_text('{"best_fold": 0}\n')
@@ -525,7 +520,7 @@ def test_a_model_at_chance_gives_a_ranking_flagged_not_meaningful(ses, ses_world
 
     root, _, clean = ses
     shutil.copytree(ses_world / "results", root / "results")
-    cfg = load_config(ROOT / "configs/ses_demo.yaml", SES)
+    cfg = load_config(ROOT / SES, SES_SETS)
     model = ses_model.build_ses_model(cfg)
     torch.nn.init.zeros_(model.fc.weight)
     torch.nn.init.zeros_(model.fc.bias)   # p = 0.5 for every cell: the same prediction everywhere

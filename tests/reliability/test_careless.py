@@ -1,8 +1,6 @@
 """What a hurried user meets first: a successful stage prints no traceback (pool workers stopped as the
 pool closes), small cities and contradicting settings are refused in one line, run.sh answers its own
 flags."""
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -20,7 +18,7 @@ from urbanlens.ses import fitting
 from urbanlens.ses import folds as ses_folds
 from urbanlens.ses import spatial_folds
 
-from script_runner import ROOT, assert_no_traceback  # tests/ is on the path under pytest
+from script_runner import assert_no_traceback, python, run  # tests/ is on the path under pytest
 
 # a stage whose forked worker is stopped with SIGTERM, as multiprocessing.Pool does when it closes
 _WORKER_STOPPED = textwrap.dedent("""
@@ -46,8 +44,7 @@ _WORKER_STOPPED = textwrap.dedent("""
 
 
 def test_a_worker_stopped_by_its_pool_ends_quietly():
-    proc = subprocess.run([sys.executable, "-c", _WORKER_STOPPED], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    proc = run(python("-c", _WORKER_STOPPED), timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert_no_traceback(proc)
     assert "worker exit -15" in proc.stdout and "KeyboardInterrupt" not in proc.stderr
@@ -122,7 +119,7 @@ def test_a_cam_needs_a_feature_map_of_two_by_two():
 # ----------------------------------------------------------------------------- run.sh's own usage
 
 def _run_sh(*args):
-    return subprocess.run(["bash", "run.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    return run(["bash", "run.sh", *args], timeout=30)
 
 
 def test_run_sh_prints_its_own_usage_listing_every_command():
@@ -202,8 +199,7 @@ _FULL_DISK = textwrap.dedent("""
 
 
 def test_a_full_disk_while_cutting_patches_names_the_path(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # a loaded CI machine starts torch slowly
+    proc = run(python("-c", _FULL_DISK, tmp_path), timeout=600)  # a loaded CI machine starts torch slowly
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: {tmp_path / 'out' / 'train'}") and "no space left" in line and "df -h" in line

@@ -2,32 +2,24 @@
 global batch, both trainers, within ``WEIGHTS_RTOL`` (float64: rounding alone), with the same per-epoch
 log; and a 2-rank city run stopped after epoch 1 and resumed under 2 ranks ends as the uninterrupted
 2-rank run (tests/ddp_equal_train.py trains; three launches, about 40 s on 2 idle cores)."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 import ddp_equal_train as driver
-from script_runner import assert_no_traceback
+from script_runner import ROOT, assert_no_traceback, finish, start
+from script_runner import TORCHRUN as TORCHRUN_STANDALONE
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "tests" / "ddp_equal_train.py")
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+TORCHRUN = (*TORCHRUN_STANDALONE, "--nproc_per_node", "2")
+ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def launch(*args) -> subprocess.Popen:
-    return subprocess.Popen([*map(str, args)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return start(args, env=ENV, quiet=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,13 @@ from urbanlens.ses.model import binomial_log_probs
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-CITIES = ["cities.world.n_cities=2", "cities.world.n_sites=2", "cities.world.images_per_site=1", "cities.world.image_size=192",
-          "cities.patch.size=48", "cities.patch.stride=48", "cities.split.test_b_per_city=4", "workers=0", "cities.model.input_size=32",
-          "cities.train.epochs=2", "cities.train.schedule=constant", "cities.train.batch_size=16"]
+# two tiny cities (tests/conf/cities_tiny.yaml), trained 2 epochs at a constant rate in batches of 16
+CITIES = ["cities.world.n_cities=2", "workers=0", "cities.train.epochs=2", "cities.train.schedule=constant",
+          "cities.train.batch_size=16"]
 SAMPLE = ROOT / "tests" / "data" / "insee_carreaux_200m_sample.gpkg"
 
 
-def stage(module: str, root: Path, sets, capsys, monkeypatch, config="configs/cities_demo.yaml"):
+def stage(module: str, root: Path, sets, capsys, monkeypatch, config="tests/conf/cities_tiny.yaml"):
     """Run a stage's ``main`` through ``entry.run`` as its script does: (exit status, stdout, stderr lines
     that are not progress bars)."""
     main = importlib.import_module(module).main

@@ -1,27 +1,22 @@
 """The one-command GPU check (bench/gpu_check.py): without CUDA it refuses in one line; its CPU dry run
 goes through the DDP step, the DDP-equals-one-process check of both trainers and every speed case (tiny
 sizes, bfloat16 autocast) and prints the table."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from script_runner import ROOT, python, run
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "bench" / "gpu_check.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the real check")
 def test_without_cuda_it_says_so_in_one_line_and_fails():
-    done = subprocess.run([sys.executable, SCRIPT, "--parts", "speed"], capture_output=True, text=True, cwd=ROOT)
+    done = run(python(SCRIPT, "--parts", "speed"))
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "no CUDA device" in done.stderr and "--cpu-dry-run" in done.stderr
 
 
 def test_cpu_dry_run_goes_through_ddp_ddp_equal_and_every_speed_case():
-    done = subprocess.run([sys.executable, SCRIPT, "--cpu-dry-run", "--parts", "ddp,speed"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = run(python(SCRIPT, "--cpu-dry-run", "--parts", "ddp,speed"), timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith(("DDP", "ResNet", "EfficientNet", "guided"))]
     assert len(rows) == 9

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,35 +25,29 @@ import yaml
 
 from urbanlens.core import files as u_files
 from urbanlens.core.config import load_config
-from script_runner import assert_no_traceback, without_timings
+from script_runner import assert_no_traceback, python, run as run_command, script_command, start, without_timings
 
 ROOT = Path(__file__).resolve().parents[2]
 RNG = random.Random(20240605)  # draws the kill points
 TEMP = re.compile(r"^\..+\.tmp-")
 # cities: the e2e test's tiny world, three short epochs
-CITIES = ["cities.world.image_size=384", "cities.world.images_per_site=1", "cities.split.test_b_per_city=100",
-          "cities.model.input_size=32", "cities.train.epochs=3", "cities.train.max_steps_per_epoch=3", "workers=1"]
-# SES: one 1 km city, 64 px cells, a from-scratch model with a restart after early stopping
-SES = ["ses.cams.sanity_cells=0", "ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=1000", "ses.cell_px=64", "ses.train.cv=stratified",
-       "ses.world.withhold=0",
-       "ses.model.input_size=64", "ses.model.pretrained=false", "ses.train.epochs=2", "ses.train.restarts=1",
-       "ses.train.early_stop_patience=2", "ses.train.batch_size=8", "ses.cams.batch_size=2", "ses.cams.panels=1",
-       "workers=1", "ses.train.checkpoint_every=1"]  # the state after every epoch (the demo: every 10th)
+CITIES = ("tests/conf/cities_small.yaml", ["cities.train.epochs=3", "cities.train.max_steps_per_epoch=3"])
+# SES: one 1 km city, 64 px cells (tests/conf/ses_tiny.yaml), a from-scratch model with a restart after early stopping
+SES = ("tests/conf/ses_tiny.yaml", ["ses.cams.sanity_cells=0", "ses.train.cv=stratified", "ses.train.restarts=1",
+                                    "ses.train.early_stop_patience=2", "ses.cams.batch_size=2", "ses.cams.panels=1",
+                                    "ses.train.checkpoint_every=1"])  # the state after every epoch (the demo: every 10th)
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # progress bars off too (quiet)
 
 
 # ----------------------------------------------------------------------------------------- running
 
-def command(args, root, config, sets):
-    return [sys.executable, *args, "--config", config, "--set", f"paths.data={root / 'data'}",
-            "--set", f"paths.results={root / 'results'}", *[a for s in sets for a in ("--set", s)]]
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+def command(args, root, config_sets):
+    config, sets = config_sets
+    return script_command(args, root / "data", root / "results", sets, config)
 
 
 def run(cmd, root):
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    proc = run_command(cmd, env=ENV, quiet=True, timeout=600)
     assert proc.returncode == 0, f"{cmd[1]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert_no_traceback(proc, cmd[1:2])
     return proc.stdout
@@ -66,8 +59,7 @@ def run_watched(cmd, root, ready=None, kill_after=0.0):
     power cut would. Returns (killed, stdout)."""
     log = root / f"stage-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = start(cmd, env=ENV, quiet=True, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             t_ready, deadline = None, time.monotonic() + 600
             while proc.poll() is None and time.monotonic() < deadline and ready is not None:
@@ -143,7 +135,7 @@ def assert_same_gpkg(a, b, layer):
 def cities(tmp_path_factory):
     """A tiny synthetic cities world (raw images only) and the stage command builder."""
     root = tmp_path_factory.mktemp("interrupt_cities")
-    cmd = lambda *args: command(args, root, "configs/cities_demo.yaml", CITIES)  # noqa: E731
+    cmd = lambda *args: command(args, root, CITIES)  # noqa: E731
     run(cmd("-m", "urbanlens.cities.world"), root)
     return root, cmd
 
@@ -152,7 +144,7 @@ def cities(tmp_path_factory):
 def ses_world(tmp_path_factory):
     """A tiny synthetic French world and the stage command builder."""
     root = tmp_path_factory.mktemp("interrupt_ses")
-    cmd = lambda *args: command(args, root, "configs/ses_demo.yaml", SES)  # noqa: E731
+    cmd = lambda *args: command(args, root, SES)  # noqa: E731
     run(cmd("-m", "urbanlens.ses.world"), root)
     return root, cmd
 
@@ -160,7 +152,7 @@ def ses_world(tmp_path_factory):
 # ----------------------------------------------------------------------------------------- helpers
 
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = start(python("-c", "pass"))
     dead.wait()
     with u_files.atomic_path(tmp_path / "probe.csv") as tmp:
         tmp.write_text("a,b\n")
@@ -336,8 +328,7 @@ def test_activation_maps_resume_after_a_kill(ses_world):
     log = run(cmd("gradcaming_urban_areas.py"), root)
     assert f"Paris: {n} cells ({n - len(done)} new maps)" in log
     saved = yaml.safe_load((city / "cams_config.yaml").read_text())  # the run's full resolved config
-    assert saved == {**load_config(ROOT / "configs" / "ses_demo.yaml", cmd()[4::2]).to_dict(),
-                     "config_file": "configs/ses_demo.yaml"}
+    assert saved == {**load_config(ROOT / SES[0], cmd()[4::2]).to_dict(), "config_file": SES[0]}
     assert {p: t for p, t in mtimes(city / "cams", "*.tif").items() if p in done} == done
     for p in outputs:
         ref = reference / p.relative_to(ses)

@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from urbanlens.core import entry, locks, runs
 from urbanlens.core.config import load_config
 from urbanlens.core.errors import DataError, RunLocked
+from script_runner import python, run_script, start
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = load_config(ROOT / "configs/cities_demo.yaml", [])
@@ -33,7 +32,7 @@ def _holder(folder, pid, cfg=OTHER, stage="train_classification.py", host=None, 
 
 
 def _dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = start(python("-c", "pass"))
     proc.wait()
     return proc.pid
 
@@ -114,10 +113,8 @@ def test_entry_releases_what_main_keeps(tmp_path, capsys, crash):
 def test_a_stage_refused_by_the_lock_says_so_in_one_line(tmp_path):
     patches = tmp_path / "data" / "cities" / "patches"
     other = _holder(patches, os.getppid(), stage="preprocessing.py")
-    proc = subprocess.run([sys.executable, "preprocessing.py", "--config", "configs/cities_demo.yaml",
-                           "--set", f"paths.data={tmp_path / 'data'}", "--set", f"paths.results={tmp_path / 'results'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    proc = run_script(["preprocessing.py"], tmp_path / "data", tmp_path / "results", env={"OMP_NUM_THREADS": "1"},
+                      check=False, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: {patches}: in use by preprocessing.py (pid {os.getppid()}")

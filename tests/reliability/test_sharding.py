@@ -4,12 +4,10 @@ evaluates and maps."""
 import argparse
 import filecmp
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -18,13 +16,10 @@ import pytest
 import torch
 
 from urbanlens.core import errors, shards
-from script_runner import assert_no_traceback
+from script_runner import TORCHRUN, run_script, script_command, start
 
-ROOT = Path(__file__).resolve().parents[2]
 CITIES = ("Paris", "Lyon")
-# the smallest world whose cities still hold two cells per income quintile (two folds)
-TINY = ["ses.cams.sanity_cells=0", "ses.world.city_size_m=1200", "ses.world.withhold=0", "ses.model.input_size=32", "ses.train.epochs=1", "ses.train.precise_bn=false",
-        "ses.cams.batch_size=8", "ses.cams.panels=1", "workers=0", "device=cpu", "ses.train.cv=stratified"]
+CONFIG = "tests/conf/ses_shards.yaml"  # the smallest world whose cities still hold two cells per income quintile
 EXTRACT_SHARDS, CAM_SHARDS = 3, 2
 FROZEN = ["ses.train.freeze=backbone"]  # the torchrun model: its sigmoid unit alone, on embeddings gathered over the ranks
 
@@ -114,27 +109,17 @@ def test_merge_in_order_restores_order_and_rejects_overlap_and_gap():
 
 # ---------------------------------------------------------------------------- stages as a user runs them
 
-def _cmd(args, root, results, extra=()):
-    return [*args, "--config", "configs/ses_demo.yaml", "--set", f"paths.data={root / 'data'}",
-            "--set", f"paths.results={root / results}", *[a for s in (*TINY, *extra) for a in ("--set", s)]]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def run(args, root, results="A", extra=(), check=True, launcher=(sys.executable,)):
-    proc = subprocess.run(_cmd([*launcher, *args], root, results, extra), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        assert_no_traceback(proc, args)
-    return proc
+    return run_script(args, root / "data", root / results, extra, CONFIG, launcher, env=ENV, check=check, timeout=600)
 
 
 def run_together(jobs, root):
     """Start several stage runs at once (like the jobs of an array) and wait for all of them."""
-    procs = [(args, subprocess.Popen(_cmd([sys.executable, *args], root, results), cwd=ROOT, env=ENV,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = [(args, start(script_command(args, root / "data", root / results, (), CONFIG), env=ENV, quiet=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
              for args, results in jobs]
     for args, p in procs:
         out, err = p.communicate(timeout=600)
@@ -151,7 +136,7 @@ def world(tmp_path_factory):
                  + [(["generate_fr_ua_aerial_data.py", "--shard", f"{i}/{EXTRACT_SHARDS}"], "B")
                     for i in range(1, EXTRACT_SHARDS + 1)], root)
     merged = run(["generate_fr_ua_aerial_data.py", "--merge", str(EXTRACT_SHARDS)], root, "B")
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    launcher = (*TORCHRUN, "--nproc_per_node", "2")
     ddp = run(["efficientnet_training.py"], root, "A", FROZEN, launcher=launcher, check=False)
     if ddp.returncode != 0:  # torchrun could not start here: one process, so the sharding tests still run
         run(["efficientnet_training.py"], root, "A", FROZEN)

@@ -1,10 +1,10 @@
 """The shell entry points' decisions, with a stub Python that logs its calls instead of running them: which
 demo config each synthetic world is built from, and that run.sh builds one only in the demo data folder."""
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from script_runner import run as run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,8 +36,7 @@ def shell(tmp_path):
         log.write_text("")
         env = {"PATH": f"{bin_}:/usr/bin:/bin", "VIRTUAL_ENV": str(tmp_path), "STUB_LOG": str(log),
                "STUB_PREFIX": str(tmp_path), "STUB_DATA": str(data), "HOME": str(tmp_path)}
-        proc = subprocess.run(["bash", str(repo / script), *args], env=env, capture_output=True, text=True, check=False,
-                              timeout=60)
+        proc = run_command(["bash", repo / script, *args], cwd=None, env=env, inherit=False, timeout=60)
         return proc, [line for line in log.read_text().splitlines() if not line.startswith(("-c", "-m pip"))]
 
     run.repo = repo

@@ -1,9 +1,7 @@
 """The French data as its providers deliver it, built from the real excerpts in tests/data: IGN BD ORTHO
 folder trees (RVB and IRC side by side, several departments, three CRS tags), INSEE's zip holding a 7z,
 the Copernicus portal's zip of zips; and the land-use findings flagged when the model is at chance."""
-import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -23,9 +21,8 @@ from urbanlens.ses import archives, extraction, findings, grid, urban_atlas, zon
 from urbanlens.ses import census as ses_census
 from urbanlens.ses import figures as ses_figures
 from urbanlens.ses import tiles as ses_tiles
-from script_runner import assert_no_traceback
+from script_runner import assert_no_traceback, python, run, set_args
 
-ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parents[1] / "data"
 IGN_TIF = DATA / "test_data_rgb.tif"
 INSEE = DATA / "insee_carreaux_200m_sample.gpkg"
@@ -78,9 +75,8 @@ def _census_7z_zip(path: Path, broken: bool = False) -> Path:
 
 
 def _data_setup(root: Path):
-    env = {**os.environ, "PY": sys.executable}
-    cmd = ["bash", "data_setup.sh", "--set", f"paths.data={root / 'data'}", "--set", f"paths.results={root / 'results'}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run(["bash", "data_setup.sh", *set_args([f"paths.data={root / 'data'}", f"paths.results={root / 'results'}"])],
+               env={"PY": sys.executable}, timeout=300)
 
 
 def test_data_setup_unpacks_insee_zip_holding_a_7z(tmp_path):
@@ -327,10 +323,8 @@ def _census(path: Path) -> list[str]:
 def _extract(root: Path, *sets):
     args = ["ses.cities=[Montpellier]", "ses.cell_px=64", "workers=1", f"paths.data={root / 'data'}",
             f"paths.results={root / 'results'}", *sets]
-    cmd = [sys.executable, "generate_fr_ua_aerial_data.py", "--config", "configs/ses_demo.yaml",
-           *[a for s in args for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run(python("generate_fr_ua_aerial_data.py", "--config", "configs/ses_demo.yaml", *set_args(args)),
+               env={"OMP_NUM_THREADS": "1"}, quiet=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert_no_traceback(proc, args)
     return proc.stdout, gpd.read_file(root / "results" / "ses" / "cells.gpkg", layer="cells")

@@ -24,28 +24,25 @@ from urbanlens.core.errors import ConfigError
 from urbanlens.core.placement import Placement
 from urbanlens.ses import agreement, grid, prediction
 from urbanlens.ses import world as ses_world
+from script_runner import set_args
 
 ROOT = Path(__file__).resolve().parents[2]
 CITY = "Paris"
-SETTINGS = ["ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.city_size_m=2400", "ses.world.resolution_m=4.0",
-            "ses.world.withhold=0.4", "ses.world.withhold_mode=random", "ses.world.noise=0.0", "ses.model.backbone=resnet18", "ses.model.input_size=64",
-            "ses.train.cv=stratified", "ses.train.epochs=8", "ses.train.checkpoint_every=100", "workers=0",
-            "device=cpu"]
+CONFIG = "tests/conf/ses_predict.yaml"  # one 2.4 km city, 40 % of its cells withheld at random
 
 
 def _sets(root: Path, extra=()) -> list[str]:
-    return [f"paths.data={root / 'data'}", f"paths.results={root / 'results'}", *SETTINGS, *extra]
+    return [f"paths.data={root / 'data'}", f"paths.results={root / 'results'}", *extra]
 
 
 def _config(root: Path):
-    return load_config(ROOT / "configs" / "ses_demo.yaml", _sets(root))
+    return load_config(ROOT / CONFIG, _sets(root))
 
 
 def stage(module: str, root: Path, *args: str, extra=()) -> None:
     """Run a stage's main() in this process, as its command line would."""
     sets = _sets(root, extra)
-    argv = [module, "--config", str(ROOT / "configs" / "ses_demo.yaml"), *args,
-            *[a for s in sets for a in ("--set", s)]]
+    argv = [module, "--config", str(ROOT / CONFIG), *args, *set_args(sets)]
     old = sys.argv
     sys.argv = argv
     try:

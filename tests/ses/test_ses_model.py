@@ -274,13 +274,10 @@ def test_tiny_training_run_beats_chance(tmp_path):
 
 def test_training_stage_writes_folds_summary_and_resumes(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import geopandas as gpd
     import pandas as pd
+    from script_runner import python, run as run_command, set_args
     from shapely.geometry import box
 
     ses_dir = tmp_path / "results" / "ses"
@@ -294,16 +291,13 @@ def test_training_stage_writes_folds_summary_and_resumes(tmp_path):
     rows.append({**rows[0], "cell_id": "void", "non_void": False})
     gpd.GeoDataFrame(rows, crs="EPSG:3035").to_file(ses_dir / "cells.gpkg", layer="cells")
 
-    root = Path(__file__).resolve().parents[2]
     sets = [f"paths.results={tmp_path / 'results'}", "ses.cities=[Lyon]", "ses.model.backbone=resnet18",
             "ses.model.pretrained=false", "ses.model.input_size=16", "ses.train.epochs=2",
             "ses.train.restarts=0", "ses.train.batch_size=8", "workers=0"]
 
     def run(*extra):
-        cmd = [sys.executable, "efficientnet_training.py", "--config", "configs/ses_demo.yaml",
-               *[a for s in (*sets, *extra) for a in ("--set", s)]]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        return run_command(python("efficientnet_training.py", "--config", "configs/ses_demo.yaml", *set_args([*sets, *extra])),
+                           env={"OMP_NUM_THREADS": "1"}, quiet=True, timeout=300)
 
     proc = run()
     assert proc.returncode == 0, proc.stderr[-2000:]

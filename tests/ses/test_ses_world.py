@@ -2,9 +2,7 @@
 extraction stage end to end on a tiny world (index columns, void cells, resume)."""
 import hashlib
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,17 +22,15 @@ from urbanlens.ses import extraction as ses_extraction
 from urbanlens.ses import grid, urban_atlas, world_plan
 from urbanlens.ses import tiles as ses_tiles
 from urbanlens.ses import world as ses_world
-from script_runner import assert_no_traceback
+from script_runner import assert_no_traceback, python, run, set_args
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["ses.world.cities=[Paris, Lyon]", "ses.world.city_size_m=1000", "ses.world.resolution_m=4.0",
-        "ses.world.nodata_fraction=0.03", "ses.cities=[Paris, Lyon]", "ses.cell_px=32", "workers=1",
-        "ses.world.withhold=0"]  # the whole census (the demo's withheld cells: tests/test_predict_income.py)
+CONFIG = "tests/conf/ses_world.yaml"  # two 1 km cities at 4 m, 32 px cells, the whole census
 
 
 def tiny_config(data, results=None, extra=()):
-    sets = [*TINY, f"paths.data={data}", f"paths.results={results or data.parent / 'results'}", *extra]
-    return load_config(ROOT / "configs" / "ses_demo.yaml", sets), sets
+    sets = [f"paths.data={data}", f"paths.results={results or data.parent / 'results'}", *extra]
+    return load_config(ROOT / CONFIG, sets), sets
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +136,7 @@ def test_orthophotos_follow_the_land_use(world):
 
 def test_rebuild_is_skipped_and_other_parameters_refused(world, monkeypatch, capsys):
     cfg, sets, data, _ = world
-    argv = ["synth_france", "--config", str(ROOT / "configs" / "ses_demo.yaml"),
-            *[a for s in sets for a in ("--set", s)]]
+    argv = ["synth_france", "--config", str(ROOT / CONFIG), *set_args(sets)]
     monkeypatch.setattr(sys, "argv", argv)
     ses_world.main()
     assert "nothing to do" in capsys.readouterr().out
@@ -151,10 +146,8 @@ def test_rebuild_is_skipped_and_other_parameters_refused(world, monkeypatch, cap
 
 
 def _extract(sets):
-    cmd = [sys.executable, "generate_fr_ua_aerial_data.py", "--config", "configs/ses_demo.yaml",
-           *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run(python("generate_fr_ua_aerial_data.py", "--config", CONFIG, *set_args(sets)), env={"OMP_NUM_THREADS": "1"},
+               quiet=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert_no_traceback(proc)
     return proc.stdout
