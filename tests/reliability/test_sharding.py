@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from urbanlens.core import errors, shards
-from script_runner import TORCHRUN, run_script, script_command, start
+from script_runner import ROOT, TORCHRUN, run_script, script_command, start
 
 CITIES = ("Paris", "Lyon")
 CONFIG = "tests/conf/ses_shards.yaml"  # the smallest world whose cities still hold two cells per income quintile
@@ -263,7 +263,7 @@ def test_frozen_folds_keep_the_backbone_they_were_built_with(world):
     from urbanlens.ses import model as ses_model
 
     root, _, _ = world
-    cfg = load_config(ROOT / "configs" / "ses_demo.yaml", [*TINY, *FROZEN])
+    cfg = load_config(ROOT / CONFIG, FROZEN)
     for city in CITIES:
         assert (root / "A" / "ses" / "embeddings" / f"{city}.pt").is_file()
         for k in range(cfg.ses.train.folds):
