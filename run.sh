@@ -167,7 +167,10 @@ case "$cmd" in
   test)    $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;  # one file per worker, files in parallel
   cities)  run_cities "$@" ;;
   ses)     run_ses "$@" ;;
-  bench)   for b in bench/*.py; do case "$b" in bench/gpu_check.py|bench/training_loader.py) continue ;; esac; echo "== $b"; $PY "$b" "$@"; done ;;
+  bench)   failed=()  # one benchmark that stops does not keep the others from running; named at the end
+           for b in bench/*.py; do case "$b" in bench/gpu_check.py|bench/training_loader.py) continue ;; esac
+             echo "== $b"; $PY "$b" "$@" || failed+=("$b"); done
+           [ ${#failed[@]} -eq 0 ] || { echo "[bench] stopped with an error: ${failed[*]}" >&2; exit 1; } ;;
   gpu-check) $PY bench/gpu_check.py "$@" ;;
   setup)   echo "[setup] environment ready: $PY" ;;
 esac

@@ -57,7 +57,7 @@ def verdict(stage: str, peak_n: float, peak_kn: float, n: int, factor: int, px: 
 
 def overrides(workdir: Path, n: int, args) -> list[str]:
     return [f"paths.data={workdir / 'data'}", f"paths.results={workdir / f'results_{n}'}",
-            "ses.world.cities=[Paris]", "ses.cities=[Paris]", f"ses.world.city_size_m={args.city_m}",
+            "ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.withhold=0", f"ses.world.city_size_m={args.city_m}",
             f"ses.world.resolution_m={args.res}", f"ses.cell_px={args.cell_px}", f"ses.model.input_size={args.cams_px}",
             f"ses.max_cells={n}",
             "workers=1", f"ses.cams.batch_size={args.batch}", "ses.cams.panels=2", f"seed={args.seed}"]
