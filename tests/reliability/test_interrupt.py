@@ -131,22 +131,24 @@ def assert_same_gpkg(a, b, layer):
 
 # ----------------------------------------------------------------------------------------- worlds
 
+def _world(tmp_path_factory, name: str, conf, module: str):
+    """A tiny synthetic world built by ``module`` under a new folder, and its stage command builder."""
+    root = tmp_path_factory.mktemp(name)
+    cmd = lambda *args: command(args, root, conf)  # noqa: E731
+    run(cmd("-m", module), root)
+    return root, cmd
+
+
 @pytest.fixture(scope="module")
 def cities(tmp_path_factory):
     """A tiny synthetic cities world (raw images only) and the stage command builder."""
-    root = tmp_path_factory.mktemp("interrupt_cities")
-    cmd = lambda *args: command(args, root, CITIES)  # noqa: E731
-    run(cmd("-m", "urbanlens.cities.world"), root)
-    return root, cmd
+    return _world(tmp_path_factory, "interrupt_cities", CITIES, "urbanlens.cities.world")
 
 
 @pytest.fixture(scope="module")
 def ses_world(tmp_path_factory):
     """A tiny synthetic French world and the stage command builder."""
-    root = tmp_path_factory.mktemp("interrupt_ses")
-    cmd = lambda *args: command(args, root, SES)  # noqa: E731
-    run(cmd("-m", "urbanlens.ses.world"), root)
-    return root, cmd
+    return _world(tmp_path_factory, "interrupt_ses", SES, "urbanlens.ses.world")
 
 
 # ----------------------------------------------------------------------------------------- helpers

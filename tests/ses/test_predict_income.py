@@ -6,9 +6,7 @@ model trained on other images is refused; shards merge to the unsharded table.
 
 One city of 2.4 km at 4 m orthophotos (about 75 census cells, 50 withheld),
 income without the noise field, ResNet-18 on 64 px cells: on fewer cells the model does not learn. Stages are called in process (their one-line errors are tested elsewhere)."""
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -24,7 +22,7 @@ from urbanlens.core.errors import ConfigError
 from urbanlens.core.placement import Placement
 from urbanlens.ses import agreement, grid, prediction
 from urbanlens.ses import world as ses_world
-from script_runner import set_args
+from script_runner import run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 CITY = "Paris"
@@ -40,22 +38,13 @@ def _config(root: Path):
 
 
 def stage(module: str, root: Path, *args: str, extra=()) -> None:
-    """Run a stage's main() in this process, as its command line would."""
-    sets = _sets(root, extra)
-    argv = [module, "--config", str(ROOT / CONFIG), *args, *set_args(sets)]
-    old = sys.argv
-    sys.argv = argv
-    try:
-        mod = ses_world if module == "world" else importlib.import_module(module)
-        mod.main()
-    finally:
-        sys.argv = old
+    """Run a stage's main() in this process, as its command line would (``world``: the synthetic world)."""
+    run_in_process("urbanlens.ses.world" if module == "world" else module, ROOT / CONFIG, _sets(root, extra), *args)
 
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_world")
-    sys.path.insert(0, str(ROOT))  # the top-level scripts
     for module in ("world", "generate_fr_ua_aerial_data", "efficientnet_training"):
         stage(module, root)
     stage("predict_income", root, "--city", CITY)

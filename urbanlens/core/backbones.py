@@ -256,21 +256,21 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False,
 def head(model: nn.Module) -> nn.Linear:
     """The final linear layer: the family's ``head`` (ResNet ``fc``, EfficientNet ``classifier[-1]``, timm's
     ``get_classifier()``); the ``fc`` of a model of no family (the SES model, a model of one's own)."""
-    found = family_of_model(model)
-    if found is None and isinstance(getattr(unwrap(model), "fc", None), nn.Linear):
-        return unwrap(model).fc
-    if _known(model).source == "timm":
-        return unwrap(model).get_classifier()
-    return _get(unwrap(model), _known(model).head)
+    model, found = unwrap(model), family_of_model(model)
+    if found is None and isinstance(getattr(model, "fc", None), nn.Linear):
+        return model.fc
+    found = found or _known(model)  # no family and no fc: the error naming the known forms
+    return model.get_classifier() if found.source == "timm" else _get(model, found.head)
 
 
 def replace_head(model: nn.Module, out_features: int) -> nn.Module:
     """A new final layer of ``out_features`` outputs (0: none, the model then puts out its pooled features)."""
-    if _known(model).source == "timm":
+    found = _known(model)
+    if found.source == "timm":
         unwrap(model).reset_classifier(out_features)
         return model
     new = nn.Linear(head(model).in_features, out_features) if out_features else nn.Identity()
-    _set(model, _known(model).head, new)
+    _set(model, found.head, new)
     return model
 
 
