@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from .core import entry, files
 
@@ -138,6 +139,18 @@ def new_city_rows(cities_dir: Path) -> list[list[str]]:
     return rows
 
 
+def planted(city_dir: Path) -> str:
+    """Where the synthetic world the city was trained on plants income, from its train_config.yaml:
+    " (income in the houses' arrangement, ses.world.structure 1.0)", "" when composition alone or not a
+    synthetic world (no world keys)."""
+    try:
+        world = (yaml.safe_load((city_dir / "train_config.yaml").read_text()) or {}).get("ses", {}).get("world", {})
+    except (OSError, yaml.YAMLError):
+        return ""
+    s = float((world or {}).get("structure") or 0.0)
+    return f" (income in the houses' arrangement, ses.world.structure {s:g})" if s > 0 else ""
+
+
 def ses_rows(ses_dir: Path, cities: list[str]) -> list[list[str]]:
     rows = []
     for city in cities:
@@ -159,7 +172,7 @@ def ses_rows(ses_dir: Path, cities: list[str]) -> list[list[str]]:
                      f"CNN gain {_iv(m.get('gain_over_baseline', {}).get('auc_poor_rich'))}")
         if iv.get("note"):
             text += f" ({iv['note']})"
-        rows.append(["ses", city, what, text])
+        rows.append(["ses", city + planted(ses_dir / city), what, text])
     return rows
 
 

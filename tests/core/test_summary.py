@@ -1,6 +1,8 @@
 """results/<demo>/summary.md: the demo's table, every number read from the files the stages wrote."""
 import json
 
+import yaml
+
 from urbanlens import summary
 
 
@@ -24,3 +26,16 @@ def test_intervals_and_p_values_are_written_as_read():
     assert summary._iv({"value": 0.5, "lo": None, "hi": None}) == "0.50"
     assert summary._iv(None) == "-"
     assert summary._p(0.2).endswith("(not distinguishable from chance)") and summary._p(0.001) == "p = 0.001"
+
+
+def test_a_city_trained_on_the_arrangement_world_says_so(tmp_path):
+    """The SES rows name where the world planted income: the arrangement (ses.world.structure > 0) is said
+    beside the city; composition or a run without world keys says nothing more."""
+    for name, world in (("arranged", {"structure": 1.0, "house_share": 0.7}), ("composed", {"structure": 0.0}),
+                        ("real", None)):
+        (tmp_path / name).mkdir()
+        cfg = {"ses": {"cities": ["Paris"], **({"world": world} if world is not None else {})}}
+        (tmp_path / name / "train_config.yaml").write_text(yaml.safe_dump(cfg))
+    assert summary.planted(tmp_path / "arranged") == " (income in the houses' arrangement, ses.world.structure 1)"
+    assert summary.planted(tmp_path / "composed") == summary.planted(tmp_path / "real") == ""
+    assert summary.planted(tmp_path / "missing") == ""
