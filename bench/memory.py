@@ -60,6 +60,8 @@ def overrides(workdir: Path, n: int, args) -> list[str]:
             "ses.world.cities=[Paris]", "ses.cities=[Paris]", "ses.world.withhold=0", f"ses.world.city_size_m={args.city_m}",
             f"ses.world.resolution_m={args.res}", f"ses.cell_px={args.cell_px}", f"ses.model.input_size={args.cams_px}",
             f"ses.max_cells={n}",
+            # the paper's model on the composition world, whatever the demo config trains
+            "ses.model.backbone=efficientnet_b0", "ses.world.structure=0", "ses.world.house_share=0",
             "workers=1", f"ses.cams.batch_size={args.batch}", "ses.cams.panels=2", f"seed={args.seed}"]
 
 
