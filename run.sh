@@ -164,7 +164,7 @@ case "$cmd" in
     $PY -m urbanlens.summary --results "$(cfg_get paths.results --config configs/ses_demo.yaml "$@")" \
       --timing "cities=$t_cities" --timing "ses=$t_ses" --timing "income map=$t_map"
     ;;
-  test)    $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;  # one file per worker, files in parallel
+  test)    $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" ;;  # one file per worker, files in parallel, longest first (tests/conftest.py)
   cities)  run_cities "$@" ;;
   ses)     run_ses "$@" ;;
   bench)   failed=()  # one benchmark that stops does not keep the others from running; named at the end
