@@ -4,6 +4,7 @@ Also: --resume gives the run an uninterrupted one gives, torchrun (DDP, gloo on 
 test_classification.py evaluates, and missing ImageNet weights give one clear line and exit 2."""
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -120,12 +121,16 @@ def test_most_planted_twins_are_found(trained):
     assert max(found.values()) > len(twins) / 2, found
 
 
-def test_saliency_panels_follow_the_sample(trained):
+def test_saliency_panels_follow_the_sample(trained, tmp_path):
     """One figure per sampled patch, listed in index.csv; a smaller sample leaves no panel of the
-    larger one behind."""
-    root, out = trained
+    larger one behind. (On a copy of the shared world's results, which other test files read as the
+    test stage left them.)"""
+    root, shared = trained
+    out = tmp_path / "results" / "cities"
+    shutil.copytree(shared, out)
     for per_city in (2, 1):
-        proc = run_stage(["saliency.py"], root, [f"cities.saliency.per_city={per_city}", "cities.saliency.method=gradcam"])
+        proc = run_stage(["saliency.py"], root, [f"cities.saliency.per_city={per_city}", "cities.saliency.method=gradcam"],
+                         results=tmp_path / "results")
         index = pd.read_csv(out / "saliency" / "index.csv")
         cities = json.loads((out / "metrics.json").read_text())["per_city"]
         assert sorted(index["iata"].unique()) == sorted(cities) and len(index) == per_city * len(cities)
