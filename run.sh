@@ -95,13 +95,6 @@ run_ses() {
   echo "[ses] results in $(cfg_get paths.results "${args[@]}")/ses"
 }
 
-test_threads() {  # threads per test worker: the cores shared out, at least 1 (two workers with a thread per core
-  # each would oversubscribe the CPU, and waiting OpenMP threads spin)
-  local cores workers; cores=$(nproc 2>/dev/null || echo 1); workers=${PYTEST_WORKERS:-2}
-  [ "$workers" -gt 0 ] 2>/dev/null || workers=1
-  echo $(( cores / workers > 0 ? cores / workers : 1 ))
-}
-
 usage() {
   cat <<'USAGE'
 usage: bash run.sh [COMMAND] [--config FILE] [--set KEY=VALUE ...]
@@ -171,7 +164,7 @@ case "$cmd" in
     $PY -m urbanlens.summary --results "$(cfg_get paths.results --config configs/ses_demo.yaml "$@")" \
       --timing "cities=$t_cities" --timing "ses=$t_ses" --timing "income map=$t_map"
     ;;
-  test)    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(test_threads)}"; $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" ;;  # one file per worker, files in parallel, longest first (tests/conftest.py)
+  test)    $PY -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;  # one file per worker, files in parallel
   cities)  run_cities "$@" ;;
   ses)     run_ses "$@" ;;
   bench)   failed=()  # one benchmark that stops does not keep the others from running; named at the end

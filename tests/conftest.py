@@ -26,30 +26,3 @@ def cities_world(tmp_path_factory):
                 run_cities_stage(stage, root)
             (root / "built").touch()
     return root
-
-
-# The longest test files, longest first (seconds of one worker on 2 cores, measured): run first, so that the
-# workers end together instead of one running a long end-to-end file alone at the end. run.sh test passes
-# --no-loadscope-reorder, which keeps this order (pytest-xdist otherwise puts files with many tests first).
-LONGEST_FIRST = (
-    "tests/e2e/test_e2e_cities.py",               # ~300 s, builds the shared cities world
-    "tests/e2e/test_structure_demo.py",           # ~150 s, the SES demo's setting on one city
-    "tests/e2e/test_structure_off.py",            # ~150 s
-    "tests/e2e/test_e2e_ses.py",                  # ~140 s
-    "tests/reliability/test_bad_input.py",        # ~145 s
-    "tests/e2e/test_reproducible.py",             # ~100 s
-    "tests/reliability/test_interrupt.py",        # ~90 s
-    "tests/e2e/test_e2e_backbones.py",            # ~80 s
-    "tests/reliability/test_sharding.py",         # ~70 s
-    "tests/e2e/test_leakage.py",                  # ~70 s
-    "tests/e2e/test_negative_control.py",         # ~55 s
-    "tests/reliability/test_ddp_equals_single.py",  # ~50 s
-    "tests/reliability/test_gpu_check.py",        # ~50 s
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """The files of LONGEST_FIRST first, in that order; every other file after them, as collected (a stable
-    sort: each file's tests stay together and in their order)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
