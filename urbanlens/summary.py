@@ -141,7 +141,7 @@ def new_city_rows(cities_dir: Path) -> list[list[str]]:
 
 def planted(city_dir: Path) -> str:
     """Where the synthetic world the city was trained on plants income, from its train_config.yaml:
-    " (income in the houses' arrangement, ses.world.structure 1.0)", "" when composition alone or not a
+    " (income in the houses' arrangement, ses.world.structure 1)", "" when composition alone or not a
     synthetic world (no world keys)."""
     try:
         world = (yaml.safe_load((city_dir / "train_config.yaml").read_text()) or {}).get("ses", {}).get("world", {})
